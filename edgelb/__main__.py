@@ -1,0 +1,3 @@
+from edgelb.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Command line: `edgelb run|check|demo|manifests`, `--version`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from edgelb import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgelb",
+        description="Edge reverse-proxy load balancer: static ports, hot-swapped pools, "
+        "least-loaded balancing, Prometheus metrics.",
+    )
+    p.add_argument("--version", action="version", version=f"edgelb {__version__}")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="logging verbosity (default: info)",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the proxy with a config file (SIGHUP or a file change reloads it)")
+    run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+
+    check = sub.add_parser("check", help="validate a config file and print a summary")
+    check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+
+    demo = sub.add_parser("demo", help="start three local demo backends and the proxy in front of them")
+    demo.add_argument("--port", type=int, default=8080, help="proxy port on 127.0.0.1 (default 8080)")
+    demo.add_argument("--admin-port", type=int, default=9090, help="admin port on 127.0.0.1 (default 9090)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "run":
+        from edgelb.app import run_forever
+
+        return run_forever(args.config)
+    if args.command == "check":
+        from edgelb.config import check_command
+
+        return check_command(args.config)
+    if args.command == "demo":
+        from edgelb.demo import main as demo_main
+
+        return demo_main(port=args.port, admin_port=args.admin_port)
+    parser.print_help()
+    return 2

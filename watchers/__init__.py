@@ -1,0 +1,1 @@
+"""Sources of truth. Each watcher emits whole, immutable Snapshots (see watchers.model)."""

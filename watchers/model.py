@@ -1,0 +1,106 @@
+"""The shared vocabulary: immutable values that watchers produce and the runtime applies.
+
+Nothing here is mutated after construction. The runtime keeps the live, mutable state
+(counters, in-flight, connection pools) beside these values, keyed by `Backend.key` and
+`Service.name`, so a new Snapshot can be diffed against the old one cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port to bind or connect to. IPv6 hosts are stored without brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    path: str = "/healthz"
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Per-service behaviour. `defaults:` in the config gives the base values."""
+
+    balance: str = "least-loaded"
+    connect_timeout: float = 2.0
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    response_timeout: float = 60.0
+    max_inflight: int | None = None
+    queue_timeout: float = 1.0
+    max_idle: int = 64  # idle keep-alive connections kept per backend
+    health_check: HealthCheck | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One replica of a service. `key` identifies it across snapshots."""
+
+    host: str
+    port: int
+    weight: float = 1.0
+    zone: str = ""
+    ready: bool = True
+    terminating: bool = False
+
+    @property
+    def key(self) -> str:
+        return str(Address(self.host, self.port))
+
+    @property
+    def address(self) -> Address:
+        return Address(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A host/path rule on the shared entrypoints that leads to a service.
+
+    host: "" (any), "example.com" (exact) or "*.example.com" (one label wildcard).
+    path: "/" style prefix, matched element-wise (`/foo` matches `/foo` and `/foo/bar`, not
+    `/foobar`), or an exact path when `exact` is true.
+    """
+
+    host: str
+    path: str
+    service: str
+    exact: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    mode: str = "http"  # http | tcp
+    listen: Address | None = None  # a static port, optional
+    backends: tuple[Backend, ...] = ()
+    policy: Policy = field(default_factory=Policy)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything one source knows, whole. `source` names the watcher that made it."""
+
+    source: str
+    services: tuple[Service, ...] = ()
+    routes: tuple[Route, ...] = ()
+
+    def service(self, name: str) -> Service | None:
+        for s in self.services:
+            if s.name == name:
+                return s
+        return None
