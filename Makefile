@@ -1,0 +1,54 @@
+# edgelb developer targets. Every target bootstraps .venv itself on a fresh clone.
+#
+#   make run                 start `edgelb demo` (demo backends + proxy + admin)
+#   make test                lint, then the whole pytest suite
+#   make test PYTEST_ARGS='tests/test_demo_backends.py -x'
+#   make lint                ruff check + hadolint on the Dockerfile
+#   make bench               bench/run.sh (side-by-side benchmarks, not tests)
+#   make clean               build artifacts and caches (keeps .venv)
+#   make distclean           clean, and remove .venv too
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test lint bench clean distclean venv
+
+# Reinstalled whenever pyproject.toml changes; editable so the tree under edit is what runs.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -m venv $(VENV) || { \
+	  echo "error: '$(PYTHON) -m venv $(VENV)' failed; on Debian run: apt-get install python3-venv" >&2; \
+	  exit 1; }
+	$(BIN)/pip install -e '.[test]'
+	@touch $@
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/edgelb demo
+
+test: lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+
+bench: $(STAMP)
+	bash bench/run.sh
+
+clean:
+	rm -rf build dist .pytest_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o \
+	  \( -name __pycache__ -o -name '*.egg-info' \) -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,716 @@
+"""Side-by-side benchmarks: edgelb against HAProxy and nginx, all on 127.0.0.1.
+
+Run through bench/run.sh (it installs the tools, raises the fd limit and owns the temp dir).
+Scenarios: HTTP keep-alive small responses, TCP bulk 10 MiB downloads, memory per idle
+keep-alive client connection. Standard library only, so any Python 3.11 can drive it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import os
+import re
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import string
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+CONF = BENCH_DIR / "conf"
+LUA = BENCH_DIR / "wrk_report.lua"
+PROXIES = ("edgelb", "haproxy", "nginx")
+TCP_PROXIES = ("edgelb", "haproxy")
+BULK_SIZE = 10 * 1024 * 1024
+MIB = 1024 * 1024
+
+
+# ---------------------------------------------------------------- settings
+
+
+def parse_seconds(text: str) -> int:
+    """'10', '10s', '1m' -> seconds (whole seconds, as wrk takes them)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(s|m)?\s*", text)
+    if not m:
+        raise SystemExit(f"BENCH_DURATION={text!r}: use whole seconds like 10 or 10s, or 1m")
+    return int(m.group(1)) * (60 if m.group(2) == "m" else 1)
+
+
+def env_int(name: str, default: int, low: int = 1) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r}: expected a whole number") from None
+    if value < low:
+        raise SystemExit(f"{name}={value}: must be at least {low}")
+    return value
+
+
+def env_list(name: str, default: tuple[str, ...], allowed: tuple[str, ...]) -> list[str]:
+    raw = os.environ.get(name, "").strip()
+    items = [x.strip() for x in raw.split(",") if x.strip()] if raw else list(default)
+    bad = [x for x in items if x not in allowed]
+    if bad:
+        raise SystemExit(f"{name}: unknown {bad}; choose from {', '.join(allowed)}")
+    return items
+
+
+SCENARIOS = ("http", "tcp", "idle")
+
+
+@dataclass
+class Settings:
+    duration: int
+    rounds: int
+    conns: int
+    tcp_conns: int
+    idle_conns: int
+    warmup: int
+    proxies: list[str]
+    scenarios: list[str]
+    tmp: Path
+    results: Path
+    python: str
+    nofile: int
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ.get
+        return cls(
+            duration=parse_seconds(env("BENCH_DURATION") or "10"),
+            rounds=env_int("BENCH_ROUNDS", 3),
+            conns=env_int("BENCH_CONNS", 64),
+            tcp_conns=env_int("BENCH_TCP_CONNS", 8),
+            idle_conns=env_int("BENCH_IDLE_CONNS", 5000),
+            warmup=env_int("BENCH_WARMUP", 2, low=0),
+            proxies=env_list("BENCH_PROXIES", PROXIES, PROXIES),
+            scenarios=env_list("BENCH_SCENARIOS", SCENARIOS, SCENARIOS),
+            tmp=Path(env("BENCH_TMP") or "/nonexistent"),
+            results=Path(env("BENCH_RESULTS") or BENCH_DIR / "results"),
+            python=env("BENCH_EDGELB_PYTHON") or sys.executable,
+            nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )
+
+
+# ---------------------------------------------------------------- processes
+
+
+class ProcessSet:
+    """Children started in their own process groups, listed in a pid file, always stopped."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.pid_file = tmp / "pids"
+        self.live: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, argv: list[str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{name}.log", "ab")  # the child keeps its own copy
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=cwd, start_new_session=True,
+        )
+        log.close()
+        self.live[proc.pid] = proc
+        with open(self.pid_file, "a") as f:
+            f.write(f"{proc.pid}\n")
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+        self.live.pop(proc.pid, None)
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # nginx workers or edgelb children may outlive a leader that exited early
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop_all(self) -> None:
+        for proc in list(self.live.values()):
+            self.stop(proc, grace=2.0)
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self.tmp / f"{name}.log"
+        if not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+_taken_ports: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback port that is free now (and not handed out earlier in this run)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _taken_ports:
+            _taken_ports.add(port)
+            return port
+    raise RuntimeError("could not find a free loopback port")
+
+
+def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, bytes, list[str]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": "bench"})
+        resp = conn.getresponse()
+        body = resp.read()
+        return resp.status, body, {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+
+
+def wait_ready(procs: ProcessSet, proc: subprocess.Popen[bytes], name: str, port: int,
+               timeout: float = 20.0) -> None:
+    """Until GET / answers 200 on port; fail early (with the log) when the process died."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{procs.log_tail(name)}")
+        try:
+            status, _, _ = http_get(port, timeout=1.0)
+            if status == 200:
+                return
+            last = f"status {status}"
+        except OSError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} not answering on 127.0.0.1:{port} after {timeout:.0f}s "
+                       f"(last: {last}):\n{procs.log_tail(name)}")
+
+
+def render(template: str, dest: Path, **values: object) -> Path:
+    text = string.Template((CONF / template).read_text()).substitute(
+        {k: str(v) for k, v in values.items()})
+    dest.write_text(text)
+    return dest
+
+
+# ---------------------------------------------------------------- servers
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+
+class Lab:
+    """Owns the temp dir layout, the backends and the proxies under test."""
+
+    def __init__(self, cfg: Settings, procs: ProcessSet) -> None:
+        self.cfg = cfg
+        self.procs = procs
+        self.tmp = cfg.tmp
+        self.root = os.geteuid() == 0
+        # HAProxy refuses to start when 2 fds per maxconn (+ splice pipes) exceed the limit
+        self.maxconn = {"http": max(1000, min(20000, (cfg.nofile - 300) // 2)), "tcp": 1000}
+        self.backends: list[Server] = []
+        self.www = self.tmp / "www"
+
+    def _nginx_common(self, d: Path) -> dict[str, object]:
+        d.mkdir(parents=True, exist_ok=True)
+        return {
+            "dir": d,
+            "user_line": "user root;" if self.root else "",
+            "nofile": self.cfg.nofile,
+            "worker_connections": max(1024, self.cfg.nofile - 100),
+        }
+
+    def _start_nginx(self, name: str, conf: Path, d: Path, port: int) -> Server:
+        proc = self.procs.start(name, ["nginx", "-p", str(d), "-e", str(d / "error.log"),
+                                       "-c", str(conf), "-g", "daemon off;"])
+        wait_ready(self.procs, proc, name, port)
+        return Server(name, port, proc)
+
+    def start_backends(self) -> None:
+        self.www.mkdir(exist_ok=True)
+        block = os.urandom(MIB)
+        with open(self.www / "10m.bin", "wb") as f:
+            for _ in range(BULK_SIZE // MIB):
+                f.write(block)
+        for letter in ("a", "b"):
+            d = self.tmp / f"backend-{letter}"
+            port = free_port()
+            conf = render("backend.nginx.conf", d.parent / f"backend-{letter}.conf",
+                          **self._nginx_common(d), port=port, www=self.www, name=letter)
+            self.backends.append(self._start_nginx(f"backend-{letter}", conf, d, port))
+
+    def start_proxy(self, proxy: str, mode: str, tag: str) -> Server:
+        """Start one proxy ('edgelb'|'haproxy'|'nginx') in mode 'http' or 'tcp'."""
+        name = f"{proxy}-{mode}-{tag}"
+        port = free_port()
+        a, b = (s.port for s in self.backends)
+        d = self.tmp / name
+        if proxy == "haproxy":
+            conf = render(f"haproxy-{mode}.cfg", self.tmp / f"{name}.cfg", port=port,
+                          backend_a=a, backend_b=b, maxconn=self.maxconn[mode])
+            proc = self.procs.start(name, ["haproxy", "-db", "-f", str(conf)])
+        elif proxy == "nginx":
+            if mode != "http":
+                raise ValueError("nginx is only benchmarked as an HTTP proxy")
+            conf = render("nginx-proxy.conf", self.tmp / f"{name}.conf",
+                          **self._nginx_common(d), port=port, backend_a=a, backend_b=b)
+            return self._start_nginx(name, conf, d, port)
+        else:
+            conf = render(f"edgelb-{mode}.yaml", self.tmp / f"{name}.yaml", port=port,
+                          admin_port=free_port(), backend_a=a, backend_b=b)
+            proc = self.procs.start(
+                name, [self.cfg.python, "-m", "edgelb", "run", "-c", str(conf)], cwd=REPO)
+        wait_ready(self.procs, proc, name, port)
+        return Server(name, port, proc)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def run_wrk(cfg: Settings, url: str, conns: int, seconds: int,
+            raw_name: str | None) -> dict[str, Any]:
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s", "--latency",
+            "-s", str(LUA), url]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    if raw_name:
+        (cfg.results / "raw" / f"{raw_name}.txt").write_text(
+            f"$ {' '.join(argv)}\n{out.stdout}{out.stderr}")
+    m = re.search(r"^BENCHJSON (\{.*\})$", out.stdout, re.M)
+    if out.returncode != 0 or not m:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout[-500:]}{out.stderr[-500:]}")
+    r = json.loads(m.group(1))
+    secs = r["duration_us"] / 1e6
+    r["rps"] = r["requests"] / secs
+    r["mib_s"] = r["bytes"] / secs / MIB
+    r["errors"] = sum(r[k] for k in r if k.startswith("err_"))
+    return r
+
+
+def tree_pids(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """Summed VmRSS and Pss (KiB) over the process and its descendants."""
+    rss = pss = 0
+    for p in tree_pids(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        rss += int(re.search(r"^VmRSS:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+        pss += int(re.search(r"^Pss:\s+(\d+)", rollup, re.M).group(1))  # type: ignore[union-attr]
+    return {"rss_kib": rss, "pss_kib": pss}
+
+
+def sanity(port: int, n: int = 20) -> dict[str, Any]:
+    """n requests on fresh connections: all must be 200 'hello'; which backends answered."""
+    seen: dict[str, int] = {}
+    for _ in range(n):
+        status, body, headers = http_get(port)
+        if status != 200 or body != b"hello\n":
+            raise RuntimeError(f"sanity check on :{port}: got {status} {body[:80]!r}")
+        key = headers.get("x-backend", "?")
+        seen[key] = seen.get(key, 0) + 1
+    return seen
+
+
+def idle_memory(cfg: Settings, server: Server, count: int) -> dict[str, Any]:
+    sanity(server.port)
+    time.sleep(0.5)
+    before = memory_kib(server.proc.pid)
+    opener = subprocess.Popen(
+        [sys.executable, str(BENCH_DIR / "idle_conns.py"), "--port", str(server.port),
+         "--count", str(count), "--hold", "180"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    try:
+        ready = _read_line(opener, "READY", 150)
+        opened, failed = (int(x) for x in ready.split()[1:3])
+        time.sleep(1.0)
+        after = memory_kib(server.proc.pid)
+        time.sleep(1.0)
+        assert opener.stdin is not None
+        opener.stdin.write("check\n")
+        opener.stdin.flush()
+        alive = int(_read_line(opener, "ALIVE", 30).split()[1])
+        opener.wait(30)
+    finally:
+        if opener.poll() is None:
+            os.killpg(opener.pid, signal.SIGKILL)
+            opener.wait()
+    err = opener.stderr.read().strip() if opener.stderr else ""
+    res: dict[str, Any] = {"requested": count, "opened": opened, "failed": failed, "alive": alive,
+                           "before": before, "after": after, "opener_stderr": err[-300:]}
+    if opened:
+        res["kib_per_conn_rss"] = (after["rss_kib"] - before["rss_kib"]) / opened
+        res["kib_per_conn_pss"] = (after["pss_kib"] - before["pss_kib"]) / opened
+    return res
+
+
+def _read_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if sel.select(left):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith(prefix):
+                return line
+    err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
+    raise RuntimeError(f"connection opener gave no {prefix} line within {timeout:.0f}s {err}")
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def start_all(lab: Lab, names: list[str], mode: str, tag: str,
+              notes: list[str]) -> dict[str, Server]:
+    servers: dict[str, Server] = {}
+    for p in names:
+        try:
+            servers[p] = lab.start_proxy(p, mode, tag)
+        except Exception as exc:  # a proxy that does not start is reported, not fatal
+            notes.append(f"{p} ({mode}): did not start: {' | '.join(str(exc).splitlines()[:4])}")
+            log(f"  {p} ({mode}) unavailable: {exc}")
+    return servers
+
+
+def scenario_http(cfg: Settings, lab: Lab, notes: list[str]) -> dict[str, Any]:
+    log(f"HTTP keep-alive: wrk -t1 -c{cfg.conns} -d{cfg.duration}s x {cfg.rounds} rounds")
+    servers = start_all(lab, cfg.proxies, "http", "a", notes)
+    out: dict[str, Any] = {"sanity": {}, "rounds": [], "direct": None}
+    try:
+        for p, s in servers.items():
+            out["sanity"][p] = sanity(s.port)
+        direct_url = f"http://127.0.0.1:{lab.backends[0].port}/"
+        if cfg.warmup:
+            run_wrk(cfg, direct_url, cfg.conns, cfg.warmup, None)
+        out["direct"] = run_wrk(cfg, direct_url, cfg.conns, cfg.duration, "http-direct")
+        log(f"  direct (one backend worker): {out['direct']['rps']:.0f} req/s")
+        for s in servers.values():
+            if cfg.warmup:
+                run_wrk(cfg, f"http://127.0.0.1:{s.port}/", cfg.conns, cfg.warmup, None)
+        for rnd in range(1, cfg.rounds + 1):
+            row: dict[str, Any] = {}
+            for p, s in servers.items():
+                if s.proc.poll() is not None:
+                    notes.append(f"{p} died in the HTTP scenario: {lab.procs.log_tail(s.name, 3)}")
+                    continue
+                r = run_wrk(cfg, f"http://127.0.0.1:{s.port}/", cfg.conns, cfg.duration,
+                            f"http-{p}-r{rnd}")
+                row[p] = r
+                log(f"  round {rnd} {p}: {r['rps']:.0f} req/s p50 {r['p50_us'] / 1000:.2f} ms "
+                    f"p99 {r['p99_us'] / 1000:.2f} ms errors {r['errors']}")
+            out["rounds"].append(row)
+    finally:
+        for s in servers.values():
+            lab.procs.stop(s.proc)
+    return out
+
+
+def scenario_tcp(cfg: Settings, lab: Lab, notes: list[str]) -> dict[str, Any]:
+    names = [p for p in cfg.proxies if p in TCP_PROXIES]
+    log(f"TCP bulk: 10 MiB responses, wrk -t1 -c{cfg.tcp_conns} -d{cfg.duration}s x {cfg.rounds}")
+    servers = start_all(lab, names, "tcp", "a", notes)
+    out: dict[str, Any] = {"rounds": [], "direct": None}
+    path = "/10m.bin"
+    try:
+        for p, s in servers.items():
+            status, body, _ = http_get(s.port, path, timeout=10)
+            if status != 200 or len(body) != BULK_SIZE:
+                raise RuntimeError(f"{p} tcp: bad bulk response {status} {len(body)} bytes")
+        direct_url = f"http://127.0.0.1:{lab.backends[0].port}{path}"
+        if cfg.warmup:
+            run_wrk(cfg, direct_url, cfg.tcp_conns, cfg.warmup, None)
+        out["direct"] = run_wrk(cfg, direct_url, cfg.tcp_conns, cfg.duration, "tcp-direct")
+        log(f"  direct: {out['direct']['mib_s']:.0f} MiB/s")
+        for s in servers.values():
+            if cfg.warmup:
+                run_wrk(cfg, f"http://127.0.0.1:{s.port}{path}", cfg.tcp_conns, cfg.warmup, None)
+        for rnd in range(1, cfg.rounds + 1):
+            row: dict[str, Any] = {}
+            for p, s in servers.items():
+                if s.proc.poll() is not None:
+                    notes.append(f"{p} died in the TCP scenario: {lab.procs.log_tail(s.name, 3)}")
+                    continue
+                r = run_wrk(cfg, f"http://127.0.0.1:{s.port}{path}", cfg.tcp_conns,
+                            cfg.duration, f"tcp-{p}-r{rnd}")
+                row[p] = r
+                log(f"  round {rnd} {p}: {r['mib_s']:.0f} MiB/s errors {r['errors']}")
+            out["rounds"].append(row)
+    finally:
+        for s in servers.values():
+            lab.procs.stop(s.proc)
+    return out
+
+
+def scenario_idle(cfg: Settings, lab: Lab, notes: list[str]) -> dict[str, Any]:
+    count = min(cfg.idle_conns, max(100, cfg.nofile - 500))
+    log(f"Idle keep-alive memory: {count} connections per proxy (fd limit {cfg.nofile})")
+    out: dict[str, Any] = {"count": count, "proxies": {}}
+    for p in cfg.proxies:
+        servers = start_all(lab, [p], "http", "idle", notes)
+        if p not in servers:
+            continue
+        try:
+            r = idle_memory(cfg, servers[p], count)
+            out["proxies"][p] = r
+            per = r.get("kib_per_conn_rss")
+            log(f"  {p}: opened {r['opened']} alive {r['alive']} "
+                f"{'n/a' if per is None else f'{per:.2f}'} KiB/conn (RSS)")
+        except Exception as exc:
+            notes.append(f"{p} (idle memory): {exc}")
+            log(f"  {p}: idle memory failed: {exc}")
+        finally:
+            lab.procs.stop(servers[p].proc)
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+
+def version_info(cfg: Settings) -> dict[str, str]:
+    def first_line(argv: list[str], cwd: Path | None = None) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=20, cwd=cwd)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"unavailable ({exc})"
+        text = (out.stdout + out.stderr).strip()
+        return text.splitlines()[0] if text else f"exit {out.returncode}"
+
+    rev = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
+                           text=True, check=False).stdout.strip()
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "nproc": str(os.cpu_count()),
+        "kernel": os.uname().release,
+        "haproxy": first_line(["haproxy", "-v"]),
+        "nginx": first_line(["nginx", "-v"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "python": first_line([cfg.python, "-VV"]),
+        "edgelb": first_line([cfg.python, "-m", "edgelb", "--version"], cwd=REPO)
+        + f" (git {rev}{', uncommitted changes' if dirty else ''})",
+    }
+
+
+def fmt(v: float | None, spec: str = ".0f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if not a or not b else f"{a / b:.2f}x"
+
+
+def summarize(cfg: Settings, info: dict[str, str], res: dict[str, Any],
+              notes: list[str]) -> str:
+    lines = [
+        "# edgelb side-by-side benchmarks",
+        "",
+        f"- date: {info['date']}; nproc: {info['nproc']}; kernel: {info['kernel']}",
+        f"- haproxy: {info['haproxy']}",
+        f"- nginx: {info['nginx']}; wrk: {info['wrk']}",
+        f"- python: {info['python']}",
+        f"- edgelb: {info['edgelb']}",
+        f"- settings: duration {cfg.duration}s per run, {cfg.rounds} rounds, "
+        f"{cfg.conns} HTTP connections, {cfg.tcp_conns} TCP connections, fd limit {cfg.nofile}",
+        "- all on 127.0.0.1; backends: two nginx instances, one worker each; "
+        "ratios are to HAProxy in the same run (absolute numbers are noisy on a shared machine)",
+        "",
+    ]
+    if "http" in res:
+        h = res["http"]
+        names = [p for p in cfg.proxies if any(p in row for row in h["rounds"])]
+        med = {p: {k: median([row[p][k] for row in h["rounds"] if p in row])
+                   for k in ("rps", "p50_us", "p99_us")} for p in names}
+        errs = {p: sum(row[p]["errors"] for row in h["rounds"] if p in row) for p in names}
+        hap = med.get("haproxy", {}).get("rps")
+        lines += [
+            f"## HTTP keep-alive, small responses (wrk -t1 -c{cfg.conns} -d{cfg.duration}s)",
+            "",
+            "| path | req/s (median) | p50 ms | p99 ms | errors (all rounds) | vs HAProxy |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for p in names:
+            m = med[p]
+            lines.append(f"| {p} | {fmt(m['rps'])} | {fmt(m['p50_us'] / 1000, '.2f')} | "
+                         f"{fmt(m['p99_us'] / 1000, '.2f')} | {errs[p]} | {ratio(m['rps'], hap)} |")
+        d = h.get("direct")
+        if d:
+            lines.append(f"| direct to one backend (ceiling) | {fmt(d['rps'])} | "
+                         f"{fmt(d['p50_us'] / 1000, '.2f')} | {fmt(d['p99_us'] / 1000, '.2f')} | "
+                         f"{d['errors']} | {ratio(d['rps'], hap)} |")
+        lines += ["", _rounds_table(h["rounds"], names, "rps", "req/s"), ""]
+        if h.get("sanity"):
+            seen = "; ".join(f"{p}: {dict(sorted(v.items()))}" for p, v in h["sanity"].items())
+            lines += [f"Backends answering 20 sanity requests on fresh connections: {seen}", ""]
+    if "tcp" in res:
+        t = res["tcp"]
+        names = [p for p in cfg.proxies if any(p in row for row in t["rounds"])]
+        med_t = {p: median([row[p]["mib_s"] for row in t["rounds"] if p in row]) for p in names}
+        hap = med_t.get("haproxy")
+        lines += [
+            f"## TCP bulk, 10 MiB responses (wrk -t1 -c{cfg.tcp_conns} -d{cfg.duration}s)",
+            "",
+            "HAProxy: mode tcp, option splice-auto, tune.bufsize 262144. "
+            "MiB/s = wrk bytes received / duration.",
+            "",
+            "| path | MiB/s (median) | errors | vs HAProxy |",
+            "|---|---:|---:|---:|",
+        ]
+        for p in names:
+            e = sum(row[p]["errors"] for row in t["rounds"] if p in row)
+            lines.append(f"| {p} tcp | {fmt(med_t[p])} | {e} | {ratio(med_t[p], hap)} |")
+        d = t.get("direct")
+        if d:
+            lines.append(f"| direct to one backend | {fmt(d['mib_s'])} | {d['errors']} | "
+                         f"{ratio(d['mib_s'], hap)} |")
+        lines += ["", _rounds_table(t["rounds"], names, "mib_s", "MiB/s"), ""]
+    if "idle" in res:
+        i = res["idle"]
+        lines += [
+            f"## Memory per idle keep-alive client connection ({i['count']} connections)",
+            "",
+            "One request on each connection, then held idle; memory of the proxy process tree "
+            "before and after (VmRSS and Pss from /proc).",
+            "",
+            "| proxy | opened | still open | RSS before KiB | RSS after KiB | KiB/conn (RSS) "
+            "| KiB/conn (Pss) | vs HAProxy |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        hap = i["proxies"].get("haproxy", {}).get("kib_per_conn_rss")
+        for p, r in i["proxies"].items():
+            per = r.get("kib_per_conn_rss")
+            lines.append(
+                f"| {p} | {r['opened']} | {r['alive']} | {r['before']['rss_kib']} | "
+                f"{r['after']['rss_kib']} | {fmt(per, '.2f')} | "
+                f"{fmt(r.get('kib_per_conn_pss'), '.2f')} | {ratio(per, hap)} |")
+        lines.append("")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def _rounds_table(rounds: list[dict[str, Any]], names: list[str], key: str, unit: str) -> str:
+    if not names:
+        return "(no proxy ran)"
+    others = [p for p in names if p != "haproxy"]
+    head = ["round", *(f"{p} {unit}" for p in names)]
+    if "haproxy" in names:
+        head += [f"{p}/haproxy" for p in others]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for n, row in enumerate(rounds, 1):
+        cells = [str(n)] + [fmt(row[p][key]) if p in row else "n/a" for p in names]
+        if "haproxy" in names:
+            h = row.get("haproxy", {}).get(key)
+            cells += [ratio(row.get(p, {}).get(key), h) for p in others]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- main
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def check_tools(cfg: Settings) -> None:
+    missing = [t for t in ("wrk", "haproxy", "nginx") if not shutil.which(t)]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: run bench/run.sh, which installs them")
+    if not cfg.tmp.is_dir():
+        raise SystemExit("BENCH_TMP must name a scratch directory; run bench/run.sh")
+
+
+def run(cfg: Settings, scenarios: dict[str, Callable[[Settings, Lab, list[str]], Any]]
+        ) -> tuple[dict[str, Any], list[str]]:
+    procs = ProcessSet(cfg.tmp)
+    lab = Lab(cfg, procs)
+    res: dict[str, Any] = {}
+    notes: list[str] = []
+    try:
+        lab.start_backends()
+        for name in cfg.scenarios:
+            res[name] = scenarios[name](cfg, lab, notes)
+    finally:
+        procs.stop_all()
+    return res, notes
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _on_signal)
+    cfg = Settings.from_env()
+    check_tools(cfg)
+    (cfg.results / "raw").mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    info = version_info(cfg)
+    res, notes = run(cfg, {"http": scenario_http, "tcp": scenario_tcp, "idle": scenario_idle})
+    summary = summarize(cfg, info, res, notes)
+    summary += f"\nTotal bench time: {time.monotonic() - started:.0f}s\n"
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    payload = json.dumps({"info": info, "settings": {
+        k: str(v) for k, v in cfg.__dict__.items()}, "results": res, "notes": notes}, indent=1)
+    for name in (f"{stamp}.json", "latest.json"):
+        (cfg.results / name).write_text(payload)
+    for name in (f"{stamp}.md", "latest.md"):
+        (cfg.results / name).write_text(summary)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The process: load the config, start the runtime, the admin endpoint and the watchers, and
+run until SIGTERM/SIGINT (graceful drain). SIGHUP re-reads the config file at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from edgelb.config import Config, ConfigError, load_config, parse_config
+from edgelb.runtime import EntrypointSpec, Runtime, SnapshotError
+
+log = logging.getLogger("edgelb")
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        log.warning("uvloop is not installed; running on the default asyncio loop (slower)")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+class App:
+    """Everything one `edgelb run` owns; also used by tests to run the whole process in-loop."""
+
+    def __init__(self, config_path: str | Path) -> None:
+        self.config_path = Path(config_path)
+        self.config: Config | None = None
+        self.runtime: Runtime | None = None
+        self.admin = None
+        self.watcher = None
+        self._watcher_task: asyncio.Task | None = None
+        self._apply_lock = asyncio.Lock()
+        self.stopped = asyncio.Event()
+        self.applied = asyncio.Event()  # set after every successful apply (tests await it)
+        self.generation = 0
+
+    async def start(self) -> None:
+        from edgelb.admin import AdminServer
+        from watchers.file import FileWatcher
+
+        config = load_config(self.config_path)  # ConfigError propagates: nothing starts
+        loop = asyncio.get_running_loop()
+        runtime = Runtime(loop=loop, reserved=[config.admin])
+        runtime.grace = config.shutdown.grace
+        runtime.register_watcher("file")
+        self.runtime = runtime
+        await self._apply(config)
+        if runtime.last_errors.get("file"):
+            raise SystemExit(f"edgelb: {runtime.last_errors['file']}")
+        runtime.start_sweeper()
+        self.admin = AdminServer(runtime, config.admin)
+        await self.admin.start()
+        self.watcher = FileWatcher(
+            self.config_path,
+            load=lambda data: parse_config(data, origin=str(self.config_path)),
+            emit=self._on_config,
+            on_error=self._on_config_error,
+            interval=0.25,
+        )
+        self._watcher_task = loop.create_task(self.watcher.run())
+
+    def _on_config(self, config: Config) -> None:
+        asyncio.get_running_loop().create_task(self._apply(config))
+
+    def _on_config_error(self, error: Exception) -> None:
+        assert self.runtime is not None
+        text = "; ".join(error.errors) if isinstance(error, ConfigError) else str(error)
+        log.error("config %s rejected, the last good one keeps serving: %s", self.config_path, text)
+        self.runtime.record("file", False, text)
+
+    async def _apply(self, config: Config) -> None:
+        runtime = self.runtime
+        assert runtime is not None
+        async with self._apply_lock:
+            if self.config is not None and config.admin != self.config.admin:
+                log.warning("admin.listen changed to %s; it takes effect on restart", config.admin)
+            eps = [EntrypointSpec(e.name, e.listen) for e in config.entrypoints]
+            try:
+                if self.config is None or self.config.entrypoints != config.entrypoints or (
+                    self.config.defaults != config.defaults
+                ):
+                    await runtime.set_entrypoints(eps, config.defaults)
+            except SnapshotError as e:
+                runtime.record("file", False, str(e))
+                return
+            try:
+                await runtime.apply(config.snapshot)  # records the outcome itself
+            except SnapshotError:
+                return
+            runtime.grace = config.shutdown.grace
+            self.config = config
+            self.generation += 1
+            log.info(
+                "config applied: %d services, %d listeners",
+                len(runtime.services),
+                len(runtime.listeners),
+            )
+            self.applied.set()
+
+    def reload(self) -> None:
+        if self.watcher is not None:
+            self.watcher.trigger()
+
+    async def stop(self) -> None:
+        """Graceful: unready, wait `shutdown.delay`, stop accepting, drain up to the grace."""
+        runtime = self.runtime
+        if runtime is None:
+            return
+        config = self.config
+        runtime.draining = True
+        if config is not None and config.shutdown.delay > 0:
+            await asyncio.sleep(config.shutdown.delay)
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self._watcher_task is not None:
+            self._watcher_task.cancel()
+        await runtime.shutdown(config.shutdown.grace if config else 30.0)
+        if self.admin is not None:
+            await self.admin.stop()
+        self.stopped.set()
+
+
+async def _main(
+    config_path: str,
+    banner: str | None,
+    startup: Callable[[], Awaitable[object]] | None,
+) -> int:
+    if startup is not None:
+        await startup()
+    app = App(config_path)
+    try:
+        await app.start()
+    except ConfigError as e:
+        for line in e.errors:
+            print(f"edgelb: {config_path}: {line}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"edgelb: {e}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app.reload)
+    if banner:
+        print(banner, flush=True)
+    log.info("edgelb running with %s", config_path)
+    await stop.wait()
+    log.info("shutting down: draining open connections")
+    await app.stop()
+    return 0
+
+
+def run_forever(
+    config_path: str,
+    banner: str | None = None,
+    startup: Callable[[], Awaitable[object]] | None = None,
+) -> int:
+    _install_uvloop()
+    return asyncio.run(_main(config_path, banner, startup))

@@ -1,0 +1,974 @@
+"""Load and validate the YAML config file (DESIGN.md section 4) into frozen values.
+
+Validation collects every problem it finds instead of stopping at the first one. Each error is
+one line of the form ``key.path[0].sub: what is wrong; how to fix it`` so `edgelb check` can
+print them all at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+import balancers
+from watchers.model import Address, Backend, HealthCheck, Policy, Route, Service, Snapshot
+
+DEFAULT_ADMIN = Address("127.0.0.1", 9090)
+ANY_HOST = "0.0.0.0"
+
+
+@dataclass(frozen=True, slots=True)
+class Entrypoint:
+    """A shared port on which http services are routed by host and path."""
+
+    name: str
+    listen: Address
+    tls: tuple[str, str] | None = None  # (cert file, key file), stored as given
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesWatcherConfig:
+    enabled: bool = False
+    kubeconfig: str | None = None
+    ingress_class: str = "edgelb"
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
+
+
+@dataclass(frozen=True, slots=True)
+class MarathonWatcherConfig:
+    urls: tuple[str, ...] = ()
+    group: str = "external"
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownConfig:
+    delay: float = 0.0  # seconds between "not ready" and closing the listeners
+    grace: float = 30.0  # seconds open connections get to finish
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    admin: Address = DEFAULT_ADMIN
+    entrypoints: tuple[Entrypoint, ...] = ()
+    defaults: Policy = field(default_factory=Policy)
+    snapshot: Snapshot = field(default_factory=lambda: Snapshot(source="file"))
+    kubernetes: KubernetesWatcherConfig | None = None
+    marathon: MarathonWatcherConfig | None = None
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+
+
+class ConfigError(Exception):
+    """Every problem found in a config; `errors` holds one line per problem."""
+
+    def __init__(self, errors: list[str], origin: str = "<config>") -> None:
+        self.errors = list(errors)
+        self.origin = origin
+        n = len(self.errors)
+        head = f"{origin}: {n} error{'s' if n != 1 else ''}"
+        super().__init__(head + "".join(f"\n  {e}" for e in self.errors))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalars: durations and addresses. They raise ValueError with a message that has no key path;
+# the caller puts the path in front.
+
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION_HINT = "write it like 250ms, 2s, 1m, 1h, or a plain number of seconds"
+
+
+def parse_duration(value: Any) -> float:
+    """`250ms`, `2s`, `1m`, `1h` or a plain number of seconds -> seconds (float, >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a duration, got {_kind(value)}; {_DURATION_HINT}")
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m is None:
+            if value.strip().startswith("-"):
+                raise ValueError(f"duration {value!r} is negative; durations are 0 or more")
+            raise ValueError(f"{value!r} is not a duration; {_DURATION_HINT}")
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        seconds = float(value)
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(f"{value!r} is not a finite duration; {_DURATION_HINT}")
+    if seconds < 0:
+        raise ValueError(f"duration {value!r} is negative; durations are 0 or more")
+    return seconds
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def _valid_hostname(host: str) -> bool:
+    if not host or len(host) > 253:
+        return False
+    return all(_LABEL.match(label) for label in host.split("."))
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"port {value!r} is not a number; use 1..65535")
+    if not 1 <= value <= 65535:
+        raise ValueError(f"port {value} is out of range; use 1..65535")
+    return value
+
+
+def parse_address(value: Any, default_host: str | None = None) -> Address:
+    """`host:port`, `[v6]:port`; a bare port (or `:port`) takes `default_host` when given."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected host:port, got {_kind(value)}")
+    if isinstance(value, int):
+        if default_host is None:
+            raise ValueError(f"{value} is only a port; write host:port, e.g. 127.0.0.1:{value}")
+        return Address(default_host, _port(value))
+    s = value.strip()
+    if s.startswith("["):
+        m = re.fullmatch(r"\[([^\]]*)\]:([^:]*)", s)
+        if m is None:
+            raise ValueError(f"{value!r} is not [ipv6]:port; write it like [::1]:8080")
+        host, port_text = m.group(1), m.group(2)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in {value!r} is not an IPv6 address") from None
+        return Address(host, _port(port_text))
+    if s.count(":") > 1:
+        raise ValueError(f"{value!r}: put an IPv6 address in brackets, e.g. [::1]:8080")
+    if ":" in s:
+        host, port_text = s.rsplit(":", 1)
+    elif s.isdigit():
+        host, port_text = "", s
+    else:
+        raise ValueError(f"{value!r} has no port; write host:port, e.g. {s}:8080")
+    if not host:
+        if default_host is None:
+            raise ValueError(f"{value!r} has no host; write host:port, e.g. 127.0.0.1:{port_text}")
+        host = default_host
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in {value!r} is not an IPv4 address") from None
+    elif not _valid_hostname(host):
+        raise ValueError(f"{host!r} in {value!r} is not a valid host name or IP address")
+    return Address(host, _port(port_text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {value}".lower()
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"number {value}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def _suggest(word: Any, choices: Iterable[str]) -> str:
+    choices = sorted(choices)
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"valid keys: {', '.join(choices)}"
+
+
+class _Checker:
+    """Accumulates errors while the document is walked."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.suggested: set[tuple[str, str]] = set()  # (mapping path, key offered for a typo)
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(f"{path or '(top level)'}: {message}")
+
+    def missing(self, path: str, key: str, message: str) -> None:
+        """Report a required key, unless a misspelling of it was already reported."""
+        if (path, key) not in self.suggested:
+            self.error(path, message)
+
+    def mapping(self, value: Any, path: str, what: str = "a mapping") -> dict | None:
+        if isinstance(value, dict):
+            return value
+        self.error(path, f"expected {what}, got {_kind(value)}")
+        return None
+
+    def keys(self, value: dict, path: str, valid: Iterable[str],
+             why: dict[str, str] | None = None) -> None:
+        valid = list(valid)
+        for key in value:
+            if key in valid:
+                continue
+            if why and key in why:
+                self.error(_join(path, str(key)), why[key])
+            else:
+                hint = _suggest(key, valid)
+                if hint.startswith("did you mean"):
+                    self.suggested.add((path, hint.split("'")[1]))
+                self.error(_join(path, str(key)), f"unknown key; {hint}")
+
+    def list(self, value: Any, path: str, what: str, example: str) -> list | None:
+        if isinstance(value, list):
+            return value
+        hint = f"; write it as a list, e.g. {example}"
+        self.error(path, f"expected a list of {what}, got {_kind(value)}{hint}")
+        return None
+
+    def duration(self, value: Any, path: str, positive: bool = False) -> float | None:
+        try:
+            seconds = parse_duration(value)
+        except ValueError as e:
+            self.error(path, str(e))
+            return None
+        if positive and seconds <= 0:
+            self.error(path, "must be more than 0; e.g. 1s")
+            return None
+        return seconds
+
+    def integer(self, value: Any, path: str, minimum: int, nullable: bool = False) -> Any:
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            want = f"an integer >= {minimum}" + (" or null" if nullable else "")
+            self.error(path, f"expected {want}, got {_kind(value)}")
+            return _INVALID
+        if value < minimum:
+            extra = " (or null for no limit)" if nullable else ""
+            self.error(path, f"must be at least {minimum}{extra}, got {value}")
+            return _INVALID
+        return value
+
+    def string(self, value: Any, path: str, pattern: re.Pattern[str] | None = None,
+               rule: str = "") -> str | None:
+        if not isinstance(value, str):
+            self.error(path, f"expected a string, got {_kind(value)}")
+            return None
+        if not value:
+            self.error(path, "must not be empty")
+            return None
+        if pattern is not None and not pattern.match(value):
+            self.error(path, f"{value!r} is not valid; {rule}")
+            return None
+        return value
+
+    def boolean(self, value: Any, path: str) -> bool | None:
+        if isinstance(value, bool):
+            return value
+        self.error(path, f"expected true or false, got {_kind(value)}")
+        return None
+
+    def address(self, value: Any, path: str, default_host: str | None) -> Address | None:
+        try:
+            return parse_address(value, default_host)
+        except ValueError as e:
+            self.error(path, str(e))
+            return None
+
+
+_INVALID = object()  # marks a value that failed validation (None may be a valid value)
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "watchers", "shutdown")
+HEALTH_KEYS = ("path", "interval", "timeout", "rise", "fall")
+POLICY_KEYS = (
+    "balance", "connect_timeout", "header_timeout", "idle_timeout", "response_timeout",
+    "max_inflight", "queue_timeout", "max_idle", "health_check",
+)
+SERVICE_KEYS = ("name", "listen", "mode", "hosts", "paths", "backends", *POLICY_KEYS)
+BACKEND_KEYS = ("address", "weight", "zone")
+MODES = ("http", "tcp")
+NOT_IN_DEFAULTS = {
+    "name": "a name belongs to one service; set it on each service",
+    "listen": "a port can expose only one service; set listen on the service",
+    "backends": "backends belong to one service; list them under the service",
+    "hosts": "hosts route to one service; set them on the service",
+    "paths": "paths route to one service; set them on the service",
+    "mode": "mode is set per service (http unless it says tcp); set it on the service",
+}
+_NAME = re.compile(r"^[a-z0-9._-]+$")
+_NAME_RULE = "use lowercase letters, digits, '.', '_' and '-'"
+_K8S_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _health_check(c: _Checker, value: Any, path: str, base: HealthCheck | None) -> Any:
+    """A mapping merged over `base` (the defaults' check); null or false turns checks off."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return base or HealthCheck()
+    m = c.mapping(value, path, "a mapping like {path: /healthz, interval: 2s} or null")
+    if m is None:
+        return _INVALID
+    c.keys(m, path, HEALTH_KEYS)
+    fields: dict[str, Any] = {}
+    ok = True
+    if "path" in m:
+        p = c.string(m["path"], _join(path, "path"), re.compile(r"^/\S*$"),
+                     "an HTTP path starts with '/' and has no spaces, e.g. /healthz")
+        ok &= p is not None
+        fields["path"] = p
+    for key in ("interval", "timeout"):
+        if key in m:
+            d = c.duration(m[key], _join(path, key), positive=True)
+            ok &= d is not None
+            fields[key] = d
+    for key in ("rise", "fall"):
+        if key in m:
+            n = c.integer(m[key], _join(path, key), 1)
+            ok &= n is not _INVALID
+            fields[key] = n
+    if not ok:
+        return _INVALID
+    return dataclasses.replace(base or HealthCheck(), **fields)
+
+
+def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, Any]:
+    """The Policy keys set in mapping `m`, validated; invalid ones are left out."""
+    out: dict[str, Any] = {}
+    for key in POLICY_KEYS:
+        if key not in m:
+            continue
+        value, kpath = m[key], _join(path, key)
+        if key == "balance":
+            if not isinstance(value, str):
+                c.error(kpath, f"expected a policy name, got {_kind(value)}; "
+                        f"use one of {', '.join(sorted(balancers.POLICIES))}")
+            elif value not in balancers.POLICIES:
+                close = difflib.get_close_matches(value, list(balancers.POLICIES), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                c.error(kpath, f"unknown balance policy {value!r}; {hint}"
+                        f"known: {', '.join(sorted(balancers.POLICIES))}")
+            else:
+                out[key] = value
+        elif key == "queue_timeout":
+            d = c.duration(value, kpath)
+            if d is not None:
+                out[key] = d
+        elif key.endswith("_timeout"):
+            d = c.duration(value, kpath, positive=True)
+            if d is not None:
+                out[key] = d
+        elif key == "max_inflight":
+            n = c.integer(value, kpath, 1, nullable=True)
+            if n is not _INVALID:
+                out[key] = n
+        elif key == "max_idle":
+            n = c.integer(value, kpath, 0)
+            if n is not _INVALID:
+                out[key] = n
+        elif key == "health_check":
+            hc = _health_check(c, value, kpath, base.health_check)
+            if hc is not _INVALID:
+                out[key] = hc
+    return out
+
+
+def _defaults(c: _Checker, value: Any) -> Policy:
+    if value is None:
+        return Policy()
+    m = c.mapping(value, "defaults")
+    if m is None:
+        return Policy()
+    c.keys(m, "defaults", POLICY_KEYS, why=NOT_IN_DEFAULTS)
+    return dataclasses.replace(Policy(), **_policy_fields(c, m, "defaults", Policy()))
+
+
+def _admin(c: _Checker, value: Any) -> Address:
+    if value is None:
+        return DEFAULT_ADMIN
+    m = c.mapping(value, "admin", "a mapping like {listen: 127.0.0.1:9090}")
+    if m is None:
+        return DEFAULT_ADMIN
+    c.keys(m, "admin", ("listen",))
+    if "listen" not in m:
+        return DEFAULT_ADMIN
+    return c.address(m["listen"], "admin.listen", "127.0.0.1") or DEFAULT_ADMIN
+
+
+def _entrypoints(c: _Checker, value: Any) -> tuple[Entrypoint, ...]:
+    if value is None:
+        return ()
+    m = c.mapping(value, "entrypoints", "a mapping like {http: {listen: 0.0.0.0:80}}")
+    if m is None:
+        return ()
+    out = []
+    for name, spec in m.items():
+        path = _join("entrypoints", str(name))
+        if not isinstance(name, str) or not _NAME.match(name):
+            c.error(path, f"entrypoint name {name!r} is not valid; {_NAME_RULE}")
+            continue
+        e = c.mapping(spec, path, "a mapping like {listen: 0.0.0.0:80}")
+        if e is None:
+            continue
+        c.keys(e, path, ("listen", "tls"))
+        if "listen" not in e:
+            c.missing(path, "listen", "listen is required; e.g. listen: 0.0.0.0:80")
+            continue
+        listen = c.address(e["listen"], _join(path, "listen"), ANY_HOST)
+        tls = None
+        if e.get("tls") is not None:
+            tpath = _join(path, "tls")
+            t = c.mapping(e["tls"], tpath, "a mapping like {cert: tls.crt, key: tls.key}")
+            if t is not None:
+                c.keys(t, tpath, ("cert", "key"))
+                files = []
+                for key in ("cert", "key"):
+                    if key not in t:
+                        c.missing(tpath, key, f"{key} is required; give the path of the PEM file")
+                    else:
+                        files.append(c.string(t[key], _join(tpath, key)))
+                if len(files) == 2 and None not in files:
+                    tls = (files[0], files[1])
+        if listen is not None:
+            out.append(Entrypoint(name=name, listen=listen, tls=tls))
+    return tuple(out)
+
+
+def _host(c: _Checker, value: Any, path: str) -> str | None:
+    if not isinstance(value, str):
+        c.error(path, f"expected a host name, got {_kind(value)}")
+        return None
+    host = value.strip().lower()
+    if host in ("", "*"):
+        c.error(path, "an empty or '*' host is not a host; leave hosts out to match any host")
+        return None
+    if ":" in host or "/" in host:
+        c.error(path, f"{value!r}: a host has no scheme, port or path; e.g. web.example.com")
+        return None
+    if host.endswith("."):
+        c.error(path, f"{value!r}: drop the trailing dot")
+        return None
+    name = host[2:] if host.startswith("*.") else host
+    if "*" in name or not _valid_hostname(name):
+        c.error(path, f"{value!r} is not a host name; use web.example.com or *.example.com "
+                "(a wildcard covers exactly one leading label)")
+        return None
+    return host
+
+
+def _path(c: _Checker, value: Any, path: str) -> str | None:
+    if not isinstance(value, str):
+        c.error(path, f"expected a path prefix like /api, got {_kind(value)}")
+        return None
+    if not value.startswith("/") or re.search(r"[\s?#]", value):
+        c.error(path, f"{value!r} is not a path prefix; start with '/', no spaces, '?' or '#' "
+                "(e.g. /api)")
+        return None
+    # Prefixes match element-wise, so "/api/" and "/api" mean the same thing.
+    return value.rstrip("/") or "/"
+
+
+def _backends(c: _Checker, value: Any, path: str) -> tuple[Backend, ...] | None:
+    items = c.list(value, path, "backends", "[{address: 127.0.0.1:9001, weight: 1}]")
+    if items is None:
+        return None
+    out: list[Backend] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        bpath = _join(path, i)
+        if isinstance(item, str):
+            item = {"address": item}
+        b = c.mapping(item, bpath, "host:port or a mapping like "
+                      "{address: 127.0.0.1:9001, weight: 1}")
+        if b is None:
+            continue
+        c.keys(b, bpath, BACKEND_KEYS)
+        if "address" not in b:
+            c.missing(bpath, "address", "address is required; e.g. address: 127.0.0.1:9001")
+            continue
+        addr = c.address(b["address"], _join(bpath, "address"), None)
+        weight: float | None = 1.0
+        if "weight" in b:
+            w = b["weight"]
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                c.error(_join(bpath, "weight"), f"expected a number >= 0, got {_kind(w)}")
+                weight = None
+            elif w < 0:
+                c.error(_join(bpath, "weight"), f"must be 0 or more (0 drains it), got {w}")
+                weight = None
+            else:
+                weight = float(w)
+        zone: str | None = ""
+        if "zone" in b:
+            zone = b["zone"] if isinstance(b["zone"], str) else None
+            if zone is None:
+                c.error(_join(bpath, "zone"), f"expected a string, got {_kind(b['zone'])}")
+        if addr is None or weight is None or zone is None:
+            continue
+        key = str(addr)
+        if key in seen:
+            c.error(_join(bpath, "address"),
+                    f"{key} is listed twice (also {_join(path, seen[key])}); raise its weight "
+                    "instead")
+            continue
+        seen[key] = i
+        out.append(Backend(host=addr.host, port=addr.port, weight=weight, zone=zone))
+    return tuple(out)
+
+
+@dataclass
+class _ServiceDraft:
+    """One service as parsed, plus what the cross-checks need (where it came from, its routes).
+
+    `service` is None when the entry has errors; its listen and routes still take part in the
+    port and route checks so that every conflict is reported in one pass.
+    """
+
+    path: str
+    label: str  # the name as written (for messages), may be ""
+    listen: Address | None
+    routes: list[tuple[Route, str]]  # (route, key path of the host/path that made it)
+    routed: bool
+    service: Service | None
+
+
+def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDraft | None:
+    m = c.mapping(value, path, "a mapping like {name: web, listen: 0.0.0.0:10000, backends: []}")
+    if m is None:
+        return None
+    c.keys(m, path, SERVICE_KEYS)
+    ok = True
+    name = None
+    if "name" not in m:
+        c.missing(path, "name", "name is required; e.g. name: web")
+        ok = False
+    else:
+        name = c.string(m["name"], _join(path, "name"), _NAME, _NAME_RULE)
+        ok &= name is not None
+    label = m["name"] if isinstance(m.get("name"), str) else ""
+    mode = "http"
+    if "mode" in m:
+        mode = m["mode"]
+        if mode not in MODES:
+            c.error(_join(path, "mode"), f"expected http or tcp, got {_kind(mode)}")
+            ok = False
+    listen = None
+    if m.get("listen") is not None:
+        listen = c.address(m["listen"], _join(path, "listen"), ANY_HOST)
+        ok &= listen is not None
+    hosts: list[tuple[str, str]] = []
+    paths: list[tuple[str, str]] = []
+    routed = False
+    for key, parse, store, example in (
+        ("hosts", _host, hosts, "[web.example.com]"),
+        ("paths", _path, paths, "[/api]"),
+    ):
+        if m.get(key) is None:
+            continue
+        kpath = _join(path, key)
+        items = c.list(m[key], kpath, key, example)
+        if items is None:
+            ok = False
+            continue
+        if mode == "tcp" and items:
+            c.error(kpath, "a tcp service cannot be routed by host or path; expose it with "
+                    "listen, or set mode: http")
+            ok = False
+            continue
+        routed = routed or bool(items)
+        for i, item in enumerate(items):
+            parsed = parse(c, item, _join(kpath, i))
+            if parsed is None:
+                ok = False
+            else:
+                store.append((parsed, _join(kpath, i)))
+    if m.get("listen") is None and not m.get("hosts") and not m.get("paths"):
+        who = f"service {label!r}" if label else "the service"
+        c.error(path, f"not exposed: {who} has no listen, hosts or paths; set listen, or "
+                "hosts/paths for the entrypoints")
+        ok = False
+    policy_fields = _policy_fields(c, m, path, defaults)
+    ok &= len(policy_fields) == sum(1 for k in POLICY_KEYS if k in m)
+    backends: tuple[Backend, ...] | None = ()
+    if m.get("backends") is not None:
+        backends = _backends(c, m["backends"], _join(path, "backends"))
+    routes: list[tuple[Route, str]] = []
+    if hosts or paths:
+        for host, hpath in hosts or [("", "")]:
+            for prefix, ppath in paths or [("/", "")]:
+                where = " and ".join(p for p in (hpath, ppath) if p)
+                routes.append((Route(host=host, path=prefix, service=label), where))
+    svc = None
+    if ok and backends is not None and name is not None:
+        policy = dataclasses.replace(defaults, **policy_fields)
+        svc = Service(name=name, mode=mode, listen=listen, backends=backends, policy=policy)
+    return _ServiceDraft(path=path, label=label, listen=listen, routes=routes, routed=routed,
+                         service=svc)
+
+
+def _services(c: _Checker, value: Any, defaults: Policy) -> list[_ServiceDraft]:
+    if value is None:
+        return []
+    items = c.list(value, "services", "services", "[{name: web, listen: 0.0.0.0:10000}]")
+    if items is None:
+        return []
+    drafts: list[_ServiceDraft] = []
+    names: dict[str, str] = {}
+    for i, item in enumerate(items):
+        path = _join("services", i)
+        draft = _service(c, item, path, defaults)
+        if draft is None:
+            continue
+        drafts.append(draft)
+        if not draft.label:
+            continue
+        if draft.label in names:
+            c.error(_join(path, "name"), f"service name {draft.label!r} is already used by "
+                    f"{names[draft.label]}; names must be unique")
+        else:
+            names[draft.label] = path
+    return drafts
+
+
+def _kubernetes(c: _Checker, value: Any) -> KubernetesWatcherConfig | None:
+    path = "watchers.kubernetes"
+    if value is None:
+        return None
+    m = c.mapping(value, path, "a mapping like {enabled: true, ingress_class: edgelb}")
+    if m is None:
+        return None
+    c.keys(m, path, ("enabled", "kubeconfig", "ingress_class", "namespaces"))
+    # A section that is present is on unless it says `enabled: false`.
+    fields: dict[str, Any] = {"enabled": True}
+    if "enabled" in m:
+        fields["enabled"] = c.boolean(m["enabled"], _join(path, "enabled"))
+    if m.get("kubeconfig") is not None:
+        fields["kubeconfig"] = c.string(m["kubeconfig"], _join(path, "kubeconfig"))
+    if "ingress_class" in m:
+        fields["ingress_class"] = c.string(
+            m["ingress_class"], _join(path, "ingress_class"), _K8S_NAME,
+            "an IngressClass name is a lowercase DNS label, e.g. edgelb")
+    if m.get("namespaces") is not None:
+        npath = _join(path, "namespaces")
+        items = c.list(m["namespaces"], npath, "namespace names", "[default, web]")
+        ns = []
+        for i, item in enumerate(items or []):
+            ns.append(c.string(item, _join(npath, i), _K8S_NAME,
+                               "a namespace is a lowercase DNS label, e.g. default"))
+        fields["namespaces"] = None if items is None or None in ns else tuple(ns)
+    if None in fields.values():
+        return None
+    return KubernetesWatcherConfig(**fields)
+
+
+def _marathon(c: _Checker, value: Any) -> MarathonWatcherConfig | None:
+    path = "watchers.marathon"
+    if value is None:
+        return None
+    m = c.mapping(value, path, "a mapping like {urls: [http://marathon:8080], group: external}")
+    if m is None:
+        return None
+    c.keys(m, path, ("urls", "group"))
+    ok = True
+    urls: list[str] = []
+    upath = _join(path, "urls")
+    if m.get("urls") is None:
+        c.missing(path, "urls", "urls is required; list the Marathon URLs, e.g. [http://marathon:8080]")
+        ok = False
+    else:
+        items = c.list(m["urls"], upath, "URLs", "[http://marathon-1:8080]")
+        if items is None:
+            ok = False
+        elif not items:
+            c.error(upath, "must list at least one URL, e.g. [http://marathon:8080]")
+            ok = False
+        for i, item in enumerate(items or []):
+            parts = urlsplit(item) if isinstance(item, str) else None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+                c.error(_join(upath, i), f"expected an http(s) URL like http://marathon:8080, "
+                        f"got {_kind(item)}")
+                ok = False
+            else:
+                urls.append(item.rstrip("/"))
+    group = "external"
+    if "group" in m:
+        g = c.string(m["group"], _join(path, "group"))
+        ok &= g is not None
+        group = g or group
+    return MarathonWatcherConfig(urls=tuple(urls), group=group) if ok else None
+
+
+def _watchers(c: _Checker, value: Any) -> tuple[KubernetesWatcherConfig | None,
+                                                MarathonWatcherConfig | None]:
+    if value is None:
+        return None, None
+    m = c.mapping(value, "watchers", "a mapping with kubernetes and/or marathon")
+    if m is None:
+        return None, None
+    c.keys(m, "watchers", ("kubernetes", "marathon"))
+    return _kubernetes(c, m.get("kubernetes")), _marathon(c, m.get("marathon"))
+
+
+def _shutdown(c: _Checker, value: Any) -> ShutdownConfig:
+    if value is None:
+        return ShutdownConfig()
+    m = c.mapping(value, "shutdown", "a mapping like {delay: 5s, grace: 30s}")
+    if m is None:
+        return ShutdownConfig()
+    c.keys(m, "shutdown", ("delay", "grace"))
+    fields = {}
+    for key in ("delay", "grace"):
+        if key in m:
+            d = c.duration(m[key], _join("shutdown", key))
+            if d is not None:
+                fields[key] = d
+    return ShutdownConfig(**fields)
+
+
+def _check_ports(c: _Checker, admin: Address, admin_set: bool,
+                 entrypoints: tuple[Entrypoint, ...], drafts: list[_ServiceDraft]) -> None:
+    used: dict[int, str] = {}
+    owners: list[tuple[int, str]] = [
+        (admin.port, "admin.listen" if admin_set else f"admin.listen (default {admin})")
+    ]
+    owners += [(e.listen.port, f"entrypoints.{e.name}.listen") for e in entrypoints]
+    owners += [(d.listen.port, f"{d.path}.listen ({d.label})")
+               for d in drafts if d.listen is not None]
+    for port, owner in owners:
+        if port in used:
+            where = owner.split(" ")[0]
+            c.error(where, f"port {port} is already used by {used[port]}; every listener "
+                    "needs its own port")
+        else:
+            used[port] = owner
+
+
+def _check_routes(c: _Checker, entrypoints: tuple[Entrypoint, ...],
+                  drafts: list[_ServiceDraft]) -> list[Route]:
+    routed = [d for d in drafts if d.routed]
+    if routed and not entrypoints:
+        names = ", ".join(f"{d.path} ({d.label})" for d in routed)
+        c.error("entrypoints", f"none defined, but {names} route by hosts/paths; add e.g. "
+                "entrypoints: {http: {listen: 0.0.0.0:80}}, or expose them with listen")
+    taken: dict[tuple[str, str], tuple[str, str]] = {}
+    routes: list[Route] = []
+    for d in routed:
+        for route, where in d.routes:
+            key = (route.host, route.path)
+            if key in taken:
+                other, other_path = taken[key]
+                shown = f"{route.host}{route.path}" if route.host else f"{route.path} (any host)"
+                c.error(where or d.path, f"route {shown} is already taken by service "
+                        f"{other!r} ({other_path}); each host+path leads to one service")
+                continue
+            taken[key] = (d.label, d.path)
+            routes.append(route)
+    return routes
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that records duplicate keys instead of silently keeping the last one."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = self.construct_scalar(key_node)
+                if key in seen and key != "<<":
+                    mark = key_node.start_mark
+                    self.duplicates.append(
+                        f"line {mark.line + 1}, column {mark.column + 1}: duplicate key "
+                        f"{key!r}; each key may appear once in a mapping")
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> tuple[Any, list[str]]:
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data(), loader.duplicates
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "yaml"
+        problem = " ".join(str(p) for p in (e.context, e.problem) if p)
+        raise ConfigError([f"{where}: YAML syntax error: {problem}; check the indentation "
+                           "and quoting around this spot"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"yaml: {e}"]) from None
+    finally:
+        loader.dispose()
+
+
+def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
+    """Parse and validate a whole config document; raises ConfigError listing every problem."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError([f"(file): not UTF-8 text at byte {e.start}; save the file as "
+                               "UTF-8"], origin) from None
+    try:
+        doc, duplicates = _load_yaml(text)
+    except ConfigError as e:
+        raise ConfigError(e.errors, origin) from None
+    if doc is None:
+        raise ConfigError(["(file): the config is empty; add at least a services: section, "
+                           "e.g. services: [{name: web, listen: 10000, backends: []}]"], origin)
+    c = _Checker()
+    c.errors.extend(duplicates)
+    top = c.mapping(doc, "", "a mapping of sections (admin, entrypoints, defaults, services, "
+                    "watchers, shutdown)")
+    if top is None:
+        raise ConfigError(c.errors, origin)
+    c.keys(top, "", TOP_KEYS)
+    admin = _admin(c, top.get("admin"))
+    admin_set = isinstance(top.get("admin"), dict) and "listen" in top["admin"]
+    entrypoints = _entrypoints(c, top.get("entrypoints"))
+    defaults = _defaults(c, top.get("defaults"))
+    drafts = _services(c, top.get("services"), defaults)
+    kubernetes, marathon = _watchers(c, top.get("watchers"))
+    shutdown = _shutdown(c, top.get("shutdown"))
+    _check_ports(c, admin, admin_set, entrypoints, drafts)
+    routes = _check_routes(c, entrypoints, drafts)
+    if c.errors:
+        raise ConfigError(c.errors, origin)
+    snapshot = Snapshot(
+        source="file",
+        services=tuple(d.service for d in drafts if d.service is not None),
+        routes=tuple(routes),
+    )
+    return Config(admin=admin, entrypoints=entrypoints, defaults=defaults, snapshot=snapshot,
+                  kubernetes=kubernetes, marathon=marathon, shutdown=shutdown)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and parse the file at `path`; unreadable files raise ConfigError too."""
+    origin = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError([f"(file): cannot read {origin}: {e.strerror or e}; check the path "
+                           "and its permissions"], origin) from None
+    return parse_config(data, origin=origin)
+
+
+def config_loader(origin: str) -> Callable[[bytes], Config]:
+    """A loader for watchers.file.FileWatcher: bytes of the file -> Config."""
+
+    def load(data: bytes) -> Config:
+        return parse_config(data, origin=origin)
+
+    return load
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and `edgelb check`
+
+
+def _fmt_seconds(s: float) -> str:
+    if s and s < 1:
+        return f"{s * 1000:g}ms"
+    return f"{s:g}s"
+
+
+def _fmt_policy(p: Policy, mode: str) -> str:
+    parts = [f"balance {p.balance}"]
+    if p.max_inflight is not None:
+        parts.append(f"max_inflight {p.max_inflight}, queue {_fmt_seconds(p.queue_timeout)}")
+    parts.append(f"connect {_fmt_seconds(p.connect_timeout)}")
+    if mode == "http":
+        parts.append(f"response {_fmt_seconds(p.response_timeout)}")
+    parts.append(f"idle {_fmt_seconds(p.idle_timeout)}")
+    if p.health_check is not None:
+        hc = p.health_check
+        parts.append(f"health {hc.path} every {_fmt_seconds(hc.interval)} "
+                     f"(rise {hc.rise}, fall {hc.fall})")
+    return ", ".join(parts)
+
+
+def summarize(config: Config) -> str:
+    """A human summary: listeners, services with their exposure, policy and backends."""
+    lines = [f"admin: {config.admin}"]
+    for e in config.entrypoints:
+        tls = " (tls)" if e.tls else ""
+        lines.append(f"entrypoint {e.name}: {e.listen}{tls}")
+    services = config.snapshot.services
+    lines.append(f"services: {len(services)}")
+    for s in services:
+        lines.append(f"  {s.name} ({s.mode})")
+        if s.listen is not None:
+            lines.append(f"    listen {s.listen}")
+        routes = [r for r in config.snapshot.routes if r.service == s.name]
+        if routes:
+            shown = ", ".join(f"{r.host}{r.path}" if r.host else f"{r.path} (any host)"
+                              for r in routes)
+            lines.append(f"    routes {shown}")
+        lines.append(f"    {_fmt_policy(s.policy, s.mode)}")
+        if not s.backends:
+            lines.append("    backends: none (requests get 503 until some are added)")
+        else:
+            total = sum(b.weight for b in s.backends) or 1.0
+            lines.append(f"    backends: {len(s.backends)}")
+            for b in s.backends:
+                zone = f", zone {b.zone}" if b.zone else ""
+                share = 100.0 * b.weight / total
+                lines.append(f"      {b.key} weight {b.weight:g} ({share:.0f}%){zone}")
+    k = config.kubernetes
+    if k is not None:
+        state = "enabled" if k.enabled else "disabled"
+        ns = ", ".join(k.namespaces) if k.namespaces else "all namespaces"
+        lines.append(f"watcher kubernetes: {state}, ingress class {k.ingress_class}, {ns}")
+    if config.marathon is not None:
+        lines.append(f"watcher marathon: {', '.join(config.marathon.urls)} "
+                     f"(group {config.marathon.group})")
+    sd = config.shutdown
+    lines.append(f"shutdown: delay {_fmt_seconds(sd.delay)}, grace {_fmt_seconds(sd.grace)}")
+    return "\n".join(lines)
+
+
+def check_command(path: str) -> int:
+    """`edgelb check -c FILE`: 0 and a summary when valid, else 1 and every error on stderr."""
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        n = len(e.errors)
+        print(f"{path}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
+        for err in e.errors:
+            print(f"  {err}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK")
+    print(summarize(config))
+    return 0

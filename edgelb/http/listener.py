@@ -1,0 +1,116 @@
+"""An HTTP listener: a static port of one service, or a shared entrypoint routing by host/path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from edgelb.http.proxy import ClientProtocol, UpstreamProtocol
+from edgelb.http.router import Router
+from watchers.model import Address, Policy
+
+if TYPE_CHECKING:
+    from edgelb.pool import ServiceState
+
+log = logging.getLogger("edgelb.http")
+
+
+class HttpListener:
+    """Owns a listening socket and the client connections it accepted.
+
+    `service` is set for a static port; `router` and `services` (swapped by the runtime in one
+    step) are used on an entrypoint. `upstreams` is the runtime's registry of backend
+    connections, shared by every listener, so the sweeper can expire them.
+    """
+
+    def __init__(
+        self,
+        address: Address,
+        *,
+        service: ServiceState | None = None,
+        name: str = "",
+        defaults: Policy | None = None,
+        upstreams: set[UpstreamProtocol] | None = None,
+        local_responses: dict[int, int] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.address = address
+        self.kind = "http" if service is not None else "entrypoint"
+        self.name = name or (service.name if service is not None else str(address))
+        self.service = service
+        self.router = Router()
+        self.services: dict[str, ServiceState] = {}
+        self.defaults = defaults or Policy()
+        self.loop = loop or asyncio.get_event_loop()
+        self.clients: set[ClientProtocol] = set()
+        self.upstreams: set[UpstreamProtocol] = upstreams if upstreams is not None else set()
+        self.local_responses: dict[int, int] = local_responses if local_responses is not None else {}
+        self.accepted = 0
+        self.scheme = b"http"
+        self.closing = False
+        self._server: asyncio.AbstractServer | None = None
+        self._host_header = str(address).encode()
+
+    @property
+    def connections(self) -> int:
+        return len(self.clients)
+
+    def policy(self) -> Policy:
+        service = self.service
+        return service.policy if service is not None else self.defaults
+
+    def header_timeout(self) -> float:
+        return self.policy().header_timeout
+
+    def idle_timeout(self) -> float:
+        return self.policy().idle_timeout
+
+    def default_host(self) -> bytes:
+        return self._host_header
+
+    def route(self, host: bytes, url: bytes) -> ServiceState | None:
+        name = self.router.lookup(host.decode("latin-1"), url.decode("latin-1"))
+        if name is None:
+            return None
+        return self.services.get(name)
+
+    async def start(self) -> None:
+        host = self.address.host
+        try:
+            self._server = await self.loop.create_server(
+                lambda: ClientProtocol(self),
+                host=None if host in ("", "*") else host,
+                port=self.address.port,
+                reuse_address=True,
+                backlog=1024,
+            )
+        except OSError as e:
+            raise OSError(e.errno, f"cannot listen on {self.address} for {self.name}: {e.strerror}") from e
+        for sock in self._server.sockets:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def stop_accepting(self) -> None:
+        """Stop accepting; idle keep-alive clients are closed, busy ones after their response."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for client in list(self.clients):
+            client.drain()
+
+    async def wait_closed(self, timeout: float) -> None:
+        loop = self.loop
+        deadline = loop.time() + timeout
+        while self.clients and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        self.abort()
+
+    def abort(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for client in list(self.clients):
+            client.transport.abort()

@@ -1,0 +1,921 @@
+"""The HTTP/1.1 data path: one Protocol object per client connection, one per upstream one.
+
+A request is an `Exchange`. The client side parses with httptools and hands the exchange to
+an upstream connection (a kept-alive idle one of the picked backend, or a new one); the
+upstream side parses the response and writes it straight to the client transport. Bodies
+stream in both directions with pause/resume flow control and are never buffered whole.
+Requests pipelined behind the active one wait (with reading paused) and are answered in order.
+No Task is made per request; only a new upstream connection costs one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from edgelb.http.errors import local_response
+from edgelb.http.headers import CONNECTION_OPTIONS, connection_tokens, drop_named, forwarded_for
+
+if TYPE_CHECKING:
+    from edgelb.http.listener import HttpListener
+    from edgelb.pool import BackendState, ServiceState
+
+log = logging.getLogger("edgelb.http")
+
+BUFFER_LIMIT = 256 * 1024  # request body held while an upstream connection is being opened
+
+# reasons for pausing a client's reading
+PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
+PAUSE_PIPELINE = 2  # a pipelined request waits behind the active one
+PAUSE_BUFFER = 4  # body buffered while connecting
+
+_REQ_SPECIAL = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+        b"via",
+        b"expect",
+    }
+)
+_RESP_SPECIAL = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"trailer",
+    }
+)
+
+
+class Exchange:
+    """One request and its response as it crosses the proxy."""
+
+    __slots__ = (
+        "backend",
+        "body_buffer",
+        "body_sent",
+        "buffered",
+        "chunked",
+        "client",
+        "client_chunked",
+        "conn_tokens",
+        "done",
+        "fwd",
+        "has_host",
+        "head",
+        "host",
+        "keep_alive",
+        "lines",
+        "method",
+        "request_complete",
+        "req_trailers",
+        "response_started",
+        "retries",
+        "service",
+        "start",
+        "status",
+        "te_trailers",
+        "trailers",
+        "until_close",
+        "upgrade",
+        "upgrade_value",
+        "upstream",
+        "url",
+        "version",
+        "via",
+        "xff",
+    )
+
+    def __init__(self, client: ClientProtocol) -> None:
+        self.client = client
+        self.url = b""
+        self.lines: list[bytes] = []
+        self.host = b""
+        self.has_host = False
+        self.conn_tokens: list[bytes] | None = None
+        self.chunked = False
+        self.te_trailers = False
+        self.upgrade = False
+        self.upgrade_value = b""
+        self.xff = b""
+        self.fwd = b""
+        self.via = b""
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.body_buffer: list[bytes] | None = None
+        self.buffered = 0
+        self.body_sent = False
+        self.request_complete = False
+        self.req_trailers: list[bytes] | None = None
+        self.head = b""
+        self.service: ServiceState | None = None
+        self.backend: BackendState | None = None
+        self.upstream: UpstreamProtocol | None = None
+        self.retries = 0
+        self.start = 0.0
+        self.status = 0
+        self.response_started = False
+        self.client_chunked = False
+        self.until_close = False
+        self.trailers: list[bytes] | None = None
+        self.done = False
+
+
+class ClientProtocol(asyncio.Protocol):
+    """One downstream (client) connection."""
+
+    __slots__ = (
+        "active",
+        "closed",
+        "closing",
+        "deadline",
+        "fwd_for",
+        "listener",
+        "loop",
+        "parser",
+        "parsing",
+        "paused",
+        "pipeline",
+        "transport",
+        "tunnel",
+        "upgrade_buffer",
+        "write_paused",
+        "xff_ip",
+    )
+
+    def __init__(self, listener: HttpListener) -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = None
+        self.parsing: Exchange | None = None  # receiving parser callbacks
+        self.active: Exchange | None = None  # being served
+        self.pipeline: deque[Exchange] | None = None
+        self.paused = 0
+        self.write_paused = False
+        self.closing = False
+        self.closed = False
+        self.deadline = 0.0
+        self.tunnel: asyncio.Transport | None = None  # set once a 101 switched protocols
+        self.upgrade_buffer: list[bytes] | None = None
+        self.xff_ip = b""
+        self.fwd_for = b""
+
+    # -- connection events -------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        listener = self.listener
+        listener.clients.add(self)
+        listener.accepted += 1
+        self.deadline = self.loop.time() + listener.header_timeout()
+        self.xff_ip, self.fwd_for = forwarded_for(transport.get_extra_info("peername"))
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.listener.clients.discard(self)
+        ex = self.active
+        self.active = None
+        self.pipeline = None
+        if ex is not None and not ex.done:
+            ex.done = True
+            up = ex.upstream
+            if up is not None:
+                up.abandon(ex)
+            elif ex.backend is not None:
+                # still connecting: the connect callback sees ex.done and gives the connection back
+                _release(ex.backend, ex.service)
+        elif self.tunnel is not None:
+            self.tunnel.close()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.tunnel is not None:
+            self.tunnel.pause_reading()
+            return
+        ex = self.active
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.tunnel is not None:
+            self.tunnel.resume_reading()
+            return
+        ex = self.active
+        if ex is not None and ex.upstream is not None and not ex.upstream.closed:
+            ex.upstream.transport.resume_reading()
+
+    def _pause(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.closed:
+                self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        if self.upgrade_buffer is not None:  # upgrade asked, the 101 not seen yet
+            self.upgrade_buffer.append(data)
+            return
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self.upgrade_buffer = [data[e.args[0] :]]
+        except httptools.HttpParserCallbackError:
+            log.exception("internal error while handling a request")
+            self._fail_connection(500, "internal error")
+        except httptools.HttpParserError as e:
+            self._fail_connection(400, f"malformed request ({e})")
+
+    def _fail_connection(self, status: int, detail: str) -> None:
+        """Answer a request that cannot be parsed and close: nothing reaches a backend."""
+        if self.closed:
+            return
+        self.listener.local_responses[status] = self.listener.local_responses.get(status, 0) + 1
+        ex = self.active
+        if ex is None or not ex.response_started:
+            self.transport.write(local_response(status, detail, False))
+        if ex is not None and not ex.done and ex.upstream is not None:
+            ex.done = True
+            ex.upstream.abandon(ex)
+        self.transport.close()
+
+    # -- parser callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.parsing = Exchange(self)
+        if self.active is None:
+            self.deadline = self.loop.time() + self.listener.header_timeout()
+
+    def on_url(self, url: bytes) -> None:
+        self.parsing.url += url  # type: ignore[union-attr]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.parsing
+        if ex.method:  # type: ignore[union-attr]  # after the head: a chunked trailer
+            if ex.req_trailers is None:  # type: ignore[union-attr]
+                ex.req_trailers = []  # type: ignore[union-attr]
+            ex.req_trailers.append(b"%s: %s\r\n" % (name, value))  # type: ignore[union-attr]
+            return
+        lname = name.lower()
+        if lname not in _REQ_SPECIAL:
+            ex.lines.append(b"%s: %s\r\n" % (name, value))  # type: ignore[union-attr]
+            return
+        _special_request_header(ex, lname, name, value)  # type: ignore[arg-type]
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        parser = self.parser
+        ex.method = parser.get_method()  # type: ignore[union-attr]
+        ex.version = parser.get_http_version()  # type: ignore[union-attr]
+        ex.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
+        if parser.should_upgrade():  # type: ignore[union-attr]
+            ex.upgrade = True  # type: ignore[union-attr]
+            ex.keep_alive = False  # type: ignore[union-attr]  # the parser stops at an upgrade
+        if self.active is None:
+            self.deadline = 0.0
+            self._start(ex)  # type: ignore[arg-type]
+        else:
+            if self.pipeline is None:
+                self.pipeline = deque()
+            self.pipeline.append(ex)  # type: ignore[arg-type]
+            self._pause(PAUSE_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        if ex.done:  # type: ignore[union-attr]
+            return
+        ex.service.bytes_in += len(body)  # type: ignore[union-attr]
+        up = ex.upstream  # type: ignore[union-attr]
+        if up is not None:
+            ex.body_sent = True  # type: ignore[union-attr]
+            if ex.chunked:  # type: ignore[union-attr]
+                up.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+            else:
+                up.transport.write(body)
+            return
+        if ex.body_buffer is None:  # type: ignore[union-attr]
+            ex.body_buffer = []  # type: ignore[union-attr]
+        ex.body_buffer.append(body)  # type: ignore[union-attr]
+        ex.buffered += len(body)  # type: ignore[union-attr]
+        if ex.buffered > BUFFER_LIMIT:  # type: ignore[union-attr]
+            self._pause(PAUSE_BUFFER)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        self.parsing = None
+        ex.request_complete = True  # type: ignore[union-attr]
+        up = ex.upstream  # type: ignore[union-attr]
+        if up is not None and ex.chunked and not ex.done:  # type: ignore[union-attr]
+            up.transport.write(_last_chunk(ex.req_trailers))  # type: ignore[union-attr]
+
+    # -- serving -------------------------------------------------------------------------
+
+    def _start(self, ex: Exchange) -> None:
+        self.active = ex
+        ex.start = self.loop.time()
+        listener = self.listener
+        service = listener.service
+        if service is None:
+            service = listener.route(ex.host, ex.url)
+            if service is None:
+                self._local(ex, 404, "no route for this host and path", None)
+                return
+        ex.service = service
+        service.bytes_in += len(ex.url) + 64
+        if ex.method == b"CONNECT":
+            self._local(ex, 400, "CONNECT is not supported by a reverse proxy", service)
+            return
+        ex.head = self._request_head(ex)
+        backend = service.pool.pick()
+        if backend is None:
+            service.shed["no_backend"] = service.shed.get("no_backend", 0) + 1
+            self._local(ex, 503, f"no backend available for service {service.name}", service)
+            return
+        self._send(ex, backend)
+
+    def _send(self, ex: Exchange, backend: BackendState) -> None:
+        ex.backend = backend
+        backend.inflight += 1
+        backend.requests += 1
+        idle = backend.idle
+        while idle:
+            up = idle.pop()
+            if not up.closed:
+                up.attach(ex)
+                return
+        self.loop.create_task(_connect(ex, backend))
+
+    def upstream_failed(self, ex: Exchange, kind: str, detail: str, retryable: bool) -> None:
+        """The backend failed before answering. Retry once elsewhere when nothing was lost."""
+        backend = ex.backend
+        service = ex.service
+        ex.upstream = None
+        _release(backend, service)  # type: ignore[arg-type]
+        backend.failures += 1  # type: ignore[union-attr]
+        if ex.done or self.closed:
+            return
+        if retryable and ex.retries == 0 and not ex.body_sent:
+            ex.retries = 1
+            other = service.pool.pick_other(backend)  # type: ignore[union-attr, arg-type]
+            if other is None and kind == "reset" and backend.eligible:  # type: ignore[union-attr]
+                other = backend  # a stale kept-alive connection: a fresh one to the same backend
+            if other is not None:
+                self._send(ex, other)
+                return
+        status = 504 if kind == "timeout" else 502
+        codes = backend.responses  # type: ignore[union-attr]
+        codes[status] = codes.get(status, 0) + 1
+        self._local(ex, status, f"backend {backend.key} {detail}", service)  # type: ignore[union-attr]
+
+    def _local(self, ex: Exchange, status: int, detail: str, service: ServiceState | None) -> None:
+        """Answer `ex` from the proxy itself, then go on with the connection."""
+        counts = service.local_responses if service is not None else self.listener.local_responses
+        if ex.backend is None or status in (404, 400):
+            counts[status] = counts.get(status, 0) + 1
+        keep = ex.keep_alive and ex.request_complete and not self.closing
+        ex.keep_alive = keep
+        ex.response_started = True
+        data = local_response(status, detail, keep)
+        self.transport.write(data)
+        if service is not None:
+            service.bytes_out += len(data)
+            service.observe(self.loop.time() - ex.start)
+        self.response_done(ex)
+
+    def response_done(self, ex: Exchange) -> None:
+        """The response to the active exchange has been written whole."""
+        ex.done = True
+        self.active = None
+        if self.closed:
+            return
+        if not ex.request_complete or not ex.keep_alive or self.closing:
+            self.transport.close()
+            return
+        pipeline = self.pipeline
+        if pipeline:
+            nxt = pipeline.popleft()
+            if not pipeline:
+                self._resume(PAUSE_PIPELINE)
+            self._start(nxt)
+        else:
+            self.deadline = self.loop.time() + self.listener.idle_timeout()
+
+    def start_tunnel(self, upstream_transport: asyncio.Transport) -> None:
+        """Switch to a byte-for-byte tunnel after a 101 (WebSocket and other upgrades)."""
+        self.tunnel = upstream_transport
+        self.deadline = 0.0
+        pending = self.upgrade_buffer or []
+        self.upgrade_buffer = None
+        for chunk in pending:
+            if chunk:
+                upstream_transport.write(chunk)
+
+    def _request_head(self, ex: Exchange) -> bytes:
+        lines = ex.lines
+        if ex.conn_tokens:
+            named = {t for t in ex.conn_tokens if t not in CONNECTION_OPTIONS}
+            if named:
+                lines = drop_named(lines, named)
+        parts = [b"%s %s HTTP/1.1\r\n" % (ex.method, ex.url), *lines]
+        if not ex.has_host:
+            parts.append(b"host: %s\r\n" % self.listener.default_host())
+        if ex.chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if ex.te_trailers:
+            parts.append(b"te: trailers\r\n")
+        if ex.upgrade:
+            parts.append(b"connection: upgrade\r\nupgrade: %s\r\n" % ex.upgrade_value)
+        ip = self.xff_ip
+        proto = self.listener.scheme
+        parts.append(
+            b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\n"
+            % (ex.xff + b", " + ip if ex.xff else ip, proto)
+        )
+        fwd = self.fwd_for + b";proto=" + proto
+        if ex.has_host:
+            parts.append(b"x-forwarded-host: %s\r\n" % ex.host)
+            fwd += b';host="' + ex.host + b'"'
+        parts.append(
+            b"forwarded: %s\r\nvia: %s1.1 edgelb\r\n\r\n"
+            % (ex.fwd + b", " + fwd if ex.fwd else fwd, ex.via + b", " if ex.via else b"")
+        )
+        return b"".join(parts)
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Finish the request in progress, then close; close at once when idle."""
+        self.closing = True
+        if self.active is None and self.tunnel is None and self.parsing is None:
+            self.transport.close()
+
+    def expire(self, now: float) -> None:
+        """Called by the sweeper once `deadline` has passed."""
+        self.deadline = 0.0
+        if self.closed:
+            return
+        if self.parsing is not None and self.active is None:
+            self.listener.local_responses[408] = self.listener.local_responses.get(408, 0) + 1
+            self.transport.write(local_response(408, "request head not received in time", False))
+        self.transport.close()
+
+
+def _special_request_header(ex: Exchange, lname: bytes, name: bytes, value: bytes) -> None:
+    if lname == b"host":
+        if not ex.has_host:
+            ex.host = value
+            ex.has_host = True
+            ex.lines.append(b"%s: %s\r\n" % (name, value))
+    elif lname == b"connection":
+        if ex.conn_tokens is None:
+            ex.conn_tokens = []
+        ex.conn_tokens.extend(connection_tokens(value))
+    elif lname == b"te":
+        if b"trailers" in value.lower():
+            ex.te_trailers = True
+    elif lname == b"transfer-encoding":
+        ex.chunked = True  # the parser accepts only a final "chunked"
+    elif lname == b"upgrade":
+        ex.upgrade_value = value
+    elif lname == b"x-forwarded-for":
+        ex.xff = ex.xff + b", " + value if ex.xff else value
+    elif lname == b"forwarded":
+        ex.fwd = ex.fwd + b", " + value if ex.fwd else value
+    elif lname == b"via":
+        ex.via = ex.via + b", " + value if ex.via else value
+    elif lname == b"expect":
+        ex.lines.append(b"%s: %s\r\n" % (name, value))
+    # keep-alive, proxy-connection, x-forwarded-proto and x-forwarded-host are dropped:
+    # the first two are hop-by-hop, the last two are set by the proxy itself.
+
+
+def _last_chunk(trailers: list[bytes] | None) -> bytes:
+    if trailers:
+        return b"0\r\n" + b"".join(trailers) + b"\r\n"
+    return b"0\r\n\r\n"
+
+
+def _release(backend: BackendState, service: ServiceState | None) -> None:
+    backend.inflight -= 1
+    if backend.draining and service is not None:
+        service.pool.released(backend)
+
+
+async def _connect(ex: Exchange, backend: BackendState) -> None:
+    client = ex.client
+    service = ex.service
+    loop = client.loop
+    timeout = service.policy.connect_timeout  # type: ignore[union-attr]
+    spec = backend.spec
+    try:
+        _, up = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: UpstreamProtocol(backend, service, client.listener),  # type: ignore[arg-type]
+                spec.host,
+                spec.port,
+            ),
+            timeout,
+        )
+    except TimeoutError:
+        client.upstream_failed(ex, "timeout", f"did not accept a connection in {timeout:g}s", True)
+        return
+    except OSError as e:
+        client.upstream_failed(ex, "connect", f"refused the connection ({e.strerror or e})", True)
+        return
+    if ex.done or client.closed:
+        up.park()  # the client went away meanwhile: keep the fresh connection for later
+        return
+    up.attach(ex)
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """One connection to a backend, serving one exchange at a time, kept alive in between."""
+
+    __slots__ = (
+        "backend",
+        "chunked",
+        "closed",
+        "conn_tokens",
+        "content_length",
+        "deadline",
+        "ex",
+        "got_bytes",
+        "in_trailers",
+        "interim",
+        "lines",
+        "listener",
+        "parser",
+        "reason",
+        "reused",
+        "service",
+        "transport",
+        "tunnel",
+    )
+
+    def __init__(self, backend: BackendState, service: ServiceState, listener: HttpListener) -> None:
+        self.backend = backend
+        self.service = service
+        self.listener = listener
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = httptools.HttpResponseParser(self)
+        self.ex: Exchange | None = None
+        self.closed = False
+        self.reused = False
+        self.got_bytes = False
+        self.deadline = 0.0
+        self.lines: list[bytes] = []
+        self.reason = b""
+        self.chunked = False
+        self.content_length = False
+        self.conn_tokens: list[bytes] | None = None
+        self.in_trailers = False
+        self.interim = False
+        self.tunnel: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        backend = self.backend
+        backend.connections_total += 1
+        backend.open_connections += 1
+        self.listener.upstreams.add(self)
+
+    def attach(self, ex: Exchange) -> None:
+        """Send `ex`'s request head and whatever body has arrived so far."""
+        self.ex = ex
+        ex.upstream = self
+        self.got_bytes = False
+        client = ex.client
+        self.deadline = client.loop.time() + self.service.policy.response_timeout
+        transport = self.transport
+        buf = ex.body_buffer
+        if buf:
+            ex.body_buffer = None
+            ex.body_sent = True
+            if ex.chunked:
+                out = [ex.head]
+                for chunk in buf:
+                    out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+                transport.writelines(out)
+            else:
+                transport.writelines([ex.head, *buf])
+            client._resume(PAUSE_BUFFER)
+        else:
+            transport.write(ex.head)
+        if ex.request_complete and ex.chunked:
+            transport.write(_last_chunk(ex.req_trailers))
+        if client.write_paused:
+            transport.pause_reading()
+
+    def park(self) -> None:
+        """Put this idle connection back in its backend's pool, or close it."""
+        backend = self.backend
+        if self.closed or backend.draining or len(backend.idle) >= self.service.policy.max_idle:
+            self.transport.close()
+            return
+        self.reused = True
+        self.deadline = self.listener.loop.time() + self.service.policy.idle_timeout
+        backend.idle.append(self)
+
+    def abandon(self, ex: Exchange) -> None:
+        """The client went away mid-exchange: this connection cannot be reused."""
+        if self.ex is ex:
+            self.ex = None
+            _release(self.backend, self.service)
+        self.transport.close()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    # -- connection events -------------------------------------------------------------
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        backend = self.backend
+        backend.open_connections -= 1
+        self.listener.upstreams.discard(self)
+        if self.ex is None and self in backend.idle:
+            backend.idle.remove(self)
+        if self.tunnel is not None:
+            self.tunnel.close()
+            ex = self.ex
+            self.ex = None
+            if ex is not None:
+                _release(backend, self.service)
+            return
+        ex = self.ex
+        if ex is None:
+            return
+        self.ex = None
+        client = ex.client
+        if ex.response_started:
+            if ex.until_close and not self.interim:
+                self._complete(ex, reusable=False)
+            else:
+                # cut in the middle of a body: the client must see a broken response
+                _release(backend, self.service)
+                backend.failures += 1
+                ex.done = True
+                client.transport.close()
+            return
+        retryable = (self.reused and not self.got_bytes) or ex.method in (b"GET", b"HEAD")
+        retryable = retryable and not self.got_bytes
+        client.upstream_failed(ex, "reset", "closed the connection before answering", retryable)
+
+    def expire(self, now: float) -> None:
+        self.deadline = 0.0
+        ex = self.ex
+        if ex is None:
+            self.transport.close()  # idle too long
+            return
+        self.ex = None
+        self.transport.close()
+        if ex.response_started:
+            _release(self.backend, self.service)
+            self.backend.failures += 1
+            ex.done = True
+            ex.client.transport.close()
+        else:
+            timeout = self.service.policy.response_timeout
+            ex.client.upstream_failed(ex, "timeout", f"did not answer in {timeout:g}s", False)
+
+    def pause_writing(self) -> None:
+        ex = self.ex  # also set while tunnelling
+        if ex is not None:
+            ex.client._pause(PAUSE_UPSTREAM)
+
+    def resume_writing(self) -> None:
+        ex = self.ex
+        if ex is not None:
+            ex.client._resume(PAUSE_UPSTREAM)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        self.got_bytes = True
+        self.backend.bytes_in += len(data)
+        ex = self.ex
+        if ex is None:
+            self.transport.close()  # bytes from an idle backend connection: not ours
+            return
+        if ex.response_started:  # body streaming: the idle timeout runs from the last data
+            self.deadline = ex.client.loop.time() + self.service.policy.idle_timeout
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._switch_protocols(data[e.args[0] :])
+        except httptools.HttpParserCallbackError:
+            log.exception("internal error while relaying a response")
+            self._bad_response("internal error")
+        except httptools.HttpParserError as e:
+            self._bad_response(f"sent a malformed response ({e})")
+
+    def _bad_response(self, detail: str) -> None:
+        ex = self.ex
+        self.ex = None
+        self.transport.close()
+        if ex is None:
+            return
+        if ex.response_started:
+            _release(self.backend, self.service)
+            self.backend.failures += 1
+            ex.done = True
+            ex.client.transport.close()
+        else:
+            ex.client.upstream_failed(ex, "bad", detail, False)
+
+    # -- parser callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.lines = []
+        self.reason = b""
+        self.chunked = False
+        self.content_length = False
+        self.conn_tokens = None
+        self.in_trailers = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.ex
+        if self.in_trailers:
+            if ex is not None and ex.te_trailers and ex.client_chunked:
+                if ex.trailers is None:
+                    ex.trailers = []
+                ex.trailers.append(b"%s: %s\r\n" % (name, value))
+            return
+        lname = name.lower()
+        if lname not in _RESP_SPECIAL:
+            self.lines.append(b"%s: %s\r\n" % (name, value))
+        elif lname == b"content-length":
+            self.content_length = True
+            self.lines.append(b"%s: %s\r\n" % (name, value))
+        elif lname == b"transfer-encoding":
+            self.chunked = True
+        elif lname == b"connection":
+            if self.conn_tokens is None:
+                self.conn_tokens = []
+            self.conn_tokens.extend(connection_tokens(value))
+        elif lname == b"trailer":
+            if ex is not None and ex.te_trailers:
+                self.lines.append(b"%s: %s\r\n" % (name, value))
+        elif lname == b"upgrade":
+            self.lines.append(b"%s: %s\r\n" % (name, value))  # kept only on a 101 (below)
+
+    def on_headers_complete(self) -> None:
+        ex = self.ex
+        if ex is None:
+            return
+        self.in_trailers = True
+        client = ex.client
+        status = self.parser.get_status_code()
+        lines = self.lines
+        if self.conn_tokens:
+            named = {t for t in self.conn_tokens if t not in CONNECTION_OPTIONS}
+            if named:
+                lines = drop_named(lines, named)
+        if status < 200:
+            self.interim = True
+            if status == 101 and ex.upgrade:
+                ex.status = 101
+                ex.response_started = True
+                head = b"HTTP/1.1 101 %s\r\n%sconnection: upgrade\r\n\r\n" % (
+                    self.reason,
+                    b"".join(lines),
+                )
+                client.transport.write(head)
+                return
+            if ex.version != "1.0" and status != 101:  # 100 Continue, 103 Early Hints
+                lines = [ln for ln in lines if not ln.lower().startswith(b"upgrade:")]
+                client.transport.write(
+                    b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, self.reason, b"".join(lines))
+                )
+            self.in_trailers = False
+            return
+        self.interim = False
+        ex.status = status
+        ex.response_started = True
+        bodiless = ex.method == b"HEAD" or status == 204 or status == 304
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason)]
+        parts += [ln for ln in lines if not ln[:8].lower() == b"upgrade:"]
+        keep = ex.keep_alive and not client.closing
+        if not bodiless:
+            if self.chunked or not self.content_length:
+                ex.until_close = not self.chunked
+                if ex.version == "1.1":
+                    ex.client_chunked = True
+                    parts.append(b"transfer-encoding: chunked\r\n")
+                else:
+                    keep = False  # an HTTP/1.0 client reads to the close
+        ex.keep_alive = keep
+        if not keep:
+            parts.append(b"connection: close\r\n\r\n")
+        elif ex.version == "1.0":
+            parts.append(b"connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        head = b"".join(parts)
+        self.service.bytes_out += len(head)
+        client.transport.write(head)
+        if bodiless:
+            # The response parser cannot be told that a HEAD response has no body: finish
+            # here and give the connection a fresh parser for its next response.
+            self.parser = httptools.HttpResponseParser(self)
+            self._complete(ex, reusable=not ex.until_close and self._upstream_keep_alive())
+        else:
+            self.deadline = client.loop.time() + self.service.policy.idle_timeout
+
+    def _upstream_keep_alive(self) -> bool:
+        tokens = self.conn_tokens
+        return not (tokens and b"close" in tokens)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.ex
+        if ex is None:
+            return
+        transport = ex.client.transport
+        self.service.bytes_out += len(body)
+        if ex.client_chunked:
+            transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+        else:
+            transport.write(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.ex
+        if ex is None or self.interim:
+            if self.interim and ex is not None and ex.status != 101:
+                self.interim = False
+            return
+        self._complete(ex, reusable=self.parser.should_keep_alive())
+
+    def _complete(self, ex: Exchange, reusable: bool) -> None:
+        self.ex = None
+        ex.upstream = None
+        backend = self.backend
+        service = self.service
+        client = ex.client
+        if ex.client_chunked and not client.closed:
+            client.transport.write(_last_chunk(ex.trailers))
+        loop = client.loop
+        elapsed = loop.time() - ex.start
+        service.observe(elapsed)
+        backend.observe_latency(elapsed)
+        codes = backend.responses
+        codes[ex.status] = codes.get(ex.status, 0) + 1
+        _release(backend, service)
+        client._resume(PAUSE_UPSTREAM)
+        if reusable and ex.request_complete and not self.closed:
+            if client.write_paused:
+                self.transport.resume_reading()
+            self.park()
+        elif not self.closed:
+            self.transport.close()
+        if not ex.done:
+            client.response_done(ex)
+
+    def _switch_protocols(self, rest: bytes) -> None:
+        ex = self.ex
+        if ex is None or ex.status != 101:
+            self._bad_response("switched protocols without being asked")
+            return
+        client = ex.client
+        if client.closed:
+            self.transport.close()
+            return
+        self.tunnel = client.transport
+        self.deadline = 0.0
+        ex.done = True
+        client.active = None
+        client.start_tunnel(self.transport)
+        if rest:
+            client.transport.write(rest)

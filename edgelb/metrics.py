@@ -1,0 +1,240 @@
+"""Prometheus metrics, built at scrape time from the plain counters of the live state.
+
+The data path only does `+= 1` on attributes of `ServiceState` / `BackendState` and on the
+runtime's dicts. `RuntimeCollector.collect()` walks that state when /metrics is scraped and
+turns it into metric families, so prometheus-client never sits on the hot path. The collector
+runs on the event loop thread (from the admin handler), so it reads a consistent picture.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+
+from edgelb import __version__
+from edgelb.pool import DURATION_BUCKETS, BackendState, ServiceState
+
+# The `le` labels of edgelb_request_duration_seconds, +Inf last.
+_BUCKET_LABELS = (*(floatToGoString(b) for b in DURATION_BUCKETS), "+Inf")
+
+
+def cumulative_buckets(per_bucket: Iterable[int]) -> list[tuple[str, float]]:
+    """Turn per-bucket counts (as `ServiceState.observe` keeps them) into `le` pairs."""
+    out: list[tuple[str, float]] = []
+    total = 0
+    for label, count in zip(_BUCKET_LABELS, per_bucket, strict=True):
+        total += count
+        out.append((label, float(total)))
+    return out
+
+
+class RuntimeCollector:
+    """A custom collector over a runtime object (see edgelb.runtime for the attributes read)."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    def describe(self) -> list[Metric]:
+        # The series are only known at scrape time; an empty description skips the
+        # registry's duplicate check instead of running a collection at registration.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        rt = self.runtime
+        services: list[ServiceState] = [rt.services[k] for k in sorted(rt.services)]
+        yield from self._service_families(services, rt.local_responses)
+        yield from self._backend_families(services)
+        yield from self._runtime_families(rt)
+
+    # -- per service --------------------------------------------------------------------
+
+    @staticmethod
+    def _service_families(
+        services: list[ServiceState], global_local: dict[int, int]
+    ) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "edgelb_requests_total",
+            "HTTP responses sent to clients, by service, backend and status code "
+            '(backend="" when edgelb answered itself; service="" when no service matched).',
+            labels=["service", "backend", "code"],
+        )
+        duration = HistogramMetricFamily(
+            "edgelb_request_duration_seconds",
+            "Time from a request's head to the end of its response, per service.",
+            labels=["service"],
+        )
+        shed = CounterMetricFamily(
+            "edgelb_shed_total",
+            "Requests or connections refused to protect backends, by reason.",
+            labels=["service", "reason"],
+        )
+        tcp = CounterMetricFamily(
+            "edgelb_tcp_connections_total",
+            "Client connections accepted by tcp-mode services.",
+            labels=["service"],
+        )
+        nbytes = CounterMetricFamily(
+            "edgelb_bytes_total",
+            'Bytes relayed for clients: direction="in" from clients, "out" to clients.',
+            labels=["service", "direction"],
+        )
+        for svc in services:
+            name = svc.name
+            for backend in svc.pool.all_backends():
+                for code, count in sorted(backend.responses.items()):
+                    requests.add_metric([name, backend.key, str(code)], count)
+            for code, count in sorted(svc.local_responses.items()):
+                requests.add_metric([name, "", str(code)], count)
+            duration.add_metric([name], cumulative_buckets(svc.duration_buckets), svc.duration_sum)
+            for reason, count in sorted(svc.shed.items()):
+                shed.add_metric([name, reason], count)
+            tcp.add_metric([name], svc.tcp_connections)
+            nbytes.add_metric([name, "in"], svc.bytes_in)
+            nbytes.add_metric([name, "out"], svc.bytes_out)
+        for code, count in sorted(global_local.items()):
+            requests.add_metric(["", "", str(code)], count)
+        yield from (requests, duration, shed, tcp, nbytes)
+
+    # -- per backend --------------------------------------------------------------------
+
+    @staticmethod
+    def _backend_families(services: list[ServiceState]) -> Iterator[Metric]:
+        labels = ["service", "backend"]
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=labels)
+
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=labels)
+
+        inflight = gauge(
+            "edgelb_backend_inflight",
+            "Requests (http) or connections (tcp) now in flight to the backend.",
+        )
+        healthy = gauge("edgelb_backend_healthy", "1 if the backend is healthy, else 0.")
+        eligible = gauge(
+            "edgelb_backend_eligible",
+            "1 if the balancer may pick the backend (healthy, not draining, weight > 0).",
+        )
+        draining = gauge(
+            "edgelb_backend_draining", "1 if the backend was removed and is finishing its work."
+        )
+        weight = gauge("edgelb_backend_weight", "The backend's weight (capacity).")
+        latency = gauge(
+            "edgelb_backend_latency_seconds", "The balancer's decaying latency estimate."
+        )
+        ejections = counter(
+            "edgelb_ejections_total", "Times the backend was ejected for failing (outlier)."
+        )
+        sent = counter("edgelb_backend_requests_total", "Requests sent to the backend.")
+        failures = counter("edgelb_backend_failures_total", "Connect errors, resets and timeouts.")
+        opened = counter(
+            "edgelb_backend_connections_total", "Upstream connections opened to the backend."
+        )
+        upstream = GaugeMetricFamily(
+            "edgelb_upstream_connections",
+            'Upstream connections to the backend: state="open" all, "idle" kept alive unused.',
+            labels=["service", "backend", "state"],
+        )
+        bbytes = CounterMetricFamily(
+            "edgelb_backend_bytes_total",
+            'Bytes exchanged with the backend: direction="in" from it, "out" to it.',
+            labels=["service", "backend", "direction"],
+        )
+        for svc in services:
+            for b in svc.pool.all_backends():
+                lv = [svc.name, b.key]
+                inflight.add_metric(lv, b.inflight)
+                healthy.add_metric(lv, 1.0 if b.healthy else 0.0)
+                eligible.add_metric(lv, 1.0 if b.eligible else 0.0)
+                draining.add_metric(lv, 1.0 if b.draining else 0.0)
+                weight.add_metric(lv, b.weight)
+                latency.add_metric(lv, b.latency)
+                ejections.add_metric(lv, _ejections(b))
+                sent.add_metric(lv, b.requests)
+                failures.add_metric(lv, b.failures)
+                opened.add_metric(lv, b.connections_total)
+                upstream.add_metric([*lv, "idle"], len(b.idle))
+                upstream.add_metric([*lv, "open"], b.open_connections)
+                bbytes.add_metric([*lv, "in"], b.bytes_in)
+                bbytes.add_metric([*lv, "out"], b.bytes_out)
+        yield from (inflight, healthy, eligible, draining, weight, latency, ejections)
+        yield from (sent, failures, opened, upstream, bbytes)
+
+    # -- runtime-wide -------------------------------------------------------------------
+
+    @staticmethod
+    def _runtime_families(rt: Any) -> Iterator[Metric]:
+        reloads = CounterMetricFamily(
+            "edgelb_config_reloads_total",
+            "Snapshots from each watcher, applied (ok) or rejected (error).",
+            labels=["watcher", "result"],
+        )
+        for (watcher, result), count in sorted(rt.reloads.items()):
+            reloads.add_metric([watcher, result], count)
+        up = GaugeMetricFamily(
+            "edgelb_watcher_up", "1 if the watcher is connected to its source.", labels=["watcher"]
+        )
+        for watcher, is_up in sorted(rt.watcher_up.items()):
+            up.add_metric([watcher], 1.0 if is_up else 0.0)
+        synced = GaugeMetricFamily(
+            "edgelb_watcher_synced",
+            "1 once the watcher has delivered a first full snapshot.",
+            labels=["watcher"],
+        )
+        for watcher, done in sorted(rt.watcher_synced.items()):
+            synced.add_metric([watcher], 1.0 if done else 0.0)
+        open_conns = GaugeMetricFamily(
+            "edgelb_listener_connections",
+            "Client connections now open on the listener.",
+            labels=["listener", "kind"],
+        )
+        accepted = CounterMetricFamily(
+            "edgelb_listener_accepted_total",
+            "Client connections accepted by the listener.",
+            labels=["listener", "kind"],
+        )
+        for key in sorted(rt.listeners):
+            listener = rt.listeners[key]
+            open_conns.add_metric([key, listener.kind], listener.connections)
+            accepted.add_metric([key, listener.kind], listener.accepted)
+        yield from (reloads, up, synced, open_conns, accepted)
+        yield GaugeMetricFamily(
+            "edgelb_draining", "1 while edgelb is shutting down.", value=1.0 if rt.draining else 0.0
+        )
+        yield GaugeMetricFamily(
+            "edgelb_start_time_seconds",
+            "When this edgelb started, in seconds since the Unix epoch.",
+            value=rt.started_at,
+        )
+        yield GaugeMetricFamily(
+            "edgelb_uptime_seconds", "Seconds since start.", value=time.time() - rt.started_at
+        )
+        info = GaugeMetricFamily("edgelb_info", "The running edgelb version.", labels=["version"])
+        info.add_metric([__version__], 1.0)
+        yield info
+
+
+def _ejections(backend: BackendState) -> int:
+    # BackendState grows an ejection counter with outlier detection; until then, 0.
+    return getattr(backend, "ejections", 0)
+
+
+def make_registry(runtime: Any, process: bool = True) -> CollectorRegistry:
+    """A fresh registry (never the global one) with the runtime and process collectors."""
+    registry = CollectorRegistry()
+    registry.register(RuntimeCollector(runtime))
+    if process:
+        ProcessCollector(registry=registry)  # reads /proc; registers nothing elsewhere
+        PlatformCollector(registry=registry)
+    return registry

@@ -1,0 +1,311 @@
+"""The reconciler: the only place where routing state changes.
+
+Watchers hand whole Snapshots to `Runtime.apply`. The runtime merges them with the other
+sources' last good snapshots, validates the result, binds whatever new ports it needs (the
+only step that awaits), and then applies everything in one synchronous step of the event
+loop: services updated in place (kept backends keep their counters and connections, removed
+ones drain), routing tables swapped, listeners pointed at their new service state, removed
+listeners stopped (their open connections finish). A snapshot that fails is rejected whole;
+the last good state keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import balancers
+from edgelb.http.listener import HttpListener
+from edgelb.http.router import Router
+from edgelb.pool import ServiceState
+from watchers.model import Address, Policy, Route, Service, Snapshot
+
+log = logging.getLogger("edgelb.runtime")
+
+SWEEP_INTERVAL = 0.25  # how often connection deadlines are checked
+
+
+class SnapshotError(Exception):
+    """A snapshot that cannot be applied; `.errors` says why, one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class EntrypointSpec:
+    name: str
+    listen: Address
+
+
+def _tcp_listener_class() -> Any:
+    from edgelb.tcp import TcpListener
+
+    return TcpListener
+
+
+class Runtime:
+    def __init__(
+        self,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        reserved: Iterable[Address] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.loop = loop or asyncio.get_event_loop()
+        self.rng = rng or random.Random()
+        self.services: dict[str, ServiceState] = {}
+        self.listeners: dict[str, Any] = {}  # str(address) -> HttpListener | TcpListener
+        self.routes: tuple[Route, ...] = ()
+        self.router = Router()
+        self.snapshots: dict[str, Snapshot] = {}
+        self.entrypoints: tuple[EntrypointSpec, ...] = ()
+        self.defaults = Policy()
+        self.reserved = {str(a) for a in reserved}  # e.g. the admin listener
+        # read by the admin endpoint
+        self.reloads: dict[tuple[str, str], int] = {}
+        self.watcher_up: dict[str, bool] = {}
+        self.watcher_synced: dict[str, bool] = {}
+        self.last_errors: dict[str, str] = {}
+        self.draining = False
+        self.started_at = time.time()
+        self.local_responses: dict[int, int] = {}
+        self.upstreams: set[Any] = set()
+        self._lock = asyncio.Lock()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closers: set[asyncio.Task] = set()
+        self.grace = 30.0
+
+    # -- watcher bookkeeping ------------------------------------------------------------
+
+    def register_watcher(self, name: str) -> None:
+        self.watcher_up.setdefault(name, False)
+        self.watcher_synced.setdefault(name, False)
+
+    def record(self, watcher: str, ok: bool, error: str | None = None) -> None:
+        key = (watcher, "ok" if ok else "error")
+        self.reloads[key] = self.reloads.get(key, 0) + 1
+        if ok:
+            self.watcher_up[watcher] = True
+            self.watcher_synced[watcher] = True
+            self.last_errors.pop(watcher, None)
+        else:
+            self.last_errors[watcher] = error or "unknown error"
+
+    # -- applying ------------------------------------------------------------------------
+
+    async def set_entrypoints(self, entrypoints: Iterable[EntrypointSpec], defaults: Policy) -> None:
+        """Change the shared entrypoints and the defaults used on them; then re-apply."""
+        async with self._lock:
+            old = (self.entrypoints, self.defaults)
+            self.entrypoints = tuple(entrypoints)
+            self.defaults = defaults
+            try:
+                await self._reconcile(dict(self.snapshots))
+            except SnapshotError:
+                self.entrypoints, self.defaults = old
+                raise
+
+    async def apply(self, snapshot: Snapshot) -> None:
+        """Apply one source's snapshot, or raise SnapshotError and keep the last good state."""
+        async with self._lock:
+            snapshots = dict(self.snapshots)
+            snapshots[snapshot.source] = snapshot
+            try:
+                await self._reconcile(snapshots)
+            except SnapshotError as e:
+                self.record(snapshot.source, False, str(e))
+                log.error("rejected the %s snapshot, the last good one keeps serving: %s",
+                          snapshot.source, e)
+                raise
+            self.record(snapshot.source, True)
+
+    def _validate(self, snapshots: dict[str, Snapshot]) -> tuple[list[Service], list[Route]]:
+        errors: list[str] = []
+        services: list[Service] = []
+        routes: list[Route] = []
+        owner: dict[str, str] = {}
+        ports: dict[str, str] = {k: "the admin endpoint" for k in self.reserved}
+        for ep in self.entrypoints:
+            key = str(ep.listen)
+            if key in ports:
+                errors.append(f"entrypoint {ep.name}: {key} is already used by {ports[key]}")
+            ports[key] = f"entrypoint {ep.name}"
+        for source, snap in snapshots.items():
+            for svc in snap.services:
+                where = f"{source}: service {svc.name}"
+                if svc.name in owner:
+                    errors.append(f"{where}: the name is already used by {owner[svc.name]}")
+                    continue
+                owner[svc.name] = where
+                if svc.mode not in ("http", "tcp"):
+                    errors.append(f"{where}: mode must be http or tcp, not {svc.mode!r}")
+                if svc.policy.balance not in balancers.POLICIES:
+                    errors.append(
+                        f"{where}: unknown balance {svc.policy.balance!r}; "
+                        f"known: {', '.join(sorted(balancers.POLICIES))}"
+                    )
+                if svc.listen is not None:
+                    key = str(svc.listen)
+                    if key in ports:
+                        errors.append(f"{where}: port {key} is already used by {ports[key]}")
+                    ports[key] = where
+                services.append(svc)
+            routes.extend(snap.routes)
+        names = {s.name: s for s in services}
+        for r in routes:
+            target = names.get(r.service)
+            if target is None:
+                errors.append(f"route {r.host or '*'}{r.path}: no service named {r.service!r}")
+            elif target.mode != "http":
+                errors.append(f"route {r.host or '*'}{r.path}: service {r.service} is not http")
+        if routes and not self.entrypoints:
+            errors.append("host/path routes need an entrypoint; add one under `entrypoints:`")
+        if errors:
+            raise SnapshotError(errors)
+        return services, routes
+
+    async def _reconcile(self, snapshots: dict[str, Snapshot]) -> None:
+        services, routes = self._validate(snapshots)
+        # What should listen where: key -> (kind, service or entrypoint name, address)
+        wanted: dict[str, tuple[str, str, Address]] = {}
+        for ep in self.entrypoints:
+            wanted[str(ep.listen)] = ("entrypoint", ep.name, ep.listen)
+        for svc in services:
+            if svc.listen is not None:
+                wanted[str(svc.listen)] = (svc.mode, svc.name, svc.listen)
+
+        # Bind what is new. A listener whose kind changes is stopped first, to free its port.
+        fresh: dict[str, Any] = {}
+        replaced: list[Any] = []
+        for key, (kind, name, addr) in wanted.items():
+            old = self.listeners.get(key)
+            if old is not None and old.kind == kind:
+                continue
+            if old is not None:
+                old.stop_accepting()
+                replaced.append(old)
+            listener = self._make_listener(kind, name, addr)
+            try:
+                await listener.start()
+            except OSError as e:
+                for lst in fresh.values():
+                    lst.abort()
+                for lst in replaced:  # give the old ones back their ports if we can
+                    await _restart(lst)
+                raise SnapshotError([str(e)]) from e
+            fresh[key] = listener
+
+        # From here on, nothing awaits: the whole change lands in one step of the loop.
+        states = self.services
+        by_name: dict[str, ServiceState] = {}
+        for svc in services:
+            state = states.get(svc.name)
+            if state is None:
+                state = ServiceState(svc, self.rng)
+            else:
+                state.update(svc)
+            by_name[svc.name] = state
+        for name, state in states.items():
+            if name not in by_name:
+                state.pool.update((), state.policy.balance)  # everything drains
+        states.clear()
+        states.update(by_name)
+        self.routes = tuple(routes)
+        self.router = Router(routes)
+        for key, listener in list(self.listeners.items()):
+            if key not in wanted or key in fresh:
+                if key not in fresh:
+                    listener.stop_accepting()
+                self._close_later(listener)
+                del self.listeners[key]
+        self.listeners.update(fresh)
+        for key, (kind, name, _addr) in wanted.items():
+            listener = self.listeners[key]
+            if kind == "entrypoint":
+                listener.router = self.router
+                listener.services = states
+                listener.defaults = self.defaults
+            else:
+                listener.service = states[name]
+        self.snapshots = snapshots
+
+    def _make_listener(self, kind: str, name: str, addr: Address) -> Any:
+        if kind == "tcp":
+            return _tcp_listener_class()(addr, self._placeholder(name), loop=self.loop)
+        if kind == "entrypoint":
+            return HttpListener(
+                addr,
+                name=name,
+                defaults=self.defaults,
+                upstreams=self.upstreams,
+                local_responses=self.local_responses,
+                loop=self.loop,
+            )
+        return HttpListener(
+            addr,
+            service=self._placeholder(name),
+            upstreams=self.upstreams,
+            local_responses=self.local_responses,
+            loop=self.loop,
+        )
+
+    def _placeholder(self, name: str) -> ServiceState:
+        """The service state a new listener starts with (replaced in the apply step)."""
+        return self.services.get(name) or ServiceState(Service(name=name))
+
+    def _close_later(self, listener: Any) -> None:
+        task = self.loop.create_task(listener.wait_closed(self.grace))
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+    # -- deadlines -----------------------------------------------------------------------
+
+    def start_sweeper(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for listener in list(self.listeners.values()):
+            clients = getattr(listener, "clients", None)
+            if clients:
+                for c in [c for c in clients if c.deadline and c.deadline <= now]:
+                    c.expire(now)
+        for u in [u for u in self.upstreams if u.deadline and u.deadline <= now]:
+            u.expire(now)
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting everywhere, let open requests finish up to `grace`, then close."""
+        self.draining = True
+        listeners = list(self.listeners.values())
+        for listener in listeners:
+            listener.stop_accepting()
+        await asyncio.gather(*(lst.wait_closed(grace) for lst in listeners))
+        for state in self.services.values():
+            for b in state.pool.all_backends():
+                for conn in b.idle:
+                    conn.close()
+                b.idle.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for task in list(self._closers):
+            task.cancel()
+
+
+async def _restart(listener: Any) -> None:
+    try:
+        listener.closing = False
+        await listener.start()
+    except OSError:
+        log.exception("could not re-open %s after a failed reload", listener.address)
