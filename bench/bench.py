@@ -419,7 +419,9 @@ def start_all(lab: Lab, names: list[str], mode: str, tag: str,
         try:
             servers[p] = lab.start_proxy(p, mode, tag)
         except Exception as exc:  # a proxy that does not start is reported, not fatal
-            notes.append(f"{p} ({mode}): did not start: {' | '.join(str(exc).splitlines()[:4])}")
+            text = [x.strip() for x in str(exc).splitlines() if x.strip()]
+            why = text[0] if len(text) < 2 else f"{text[0]} ... {text[-1]}"
+            notes.append(f"{p} ({mode}): did not start: {why}")
             log(f"  {p} ({mode}) unavailable: {exc}")
     return servers
 
@@ -528,12 +530,14 @@ def version_info(cfg: Settings) -> dict[str, str]:
         return text.splitlines()[0] if text else f"exit {out.returncode}"
 
     rev = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
-                           text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", ".",
+                            ":(exclude)bench"], capture_output=True, text=True, check=False
+                           ).stdout.strip()
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "nproc": str(os.cpu_count()),
         "kernel": os.uname().release,
+        "load_start": loadavg(),
         "haproxy": first_line(["haproxy", "-v"]),
         "nginx": first_line(["nginx", "-v"]),
         "wrk": first_line(["wrk", "-v"]),
@@ -541,6 +545,11 @@ def version_info(cfg: Settings) -> dict[str, str]:
         "edgelb": first_line([cfg.python, "-m", "edgelb", "--version"], cwd=REPO)
         + f" (git {rev}{', uncommitted changes' if dirty else ''})",
     }
+
+
+def loadavg() -> str:
+    """1, 5 and 15 minute load averages: above nproc, other work competed with the run."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def fmt(v: float | None, spec: str = ".0f") -> str:
@@ -557,6 +566,8 @@ def summarize(cfg: Settings, info: dict[str, str], res: dict[str, Any],
         "# edgelb side-by-side benchmarks",
         "",
         f"- date: {info['date']}; nproc: {info['nproc']}; kernel: {info['kernel']}",
+        f"- load average (1/5/15 min) at start: {info['load_start']}; at end: {info['load_end']} "
+        "(other work on the machine makes absolute numbers lower; ratios suffer less)",
         f"- haproxy: {info['haproxy']}",
         f"- nginx: {info['nginx']}; wrk: {info['wrk']}",
         f"- python: {info['python']}",
@@ -620,20 +631,20 @@ def summarize(cfg: Settings, info: dict[str, str], res: dict[str, Any],
         lines += [
             f"## Memory per idle keep-alive client connection ({i['count']} connections)",
             "",
-            "One request on each connection, then held idle; memory of the proxy process tree "
-            "before and after (VmRSS and Pss from /proc).",
+            "One request on each connection, then held idle; VmRSS of the proxy process tree "
+            "before and after (Pss is in latest.json: it moves with other processes that share "
+            "the same libraries, so it is not used here).",
             "",
-            "| proxy | opened | still open | RSS before KiB | RSS after KiB | KiB/conn (RSS) "
-            "| KiB/conn (Pss) | vs HAProxy |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| proxy | opened | still open | RSS before KiB | RSS after KiB | KiB/conn "
+            "| vs HAProxy |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         hap = i["proxies"].get("haproxy", {}).get("kib_per_conn_rss")
         for p, r in i["proxies"].items():
             per = r.get("kib_per_conn_rss")
             lines.append(
                 f"| {p} | {r['opened']} | {r['alive']} | {r['before']['rss_kib']} | "
-                f"{r['after']['rss_kib']} | {fmt(per, '.2f')} | "
-                f"{fmt(r.get('kib_per_conn_pss'), '.2f')} | {ratio(per, hap)} |")
+                f"{r['after']['rss_kib']} | {fmt(per, '.2f')} | {ratio(per, hap)} |")
         lines.append("")
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
@@ -699,6 +710,7 @@ def main() -> int:
     started = time.monotonic()
     info = version_info(cfg)
     res, notes = run(cfg, {"http": scenario_http, "tcp": scenario_tcp, "idle": scenario_idle})
+    info["load_end"] = loadavg()
     summary = summarize(cfg, info, res, notes)
     summary += f"\nTotal bench time: {time.monotonic() - started:.0f}s\n"
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -713,4 +725,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as exc:
+        log(f"bench: interrupted ({exc or 'SIGINT'}); all started processes stopped")
+        sys.exit(130)

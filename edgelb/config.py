@@ -196,12 +196,9 @@ def _join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def _suggest(word: Any, choices: Iterable[str]) -> str:
-    choices = sorted(choices)
-    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
-    if close:
-        return f"did you mean {close[0]!r}?"
-    return f"valid keys: {', '.join(choices)}"
+def _closest(word: Any, choices: Iterable[str]) -> str | None:
+    close = difflib.get_close_matches(str(word), sorted(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 class _Checker:
@@ -234,9 +231,12 @@ class _Checker:
             if why and key in why:
                 self.error(_join(path, str(key)), why[key])
             else:
-                hint = _suggest(key, valid)
-                if hint.startswith("did you mean"):
-                    self.suggested.add((path, hint.split("'")[1]))
+                close = _closest(key, valid)
+                if close is None:
+                    hint = f"valid keys: {', '.join(sorted(valid))}"
+                else:
+                    hint = f"did you mean {close!r}?"
+                    self.suggested.add((path, close))
                 self.error(_join(path, str(key)), f"unknown key; {hint}")
 
     def list(self, value: Any, path: str, what: str, example: str) -> list | None:
@@ -368,8 +368,8 @@ def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, A
                 c.error(kpath, f"expected a policy name, got {_kind(value)}; "
                         f"use one of {', '.join(sorted(balancers.POLICIES))}")
             elif value not in balancers.POLICIES:
-                close = difflib.get_close_matches(value, list(balancers.POLICIES), n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
+                close = _closest(value, balancers.POLICIES)
+                hint = f"did you mean {close!r}? " if close else ""
                 c.error(kpath, f"unknown balance policy {value!r}; {hint}"
                         f"known: {', '.join(sorted(balancers.POLICIES))}")
             else:

@@ -48,7 +48,7 @@ ACCEPT_BATCH = 64  # connections accepted per readiness callback
 ACCEPT_PAUSE = 0.1  # seconds to stop accepting when out of file descriptors
 BACKLOG = 1024
 
-_SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0))
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # close() sends RST instead of FIN
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -64,10 +64,12 @@ class _PipePool:
         self.size = 0  # capacity of the first pipe made (0 until then)
 
     def get(self) -> tuple[int, int]:
-        self.out += 1
+        """An empty pipe; OSError when none can be made (out of file descriptors)."""
         if self.free:
+            self.out += 1
             return self.free.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.out += 1
         try:
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except (OSError, AttributeError):
@@ -191,7 +193,17 @@ class _SplicePump(_Pump):
     def _readable(self) -> None:
         pipe = self.pipe
         if pipe is None:
-            pipe = self.pipe = _PIPES.get()
+            try:
+                pipe = self.pipe = _PIPES.get()
+            except OSError as e:
+                log.warning(
+                    "tcp %s: cannot make a pipe (%s); closing a connection; "
+                    "raise the open files limit (ulimit -n)",
+                    self.conn.service.name,
+                    e,
+                )
+                self.conn.fail()
+                return
         splice = os.splice
         src, pipe_w = self.src_fd, pipe[1]
         chunk = _PIPES.chunk()
@@ -360,9 +372,7 @@ class _Connection:
         backend.inflight += 1
         self.backend = backend
         host, port = backend.spec.host, backend.spec.port
-        self.timer = self.loop.call_later(
-            self.service.policy.connect_timeout, self._connect_failed
-        )
+        self.timer = self.loop.call_later(self.service.policy.connect_timeout, self._connect_failed)
         family = _ip_family(host)
         if family:
             self._connect(family, (host, port))
@@ -574,7 +584,9 @@ class TcpListener:
                     log.warning(
                         "tcp listener %s: cannot accept (%s); pausing accepts for %.1fs; "
                         "raise the open files limit (ulimit -n) if this repeats",
-                        self.address, e.strerror, ACCEPT_PAUSE,
+                        self.address,
+                        e.strerror,
+                        ACCEPT_PAUSE,
                     )
                     self.loop.remove_reader(lsock.fileno())
                     self._resume = self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
@@ -625,13 +637,13 @@ class TcpListener:
     async def wait_closed(self, timeout: float) -> None:
         """Wait until the open connections end; reset what remains after `timeout` seconds."""
         if self._conns:
-            self._idle = asyncio.Event()
+            if self._idle is None:
+                self._idle = asyncio.Event()
+            self._idle.clear()
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout)
             except TimeoutError:
                 pass
-            finally:
-                self._idle = None
         self._close_all()
 
     def abort(self) -> None:

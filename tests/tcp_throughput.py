@@ -188,10 +188,13 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, port in paths.items():
                 best[name] = max(best[name], measure(port, total, args.conns))
-        print(f"{total / (1 << 20):.0f} MiB per round, {args.conns} connections, "
-              f"best of {args.rounds}")
+        print(
+            f"{total / (1 << 20):.0f} MiB per round, {args.conns} connections, "
+            f"best of {args.rounds}"
+        )
         for name, rate in best.items():
-            line = f"  {name:15s} {rate / (1 << 30):6.2f} GiB/s  {rate / best['direct']:5.2f}x direct"
+            gib = rate / (1 << 30)
+            line = f"  {name:15s} {gib:6.2f} GiB/s  {rate / best['direct']:5.2f}x direct"
             if "haproxy splice" in best and name.startswith("edgelb"):
                 line += f"  {rate / best['haproxy splice']:5.2f}x haproxy"
             print(line)

@@ -9,6 +9,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import balancers
 from edgelb.config import (
@@ -130,6 +132,17 @@ def test_address_accepts(text: object, default: str | None, address: Address) ->
 def test_address_rejects(bad: object, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         parse_address(bad)
+
+
+@given(st.integers(0, 10**6), st.sampled_from([("ms", 0.001), ("s", 1), ("m", 60), ("h", 3600)]))
+def test_duration_units_property(n: int, unit: tuple[str, float]) -> None:
+    assert parse_duration(f"{n}{unit[0]}") == pytest.approx(n * unit[1])
+
+
+@given(st.ip_addresses(), st.integers(1, 65535))
+def test_address_str_round_trips(ip: object, port: int) -> None:
+    a = parse_address(str(Address(str(ip), port)))
+    assert a == Address(str(ip), port)
 
 
 def test_address_str_round_trips_ipv6() -> None:

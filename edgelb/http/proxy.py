@@ -313,7 +313,9 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.parsing
         if ex.done:  # type: ignore[union-attr]
             return
-        ex.service.bytes_in += len(body)  # type: ignore[union-attr]
+        service = ex.service  # type: ignore[union-attr]
+        if service is not None:  # None while a pipelined request waits for its turn
+            service.bytes_in += len(body)
         up = ex.upstream  # type: ignore[union-attr]
         if up is not None:
             ex.body_sent = True  # type: ignore[union-attr]
@@ -333,8 +335,13 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.parsing
         self.parsing = None
         ex.request_complete = True  # type: ignore[union-attr]
+        if ex.done:  # type: ignore[union-attr]
+            # answered by the proxy before the request was read whole: go on with the next one
+            if ex.backend is None and self.active is None and not self.closed:  # type: ignore[union-attr]
+                self.response_done(ex)  # type: ignore[arg-type]
+            return
         up = ex.upstream  # type: ignore[union-attr]
-        if up is not None and ex.chunked and not ex.done:  # type: ignore[union-attr]
+        if up is not None and ex.chunked:  # type: ignore[union-attr]
             up.transport.write(_last_chunk(ex.req_trailers))  # type: ignore[union-attr]
 
     # -- serving -------------------------------------------------------------------------
@@ -350,7 +357,7 @@ class ClientProtocol(asyncio.Protocol):
                 self._local(ex, 404, "no route for this host and path", None)
                 return
         ex.service = service
-        service.bytes_in += len(ex.url) + 64
+        service.bytes_in += len(ex.url) + 64 + ex.buffered  # buffered: a pipelined body
         if ex.method == b"CONNECT":
             self._local(ex, 400, "CONNECT is not supported by a reverse proxy", service)
             return
@@ -401,7 +408,11 @@ class ClientProtocol(asyncio.Protocol):
         counts = service.local_responses if service is not None else self.listener.local_responses
         if ex.backend is None or status in (404, 400):
             counts[status] = counts.get(status, 0) + 1
-        keep = ex.keep_alive and ex.request_complete and not self.closing
+        # Without a backend, the rest of the request (if any) is read and dropped, and the
+        # connection goes on; a failed upstream exchange whose body was cut off closes it.
+        keep = ex.keep_alive and not self.closing and (
+            ex.request_complete or (ex.backend is None and self.parsing is ex)
+        )
         ex.keep_alive = keep
         ex.response_started = True
         data = local_response(status, detail, keep)
@@ -417,7 +428,12 @@ class ClientProtocol(asyncio.Protocol):
         self.active = None
         if self.closed:
             return
-        if not ex.request_complete or not ex.keep_alive or self.closing:
+        if not ex.keep_alive or self.closing:
+            self.transport.close()
+            return
+        if not ex.request_complete:
+            if ex.backend is None and self.parsing is ex:
+                return  # a local answer: on_message_complete goes on once the body is read
             self.transport.close()
             return
         pipeline = self.pipeline
@@ -569,6 +585,8 @@ class UpstreamProtocol(asyncio.Protocol):
         "deadline",
         "ex",
         "got_bytes",
+        "has_upgrade",
+        "head_out",
         "in_trailers",
         "interim",
         "lines",
@@ -600,6 +618,8 @@ class UpstreamProtocol(asyncio.Protocol):
         self.in_trailers = False
         self.interim = False
         self.tunnel: asyncio.Transport | None = None
+        self.head_out = b""  # a response head held back to go out with the first body bytes
+        self.has_upgrade = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -733,11 +753,18 @@ class UpstreamProtocol(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             self._switch_protocols(data[e.args[0] :])
+            return
         except httptools.HttpParserCallbackError:
             log.exception("internal error while relaying a response")
             self._bad_response("internal error")
+            return
         except httptools.HttpParserError as e:
             self._bad_response(f"sent a malformed response ({e})")
+            return
+        head = self.head_out
+        if head:  # the head came without body bytes in this read: send it now
+            self.head_out = b""
+            ex.client.transport.write(head)
 
     def _bad_response(self, detail: str) -> None:
         ex = self.ex
@@ -762,6 +789,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.content_length = False
         self.conn_tokens = None
         self.in_trailers = False
+        self.has_upgrade = False
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
@@ -790,6 +818,7 @@ class UpstreamProtocol(asyncio.Protocol):
             if ex is not None and ex.te_trailers:
                 self.lines.append(b"%s: %s\r\n" % (name, value))
         elif lname == b"upgrade":
+            self.has_upgrade = True
             self.lines.append(b"%s: %s\r\n" % (name, value))  # kept only on a 101 (below)
 
     def on_headers_complete(self) -> None:
@@ -827,7 +856,9 @@ class UpstreamProtocol(asyncio.Protocol):
         ex.response_started = True
         bodiless = ex.method == b"HEAD" or status == 204 or status == 304
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason)]
-        parts += [ln for ln in lines if not ln[:8].lower() == b"upgrade:"]
+        if self.has_upgrade:
+            lines = [ln for ln in lines if ln[:8].lower() != b"upgrade:"]
+        parts += lines
         keep = ex.keep_alive and not client.closing
         if not bodiless:
             if self.chunked or not self.content_length:
@@ -846,7 +877,7 @@ class UpstreamProtocol(asyncio.Protocol):
             parts.append(b"\r\n")
         head = b"".join(parts)
         self.service.bytes_out += len(head)
-        client.transport.write(head)
+        self.head_out = head  # written with the body, or by _complete, or after this read
         if bodiless:
             # The response parser cannot be told that a HEAD response has no body: finish
             # here and give the connection a fresh parser for its next response.
@@ -865,7 +896,17 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         transport = ex.client.transport
         self.service.bytes_out += len(body)
-        if ex.client_chunked:
+        head = self.head_out
+        if head:
+            self.head_out = b""
+            # one write (one syscall) for a small response; join only when it is small
+            if ex.client_chunked:
+                transport.writelines((head, b"%x\r\n" % len(body), body, b"\r\n"))
+            elif len(body) <= 16384:
+                transport.write(head + body)
+            else:
+                transport.writelines((head, body))
+        elif ex.client_chunked:
             transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
         else:
             transport.write(body)
@@ -884,8 +925,16 @@ class UpstreamProtocol(asyncio.Protocol):
         backend = self.backend
         service = self.service
         client = ex.client
-        if ex.client_chunked and not client.closed:
-            client.transport.write(_last_chunk(ex.trailers))
+        head = self.head_out
+        if ex.client_chunked:
+            if head:
+                self.head_out = b""
+                client.transport.writelines((head, _last_chunk(ex.trailers)))
+            else:
+                client.transport.write(_last_chunk(ex.trailers))
+        elif head:
+            self.head_out = b""
+            client.transport.write(head)
         loop = client.loop
         elapsed = loop.time() - ex.start
         service.observe(elapsed)

@@ -1,0 +1,746 @@
+"""The HTTP/1.1 data path over real loopback sockets: framing, streaming, headers, upgrades,
+routing on an entrypoint and the errors the proxy answers itself.
+
+Each test starts scriptable backends (tests/httpkit.py) and a Runtime in its own event loop,
+talks to the proxy with a raw client and asserts on both ends: what the backend received and
+what the client got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import tracemalloc
+
+import aiohttp
+import pytest
+from aiohttp import web
+from httpkit import (
+    CHUNK,
+    Call,
+    Client,
+    build_request,
+    by_path,
+    chunked,
+    close_delimited,
+    closed_port,
+    continue_then,
+    echo,
+    fetch,
+    free_port,
+    hang,
+    ok,
+    raw,
+    reset_after_request,
+    service,
+    snapshot,
+    upgrade_echo,
+)
+
+from watchers.model import Policy, Route
+
+pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(30)]
+
+T = 5.0  # seconds any single step may take
+
+
+def within(coro, timeout: float = T):
+    return asyncio.wait_for(coro, timeout)
+
+
+async def static(proxy, backends, **policy) -> int:
+    """A static-port http service in front of `backends`; returns the port."""
+    port = free_port()
+    await proxy(snapshot(service("web", backends, listen=port, **policy)))
+    return port
+
+
+# -- keep-alive, pipelining, HTTP/1.0 ------------------------------------------------------
+
+
+async def test_keep_alive_reuses_one_upstream_connection(backend, proxy):
+    b = await backend("a")
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    for i in range(10):
+        r = await within(client.request("GET", f"/r{i}"))
+        assert r.status == 200
+        assert r.body == f"a GET /r{i}".encode()
+        assert r.get("connection") is None  # 1.1: keep-alive is implied
+    client.close()
+    assert len(b.requests) == 10
+    assert b.connections == 1, "every request should reuse the one kept-alive upstream connection"
+    assert {r.conn for r in b.requests} == {1}
+    for req in b.requests:
+        assert req.version == "HTTP/1.1"
+
+
+async def test_pipelined_requests_are_answered_in_order(backend, proxy):
+    async def slow_first(call: Call) -> None:
+        # the first request is the slowest: the proxy must still answer in request order
+        delay = {"/1": 0.3, "/2": 0.1, "/3": 0.0}[call.req.target]
+        await asyncio.sleep(delay)
+        await call.respond(200, call.req.target.encode())
+
+    b = await backend("a", slow_first)
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    await client.send(b"".join(build_request("GET", f"/{i}") for i in (1, 2, 3)))
+    bodies = [(await within(client.response())).body for _ in range(3)]
+    assert bodies == [b"/1", b"/2", b"/3"]
+    assert [r.target for r in b.requests] == ["/1", "/2", "/3"]
+    # and the connection is still good afterwards
+    r = await within(client.request("GET", "/3"))
+    assert r.body == b"/3"
+    client.close()
+
+
+async def test_pipelined_requests_with_bodies(backend, proxy):
+    b = await backend("a", echo())
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    payloads = [b"first body", b"x" * 70000, b"third"]
+    await client.send(b"".join(build_request("POST", f"/{i}", body=p) for i, p in
+                               enumerate(payloads)))
+    got = [await within(client.response("POST")) for _ in payloads]
+    assert [r.status for r in got] == [200, 200, 200]
+    assert [r.body for r in got] == payloads
+    assert [r.body for r in b.requests] == payloads
+    assert b.connections == 1
+    client.close()
+
+
+async def test_http10_client_without_keep_alive(backend, proxy):
+    b = await backend("a")
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    await client.send(build_request("GET", "/old", version="1.0"))
+    head = await within(client.read_head())
+    assert head.status == 200
+    assert (head.get("connection") or "").lower() == "close"
+    rest = await client.at_eof()
+    assert rest == b"a GET /old"
+    # the backend still got HTTP/1.1 with a Host
+    assert b.requests[0].version == "HTTP/1.1"
+    assert b.requests[0].get("host") == "test.local"
+
+
+async def test_http10_client_without_host_gets_one_added(backend, proxy):
+    b = await backend("a")
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    await client.send(build_request("GET", "/", version="1.0", host=None))
+    await client.at_eof()
+    assert b.requests[0].get("host") == f"127.0.0.1:{port}"
+    assert not b.requests[0].has("x-forwarded-host")
+
+
+async def test_http10_client_with_keep_alive(backend, proxy):
+    b = await backend("a")
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    for i in range(3):
+        r = await within(client.request("GET", f"/k{i}", [("Connection", "keep-alive")],
+                                        version="1.0"))
+        assert r.status == 200
+        assert (r.get("connection") or "").lower() == "keep-alive"
+        assert r.framing == "length"
+        assert r.body == f"a GET /k{i}".encode()
+    assert b.connections == 1
+    assert all(not req.has("connection") for req in b.requests)
+    client.close()
+
+
+async def test_chunked_response_is_not_chunked_to_http10_client(backend, proxy):
+    b = await backend("a", chunked([b"hello ", b"old ", b"world"], trailers=[("x-sum", "1")]))
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    await client.send(build_request("GET", "/", [("Connection", "keep-alive")], version="1.0"))
+    head = await within(client.read_head())
+    assert head.status == 200
+    assert head.get("transfer-encoding") is None
+    assert (head.get("connection") or "").lower() == "close"
+    assert await client.at_eof() == b"hello old world"
+
+
+# -- bodies: streaming both ways, bounded memory, full duplex ---------------------------
+
+
+BIG = 100 * 1024 * 1024
+MEMORY_BOUND = 16 * 1024 * 1024  # well below the 100 MB that crosses the proxy
+
+
+async def test_100mb_upload_streams_with_bounded_memory(backend, proxy):
+    b = await backend("a")
+    b.keep_bodies = False
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    block = bytes(range(256)) * (CHUNK // 256)
+    digest = hashlib.sha256()
+    await client.send(build_request("POST", "/upload", [("Content-Length", str(BIG))]))
+    tracemalloc.start()
+    try:
+        sent = 0
+        while sent < BIG:
+            client.writer.write(block)
+            digest.update(block)
+            sent += len(block)
+            await client.writer.drain()
+        r = await within(client.response("POST"), 30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r.status == 200
+    req = b.requests[0]
+    assert req.body_size == BIG
+    assert req.body_sha256 == digest.hexdigest()
+    assert peak < MEMORY_BOUND, f"the proxy held {peak / 1e6:.1f} MB while streaming 100 MB"
+    client.close()
+
+
+async def test_100mb_download_streams_with_bounded_memory(backend, proxy):
+    block = bytes(range(256)) * (CHUNK // 256)
+
+    async def big(call: Call) -> None:
+        await call.read_body()
+        call.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % BIG)
+        sent = 0
+        while sent < BIG:
+            call.write(block)
+            sent += len(block)
+            await call.drain()
+
+    b = await backend("a", big)
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    expected = hashlib.sha256()
+    for _ in range(BIG // len(block)):
+        expected.update(block)
+    await client.send(build_request("GET", "/download"))
+    tracemalloc.start()
+    try:
+        r = await within(client.response(keep=False), 30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r.status == 200
+    assert r.framing == "length"
+    assert r.body_size == BIG
+    assert r.body_sha256 == expected.hexdigest()
+    assert peak < MEMORY_BOUND, f"the proxy held {peak / 1e6:.1f} MB while streaming 100 MB"
+    assert b.connections == 1
+    client.close()
+
+
+async def read_chunked_bytes(reader: asyncio.StreamReader, n: int) -> bytes:
+    """Read chunks of a chunked body until `n` bytes of data arrived."""
+    out = b""
+    while len(out) < n:
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        assert size > 0, "the body ended early"
+        out += await reader.readexactly(size)
+        assert await reader.readexactly(2) == b"\r\n"
+    return out
+
+
+async def test_full_duplex_response_streams_before_request_ends(backend, proxy):
+    """The backend answers at once and echoes each piece as it arrives; the client sends the
+    next piece only after it has received the echo of the previous one."""
+
+    async def duplex(call: Call) -> None:
+        call.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await call.drain()
+
+        def back(piece: bytes) -> None:
+            call.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+
+        await call.read_body(sink=back)
+        call.write(b"0\r\n\r\n")
+        await call.drain()
+
+    b = await backend("a", duplex)
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    pieces = [bytes([65 + i]) * 5000 for i in range(4)]
+    total = sum(map(len, pieces))
+    await client.send(build_request("PUT", "/duplex", [("Content-Length", str(total))]))
+    await client.send(pieces[0])
+    head = await within(client.read_head())
+    assert head.status == 200
+    for i, piece in enumerate(pieces):
+        got = await within(read_chunked_bytes(client.reader, len(piece)))
+        assert got == piece, f"echo of piece {i}"
+        if i + 1 < len(pieces):
+            await client.send(pieces[i + 1])
+    assert await within(client.reader.readuntil(b"\r\n\r\n")) == b"0\r\n\r\n"
+    assert b.requests[0].body == b"".join(pieces)
+    # the exchange completed cleanly: the connection serves the next request
+    b.handler = ok()
+    r = await within(client.request("GET", "/after"))
+    assert r.body == b"a GET /after"
+    client.close()
+
+
+async def test_chunked_request_body_with_trailers(backend, proxy):
+    b = await backend("a", echo())
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    head = build_request("POST", "/up", [("Transfer-Encoding", "chunked"), ("TE", "trailers")])
+    await client.send(head + b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-check: 42\r\n\r\n")
+    r = await within(client.response("POST"))
+    assert r.status == 200
+    assert r.body == b"hello world"
+    req = b.requests[0]
+    assert req.chunked
+    assert req.all("transfer-encoding") == ["chunked"]
+    assert req.trailers == [("x-check", "42")]
+    client.close()
+
+
+# -- response framing ------------------------------------------------------------------
+
+
+async def test_content_length_response_passes_through(backend, proxy):
+    b = await backend("a", ok(b"exactly this"))
+    port = await static(proxy, [b])
+    r = await within(fetch(port))
+    assert r.framing == "length"
+    assert r.get("content-length") == "12"
+    assert r.body == b"exactly this"
+
+
+async def test_chunked_trailers_only_for_clients_that_accept_them(backend, proxy):
+    b = await backend("a", chunked([b"part1,", b"part2"], trailers=[("x-digest", "abc")]))
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    with_te = await within(client.request("GET", "/", [("TE", "trailers")]))
+    without = await within(client.request("GET", "/"))
+    client.close()
+    assert with_te.framing == without.framing == "chunked"
+    assert with_te.body == without.body == b"part1,part2"
+    assert with_te.trailers == [("x-digest", "abc")]
+    assert with_te.get("trailer") == "x-digest"
+    assert without.trailers == []
+    assert without.get("trailer") is None
+    assert b.requests[0].get("te") == "trailers"
+    assert not b.requests[1].has("te")
+    assert b.connections == 1
+
+
+async def test_close_delimited_response_is_rechunked_for_http11(backend, proxy):
+    b = await backend("a", close_delimited(b"until the end " * 1000))
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    r = await within(client.request("GET", "/"))
+    assert r.status == 200
+    assert r.framing == "chunked"
+    assert r.body == b"until the end " * 1000
+    # the client connection survives the upstream's close
+    r2 = await within(client.request("GET", "/"))
+    assert r2.body == r.body
+    assert b.connections == 2
+    client.close()
+
+
+async def test_expect_100_continue(backend, proxy):
+    b = await backend("a", continue_then())
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    body = b"z" * 1000
+    await client.send(build_request("POST", "/c", [("Expect", "100-continue"),
+                                                  ("Content-Length", str(len(body)))]))
+    interim = await within(client.read_head())
+    assert interim.status == 100
+    await client.send(body)
+    r = await within(client.response("POST"))
+    assert r.status == 200
+    assert r.body == b"continued 1000"
+    assert b.requests[0].get("expect") == "100-continue"
+    client.close()
+
+
+def bodiless(status: int) -> object:
+    async def handler(call: Call) -> None:
+        await call.read_body()
+        if call.req.method == "HEAD" or status != 200:
+            extra = b"etag: \"v1\"\r\n" if status == 304 else b""
+            length = b"content-length: 5\r\n" if status != 204 else b""
+            call.write(b"HTTP/1.1 %d X\r\n%s%s\r\n" % (status, length, extra))
+        else:
+            call.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+        await call.drain()
+
+    return handler
+
+
+@pytest.mark.parametrize(("method", "status"), [("HEAD", 200), ("GET", 204), ("GET", 304)])
+async def test_bodiless_responses_keep_the_upstream_usable(backend, proxy, method, status):
+    b = await backend("a")
+    b.handler = by_path({"/empty": bodiless(status)}, bodiless(200))  # type: ignore[arg-type]
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    r = await within(client.request(method, "/empty"))
+    assert r.status == status
+    if status != 204:
+        assert r.get("content-length") == "5"
+    assert r.get("transfer-encoding") is None
+    # nothing after the head: the next response on this connection must parse cleanly
+    r2 = await within(client.request("GET", "/next"))
+    assert r2.status == 200
+    assert r2.body == b"hello"
+    assert b.connections == 1, "the upstream connection should be reused after a bodiless answer"
+    client.close()
+
+
+# -- headers ---------------------------------------------------------------------------
+
+
+async def test_request_hop_by_hop_headers_are_removed(backend, proxy):
+    b = await backend("a")
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    r = await within(client.request("GET", "/h", [
+        ("Connection", "keep-alive, X-Hop-Named"),
+        ("X-Hop-Named", "secret"),
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Connection", "keep-alive"),
+        ("TE", "gzip"),
+        ("Upgrade", "h2c"),  # without `Connection: upgrade` this is no upgrade
+        ("X-End-To-End", "kept"),
+    ], host="Example.COM:8080"))
+    assert r.status == 200
+    req = b.requests[0]
+    for name in ("connection", "x-hop-named", "keep-alive", "proxy-connection", "te", "upgrade",
+                 "transfer-encoding"):
+        assert not req.has(name), f"{name} reached the backend"
+    assert req.get("x-end-to-end") == "kept"
+    assert req.all("host") == ["Example.COM:8080"]
+    client.close()
+
+
+async def test_response_hop_by_hop_headers_are_removed(backend, proxy):
+    resp = (
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Resp-Named\r\nX-Resp-Named: 1\r\n"
+        b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\nTE: x\r\n"
+        b"X-End: yes\r\nContent-Length: 2\r\n\r\nok"
+    )
+    b = await backend("a", raw(resp))
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    r = await within(client.request("GET", "/"))
+    assert r.status == 200
+    assert r.body == b"ok"
+    for name in ("x-resp-named", "keep-alive", "proxy-connection", "upgrade", "te"):
+        assert not r.has(name), f"{name} reached the client"
+    assert r.get("connection") is None
+    assert r.get("x-end") == "yes"
+    client.close()
+
+
+async def test_forwarding_headers(backend, proxy):
+    b = await backend("a")
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    await within(client.request("GET", "/", [
+        ("X-Forwarded-For", "203.0.113.9"),
+        ("X-Forwarded-Proto", "https"),  # set by the proxy, never trusted from the client
+        ("X-Forwarded-Host", "spoofed.example"),
+        ("Forwarded", "for=203.0.113.9"),
+        ("Via", "1.0 upstream-cache"),
+    ], host="web.example.com"))
+    await within(client.request("GET", "/"))
+    client.close()
+    first, second = b.requests
+    assert first.all("x-forwarded-for") == ["203.0.113.9, 127.0.0.1"]
+    assert first.all("x-forwarded-proto") == ["http"]
+    assert first.all("x-forwarded-host") == ["web.example.com"]
+    assert first.all("forwarded") == [
+        'for=203.0.113.9, for=127.0.0.1;proto=http;host="web.example.com"'
+    ]
+    assert first.all("via") == ["1.0 upstream-cache, 1.1 edgelb"]
+    assert first.all("host") == ["web.example.com"]
+    assert second.all("x-forwarded-for") == ["127.0.0.1"]
+    assert second.all("forwarded") == ['for=127.0.0.1;proto=http;host="test.local"']
+    assert second.all("via") == ["1.1 edgelb"]
+
+
+# -- WebSocket and other upgrades ------------------------------------------------------
+
+
+async def test_websocket_echo_through_the_proxy(proxy):
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str("echo:" + msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data[::-1])
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    ws_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        port = await static(proxy, [ws_port])
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"http://127.0.0.1:{port}/ws", timeout=5) as ws:
+                for i in range(20):
+                    await ws.send_str(f"m{i}")
+                    msg = await within(ws.receive())
+                    assert msg.data == f"echo:m{i}"
+                blob = bytes(range(256)) * 400
+                await ws.send_bytes(blob)
+                msg = await within(ws.receive())
+                assert msg.data == blob[::-1]
+            # plain requests still work after a tunnel ended
+            async with session.get(f"http://127.0.0.1:{port}/ws") as resp:
+                assert resp.status in (400, 426, 405, 200)
+    finally:
+        await runner.cleanup()
+
+
+async def test_raw_upgrade_tunnels_bytes_exactly(backend, proxy):
+    b = await backend("a", upgrade_echo("x-echo"))
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    early = b"GET / HTTP/1.1\r\n\r\n\x00\xff early bytes"  # sent with the head, looks like HTTP
+    await client.send(build_request("GET", "/tunnel", [("Connection", "Upgrade"),
+                                                        ("Upgrade", "x-echo")]) + early)
+    head = await within(client.read_head())
+    assert head.status == 101
+    assert (head.get("upgrade") or "").lower() == "x-echo"
+    assert "upgrade" in (head.get("connection") or "").lower()
+    assert await within(client.reader.readexactly(len(early))) == early
+    for size in (1, 1000, 300000):
+        data = bytes((i * 7) % 256 for i in range(size))
+        await client.send(data)
+        assert await within(client.reader.readexactly(size)) == data
+    req = b.requests[0]
+    assert req.get("upgrade") == "x-echo"
+    assert (req.get("connection") or "").lower() == "upgrade"
+    client.writer.write_eof()
+    assert await client.at_eof() == b""
+
+
+# -- routing on an entrypoint ----------------------------------------------------------
+
+
+async def test_entrypoint_routing(backend, proxy):
+    names = ["exact", "wild", "api", "apiv2", "any", "exact_root"]
+    bs = {n: await backend(n) for n in names}
+    routes = [
+        Route("www.example.com", "/", "exact_root"),
+        Route("www.example.com", "/shop", "exact"),
+        Route("*.example.com", "/", "wild"),
+        Route("", "/api", "api"),
+        Route("", "/api/v2", "apiv2"),
+        Route("", "/static", "any"),
+    ]
+    ep = free_port()
+    await proxy(snapshot(*(service(n, [b]) for n, b in bs.items()), routes=routes),
+                entrypoints=[("http", ep)])
+    cases = [
+        ("www.example.com", "/shop", "exact"),
+        ("www.example.com:8080", "/shop/cart?x=1", "exact"),
+        ("WWW.Example.com", "/shopping", "exact_root"),  # element-wise: /shop != /shopping
+        ("www.example.com", "/", "exact_root"),
+        ("a.example.com", "/anything", "wild"),
+        ("a.b.example.com", "/api/x", "api"),  # the wildcard covers one label only
+        ("example.com", "/api", "api"),
+        ("other.org", "/api/v2/users", "apiv2"),  # longest prefix wins
+        ("other.org", "/api/v20", "api"),
+        ("other.org", "/static/app.js", "any"),
+        ("other.org", "/apix", None),
+        ("other.org", "/", None),
+    ]
+    client = await Client.open(ep)
+    for host, path, want in cases:
+        r = await within(client.request("GET", path, host=host))
+        if want is None:
+            assert r.status == 404, (host, path)
+            assert b"no route" in r.body
+        else:
+            assert r.status == 200, (host, path, r.body)
+            assert r.get("x-backend") == want, (host, path)
+    client.close()
+    assert sum(len(b.requests) for b in bs.values()) == sum(1 for c in cases if c[2])
+
+
+# -- errors the proxy answers itself --------------------------------------------------
+
+
+async def test_502_when_backend_resets_after_reading_the_request(backend, proxy):
+    b = await backend("a", reset_after_request())
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    r = await within(client.request("POST", "/p", body=b"data"))
+    assert r.status == 502
+    assert b"502 Bad Gateway" in r.body
+    assert f"backend 127.0.0.1:{b.port}".encode() in r.body
+    assert len(b.requests) == 1  # a request whose body was sent is not retried
+    # a GET is retried once (here on the same, only backend), then answered with 502
+    r = await within(client.request("GET", "/g"))
+    assert r.status == 502
+    assert [q.target for q in b.requests] == ["/p", "/g", "/g"]
+    client.close()
+
+
+async def test_502_on_malformed_response(backend, proxy):
+    b = await backend("a", raw(b"HTTP/1.1 2x0 Nope\r\nbroken\r\n\r\n", close=True))
+    port = await static(proxy, [b])
+    r = await within(fetch(port))
+    assert r.status == 502
+    assert b"malformed response" in r.body
+
+
+async def test_503_when_the_pool_is_empty(proxy):
+    port = await static(proxy, [])
+    client = await Client.open(port)
+    r = await within(client.request("GET", "/"))
+    assert r.status == 503
+    assert b"no backend available for service web" in r.body
+    r = await within(client.request("GET", "/"))  # the connection stays usable
+    assert r.status == 503
+    client.close()
+
+
+async def test_504_on_response_timeout(backend, proxy):
+    b = await backend("a", hang())
+    port = await static(proxy, [b], response_timeout=0.4)
+    start = time.monotonic()
+    r = await within(fetch(port))
+    elapsed = time.monotonic() - start
+    assert r.status == 504
+    assert b"did not answer in 0.4s" in r.body
+    assert 0.3 < elapsed < 2.0
+    await b.wait(lambda: b.open == 0)  # the proxy gave up the upstream connection
+
+
+async def test_404_when_no_route_matches(backend, proxy):
+    b = await backend("a")
+    ep = free_port()
+    await proxy(snapshot(service("web", [b]), routes=[Route("web.example.com", "/", "web")]),
+                entrypoints=[("http", ep)])
+    r = await within(fetch(ep, host="other.example.com"))
+    assert r.status == 404
+    assert b"no route for this host and path" in r.body
+    assert b.requests == []
+
+
+async def test_connect_refused_is_retried_on_another_backend(backend, proxy):
+    b = await backend("a")
+    dead = closed_port()
+    port = free_port()
+    await proxy(snapshot(service("web", [dead, b], listen=port, balance="round-robin")))
+    client = await Client.open(port)
+    for i in range(6):
+        r = await within(client.request("POST", f"/{i}", body=b"payload"))
+        assert r.status == 200, r.body
+    client.close()
+    assert [q.body for q in b.requests] == [b"payload"] * 6
+
+
+async def test_connect_refused_everywhere_is_502(proxy):
+    port = await static(proxy, [closed_port(), closed_port()])
+    r = await within(fetch(port))
+    assert r.status == 502
+    assert b"refused the connection" in r.body
+
+
+async def test_idle_upstream_closed_by_backend_is_replaced(backend, proxy):
+    """The backend closes its kept-alive connection while idle: the next request opens a
+    new one without the client noticing."""
+
+    async def answer_then_close_soon(call: Call) -> None:
+        await call.respond(200, b"ok")
+        await asyncio.sleep(0.05)
+        call.close()
+
+    b = await backend("a", answer_then_close_soon)
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    assert (await within(client.request("GET", "/1"))).status == 200
+    await b.wait(lambda: b.open == 0)
+    await asyncio.sleep(0.05)
+    assert (await within(client.request("GET", "/2"))).status == 200
+    assert b.connections == 2
+    client.close()
+
+
+async def test_stale_kept_alive_connection_is_retried(backend, proxy):
+    """A request that races the backend's idle close (read, then closed unanswered) on a reused
+    connection is sent again on a fresh one."""
+    seen: list[int] = []
+
+    async def close_second_on_first_conn(call: Call) -> None:
+        seen.append(call.req.conn)
+        if call.req.conn == 1 and len(seen) == 2:
+            await call.read_body()
+            call.close()
+            return
+        await call.respond(200, b"fresh" if call.req.conn > 1 else b"first")
+
+    b = await backend("a", close_second_on_first_conn)
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    assert (await within(client.request("GET", "/1"))).body == b"first"
+    r = await within(client.request("POST", "/2"))  # no body: safe to resend
+    assert r.status == 200
+    assert r.body == b"fresh"
+    assert seen == [1, 1, 2]
+    client.close()
+
+
+async def test_header_timeout_answers_408_and_closes(backend, proxy):
+    b = await backend("a")
+    port = await static(proxy, [b], header_timeout=0.3)
+    client = await Client.open(port)
+    await client.send(b"GET / HTTP/1.1\r\nHost: slow\r\n")  # the head never ends
+    start = time.monotonic()
+    rest = await client.at_eof(3)
+    assert rest.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert time.monotonic() - start < 1.5
+    assert b.requests == []
+    silent = await Client.open(port)  # connects and sends nothing
+    assert await silent.at_eof(3) == b""
+
+
+async def test_idle_keep_alive_timeout_closes_the_client(backend, proxy):
+    b = await backend("a")
+    port = await static(proxy, [b], idle_timeout=0.3)
+    client = await Client.open(port)
+    assert (await within(client.request("GET", "/"))).status == 200
+    start = time.monotonic()
+    assert await client.at_eof(3) == b""
+    assert time.monotonic() - start < 1.5
+    await b.wait(lambda: b.open == 0)  # the idle upstream connection is closed too
+
+
+async def test_malformed_request_is_400(backend, proxy):
+    b = await backend("a")
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    await client.send(b"GARBAGE\x00 / HTTP/1.1\r\n\r\n")
+    rest = await client.at_eof()
+    assert rest.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b.requests == []
+
+
+async def test_client_gone_mid_response_releases_the_backend(backend, proxy):
+    b = await backend("a", hang())
+    port = free_port()
+    rt = await proxy(snapshot(service("web", [b], listen=port)))
+    client = await Client.open(port)
+    await client.send(build_request("GET", "/"))
+    await b.wait_requests(1)
+    state = rt.services["web"].pool.backends[0]
+    assert state.inflight == 1
+    client.close()
+    await b.wait(lambda: b.open == 0)
+    assert state.inflight == 0
