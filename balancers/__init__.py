@@ -19,7 +19,8 @@ def make(name: str, rng: random.Random | None = None) -> Balancer:
     try:
         cls = POLICIES[name]
     except KeyError:
-        raise KeyError(f"unknown balance policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+        known = ", ".join(sorted(POLICIES))
+        raise KeyError(f"unknown balance policy {name!r}; known: {known}") from None
     return cls(rng or random.Random())
 
 

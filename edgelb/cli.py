@@ -24,15 +24,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the proxy with a config file (SIGHUP or a file change reloads it)")
+    run = sub.add_parser(
+        "run", help="run the proxy with a config file (SIGHUP or a file change reloads it)"
+    )
     run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
 
     check = sub.add_parser("check", help="validate a config file and print a summary")
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
 
-    demo = sub.add_parser("demo", help="start three local demo backends and the proxy in front of them")
-    demo.add_argument("--port", type=int, default=8080, help="proxy port on 127.0.0.1 (default 8080)")
-    demo.add_argument("--admin-port", type=int, default=9090, help="admin port on 127.0.0.1 (default 9090)")
+    demo = sub.add_parser(
+        "demo", help="start three local demo backends and the proxy in front of them"
+    )
+    demo.add_argument(
+        "--port", type=int, default=8080, help="proxy port on 127.0.0.1 (default 8080)"
+    )
+    demo.add_argument(
+        "--admin-port", type=int, default=9090, help="admin port on 127.0.0.1 (default 9090)"
+    )
     return p
 
 

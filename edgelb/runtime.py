@@ -100,7 +100,9 @@ class Runtime:
 
     # -- applying ------------------------------------------------------------------------
 
-    async def set_entrypoints(self, entrypoints: Iterable[EntrypointSpec], defaults: Policy) -> None:
+    async def set_entrypoints(
+        self, entrypoints: Iterable[EntrypointSpec], defaults: Policy
+    ) -> None:
         """Change the shared entrypoints and the defaults used on them; then re-apply."""
         async with self._lock:
             old = (self.entrypoints, self.defaults)

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import uvloop
-
 from httpkit import HttpBackend, free_port, start_runtime
 
 from edgelb.runtime import Runtime

@@ -38,6 +38,29 @@ def closed_port() -> int:
     return free_port()
 
 
+class Blackhole:
+    """A port that accepts no connection: its backlog is full, so a connect hangs until the
+    caller's timeout (SYNs are dropped). `close()` releases it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((HOST, 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self._fillers = []
+        for _ in range(3):
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect((HOST, self.port))
+            self._fillers.append(c)
+
+    def close(self) -> None:
+        for c in self._fillers:
+            c.close()
+        self.sock.close()
+
+
 def _get(headers: Headers, name: str) -> str | None:
     name = name.lower()
     for k, v in headers:

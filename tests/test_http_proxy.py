@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from httpkit import (
     CHUNK,
+    Blackhole,
     Call,
     Client,
     build_request,
@@ -34,11 +35,12 @@ from httpkit import (
     raw,
     reset_after_request,
     service,
+    slow,
     snapshot,
     upgrade_echo,
 )
 
-from watchers.model import Policy, Route
+from watchers.model import Route
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(30)]
 
@@ -489,7 +491,9 @@ async def test_websocket_echo_through_the_proxy(proxy):
     try:
         port = await static(proxy, [ws_port])
         async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(f"http://127.0.0.1:{port}/ws", timeout=5) as ws:
+            async with session.ws_connect(
+                f"http://127.0.0.1:{port}/ws", timeout=aiohttp.ClientWSTimeout(ws_close=5)
+            ) as ws:
                 for i in range(20):
                     await ws.send_str(f"m{i}")
                     msg = await within(ws.receive())
@@ -744,3 +748,291 @@ async def test_client_gone_mid_response_releases_the_backend(backend, proxy):
     client.close()
     await b.wait(lambda: b.open == 0)
     assert state.inflight == 0
+
+
+# -- regressions -----------------------------------------------------------------------
+
+
+async def test_local_answer_keeps_the_connection_and_drops_the_body(backend, proxy):
+    b = await backend("a")
+    ep = free_port()
+    await proxy(snapshot(service("web", [b]), routes=[Route("web.example.com", "/", "web")]),
+                entrypoints=[("http", ep)])
+    client = await Client.open(ep)
+    r = await within(client.request("POST", "/", body=b"x" * 300000, host="nowhere.example"))
+    assert r.status == 404
+    assert (r.get("connection") or "") == "keep-alive"
+    r = await within(client.request("GET", "/", host="web.example.com"))
+    assert r.status == 200
+    assert [q.method for q in b.requests] == ["GET"]
+    client.close()
+
+
+async def test_head_answered_by_the_proxy_has_no_body(backend, proxy):
+    b = await backend("a")
+    ep = free_port()
+    await proxy(snapshot(service("web", [b]), routes=[Route("web.example.com", "/", "web")]),
+                entrypoints=[("http", ep)])
+    client = await Client.open(ep)
+    r = await within(client.request("HEAD", "/", host="nowhere.example"))
+    assert r.status == 404
+    assert int(r.get("content-length") or 0) > 0
+    # had the proxy sent a body after the HEAD answer, this would read it as a response
+    r = await within(client.request("GET", "/", host="web.example.com"))
+    assert r.status == 200
+    assert r.body == b"a GET /"
+    client.close()
+
+
+async def test_pipelined_body_behind_a_slow_request_then_local_answer(backend, proxy):
+    b = await backend("a", slow(0.2, b"slow"))
+    ep = free_port()
+    routes = [Route("", "/slow", "web"), Route("", "/empty", "empty")]
+    await proxy(snapshot(service("web", [b]), service("empty", []), routes=routes),
+                entrypoints=[("http", ep)])
+    client = await Client.open(ep)
+    await client.send(build_request("GET", "/slow")
+                      + build_request("POST", "/empty", body=b"y" * 600000)
+                      + build_request("GET", "/slow"))
+    first = await within(client.response())
+    second = await within(client.response("POST"))
+    third = await within(client.response())
+    assert (first.status, second.status, third.status) == (200, 503, 200)
+    assert third.body == b"slow"
+    client.close()
+
+
+async def test_client_closing_connection_close_keeps_the_upstream(backend, proxy):
+    b = await backend("a")
+    port = await static(proxy, [b])
+    for _ in range(3):
+        client = await Client.open(port)
+        r = await within(client.request("GET", "/", [("Connection", "close")]))
+        assert r.status == 200
+        assert (r.get("connection") or "").lower() == "close"
+        assert await client.at_eof() == b""
+    assert all(not q.has("connection") for q in b.requests)
+    assert b.connections == 1
+
+
+async def test_slow_upload_is_not_cut_by_the_response_timeout(backend, proxy):
+    """response_timeout runs from the end of the request; a steady upload that takes longer
+    is fine, and each piece restarts the idle timeout."""
+    b = await backend("a", echo())
+    port = await static(proxy, [b], response_timeout=0.3, idle_timeout=2.0)
+    client = await Client.open(port)
+    pieces = [b"%02d" % i * 100 for i in range(8)]
+    await client.send(build_request("POST", "/", [("Content-Length", str(sum(map(len,
+                                                                                 pieces))))]))
+    for p in pieces:
+        await client.send(p)
+        await asyncio.sleep(0.1)
+    r = await within(client.response("POST"))
+    assert r.status == 200
+    assert r.body == b"".join(pieces)
+    client.close()
+
+
+async def test_stalled_upload_times_out(backend, proxy):
+    b = await backend("a", echo())
+    port = await static(proxy, [b], response_timeout=5.0, idle_timeout=0.3)
+    client = await Client.open(port)
+    await client.send(build_request("POST", "/", [("Content-Length", "1000")]) + b"x" * 10)
+    r = await within(client.response("POST"))
+    assert r.status == 504
+    assert await client.at_eof() == b""
+    await b.wait(lambda: b.open == 0)
+
+
+async def test_client_gone_while_connecting_releases_once(proxy):
+    hole = Blackhole()
+    try:
+        port = free_port()
+        rt = await proxy(snapshot(service("web", [hole.port], listen=port,
+                                          connect_timeout=0.3)))
+        state = rt.services["web"].pool.backends[0]
+        client = await Client.open(port)
+        await client.send(build_request("GET", "/"))
+        await asyncio.sleep(0.05)
+        assert state.inflight == 1
+        client.close()
+        await asyncio.sleep(0.6)  # the connect attempt times out meanwhile
+        assert state.inflight == 0
+        assert state.failures == 1
+    finally:
+        hole.close()
+
+
+async def test_conflicting_framing_is_rejected(backend, proxy):
+    b = await backend("a")
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    await client.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    rest = await client.at_eof()
+    assert rest.startswith(b"HTTP/1.1 400 ")
+    assert b.requests == []
+
+
+# -- flow control, interim responses, upstream connection handling ----------------------
+
+
+async def test_slow_reader_pauses_the_backend(backend, proxy):
+    """A client that stops reading: the proxy stops reading the backend instead of buffering."""
+    size = 40 * 1024 * 1024
+    block = b"r" * CHUNK
+    sent = 0
+
+    async def big(call: Call) -> None:
+        nonlocal sent
+        await call.read_body()
+        call.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+        while sent < size:
+            call.write(block)
+            sent += len(block)
+            await call.drain()
+
+    b = await backend("a", big)
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    await client.send(build_request("GET", "/"))
+    tracemalloc.start()
+    try:
+        await asyncio.sleep(0.5)  # not reading; the backend writes until everything is full
+        stalled_at = sent
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stalled_at < size, "the backend could write everything: nothing pushed back"
+    assert peak < MEMORY_BOUND, f"the proxy buffered {peak / 1e6:.1f} MB for a stalled client"
+    r = await within(client.response(keep=False), 20)
+    assert r.body_size == size
+    client.close()
+
+
+async def test_slow_backend_pauses_the_client(backend, proxy):
+    size = 40 * 1024 * 1024
+    go = asyncio.Event()
+
+    async def late_reader(call: Call) -> None:
+        await go.wait()
+        await call.read_body()
+        await call.respond(200, b"%d" % call.req.body_size)
+
+    b = await backend("a", late_reader)
+    b.keep_bodies = False
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    client.writer.write(build_request("POST", "/", [("Content-Length", str(size))]))
+    block = b"w" * CHUNK
+    written = 0
+
+    async def upload() -> None:
+        nonlocal written
+        while written < size:
+            client.writer.write(block)
+            written += len(block)
+            await client.writer.drain()
+
+    task = asyncio.get_running_loop().create_task(upload())
+    tracemalloc.start()
+    try:
+        await asyncio.sleep(0.5)
+        stalled_at = written
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stalled_at < size, "the client could send everything: nothing pushed back"
+    assert peak < MEMORY_BOUND, f"the proxy buffered {peak / 1e6:.1f} MB for a stalled backend"
+    go.set()
+    await within(task, 20)
+    r = await within(client.response("POST"), 20)
+    assert r.body == b"%d" % size
+    client.close()
+
+
+async def test_backend_closing_after_each_response_under_pipelining(backend, proxy):
+    async def one_shot(call: Call) -> None:
+        await call.respond(200, call.req.target.encode(), [("Connection", "close")])
+        call.close()
+
+    b = await backend("a", one_shot)
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    await client.send(b"".join(build_request("GET", f"/{i}") for i in range(3)))
+    got = [await within(client.response()) for _ in range(3)]
+    assert [r.body for r in got] == [b"/0", b"/1", b"/2"]
+    assert all(r.get("connection") is None for r in got)  # the client keeps its connection
+    assert b.connections == 3
+    r = await within(client.request("GET", "/again"))
+    assert r.body == b"/again"
+    client.close()
+
+
+async def test_http10_backend_response(backend, proxy):
+    b = await backend("a", raw(b"HTTP/1.0 200 OK\r\nX-Old: 1\r\n\r\nold style body", close=True))
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    r = await within(client.request("GET", "/"))
+    assert r.status == 200
+    assert r.framing == "chunked"
+    assert r.body == b"old style body"
+    assert r.get("x-old") == "1"
+    client.close()
+
+
+async def test_early_hints_are_forwarded_to_http11_only(backend, proxy):
+    b = await backend("a", raw(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+                              b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"))
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    await client.send(build_request("GET", "/"))
+    hint = await within(client.response(interim=True))
+    assert hint.status == 103
+    assert hint.get("link") == "</a.css>; rel=preload"
+    final = await within(client.response())
+    assert final.status == 200 and final.body == b"body"
+    client.close()
+    old = await Client.open(port)
+    await old.send(build_request("GET", "/", version="1.0"))
+    assert (await old.at_eof()).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_idle_upstream_connections_are_capped(backend, proxy):
+    b = await backend("a", slow(0.1))
+    port = await static(proxy, [b], max_idle=1)
+    await asyncio.gather(*(within(fetch(port)) for _ in range(4)))
+    assert b.connections == 4
+    await b.wait(lambda: b.open <= 1)
+    await asyncio.sleep(0.05)
+    assert b.open == 1
+
+
+async def test_local_answer_to_expect_continue_does_not_wait_forever(proxy):
+    port = await static(proxy, [], idle_timeout=0.3)
+    client = await Client.open(port)
+    await client.send(build_request("POST", "/", [("Expect", "100-continue"),
+                                                 ("Content-Length", "100")]))
+    r = await within(client.response("POST"))
+    assert r.status == 503
+    # the body never comes: the connection is closed after the idle timeout, with no more output
+    assert await client.at_eof(3) == b""
+
+
+async def test_upgrade_declined_by_the_backend(backend, proxy):
+    b = await backend("a", ok(b"no upgrade here"))
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    await client.send(build_request("GET", "/", [("Connection", "upgrade"),
+                                                 ("Upgrade", "websocket")]))
+    r = await within(client.response())
+    assert r.status == 200
+    assert r.body == b"no upgrade here"
+    assert await client.at_eof() == b""
+
+
+async def test_unrequested_switch_is_502(backend, proxy):
+    b = await backend("a", upgrade_echo())
+    port = await static(proxy, [b])
+    r = await within(fetch(port))
+    assert r.status == 502

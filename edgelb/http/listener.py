@@ -46,7 +46,7 @@ class HttpListener:
         self.loop = loop or asyncio.get_event_loop()
         self.clients: set[ClientProtocol] = set()
         self.upstreams: set[UpstreamProtocol] = upstreams if upstreams is not None else set()
-        self.local_responses: dict[int, int] = local_responses if local_responses is not None else {}
+        self.local_responses: dict[int, int] = {} if local_responses is None else local_responses
         self.accepted = 0
         self.scheme = b"http"
         self.closing = False
@@ -87,7 +87,9 @@ class HttpListener:
                 backlog=1024,
             )
         except OSError as e:
-            raise OSError(e.errno, f"cannot listen on {self.address} for {self.name}: {e.strerror}") from e
+            raise OSError(
+                e.errno, f"cannot listen on {self.address} for {self.name}: {e.strerror}"
+            ) from e
         for sock in self._server.sockets:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -19,6 +19,7 @@ import httptools
 
 from edgelb.http.errors import local_response
 from edgelb.http.headers import CONNECTION_OPTIONS, connection_tokens, drop_named, forwarded_for
+from edgelb.http.response_head import split_response_head
 
 if TYPE_CHECKING:
     from edgelb.http.listener import HttpListener
@@ -84,8 +85,8 @@ class Exchange:
         "keep_alive",
         "lines",
         "method",
-        "request_complete",
         "req_trailers",
+        "request_complete",
         "response_started",
         "retries",
         "service",
@@ -247,6 +248,10 @@ class ClientProtocol(asyncio.Protocol):
             parser = self.parser = httptools.HttpRequestParser(self)
         try:
             parser.feed_data(data)
+            parsing = self.parsing
+            if parsing is not None and not parsing.method and self.active is None:
+                # a request head that did not come whole: it has header_timeout to finish
+                self.deadline = self.loop.time() + self.listener.header_timeout()
         except httptools.HttpParserUpgrade as e:
             self.upgrade_buffer = [data[e.args[0] :]]
         except httptools.HttpParserCallbackError:
@@ -272,8 +277,6 @@ class ClientProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.parsing = Exchange(self)
-        if self.active is None:
-            self.deadline = self.loop.time() + self.listener.header_timeout()
 
     def on_url(self, url: bytes) -> None:
         self.parsing.url += url  # type: ignore[union-attr]
@@ -319,6 +322,8 @@ class ClientProtocol(asyncio.Protocol):
         up = ex.upstream  # type: ignore[union-attr]
         if up is not None:
             ex.body_sent = True  # type: ignore[union-attr]
+            # the upload is alive: the response timeout starts when it is complete
+            up.deadline = self.loop.time() + service.policy.idle_timeout  # type: ignore[union-attr]
             if ex.chunked:  # type: ignore[union-attr]
                 up.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
             else:
@@ -341,8 +346,11 @@ class ClientProtocol(asyncio.Protocol):
                 self.response_done(ex)  # type: ignore[arg-type]
             return
         up = ex.upstream  # type: ignore[union-attr]
-        if up is not None and ex.chunked:  # type: ignore[union-attr]
-            up.transport.write(_last_chunk(ex.req_trailers))  # type: ignore[union-attr]
+        if up is not None:
+            if ex.chunked:  # type: ignore[union-attr]
+                up.transport.write(_last_chunk(ex.req_trailers))  # type: ignore[union-attr]
+            if ex.body_sent and not ex.response_started:  # type: ignore[union-attr]
+                up.deadline = self.loop.time() + ex.service.policy.response_timeout  # type: ignore[union-attr]
 
     # -- serving -------------------------------------------------------------------------
 
@@ -386,9 +394,11 @@ class ClientProtocol(asyncio.Protocol):
         backend = ex.backend
         service = ex.service
         ex.upstream = None
-        _release(backend, service)  # type: ignore[arg-type]
         backend.failures += 1  # type: ignore[union-attr]
-        if ex.done or self.closed:
+        if ex.done:
+            return  # the client went away while connecting: connection_lost released it
+        _release(backend, service)  # type: ignore[arg-type]
+        if self.closed:
             return
         if retryable and ex.retries == 0 and not ex.body_sent:
             ex.retries = 1
@@ -416,13 +426,15 @@ class ClientProtocol(asyncio.Protocol):
         ex.keep_alive = keep
         ex.response_started = True
         data = local_response(status, detail, keep)
+        if ex.method == b"HEAD":  # the head alone: a body would be read as the next response
+            data = data[: data.index(b"\r\n\r\n") + 4]
         self.transport.write(data)
         if service is not None:
             service.bytes_out += len(data)
             service.observe(self.loop.time() - ex.start)
         self.response_done(ex)
 
-    def response_done(self, ex: Exchange) -> None:
+    def response_done(self, ex: Exchange, now: float = 0.0) -> None:
         """The response to the active exchange has been written whole."""
         ex.done = True
         self.active = None
@@ -433,7 +445,12 @@ class ClientProtocol(asyncio.Protocol):
             return
         if not ex.request_complete:
             if ex.backend is None and self.parsing is ex:
-                return  # a local answer: on_message_complete goes on once the body is read
+                # a local answer: on_message_complete goes on once the body is read (and
+                # dropped); the client gets the idle timeout to finish sending it
+                ex.body_buffer = None
+                self._resume(PAUSE_BUFFER)
+                self.deadline = self.loop.time() + self.listener.idle_timeout()
+                return
             self.transport.close()
             return
         pipeline = self.pipeline
@@ -443,7 +460,7 @@ class ClientProtocol(asyncio.Protocol):
                 self._resume(PAUSE_PIPELINE)
             self._start(nxt)
         else:
-            self.deadline = self.loop.time() + self.listener.idle_timeout()
+            self.deadline = (now or self.loop.time()) + self.listener.idle_timeout()
 
     def start_tunnel(self, upstream_transport: asyncio.Transport) -> None:
         """Switch to a byte-for-byte tunnel after a 101 (WebSocket and other upgrades)."""
@@ -499,7 +516,7 @@ class ClientProtocol(asyncio.Protocol):
         self.deadline = 0.0
         if self.closed:
             return
-        if self.parsing is not None and self.active is None:
+        if self.parsing is not None and self.active is None and not self.parsing.done:
             self.listener.local_responses[408] = self.listener.local_responses.get(408, 0) + 1
             self.transport.write(local_response(408, "request head not received in time", False))
         self.transport.close()
@@ -573,53 +590,60 @@ async def _connect(ex: Exchange, backend: BackendState) -> None:
     up.attach(ex)
 
 
+class _Callbacks:
+    """The callbacks a response parser calls (httptools looks them up once, by name)."""
+
+    __slots__ = ("on_body", "on_header", "on_headers_complete", "on_message_complete")
+
+    def __init__(self, on_headers_complete, on_body, on_message_complete) -> None:
+        self.on_headers_complete = on_headers_complete
+        self.on_body = on_body
+        self.on_message_complete = on_message_complete
+
+
 class UpstreamProtocol(asyncio.Protocol):
     """One connection to a backend, serving one exchange at a time, kept alive in between."""
 
     __slots__ = (
         "backend",
-        "chunked",
         "closed",
-        "conn_tokens",
-        "content_length",
         "deadline",
         "ex",
         "got_bytes",
-        "has_upgrade",
+        "hbuf",
         "head_out",
         "in_trailers",
         "interim",
-        "lines",
         "listener",
         "parser",
-        "reason",
+        "parser_trailers",
         "reused",
         "service",
         "transport",
         "tunnel",
+        "upstream_close",
     )
 
-    def __init__(self, backend: BackendState, service: ServiceState, listener: HttpListener) -> None:
+    def __init__(
+        self, backend: BackendState, service: ServiceState, listener: HttpListener
+    ) -> None:
         self.backend = backend
         self.service = service
         self.listener = listener
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser_trailers = False
+        self.parser = self._new_parser(False)
         self.ex: Exchange | None = None
         self.closed = False
         self.reused = False
         self.got_bytes = False
         self.deadline = 0.0
-        self.lines: list[bytes] = []
-        self.reason = b""
-        self.chunked = False
-        self.content_length = False
-        self.conn_tokens: list[bytes] | None = None
+        self.hbuf: bytes | None = None  # raw bytes of the response head being received
         self.in_trailers = False
         self.interim = False
+        self.upstream_close = False
         self.tunnel: asyncio.Transport | None = None
         self.head_out = b""  # a response head held back to go out with the first body bytes
-        self.has_upgrade = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -633,8 +657,17 @@ class UpstreamProtocol(asyncio.Protocol):
         self.ex = ex
         ex.upstream = self
         self.got_bytes = False
+        self.hbuf = b""
+        self.in_trailers = False
+        if ex.te_trailers != self.parser_trailers:
+            self.parser = self._new_parser(ex.te_trailers)
         client = ex.client
-        self.deadline = client.loop.time() + self.service.policy.response_timeout
+        policy = self.service.policy
+        # the response timeout runs from the end of the request; while the body is still
+        # coming, the idle timeout applies (each piece restarts it)
+        self.deadline = ex.start + (
+            policy.response_timeout if ex.request_complete else policy.idle_timeout
+        )
         transport = self.transport
         buf = ex.body_buffer
         if buf:
@@ -655,14 +688,14 @@ class UpstreamProtocol(asyncio.Protocol):
         if client.write_paused:
             transport.pause_reading()
 
-    def park(self) -> None:
+    def park(self, now: float = 0.0) -> None:
         """Put this idle connection back in its backend's pool, or close it."""
         backend = self.backend
         if self.closed or backend.draining or len(backend.idle) >= self.service.policy.max_idle:
             self.transport.close()
             return
         self.reused = True
-        self.deadline = self.listener.loop.time() + self.service.policy.idle_timeout
+        self.deadline = (now or self.listener.loop.time()) + self.service.policy.idle_timeout
         backend.idle.append(self)
 
     def abandon(self, ex: Exchange) -> None:
@@ -747,8 +780,9 @@ class UpstreamProtocol(asyncio.Protocol):
         if ex is None:
             self.transport.close()  # bytes from an idle backend connection: not ours
             return
-        if ex.response_started:  # body streaming: the idle timeout runs from the last data
-            self.deadline = ex.client.loop.time() + self.service.policy.idle_timeout
+        hbuf = self.hbuf
+        if hbuf is not None:  # a head is expected: keep its raw bytes for on_headers_complete
+            self.hbuf = hbuf + data if hbuf else data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -765,6 +799,9 @@ class UpstreamProtocol(asyncio.Protocol):
         if head:  # the head came without body bytes in this read: send it now
             self.head_out = b""
             ex.client.transport.write(head)
+        if self.ex is not None and ex.response_started:
+            # the body goes on in later reads: the idle timeout runs from the last data
+            self.deadline = ex.client.loop.time() + self.service.policy.idle_timeout
 
     def _bad_response(self, detail: str) -> None:
         ex = self.ex
@@ -782,87 +819,61 @@ class UpstreamProtocol(asyncio.Protocol):
 
     # -- parser callbacks ----------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.lines = []
-        self.reason = b""
-        self.chunked = False
-        self.content_length = False
-        self.conn_tokens = None
-        self.in_trailers = False
-        self.has_upgrade = False
+    def _new_parser(self, trailers: bool) -> httptools.HttpResponseParser:
+        """A response parser; with `trailers` it also reports header fields (for trailers).
 
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
+        Head fields are read from the raw head bytes (split_response_head), so the common
+        parser has no per-header callback at all.
+        """
+        self.parser_trailers = trailers
+        cb = _Callbacks(self.on_headers_complete, self.on_body, self.on_message_complete)
+        if trailers:
+            cb.on_header = self.on_trailer
+        return httptools.HttpResponseParser(cb)
 
-    def on_header(self, name: bytes, value: bytes) -> None:
+    def on_trailer(self, name: bytes, value: bytes) -> None:
         ex = self.ex
-        if self.in_trailers:
-            if ex is not None and ex.te_trailers and ex.client_chunked:
-                if ex.trailers is None:
-                    ex.trailers = []
-                ex.trailers.append(b"%s: %s\r\n" % (name, value))
-            return
-        lname = name.lower()
-        if lname not in _RESP_SPECIAL:
-            self.lines.append(b"%s: %s\r\n" % (name, value))
-        elif lname == b"content-length":
-            self.content_length = True
-            self.lines.append(b"%s: %s\r\n" % (name, value))
-        elif lname == b"transfer-encoding":
-            self.chunked = True
-        elif lname == b"connection":
-            if self.conn_tokens is None:
-                self.conn_tokens = []
-            self.conn_tokens.extend(connection_tokens(value))
-        elif lname == b"trailer":
-            if ex is not None and ex.te_trailers:
-                self.lines.append(b"%s: %s\r\n" % (name, value))
-        elif lname == b"upgrade":
-            self.has_upgrade = True
-            self.lines.append(b"%s: %s\r\n" % (name, value))  # kept only on a 101 (below)
+        if self.in_trailers and ex is not None and ex.client_chunked:
+            if ex.trailers is None:
+                ex.trailers = []
+            ex.trailers.append(b"%s: %s\r\n" % (name, value))
 
     def on_headers_complete(self) -> None:
         ex = self.ex
         if ex is None:
             return
-        self.in_trailers = True
-        client = ex.client
+        hbuf = self.hbuf
+        end = hbuf.find(b"\r\n\r\n")
         status = self.parser.get_status_code()
-        lines = self.lines
-        if self.conn_tokens:
-            named = {t for t in self.conn_tokens if t not in CONNECTION_OPTIONS}
-            if named:
-                lines = drop_named(lines, named)
+        status_line, headers, chunked, has_cl, close = split_response_head(
+            hbuf[: end + 2], ex.te_trailers, status == 101
+        )
+        client = ex.client
         if status < 200:
+            self.hbuf = hbuf[end + 4 :]  # another head follows
             self.interim = True
             if status == 101 and ex.upgrade:
                 ex.status = 101
                 ex.response_started = True
-                head = b"HTTP/1.1 101 %s\r\n%sconnection: upgrade\r\n\r\n" % (
-                    self.reason,
-                    b"".join(lines),
+                client.transport.write(
+                    b"HTTP/1.1 " + status_line + headers + b"connection: upgrade\r\n\r\n"
                 )
-                client.transport.write(head)
                 return
             if ex.version != "1.0" and status != 101:  # 100 Continue, 103 Early Hints
-                lines = [ln for ln in lines if not ln.lower().startswith(b"upgrade:")]
-                client.transport.write(
-                    b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, self.reason, b"".join(lines))
-                )
-            self.in_trailers = False
+                client.transport.write(b"HTTP/1.1 " + status_line + headers + b"\r\n")
             return
+        self.hbuf = None
+        self.in_trailers = True
         self.interim = False
+        self.upstream_close = close
         ex.status = status
         ex.response_started = True
         bodiless = ex.method == b"HEAD" or status == 204 or status == 304
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason)]
-        if self.has_upgrade:
-            lines = [ln for ln in lines if ln[:8].lower() != b"upgrade:"]
-        parts += lines
+        parts = [b"HTTP/1.1 ", status_line, headers]
         keep = ex.keep_alive and not client.closing
         if not bodiless:
-            if self.chunked or not self.content_length:
-                ex.until_close = not self.chunked
+            if chunked or not has_cl:
+                ex.until_close = not chunked
                 if ex.version == "1.1":
                     ex.client_chunked = True
                     parts.append(b"transfer-encoding: chunked\r\n")
@@ -881,14 +892,11 @@ class UpstreamProtocol(asyncio.Protocol):
         if bodiless:
             # The response parser cannot be told that a HEAD response has no body: finish
             # here and give the connection a fresh parser for its next response.
-            self.parser = httptools.HttpResponseParser(self)
+            self.parser = self._new_parser(self.parser_trailers)
             self._complete(ex, reusable=not ex.until_close and self._upstream_keep_alive())
-        else:
-            self.deadline = client.loop.time() + self.service.policy.idle_timeout
 
     def _upstream_keep_alive(self) -> bool:
-        tokens = self.conn_tokens
-        return not (tokens and b"close" in tokens)
+        return not self.upstream_close
 
     def on_body(self, body: bytes) -> None:
         ex = self.ex
@@ -935,22 +943,26 @@ class UpstreamProtocol(asyncio.Protocol):
         elif head:
             self.head_out = b""
             client.transport.write(head)
-        loop = client.loop
-        elapsed = loop.time() - ex.start
+        now = client.loop.time()
+        elapsed = now - ex.start
         service.observe(elapsed)
         backend.observe_latency(elapsed)
         codes = backend.responses
-        codes[ex.status] = codes.get(ex.status, 0) + 1
-        _release(backend, service)
-        client._resume(PAUSE_UPSTREAM)
+        status = ex.status
+        codes[status] = codes.get(status, 0) + 1
+        backend.inflight -= 1
+        if backend.draining:
+            service.pool.released(backend)
+        if client.paused & PAUSE_UPSTREAM:
+            client._resume(PAUSE_UPSTREAM)
         if reusable and ex.request_complete and not self.closed:
             if client.write_paused:
                 self.transport.resume_reading()
-            self.park()
+            self.park(now)
         elif not self.closed:
             self.transport.close()
         if not ex.done:
-            client.response_done(ex)
+            client.response_done(ex, now)
 
     def _switch_protocols(self, rest: bytes) -> None:
         ex = self.ex

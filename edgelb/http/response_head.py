@@ -1,0 +1,73 @@
+"""Rewrite a backend's response head for the client without a Python call per header.
+
+The response parser (httptools) validates the message and frames the body; this module works on
+the raw head bytes: one lower-casing, one regex scan for the few fields a proxy must act on,
+and slices. The header lines that pass keep their bytes exactly.
+"""
+
+from __future__ import annotations
+
+import re
+
+from edgelb.http.headers import CONNECTION_OPTIONS
+
+_SPECIAL = re.compile(
+    rb"\r\n(connection|keep-alive|proxy-connection|te|transfer-encoding|upgrade|trailer"
+    rb"|content-length)[ \t]*:"
+)
+
+
+def split_response_head(
+    raw: bytes, keep_trailer: bool, keep_upgrade: bool
+) -> tuple[bytes, bytes, bool, bool, bool]:
+    """Take `raw` = status line and header lines, each ending in CRLF, without the blank line.
+
+    Returns (status, headers, chunked, has_content_length, close): `status` is the status
+    line after the version (b"200 OK\\r\\n"); `headers` the lines to forward, hop-by-hop ones
+    and those named in Connection removed; `close` when the backend asked to close.
+    """
+    lower = raw.lower()
+    first = lower.find(b"\r\n")
+    status = raw[9 : first + 2]
+    chunked = has_cl = close = False
+    cuts: list[tuple[int, int]] | None = None
+    named: set[bytes] | None = None
+    for m in _SPECIAL.finditer(lower, first):
+        name = m.group(1)
+        if name == b"content-length":
+            has_cl = True
+            continue
+        if (keep_upgrade and name == b"upgrade") or (keep_trailer and name == b"trailer"):
+            continue
+        end = lower.find(b"\r\n", m.end())
+        if name == b"transfer-encoding":
+            chunked = lower[m.end() : end].rstrip().endswith(b"chunked")
+        elif name == b"connection":
+            for token in lower[m.end() : end].split(b","):
+                token = token.strip()
+                if token == b"close":
+                    close = True
+                elif token and token not in CONNECTION_OPTIONS:
+                    if named is None:
+                        named = set()
+                    named.add(token)
+        if cuts is None:
+            cuts = []
+        cuts.append((m.start() + 2, end + 2))
+    if named:
+        cuts = cuts or []
+        for token in named:
+            pattern = re.compile(rb"\r\n" + re.escape(token) + rb"[ \t]*:")
+            for m in pattern.finditer(lower, first):
+                cuts.append((m.start() + 2, lower.find(b"\r\n", m.end()) + 2))
+    if not cuts:
+        return status, raw[first + 2 :], chunked, has_cl, close
+    cuts.sort()
+    pieces = []
+    pos = first + 2
+    for start, end in cuts:
+        if start > pos:
+            pieces.append(raw[pos:start])
+        pos = max(pos, end)
+    pieces.append(raw[pos:])
+    return status, b"".join(pieces), chunked, has_cl, close

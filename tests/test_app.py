@@ -1,0 +1,213 @@
+"""The whole process in-loop (App) with a real config file: reload, rejected edits, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from httpkit import HOST, Call, Client, HttpBackend, fetch, free_port
+
+from edgelb.app import App
+from edgelb.config import ConfigError
+
+pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(30)]
+
+T = 5.0
+
+
+def within(coro, timeout: float = T):
+    return asyncio.wait_for(coro, timeout)
+
+
+def config_text(admin: int, port: int, backends: list[HttpBackend], extra: str = "") -> str:
+    lines = [
+        f"admin: {{listen: {HOST}:{admin}}}",
+        "shutdown: {grace: 3s}",
+        "services:",
+        "  - name: web",
+        f"    listen: {HOST}:{port}",
+        "    backends:",
+        *(f"      - {{address: {HOST}:{b.port}}}" for b in backends),
+    ]
+    return "\n".join(lines) + "\n" + extra
+
+
+def write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Setup:
+    def __init__(self, path: Path, admin: int, port: int) -> None:
+        self.path = path
+        self.admin = admin
+        self.port = port
+
+    def write(self, backends: list[HttpBackend], extra: str = "") -> None:
+        write(self.path, config_text(self.admin, self.port, backends, extra))
+
+
+@pytest.fixture
+async def running_app(
+    tmp_path: Path,
+) -> AsyncIterator[Callable[[list[HttpBackend]], Awaitable[tuple[App, Setup]]]]:
+    apps: list[App] = []
+
+    async def start(backends: list[HttpBackend]) -> tuple[App, Setup]:
+        setup = Setup(tmp_path / "edgelb.yaml", free_port(), free_port())
+        setup.write(backends)
+        app = App(setup.path)
+        await within(app.start())
+        apps.append(app)
+        return app, setup
+
+    yield start
+    for app in apps:
+        if not app.stopped.is_set():
+            await within(app.stop(), 10)
+
+
+async def served_by(port: int) -> str | None:
+    return (await within(fetch(port))).get("x-backend")
+
+
+async def test_reload_applies_a_change(backend, running_app):
+    a, b = await backend("a"), await backend("b")
+    app, setup = await running_app([a])
+    assert await served_by(setup.port) == "a"
+    assert app.watcher is not None
+    app.watcher.interval = 3600  # no more polling: only reload() reads the file now
+    await asyncio.sleep(0.4)  # let the poll wait in progress run out
+    generation = app.generation
+    setup.write([b])
+    await asyncio.sleep(0.6)  # polling would have picked it up by now
+    assert app.generation == generation
+    assert await served_by(setup.port) == "a"
+
+    app.applied.clear()
+    app.reload()
+    await within(app.applied.wait())
+    assert app.generation == generation + 1
+    assert await served_by(setup.port) == "b"
+
+
+async def test_a_file_change_is_applied_without_reload(backend, running_app):
+    a, b = await backend("a"), await backend("b")
+    app, setup = await running_app([a])
+    setup.write([b])
+
+    async def switched() -> None:
+        while await served_by(setup.port) != "b":
+            app.applied.clear()
+            await app.applied.wait()
+
+    await within(switched(), 5)
+
+
+async def test_bad_edit_is_rejected_and_the_old_config_keeps_serving(backend, running_app):
+    a, b = await backend("a"), await backend("b")
+    app, setup = await running_app([a])
+    runtime = app.runtime
+    assert runtime is not None
+    generation = app.generation
+    setup.write([b], extra="    bakends_typo: []\n")
+    app.reload()
+
+    async def rejected() -> None:
+        while "file" not in runtime.last_errors:
+            await asyncio.sleep(0.02)
+
+    await within(rejected())
+    error = runtime.last_errors["file"]
+    assert "bakends_typo" in error
+    assert "services[0]" in error or "services.0" in error
+    assert runtime.reloads.get(("file", "error"), 0) >= 1
+    assert app.generation == generation
+    assert await served_by(setup.port) == "a"
+
+    # fixing the file clears the error and applies
+    app.applied.clear()
+    setup.write([b])
+    app.reload()
+    await within(app.applied.wait())
+    assert "file" not in runtime.last_errors
+    assert await served_by(setup.port) == "b"
+
+
+async def test_edit_with_a_busy_port_is_rejected(backend, running_app):
+    a = await backend("a")
+    other = await backend("other")  # holds a port the edit wants
+    app, setup = await running_app([a])
+    runtime = app.runtime
+    assert runtime is not None
+    text = config_text(setup.admin, setup.port, [a]) + (
+        f"  - name: clash\n    listen: {HOST}:{other.port}\n    backends: []\n"
+    )
+    write(setup.path, text)
+    app.reload()
+
+    async def rejected() -> None:
+        while "file" not in runtime.last_errors:
+            await asyncio.sleep(0.02)
+
+    await within(rejected())
+    assert str(other.port) in runtime.last_errors["file"]
+    assert set(runtime.services) == {"web"}
+    assert await served_by(setup.port) == "a"
+
+
+async def test_start_with_a_bad_config_raises(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"admin: {{listen: {HOST}:{free_port()}}}\nservicez: []\n")
+    with pytest.raises(ConfigError) as info:
+        await App(path).start()
+    assert "servicez" in str(info.value)
+
+
+async def test_stop_drains_inflight_requests_and_refuses_new_connections(backend, running_app):
+    started = asyncio.Event()
+    finish = asyncio.Event()
+
+    async def slow(call: Call) -> None:
+        await call.read_body()
+        started.set()
+        await finish.wait()
+        await call.respond(200, b"drained")
+
+    a = await backend("a", slow)
+    app, setup = await running_app([a])
+    client = await Client.open(setup.port)
+    await client.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await within(started.wait())
+    idle = await Client.open(setup.port)  # an idle keep-alive connection
+
+    stopping = asyncio.get_running_loop().create_task(app.stop())
+
+    async def refused() -> None:
+        while True:
+            try:
+                _, w = await asyncio.open_connection(HOST, setup.port)
+            except ConnectionRefusedError:
+                return
+            w.close()
+            await asyncio.sleep(0.02)
+
+    await within(refused())
+    assert await idle.at_eof() == b""
+    assert not stopping.done()
+    assert app.runtime is not None and app.runtime.draining
+
+    finish.set()
+    r = await within(client.response())
+    assert r.status == 200
+    assert r.body == b"drained"
+    assert (r.get("connection") or "").lower() == "close"
+    await within(stopping)
+    assert app.stopped.is_set()
+    # the admin endpoint is gone too
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection(HOST, setup.admin)

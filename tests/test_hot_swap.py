@@ -1,0 +1,333 @@
+"""Hot swap: snapshots applied to a live Runtime (and, at the end, config file rewrites applied
+by the App) while requests are in flight. Nothing is dropped, kept backends keep their state,
+removed ones drain, and a snapshot that fails changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from httpkit import HOST, Call, Client, HttpBackend, fetch, free_port, service, snapshot
+
+from edgelb.app import App
+from edgelb.runtime import SnapshotError
+from watchers.model import Route
+
+pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(40)]
+
+T = 5.0
+
+
+def within(coro, timeout: float = T):
+    return asyncio.wait_for(coro, timeout)
+
+
+def gated(gate: asyncio.Event, body: bytes = b"late") -> object:
+    """A handler that answers once `gate` is set."""
+
+    async def handler(call: Call) -> None:
+        await call.read_body()
+        await gate.wait()
+        await call.respond(200, body)
+
+    return handler
+
+
+async def refused(port: int) -> bool:
+    try:
+        _, w = await asyncio.open_connection(HOST, port)
+    except ConnectionRefusedError:
+        return True
+    w.close()
+    return False
+
+
+async def test_kept_backend_keeps_its_state_object_and_counters(backend, proxy):
+    a, b, c = await backend("a"), await backend("b"), await backend("c")
+    port = free_port()
+    rt = await proxy(snapshot(service("web", [a, b], listen=port)))
+    client = await Client.open(port)
+    for _ in range(10):
+        assert (await within(client.request("GET", "/"))).status == 200
+    pool = rt.services["web"].pool
+    state_a = pool.by_key[str(a.address)]
+    counts = (state_a.requests, dict(state_a.responses), state_a.connections_total)
+    assert state_a.requests + pool.by_key[str(b.address)].requests == 10
+    assert sum(state_a.responses.values()) == state_a.requests
+    service_state = rt.services["web"]
+
+    await rt.apply(snapshot(service("web", [a, c], listen=port)))
+    assert rt.services["web"] is service_state
+    assert pool.by_key[str(a.address)] is state_a
+    assert (state_a.requests, dict(state_a.responses), state_a.connections_total) == counts
+    assert str(b.address) not in pool.by_key
+    assert {s.key for s in pool.backends} == {str(a.address), str(c.address)}
+    for _ in range(20):
+        assert (await within(client.request("GET", "/"))).status == 200
+    assert state_a.requests - counts[0] + len(c.requests) == 20
+    client.close()
+
+
+async def test_removed_backend_finishes_its_inflight_request_and_gets_no_new_ones(
+    backend, proxy
+):
+    gate = asyncio.Event()
+    old = await backend("old", gated(gate, b"from old"))
+    new = await backend("new")
+    port = free_port()
+    rt = await proxy(snapshot(service("web", [old], listen=port)))
+    slow_client = await Client.open(port)
+    await slow_client.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await old.wait_requests(1)
+    old_state = rt.services["web"].pool.by_key[str(old.address)]
+    assert old_state.inflight == 1
+
+    await rt.apply(snapshot(service("web", [new], listen=port)))
+    pool = rt.services["web"].pool
+    assert old_state.draining and not old_state.eligible
+    assert pool.draining == {str(old.address): old_state}
+    for i in range(10):
+        r = await within(fetch(port, "GET", f"/n{i}"))
+        assert r.status == 200
+        assert r.get("x-backend") == "new"
+    assert len(old.requests) == 1
+
+    gate.set()
+    r = await within(slow_client.response())
+    assert r.status == 200
+    assert r.body == b"from old"
+    assert old_state.inflight == 0
+    assert pool.draining == {}
+    await old.wait(lambda: old.open == 0)  # not parked for reuse: it drained
+    slow_client.close()
+
+
+async def test_backend_removed_and_readded_while_draining_is_the_same_state(backend, proxy):
+    gate = asyncio.Event()
+    a = await backend("a", gated(gate))
+    b = await backend("b")
+    port = free_port()
+    rt = await proxy(snapshot(service("web", [a], listen=port)))
+    client = await Client.open(port)
+    await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await a.wait_requests(1)
+    state = rt.services["web"].pool.by_key[str(a.address)]
+    await rt.apply(snapshot(service("web", [b], listen=port)))
+    await rt.apply(snapshot(service("web", [a, b], listen=port)))
+    assert rt.services["web"].pool.by_key[str(a.address)] is state
+    assert state.eligible and state.inflight == 1
+    gate.set()
+    assert (await within(client.response())).status == 200
+    assert state.inflight == 0
+    client.close()
+
+
+async def test_new_port_is_bound_and_removed_port_drains(backend, proxy):
+    gate = asyncio.Event()
+    a = await backend("a", gated(gate, b"finished"))
+    b = await backend("b")
+    port_a, port_b = free_port(), free_port()
+    rt = await proxy(snapshot(service("one", [a], listen=port_a)))
+    assert await refused(port_b)
+    client = await Client.open(port_a)
+    await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await a.wait_requests(1)
+    idle = await Client.open(port_a)  # an idle keep-alive client on the removed port
+
+    await rt.apply(snapshot(service("two", [b], listen=port_b)))
+    assert set(rt.listeners) == {f"{HOST}:{port_b}"}
+    r = await within(fetch(port_b))
+    assert r.status == 200 and r.get("x-backend") == "b"
+    assert await refused(port_a)
+    assert await idle.at_eof() == b""  # idle connections are closed at once
+
+    gate.set()
+    r = await within(client.response())
+    assert r.status == 200
+    assert r.body == b"finished"
+    assert (r.get("connection") or "").lower() == "close"
+    assert await client.at_eof() == b""
+
+
+async def test_snapshot_with_a_port_in_use_is_rejected_whole(backend, proxy):
+    a = await backend("a")
+    port, new_port, busy_port = free_port(), free_port(), free_port()
+    rt = await proxy(snapshot(service("web", [a], listen=port)))
+    blocker = socket.socket()
+    blocker.bind((HOST, busy_port))
+    blocker.listen(1)
+    try:
+        bad = snapshot(
+            service("web", [a], listen=port),
+            service("extra", [a], listen=new_port),
+            service("clash", [a], listen=busy_port),
+        )
+        with pytest.raises(SnapshotError) as info:
+            await rt.apply(bad)
+        assert str(busy_port) in str(info.value)
+        assert rt.reloads[("file", "error")] == 1
+        assert str(busy_port) in rt.last_errors["file"]
+        assert set(rt.services) == {"web"}
+        assert set(rt.listeners) == {f"{HOST}:{port}"}
+        assert await refused(new_port), "a port bound by the failed snapshot must be released"
+        r = await within(fetch(port))
+        assert r.status == 200
+    finally:
+        blocker.close()
+    # once the port is free the same snapshot applies
+    await rt.apply(bad)
+    assert rt.reloads[("file", "ok")] == 2
+    assert "file" not in rt.last_errors
+    assert (await within(fetch(busy_port))).status == 200
+
+
+async def test_snapshot_with_an_unknown_route_service_is_rejected(backend, proxy):
+    a = await backend("a")
+    ep = free_port()
+    good = snapshot(service("web", [a]), routes=[Route("", "/", "web")])
+    rt = await proxy(good, entrypoints=[("http", ep)])
+    bad = snapshot(service("web", [a]), routes=[Route("", "/", "web"),
+                                                Route("", "/api", "nosuch")])
+    with pytest.raises(SnapshotError):
+        await rt.apply(bad)
+    assert "nosuch" in rt.last_errors["file"]
+    assert rt.reloads[("file", "error")] == 1
+    assert rt.routes == good.routes
+    r = await within(fetch(ep, target="/api"))
+    assert r.status == 200 and r.get("x-backend") == "a"
+
+
+async def test_removed_service_drains_and_its_route_disappears(backend, proxy):
+    gate = asyncio.Event()
+    a = await backend("a", gated(gate, b"api done"))
+    b = await backend("b")
+    ep = free_port()
+    rt = await proxy(snapshot(service("api", [a]), service("web", [b]),
+                              routes=[Route("", "/api", "api"), Route("", "/", "web")]),
+                     entrypoints=[("http", ep)])
+    client = await Client.open(ep)
+    await client.send(b"GET /api/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    await a.wait_requests(1)
+    await rt.apply(snapshot(service("web", [b]), routes=[Route("", "/", "web")]))
+    r = await within(fetch(ep, target="/api/y"))
+    assert r.get("x-backend") == "b"
+    gate.set()
+    r = await within(client.response())
+    assert r.status == 200 and r.body == b"api done"
+    client.close()
+
+
+# -- the big one: config rewrites under load, through the App --------------------------
+
+
+def write_config(path: Path, admin: int, port: int, backends: list[HttpBackend]) -> None:
+    lines = [
+        f"admin: {{listen: {HOST}:{admin}}}",
+        "shutdown: {grace: 1s}",
+        "services:",
+        "  - name: web",
+        f"    listen: {HOST}:{port}",
+        "    backends:",
+        *(f"      - {{address: {HOST}:{b.port}}}" for b in backends),
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def configured(app: App) -> set[int]:
+    assert app.config is not None
+    svc = app.config.snapshot.service("web")
+    return {b.port for b in svc.backends} if svc else set()
+
+
+async def test_config_rewrites_under_load_drop_nothing(backend, tmp_path):
+    backends = [await backend(f"b{i}") for i in range(4)]
+    by_name = {b.name: b for b in backends}
+    admin, port = free_port(), free_port()
+    path = tmp_path / "edgelb.yaml"
+    write_config(path, admin, port, backends)
+    app = App(path)
+    await within(app.start())
+    stop = asyncio.Event()
+    ok = 0
+    failures: list[str] = []
+    answered_by: set[str] = set()
+
+    async def load(i: int) -> None:
+        nonlocal ok
+        client = await Client.open(port)
+        try:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    r = await within(client.request("GET", f"/c{i}/{n}"))
+                except Exception as e:  # a dropped connection or a hang counts as a failure
+                    failures.append(f"client {i} request {n}: {e!r}")
+                    client.close()
+                    client = await Client.open(port)
+                    continue
+                if r.status != 200:
+                    failures.append(f"client {i} request {n}: {r.status} {r.body[:80]!r}")
+                else:
+                    ok += 1
+                    answered_by.add(r.get("x-backend") or "?")
+        finally:
+            client.close()
+
+    rng = random.Random(7)
+    subsets = [[b for j, b in enumerate(backends) if m >> j & 1] for m in range(1, 16)]
+    generation0 = app.generation
+    clients = [asyncio.get_running_loop().create_task(load(i)) for i in range(32)]
+    last = backends
+    try:
+        deadline = time.monotonic() + 8.0
+        while time.monotonic() < deadline:
+            choice = rng.choice([s for s in subsets if s != last])
+            write_config(path, admin, port, choice)
+            last = choice
+            await asyncio.sleep(0.2)
+        want = {b.port for b in last}
+
+        async def settled() -> None:
+            while configured(app) != want:
+                app.applied.clear()
+                await app.applied.wait()
+
+        await within(settled(), 5)
+    finally:
+        stop.set()
+        await asyncio.gather(*clients, return_exceptions=True)
+    applies = app.generation - generation0
+    try:
+        assert failures == [], f"{len(failures)} failed of {ok + len(failures)}: {failures[:5]}"
+        assert ok > 1000, f"only {ok} requests in 8 s"
+        # the file watcher waits for a changing file to settle (at most 4 polls), so under
+        # rewrites every 200 ms a change lands about every 1.25 s
+        assert applies >= 3, f"only {applies} config changes were applied"
+        assert answered_by == {b.name for b in backends}
+        # only the last configured backends answer now
+        before = {b.name: len(b.requests) for b in backends}
+        client = await Client.open(port)
+        names = set()
+        for i in range(60):
+            r = await within(client.request("GET", f"/final/{i}"))
+            assert r.status == 200
+            names.add(r.get("x-backend"))
+        client.close()
+        assert names == {b.name for b in last}
+        for name, b in by_name.items():
+            if b not in last:
+                assert len(b.requests) == before[name], f"{name} was removed but got requests"
+        runtime = app.runtime
+        assert runtime is not None
+        assert runtime.reloads.get(("file", "error"), 0) == 0
+    finally:
+        await within(app.stop(), 10)
