@@ -101,18 +101,33 @@ class Runtime:
     # -- applying ------------------------------------------------------------------------
 
     async def set_entrypoints(
-        self, entrypoints: Iterable[EntrypointSpec], defaults: Policy
+        self,
+        entrypoints: Iterable[EntrypointSpec],
+        defaults: Policy,
+        snapshot: Snapshot | None = None,
     ) -> None:
-        """Change the shared entrypoints and the defaults used on them; then re-apply."""
+        """Change the shared entrypoints and the defaults used on them; then re-apply.
+
+        With `snapshot`, that source's new snapshot lands in the same step, and the outcome is
+        recorded for it as `apply` does: an edit that drops an entrypoint together with its
+        routes, or moves a port between a service and an entrypoint, is valid only as a whole.
+        """
         async with self._lock:
             old = (self.entrypoints, self.defaults)
             self.entrypoints = tuple(entrypoints)
             self.defaults = defaults
+            snapshots = dict(self.snapshots)
+            if snapshot is not None:
+                snapshots[snapshot.source] = snapshot
             try:
-                await self._reconcile(dict(self.snapshots))
-            except SnapshotError:
+                await self._reconcile(snapshots)
+            except SnapshotError as e:
                 self.entrypoints, self.defaults = old
+                if snapshot is not None:
+                    self.record(snapshot.source, False, str(e))
                 raise
+            if snapshot is not None:
+                self.record(snapshot.source, True)
 
     async def apply(self, snapshot: Snapshot) -> None:
         """Apply one source's snapshot, or raise SnapshotError and keep the last good state."""
@@ -236,6 +251,9 @@ class Runtime:
                 listener.defaults = self.defaults
             else:
                 listener.service = states[name]
+            refresh = getattr(listener, "refresh", None)
+            if refresh is not None:
+                refresh()
         self.snapshots = snapshots
 
     def _make_listener(self, kind: str, name: str, addr: Address) -> Any:

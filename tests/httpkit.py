@@ -38,6 +38,18 @@ def closed_port() -> int:
     return free_port()
 
 
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0,
+                     what: str = "the condition") -> None:
+    """Poll `predicate` (every 10 ms) until it holds; fail after `timeout` seconds. For state
+    that changes without an event to await (proxy counters, closed connections)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout:g}s")
+        await asyncio.sleep(0.01)
+
+
 class Blackhole:
     """A port that accepts no connection: its backlog is full, so a connect hangs until the
     caller's timeout (SYNs are dropped). `close()` releases it."""
@@ -390,7 +402,11 @@ def echo() -> Handler:
     return handler
 
 
-def chunked(parts: Sequence[bytes], trailers: Headers = (), headers: Headers = ()) -> Handler:  # type: ignore[assignment]
+def chunked(
+    parts: Sequence[bytes],
+    trailers: Sequence[tuple[str, str]] = (),
+    headers: Sequence[tuple[str, str]] = (),
+) -> Handler:
     """A chunked response written as one chunk per part, then the trailers."""
 
     async def handler(call: Call) -> None:

@@ -13,11 +13,22 @@ import time
 from pathlib import Path
 
 import pytest
-from httpkit import HOST, Call, Client, HttpBackend, fetch, free_port, service, snapshot
+from httpkit import (
+    HOST,
+    Call,
+    Client,
+    HttpBackend,
+    eventually,
+    fetch,
+    free_port,
+    service,
+    snapshot,
+    upgrade_echo,
+)
 
 from edgelb.app import App
-from edgelb.runtime import SnapshotError
-from watchers.model import Route
+from edgelb.runtime import EntrypointSpec, SnapshotError
+from watchers.model import Address, Route
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(40)]
 
@@ -329,5 +340,53 @@ async def test_config_rewrites_under_load_drop_nothing(backend, tmp_path):
         runtime = app.runtime
         assert runtime is not None
         assert runtime.reloads.get(("file", "error"), 0) == 0
+        # the load accounting balanced out: nothing in flight, nothing left draining
+        pool = runtime.services["web"].pool
+        await eventually(lambda: not pool.draining, what="removed backends finished draining")
+        assert [s.inflight for s in pool.all_backends()] == [0] * len(pool.backends)
     finally:
         await within(app.stop(), 10)
+
+
+async def test_entrypoints_and_snapshot_change_together(backend, proxy):
+    """Dropping an entrypoint with the routes that needed it, and giving its port to a static
+    service, is one valid change when both land in the same step."""
+    a = await backend("a")
+    ep = free_port()
+    rt = await proxy(snapshot(service("web", [a]), routes=[Route("", "/", "web")]),
+                     entrypoints=[("http", ep)])
+    assert (await within(fetch(ep))).get("x-backend") == "a"
+    moved = snapshot(service("web", [a], listen=ep))
+    await rt.set_entrypoints([], rt.defaults, moved)
+    assert rt.reloads[("file", "ok")] == 2
+    assert rt.entrypoints == ()
+    assert rt.listeners[f"{HOST}:{ep}"].kind == "http"
+    assert (await within(fetch(ep))).get("x-backend") == "a"
+    # an invalid combination is rejected whole and recorded for its source
+    ep2 = free_port()
+    with pytest.raises(SnapshotError):
+        await rt.set_entrypoints([EntrypointSpec("http", Address(HOST, ep2))], rt.defaults,
+                                 snapshot(service("web", [a], listen=ep2)))
+    assert rt.reloads[("file", "error")] == 1
+    assert rt.entrypoints == ()
+    assert await refused(ep2)
+    assert (await within(fetch(ep))).get("x-backend") == "a"
+
+
+async def test_tunnel_survives_the_removal_of_its_backend(backend, proxy):
+    old = await backend("old", upgrade_echo())
+    new = await backend("new")
+    port = free_port()
+    rt = await proxy(snapshot(service("web", [old], listen=port)))
+    client = await Client.open(port)
+    await client.send(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+    assert (await within(client.read_head())).status == 101
+    state = rt.services["web"].pool.by_key[str(old.address)]
+    await rt.apply(snapshot(service("web", [new], listen=port)))
+    await client.send(b"still here")
+    assert await within(client.reader.readexactly(10)) == b"still here"
+    assert (await within(fetch(port))).get("x-backend") == "new"
+    assert rt.services["web"].pool.draining == {str(old.address): state}
+    client.close()
+    await old.wait(lambda: old.open == 0)
+    await eventually(lambda: state.inflight == 0 and not rt.services["web"].pool.draining)

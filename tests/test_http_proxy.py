@@ -28,6 +28,7 @@ from httpkit import (
     closed_port,
     continue_then,
     echo,
+    eventually,
     fetch,
     free_port,
     hang,
@@ -452,8 +453,11 @@ async def test_forwarding_headers(backend, proxy):
         ("Via", "1.0 upstream-cache"),
     ], host="web.example.com"))
     await within(client.request("GET", "/"))
+    await within(client.request("GET", "/", host="other.example.com"))
+    await within(client.request("GET", "/", host=None, version="1.0",
+                                headers=[("Connection", "keep-alive")]))
     client.close()
-    first, second = b.requests
+    first, second, third, fourth = b.requests
     assert first.all("x-forwarded-for") == ["203.0.113.9, 127.0.0.1"]
     assert first.all("x-forwarded-proto") == ["http"]
     assert first.all("x-forwarded-host") == ["web.example.com"]
@@ -465,6 +469,11 @@ async def test_forwarding_headers(backend, proxy):
     assert second.all("x-forwarded-for") == ["127.0.0.1"]
     assert second.all("forwarded") == ['for=127.0.0.1;proto=http;host="test.local"']
     assert second.all("via") == ["1.1 edgelb"]
+    assert third.all("x-forwarded-host") == ["other.example.com"]
+    assert third.all("forwarded") == ['for=127.0.0.1;proto=http;host="other.example.com"']
+    assert not fourth.has("x-forwarded-host")
+    assert fourth.all("forwarded") == ["for=127.0.0.1;proto=http"]
+    assert fourth.all("host") == [f"127.0.0.1:{port}"]
 
 
 # -- WebSocket and other upgrades ------------------------------------------------------
@@ -667,13 +676,16 @@ async def test_idle_upstream_closed_by_backend_is_replaced(backend, proxy):
         call.close()
 
     b = await backend("a", answer_then_close_soon)
-    port = await static(proxy, [b])
+    port = free_port()
+    rt = await proxy(snapshot(service("web", [b], listen=port)))
+    state = rt.services["web"].pool.backends[0]
     client = await Client.open(port)
     assert (await within(client.request("GET", "/1"))).status == 200
-    await b.wait(lambda: b.open == 0)
-    await asyncio.sleep(0.05)
+    await eventually(lambda: state.open_connections == 0 and not state.idle,
+                     what="the proxy noticed the backend's close")
     assert (await within(client.request("GET", "/2"))).status == 200
     assert b.connections == 2
+    assert state.failures == 0  # noticed while idle: no failed attempt
     client.close()
 
 
@@ -853,12 +865,11 @@ async def test_client_gone_while_connecting_releases_once(proxy):
         state = rt.services["web"].pool.backends[0]
         client = await Client.open(port)
         await client.send(build_request("GET", "/"))
-        await asyncio.sleep(0.05)
-        assert state.inflight == 1
+        await eventually(lambda: state.inflight == 1, what="the request reached the proxy")
         client.close()
-        await asyncio.sleep(0.6)  # the connect attempt times out meanwhile
+        await eventually(lambda: state.failures == 1, what="the connect attempt timed out")
+        await asyncio.sleep(0.05)
         assert state.inflight == 0
-        assert state.failures == 1
     finally:
         hole.close()
 
@@ -1036,3 +1047,40 @@ async def test_unrequested_switch_is_502(backend, proxy):
     port = await static(proxy, [b])
     r = await within(fetch(port))
     assert r.status == 502
+
+
+async def test_header_timeout_is_not_extended_by_a_trickling_head(backend, proxy):
+    b = await backend("a")
+    port = await static(proxy, [b], header_timeout=0.4)
+    client = await Client.open(port)
+    head = build_request("GET", "/", [("X-Pad", "p" * 40)])
+    start = time.monotonic()
+
+    async def trickle() -> None:
+        for i in range(len(head) - 4):  # never the end of the head
+            client.writer.write(head[i : i + 1])
+            await asyncio.sleep(0.05)
+
+    task = asyncio.get_running_loop().create_task(trickle())
+    try:
+        rest = await client.at_eof(3)
+    finally:
+        task.cancel()
+    assert rest.startswith(b"HTTP/1.1 408 ")
+    assert time.monotonic() - start < 1.5
+    assert b.requests == []
+
+
+async def test_pipelined_mix_of_local_answers_and_proxied_requests(backend, proxy):
+    b = await backend("a")
+    ep = free_port()
+    await proxy(snapshot(service("web", [b]), routes=[Route("web.example.com", "/", "web")]),
+                entrypoints=[("http", ep)])
+    client = await Client.open(ep)
+    hosts = ["nowhere.example", "web.example.com", "nowhere.example", "web.example.com"]
+    await client.send(b"".join(build_request("GET", f"/{i}", host=h)
+                               for i, h in enumerate(hosts)))
+    got = [await within(client.response()) for _ in hosts]
+    assert [r.status for r in got] == [404, 200, 404, 200]
+    assert [r.body for r in got if r.status == 200] == [b"a GET /1", b"a GET /3"]
+    client.close()

@@ -52,6 +52,14 @@ class HttpListener:
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self._host_header = str(address).encode()
+        self.header_timeout_s = self.idle_timeout_s = 0.0
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the timeouts after `service` or `defaults` changed (the runtime calls it)."""
+        policy = self.policy()
+        self.header_timeout_s = policy.header_timeout
+        self.idle_timeout_s = policy.idle_timeout
 
     @property
     def connections(self) -> int:

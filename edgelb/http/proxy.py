@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ import httptools
 from edgelb.http.errors import local_response
 from edgelb.http.headers import CONNECTION_OPTIONS, connection_tokens, drop_named, forwarded_for
 from edgelb.http.response_head import split_response_head
+from edgelb.pool import DURATION_BUCKETS
 
 if TYPE_CHECKING:
     from edgelb.http.listener import HttpListener
@@ -148,6 +150,8 @@ class ClientProtocol(asyncio.Protocol):
         "closed",
         "closing",
         "deadline",
+        "fwd_cache",
+        "fwd_cache_host",
         "fwd_for",
         "listener",
         "loop",
@@ -179,6 +183,8 @@ class ClientProtocol(asyncio.Protocol):
         self.upgrade_buffer: list[bytes] | None = None
         self.xff_ip = b""
         self.fwd_for = b""
+        self.fwd_cache = b""  # the forwarding header block last made, for fwd_cache_host
+        self.fwd_cache_host = b""
 
     # -- connection events -------------------------------------------------------------
 
@@ -187,7 +193,7 @@ class ClientProtocol(asyncio.Protocol):
         listener = self.listener
         listener.clients.add(self)
         listener.accepted += 1
-        self.deadline = self.loop.time() + listener.header_timeout()
+        self.deadline = self.loop.time() + listener.header_timeout_s
         self.xff_ip, self.fwd_for = forwarded_for(transport.get_extra_info("peername"))
 
     def connection_lost(self, exc) -> None:
@@ -246,12 +252,19 @@ class ClientProtocol(asyncio.Protocol):
         parser = self.parser
         if parser is None:
             parser = self.parser = httptools.HttpRequestParser(self)
+        before = self.parsing
         try:
             parser.feed_data(data)
             parsing = self.parsing
-            if parsing is not None and not parsing.method and self.active is None:
-                # a request head that did not come whole: it has header_timeout to finish
-                self.deadline = self.loop.time() + self.listener.header_timeout()
+            if (
+                parsing is not None
+                and parsing is not before
+                and not parsing.method
+                and self.active is None
+            ):
+                # a request head that did not come whole: it has header_timeout to finish,
+                # counted from its first bytes (later pieces do not extend it)
+                self.deadline = self.loop.time() + self.listener.header_timeout_s
         except httptools.HttpParserUpgrade as e:
             self.upgrade_buffer = [data[e.args[0] :]]
         except httptools.HttpParserCallbackError:
@@ -370,7 +383,8 @@ class ClientProtocol(asyncio.Protocol):
             self._local(ex, 400, "CONNECT is not supported by a reverse proxy", service)
             return
         ex.head = self._request_head(ex)
-        backend = service.pool.pick()
+        pool = service.pool
+        backend = pool.balancer.pick(pool.backends)
         if backend is None:
             service.shed["no_backend"] = service.shed.get("no_backend", 0) + 1
             self._local(ex, 503, f"no backend available for service {service.name}", service)
@@ -449,7 +463,7 @@ class ClientProtocol(asyncio.Protocol):
                 # dropped); the client gets the idle timeout to finish sending it
                 ex.body_buffer = None
                 self._resume(PAUSE_BUFFER)
-                self.deadline = self.loop.time() + self.listener.idle_timeout()
+                self.deadline = self.loop.time() + self.listener.idle_timeout_s
                 return
             self.transport.close()
             return
@@ -460,7 +474,7 @@ class ClientProtocol(asyncio.Protocol):
                 self._resume(PAUSE_PIPELINE)
             self._start(nxt)
         else:
-            self.deadline = (now or self.loop.time()) + self.listener.idle_timeout()
+            self.deadline = (now or self.loop.time()) + self.listener.idle_timeout_s
 
     def start_tunnel(self, upstream_transport: asyncio.Transport) -> None:
         """Switch to a byte-for-byte tunnel after a 101 (WebSocket and other upgrades)."""
@@ -478,7 +492,19 @@ class ClientProtocol(asyncio.Protocol):
             named = {t for t in ex.conn_tokens if t not in CONNECTION_OPTIONS}
             if named:
                 lines = drop_named(lines, named)
-        parts = [b"%s %s HTTP/1.1\r\n" % (ex.method, ex.url), *lines]
+        head = b"%s %s HTTP/1.1\r\n%s" % (ex.method, ex.url, b"".join(lines))
+        if not ex.has_host or ex.chunked or ex.te_trailers or ex.upgrade:
+            head += self._framing_lines(ex)
+        if ex.xff or ex.fwd or ex.via:
+            return head + self._forwarding(ex)
+        # The forwarding block depends only on the client and the Host: reuse it.
+        if ex.host != self.fwd_cache_host or not self.fwd_cache:
+            self.fwd_cache = self._forwarding(ex)
+            self.fwd_cache_host = ex.host
+        return head + self.fwd_cache
+
+    def _framing_lines(self, ex: Exchange) -> bytes:
+        parts = []
         if not ex.has_host:
             parts.append(b"host: %s\r\n" % self.listener.default_host())
         if ex.chunked:
@@ -487,12 +513,16 @@ class ClientProtocol(asyncio.Protocol):
             parts.append(b"te: trailers\r\n")
         if ex.upgrade:
             parts.append(b"connection: upgrade\r\nupgrade: %s\r\n" % ex.upgrade_value)
+        return b"".join(parts)
+
+    def _forwarding(self, ex: Exchange) -> bytes:
+        """X-Forwarded-*, Forwarded and Via lines, and the blank line that ends the head."""
         ip = self.xff_ip
         proto = self.listener.scheme
-        parts.append(
+        parts = [
             b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\n"
             % (ex.xff + b", " + ip if ex.xff else ip, proto)
-        )
+        ]
         fwd = self.fwd_for + b";proto=" + proto
         if ex.has_host:
             parts.append(b"x-forwarded-host: %s\r\n" % ex.host)
@@ -945,7 +975,9 @@ class UpstreamProtocol(asyncio.Protocol):
             client.transport.write(head)
         now = client.loop.time()
         elapsed = now - ex.start
-        service.observe(elapsed)
+        service.duration_buckets[bisect_left(DURATION_BUCKETS, elapsed)] += 1
+        service.duration_sum += elapsed
+        service.duration_count += 1
         backend.observe_latency(elapsed)
         codes = backend.responses
         status = ex.status
