@@ -77,6 +77,7 @@ class App:
     async def _apply(self, config: Config) -> None:
         runtime = self.runtime
         assert runtime is not None
+        _warn_not_enforced(config)
         async with self._apply_lock:
             if self.config is not None and config.admin != self.config.admin:
                 log.warning("admin.listen changed to %s; it takes effect on restart", config.admin)
@@ -124,6 +125,23 @@ class App:
         if self.admin is not None:
             await self.admin.stop()
         self.stopped.set()
+
+
+def _warn_not_enforced(config: Config) -> None:
+    """Say which accepted keys this version does not act on yet, rather than ignore them."""
+    for svc in config.snapshot.services:
+        keys = [k for k in ("max_inflight", "health_check") if getattr(svc.policy, k) is not None]
+        if keys:
+            log.warning(
+                "service %s: %s validated but not enforced yet (per-backend caps, shedding and "
+                "health checks come with the overload-protection release)",
+                svc.name,
+                " and ".join(keys),
+            )
+    if config.kubernetes is not None and config.kubernetes.enabled:
+        log.warning("watchers.kubernetes is set, but this version has no Kubernetes watcher yet")
+    if config.marathon is not None:
+        log.warning("watchers.marathon is set, but this version has no Marathon watcher yet")
 
 
 async def _main(
