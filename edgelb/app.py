@@ -66,6 +66,8 @@ class App:
         self._watcher_task = loop.create_task(self.watcher.run())
 
     def _on_config(self, config: Config) -> None:
+        if config == self.config:
+            return  # e.g. the watcher's first read of the file start() already applied
         asyncio.get_running_loop().create_task(self._apply(config))
 
     def _on_config_error(self, error: Exception) -> None:
@@ -82,16 +84,14 @@ class App:
             if self.config is not None and config.admin != self.config.admin:
                 log.warning("admin.listen changed to %s; it takes effect on restart", config.admin)
             eps = [EntrypointSpec(e.name, e.listen) for e in config.entrypoints]
-            try:
+            try:  # both record the outcome themselves
                 if self.config is None or self.config.entrypoints != config.entrypoints or (
                     self.config.defaults != config.defaults
                 ):
-                    await runtime.set_entrypoints(eps, config.defaults)
-            except SnapshotError as e:
-                runtime.record("file", False, str(e))
-                return
-            try:
-                await runtime.apply(config.snapshot)  # records the outcome itself
+                    # entrypoints and services in one step: an edit may move a port between them
+                    await runtime.set_entrypoints(eps, config.defaults, config.snapshot)
+                else:
+                    await runtime.apply(config.snapshot)
             except SnapshotError:
                 return
             runtime.grace = config.shutdown.grace

@@ -250,12 +250,6 @@ async def test_routes_on_an_entrypoint_follow_the_file(backend, tmp_path):
         await within(app.stop(), 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="App._apply calls runtime.set_entrypoints() with the old snapshot, then apply(): "
-    "the intermediate state (routes without an entrypoint) is rejected. Fix: pass "
-    "config.snapshot as set_entrypoints' third argument and skip apply() in that case.",
-)
 async def test_dropping_the_entrypoint_and_its_routes_in_one_edit(backend, tmp_path):
     """A valid edit that removes the entrypoint together with the routes that needed it."""
     a = await backend("a")

@@ -320,9 +320,9 @@ async def test_config_rewrites_under_load_drop_nothing(backend, tmp_path):
     try:
         assert failures == [], f"{len(failures)} failed of {ok + len(failures)}: {failures[:5]}"
         assert ok > 1000, f"only {ok} requests in 8 s"
-        # the file watcher waits for a changing file to settle (at most 4 polls), so under
-        # rewrites every 200 ms a change lands about every 1.25 s
-        assert applies >= 3, f"only {applies} config changes were applied"
+        # an atomic rename is read at the next poll (every 0.25 s): with a rewrite every
+        # 200 ms, most rewrites land (some coalesce between two polls)
+        assert applies >= 16, f"only {applies} of ~40 config rewrites were applied"
         assert answered_by == {b.name for b in backends}
         # only the last configured backends answer now
         before = {b.name: len(b.requests) for b in backends}

@@ -7,8 +7,9 @@ a rewrite that kept the same size within the file system's timestamp granularity
 
 A changed signature is read once it has held for one poll, so a half-written file (an editor
 writing in place) is not loaded; with the default interval a change is applied within 0.5 s.
-An atomic rename (write elsewhere, then `os.replace`) is always complete and is the recommended
-way to update the file. The first read and `trigger()` do not wait.
+An atomic rename (write elsewhere, then `os.replace`) is always complete, so a new inode is read
+at the next poll without waiting; it is the recommended way to update the file. The first read
+and `trigger()` do not wait either.
 
 The loader is injected: it gets the file's bytes and returns a value (or raises). Failures
 keep the last good value: `on_error` is called and `emit` is not.
@@ -105,7 +106,13 @@ class FileWatcher(Generic[T]):
         if not force:
             if sig != self._applied_sig:
                 # Let an in-progress write finish first, but not forever if it keeps changing.
-                if sig != self._pending_sig and self._waited < _MAX_SETTLE_POLLS:
+                # A file replaced by rename (a new inode) is complete: read it at once.
+                replaced = self._applied_sig is not None and sig[3:] != self._applied_sig[3:]
+                if (
+                    not replaced
+                    and sig != self._pending_sig
+                    and self._waited < _MAX_SETTLE_POLLS
+                ):
                     self._pending_sig = sig
                     self._waited += 1
                     return False

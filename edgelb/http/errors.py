@@ -6,6 +6,7 @@ REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
     408: b"Request Timeout",
+    431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     502: b"Bad Gateway",
     503: b"Service Unavailable",

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgelb.http")
 
 BUFFER_LIMIT = 256 * 1024  # request body held while an upstream connection is being opened
+MAX_HEAD = 64 * 1024  # a request head still incomplete after this much more data: 431
 
 # reasons for pausing a client's reading
 PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
@@ -153,6 +154,7 @@ class ClientProtocol(asyncio.Protocol):
         "fwd_cache",
         "fwd_cache_host",
         "fwd_for",
+        "head_bytes",
         "listener",
         "loop",
         "parser",
@@ -183,6 +185,7 @@ class ClientProtocol(asyncio.Protocol):
         self.upgrade_buffer: list[bytes] | None = None
         self.xff_ip = b""
         self.fwd_for = b""
+        self.head_bytes = 0  # bytes read since the current, incomplete request head began
         self.fwd_cache = b""  # the forwarding header block last made, for fwd_cache_host
         self.fwd_cache_host = b""
 
@@ -256,15 +259,17 @@ class ClientProtocol(asyncio.Protocol):
         try:
             parser.feed_data(data)
             parsing = self.parsing
-            if (
-                parsing is not None
-                and parsing is not before
-                and not parsing.method
-                and self.active is None
-            ):
-                # a request head that did not come whole: it has header_timeout to finish,
-                # counted from its first bytes (later pieces do not extend it)
-                self.deadline = self.loop.time() + self.listener.header_timeout_s
+            if parsing is not None and not parsing.method:
+                # a request head that did not come whole
+                if parsing is not before:
+                    self.head_bytes = 0
+                    if self.active is None:
+                        # header_timeout counts from its first bytes; more do not extend it
+                        self.deadline = self.loop.time() + self.listener.header_timeout_s
+                else:
+                    self.head_bytes += len(data)
+                    if self.head_bytes > MAX_HEAD:
+                        self._fail_connection(431, "request head too large")
         except httptools.HttpParserUpgrade as e:
             self.upgrade_buffer = [data[e.args[0] :]]
         except httptools.HttpParserCallbackError:
