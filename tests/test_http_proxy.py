@@ -1118,3 +1118,25 @@ async def test_oversized_request_head_is_refused(backend, proxy):
     assert r.status == 200
     assert b.requests[0].get("x-cookie") == "c" * 30000
     client.close()
+
+
+async def test_502_when_a_response_head_grows_past_the_limit(backend, proxy):
+    """A backend that streams header lines without end gets cut off; the client sees 502."""
+
+    async def endless_head(call) -> None:
+        await call.read_body()
+        call.write(b"HTTP/1.1 200 OK\r\n")
+        line = b"x-filler: " + b"a" * 100 + b"\r\n"
+        for _ in range(4000):  # ~450 KiB, in pieces, never the blank line
+            call.write(line * 10)
+            await call.drain()
+            if call.reader.at_eof():
+                break
+        await call.reader.read()
+        call.close()
+
+    b = await backend("a", endless_head)
+    port = await static(proxy, [b])
+    r = await within(fetch(port))
+    assert r.status == 502
+    assert b"response head over 64 KiB" in r.body

@@ -817,7 +817,14 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         hbuf = self.hbuf
         if hbuf is not None:  # a head is expected: keep its raw bytes for on_headers_complete
-            self.hbuf = hbuf + data if hbuf else data
+            if hbuf:  # the head did not come whole in the last read
+                hbuf += data
+                if len(hbuf) > MAX_HEAD + len(data):
+                    self._bad_response("sent a response head over 64 KiB")
+                    return
+                self.hbuf = hbuf
+            else:
+                self.hbuf = data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
