@@ -29,6 +29,29 @@ def split_response_head(
     lower = raw.lower()
     first = lower.find(b"\r\n")
     status = raw[9 : first + 2]
+    found = _SPECIAL.findall(lower, first)
+    # Fast paths for what most backends send: nothing to act on but Content-Length, and at
+    # most one `Connection: keep-alive` or `Connection: close` line.
+    if not found:
+        return status, raw[first + 2 :], False, False, False
+    has_cl = b"content-length" in found
+    others = len(found) - found.count(b"content-length")
+    if others == 0:
+        return status, raw[first + 2 :], False, True, False
+    if others == 1 and b"connection" in found:
+        pos = lower.find(b"\r\nconnection:", first)
+        if pos >= 0:
+            end = lower.find(b"\r\n", pos + 13)
+            value = lower[pos + 13 : end].strip()
+            if value == b"keep-alive" or value == b"close":
+                headers = raw[first + 2 : pos + 2] + raw[end + 2 :]
+                return status, headers, False, has_cl, value == b"close"
+    return _general(raw, lower, first, status, keep_trailer, keep_upgrade)
+
+
+def _general(
+    raw: bytes, lower: bytes, first: int, status: bytes, keep_trailer: bool, keep_upgrade: bool
+) -> tuple[bytes, bytes, bool, bool, bool]:
     chunked = has_cl = close = False
     cuts: list[tuple[int, int]] | None = None
     named: set[bytes] | None = None
