@@ -17,10 +17,22 @@ class LeastLoaded(Balancer):
 
     def pick(self, backends: Sequence[Candidate], key: bytes | None = None) -> Candidate | None:
         n = len(backends)
-        if n == 0:
-            return None
-        if n <= FULL_SCAN:
-            return self._scan(backends)
+        if n <= FULL_SCAN:  # (on the hot path: the scan is inlined here, not a call)
+            best = None
+            best_load = 0.0
+            tied_weight = 0.0
+            for b in backends:
+                if not b.eligible:
+                    continue
+                load = b.inflight / b.weight
+                if best is None or load < best_load:
+                    best, best_load, tied_weight = b, load, b.weight
+                elif load == best_load:
+                    # weighted reservoir sampling among the tied
+                    tied_weight += b.weight
+                    if self.rng.random() * tied_weight < b.weight:
+                        best = b
+            return best
         rand = self.rng.randrange
         for _ in range(4):  # a few tries at two eligible samples, then fall back to a scan
             a = backends[rand(n)]
@@ -42,17 +54,9 @@ class LeastLoaded(Balancer):
     def _scan(self, backends: Sequence[Candidate]) -> Candidate | None:
         best = None
         best_load = 0.0
-        tied_weight = 0.0
-        random = self.rng.random
         for b in backends:
-            if not b.eligible:
-                continue
-            load = b.inflight / b.weight
-            if best is None or load < best_load:
-                best, best_load, tied_weight = b, load, b.weight
-            elif load == best_load:
-                # weighted reservoir sampling among the tied
-                tied_weight += b.weight
-                if random() * tied_weight < b.weight:
-                    best = b
+            if b.eligible:
+                load = b.inflight / b.weight
+                if best is None or load < best_load:
+                    best, best_load = b, load
         return best

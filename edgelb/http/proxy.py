@@ -309,8 +309,12 @@ class ClientProtocol(asyncio.Protocol):
         lname = name.lower()
         if lname not in _REQ_SPECIAL:
             ex.lines.append(b"%s: %s\r\n" % (name, value))  # type: ignore[union-attr]
-            return
-        _special_request_header(ex, lname, name, value)  # type: ignore[arg-type]
+        elif lname == b"host" and not ex.has_host:  # type: ignore[union-attr]
+            ex.host = value  # type: ignore[union-attr]
+            ex.has_host = True  # type: ignore[union-attr]
+            ex.lines.append(b"%s: %s\r\n" % (name, value))  # type: ignore[union-attr]
+        else:
+            _special_request_header(ex, lname, name, value)  # type: ignore[arg-type]
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -318,7 +322,8 @@ class ClientProtocol(asyncio.Protocol):
         ex.method = parser.get_method()  # type: ignore[union-attr]
         ex.version = parser.get_http_version()  # type: ignore[union-attr]
         ex.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
-        if parser.should_upgrade():  # type: ignore[union-attr]
+        # the parser marks an upgrade only for an Upgrade header or a CONNECT
+        if (ex.upgrade_value or ex.method == b"CONNECT") and parser.should_upgrade():  # type: ignore[union-attr]
             ex.upgrade = True  # type: ignore[union-attr]
             ex.keep_alive = False  # type: ignore[union-attr]  # the parser stops at an upgrade
         if self.active is None:
@@ -990,7 +995,9 @@ class UpstreamProtocol(asyncio.Protocol):
         service.duration_buckets[bisect_left(DURATION_BUCKETS, elapsed)] += 1
         service.duration_sum += elapsed
         service.duration_count += 1
-        backend.observe_latency(elapsed)
+        # a plain EWMA of latency (the balancing work replaces it); inline: this is per request
+        lat = backend.latency
+        backend.latency = elapsed if lat == 0.0 else lat * 0.8 + elapsed * 0.2
         codes = backend.responses
         status = ex.status
         codes[status] = codes.get(status, 0) + 1
@@ -1002,7 +1009,14 @@ class UpstreamProtocol(asyncio.Protocol):
         if reusable and ex.request_complete and not self.closed:
             if client.write_paused:
                 self.transport.resume_reading()
-            self.park(now)
+            policy = service.policy
+            idle = backend.idle
+            if backend.draining or len(idle) >= policy.max_idle:  # park(), inlined
+                self.transport.close()
+            else:
+                self.reused = True
+                self.deadline = now + policy.idle_timeout
+                idle.append(self)
         elif not self.closed:
             self.transport.close()
         if not ex.done:
