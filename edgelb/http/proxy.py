@@ -293,11 +293,15 @@ class ClientProtocol(asyncio.Protocol):
 
     # -- parser callbacks ----------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.parsing = Exchange(self)
-
+    # No on_message_begin: a request always starts with its target, so on_url opens the
+    # exchange (one callback less per request).
     def on_url(self, url: bytes) -> None:
-        self.parsing.url += url  # type: ignore[union-attr]
+        ex = self.parsing
+        if ex is None:
+            ex = self.parsing = Exchange(self)
+            ex.url = url
+        else:
+            ex.url += url  # the target came in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
@@ -320,8 +324,13 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.parsing
         parser = self.parser
         ex.method = parser.get_method()  # type: ignore[union-attr]
-        ex.version = parser.get_http_version()  # type: ignore[union-attr]
-        ex.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
+        keep_alive = ex.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
+        if ex.conn_tokens is None:  # type: ignore[union-attr]
+            # Without a Connection header only HTTP/1.1 keeps the connection alive; this
+            # saves get_http_version(), which formats a new string on every call.
+            ex.version = "1.1" if keep_alive else "1.0"  # type: ignore[union-attr]
+        else:
+            ex.version = parser.get_http_version()  # type: ignore[union-attr]
         # the parser marks an upgrade only for an Upgrade header or a CONNECT
         if (ex.upgrade_value or ex.method == b"CONNECT") and parser.should_upgrade():  # type: ignore[union-attr]
             ex.upgrade = True  # type: ignore[union-attr]
