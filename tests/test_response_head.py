@@ -73,3 +73,15 @@ def test_exactly_the_end_to_end_fields_pass_in_order(fields):
         if n not in HOP and n.lower() not in named - {"close", "keep-alive", "upgrade"}
     ]
     assert headers == b"".join(f"{n}: {v}\r\n".encode() for n, v in kept)
+
+
+def test_the_memo_gives_the_same_answer_and_stays_bounded():
+    from edgelb.http import response_head
+
+    raw = head([("Server", "nginx"), ("Content-Length", "6"), ("Connection", "close")])
+    first = response_head.split_response_head_cached(raw)
+    assert first == split_response_head(raw, False, False)
+    assert response_head.split_response_head_cached(bytes(raw)) is first  # a hit
+    for i in range(response_head._CACHE_SIZE + 10):
+        response_head.split_response_head_cached(head([("X-N", str(i))]))
+    assert len(response_head._cache) <= response_head._CACHE_SIZE

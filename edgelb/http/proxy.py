@@ -20,7 +20,7 @@ import httptools
 
 from edgelb.http.errors import local_response
 from edgelb.http.headers import CONNECTION_OPTIONS, connection_tokens, drop_named, forwarded_for
-from edgelb.http.response_head import split_response_head
+from edgelb.http.response_head import split_response_head, split_response_head_cached
 from edgelb.pool import DURATION_BUCKETS
 
 if TYPE_CHECKING:
@@ -901,9 +901,14 @@ class UpstreamProtocol(asyncio.Protocol):
         hbuf = self.hbuf
         end = hbuf.find(b"\r\n\r\n")
         status = self.parser.get_status_code()
-        status_line, headers, chunked, has_cl, close = split_response_head(
-            hbuf[: end + 2], ex.te_trailers, status == 101
-        )
+        if ex.te_trailers or status == 101:
+            status_line, headers, chunked, has_cl, close = split_response_head(
+                hbuf[: end + 2], ex.te_trailers, status == 101
+            )
+        else:
+            status_line, headers, chunked, has_cl, close = split_response_head_cached(
+                hbuf[: end + 2]
+            )
         client = ex.client
         if status < 200:
             self.hbuf = hbuf[end + 4 :]  # another head follows

@@ -17,9 +17,29 @@ _SPECIAL = re.compile(
 )
 
 
+_Split = tuple[bytes, bytes, bool, bool, bool]
+
+# Under load a backend sends the same head over and over (same Date within a second, same
+# length for the same resource): remember the last few results. Bounded; cleared when full.
+_CACHE_SIZE = 512
+_cache: dict[bytes, _Split] = {}
+
+
+def split_response_head_cached(raw: bytes) -> _Split:
+    """split_response_head(raw, False, False), memoized for repeated identical heads."""
+    hit = _cache.get(raw)
+    if hit is not None:
+        return hit
+    result = split_response_head(raw, False, False)
+    if len(_cache) >= _CACHE_SIZE:
+        _cache.clear()
+    _cache[raw] = result
+    return result
+
+
 def split_response_head(
     raw: bytes, keep_trailer: bool, keep_upgrade: bool
-) -> tuple[bytes, bytes, bool, bool, bool]:
+) -> _Split:
     """Take `raw` = status line and header lines, each ending in CRLF, without the blank line.
 
     Returns (status, headers, chunked, has_content_length, close): `status` is the status
