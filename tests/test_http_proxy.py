@@ -1140,3 +1140,27 @@ async def test_502_when_a_response_head_grows_past_the_limit(backend, proxy):
     r = await within(fetch(port))
     assert r.status == 502
     assert b"response head over 64 KiB" in r.body
+
+
+async def test_504_on_a_kept_alive_upstream_connection(backend, proxy):
+    """The response timeout holds when the request goes out on a reused connection too."""
+
+    async def first_fast_then_hang(call) -> None:
+        if call.req.target == "/fast":
+            await call.respond(200, b"fast")
+            return
+        await call.read_body()
+        await call.reader.read()
+        call.close()
+
+    b = await backend("a", first_fast_then_hang)
+    port = await static(proxy, [b], response_timeout=0.4)
+    client = await Client.open(port)
+    r = await within(client.request("GET", "/fast"))
+    assert r.status == 200
+    start = time.monotonic()
+    r = await within(client.request("GET", "/hang"))
+    assert r.status == 504
+    assert time.monotonic() - start < 2.0
+    assert b.connections == 1  # the second request went out on the kept-alive connection
+    client.close()

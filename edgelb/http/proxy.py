@@ -381,8 +381,14 @@ class ClientProtocol(asyncio.Protocol):
         if up is not None:
             if ex.chunked:  # type: ignore[union-attr]
                 up.transport.write(_last_chunk(ex.req_trailers))  # type: ignore[union-attr]
-            if ex.body_sent and not ex.response_started:  # type: ignore[union-attr]
-                up.deadline = self.loop.time() + ex.service.policy.response_timeout  # type: ignore[union-attr]
+            if not ex.response_started:  # type: ignore[union-attr]
+                # the request is whole: now the response timeout runs (from its start when
+                # no body was sent, which saves a clock read on the common GET)
+                timeout = ex.service.policy.response_timeout  # type: ignore[union-attr]
+                if ex.body_sent:  # type: ignore[union-attr]
+                    up.deadline = self.loop.time() + timeout
+                else:
+                    up.deadline = ex.start + timeout  # type: ignore[union-attr]
 
     # -- serving -------------------------------------------------------------------------
 
