@@ -20,7 +20,7 @@ import httptools
 
 from edgelb.http.errors import local_response
 from edgelb.http.headers import CONNECTION_OPTIONS, connection_tokens, drop_named, forwarded_for
-from edgelb.http.response_head import split_response_head, split_response_head_cached
+from edgelb.http.response_head import rewrite_response_head, rewrite_response_head_cached
 from edgelb.pool import DURATION_BUCKETS
 
 if TYPE_CHECKING:
@@ -908,11 +908,11 @@ class UpstreamProtocol(asyncio.Protocol):
         end = hbuf.find(b"\r\n\r\n")
         status = self.parser.get_status_code()
         if ex.te_trailers or status == 101:
-            status_line, headers, chunked, has_cl, close = split_response_head(
+            status_line, headers, chunked, has_cl, close, plain = rewrite_response_head(
                 hbuf[: end + 2], ex.te_trailers, status == 101
             )
         else:
-            status_line, headers, chunked, has_cl, close = split_response_head_cached(
+            status_line, headers, chunked, has_cl, close, plain = rewrite_response_head_cached(
                 hbuf[: end + 2]
             )
         client = ex.client
@@ -936,24 +936,27 @@ class UpstreamProtocol(asyncio.Protocol):
         ex.status = status
         ex.response_started = True
         bodiless = ex.method == b"HEAD" or status == 204 or status == 304
-        parts = [b"HTTP/1.1 ", status_line, headers]
         keep = ex.keep_alive and not client.closing
-        if not bodiless:
-            if chunked or not has_cl:
-                ex.until_close = not chunked
-                if ex.version == "1.1":
-                    ex.client_chunked = True
-                    parts.append(b"transfer-encoding: chunked\r\n")
-                else:
-                    keep = False  # an HTTP/1.0 client reads to the close
-        ex.keep_alive = keep
-        if not keep:
-            parts.append(b"connection: close\r\n\r\n")
-        elif ex.version == "1.0":
-            parts.append(b"connection: keep-alive\r\n\r\n")
+        if keep and ex.version == "1.1" and (bodiless or (has_cl and not chunked)):
+            head = plain  # the common case: nothing to add
         else:
-            parts.append(b"\r\n")
-        head = b"".join(parts)
+            parts = [b"HTTP/1.1 ", status_line, headers]
+            if not bodiless:
+                if chunked or not has_cl:
+                    ex.until_close = not chunked
+                    if ex.version == "1.1":
+                        ex.client_chunked = True
+                        parts.append(b"transfer-encoding: chunked\r\n")
+                    else:
+                        keep = False  # an HTTP/1.0 client reads to the close
+            ex.keep_alive = keep
+            if not keep:
+                parts.append(b"connection: close\r\n\r\n")
+            elif ex.version == "1.0":
+                parts.append(b"connection: keep-alive\r\n\r\n")
+            else:
+                parts.append(b"\r\n")
+            head = b"".join(parts)
         self.service.bytes_out += len(head)
         self.head_out = head  # written with the body, or by _complete, or after this read
         if bodiless:

@@ -18,19 +18,28 @@ _SPECIAL = re.compile(
 
 
 _Split = tuple[bytes, bytes, bool, bool, bool]
+# the same, plus the whole head as sent to an HTTP/1.1 keep-alive client when no framing
+# header has to be added (Content-Length responses, bodiless ones)
+_Rewrite = tuple[bytes, bytes, bool, bool, bool, bytes]
 
 # Under load a backend sends the same head over and over (same Date within a second, same
 # length for the same resource): remember the last few results. Bounded; cleared when full.
 _CACHE_SIZE = 512
-_cache: dict[bytes, _Split] = {}
+_cache: dict[bytes, _Rewrite] = {}
 
 
-def split_response_head_cached(raw: bytes) -> _Split:
-    """split_response_head(raw, False, False), memoized for repeated identical heads."""
+def rewrite_response_head(raw: bytes, keep_trailer: bool, keep_upgrade: bool) -> _Rewrite:
+    """split_response_head, plus the plain head for an HTTP/1.1 keep-alive client."""
+    status, headers, chunked, has_cl, close = split_response_head(raw, keep_trailer, keep_upgrade)
+    return status, headers, chunked, has_cl, close, b"HTTP/1.1 " + status + headers + b"\r\n"
+
+
+def rewrite_response_head_cached(raw: bytes) -> _Rewrite:
+    """rewrite_response_head(raw, False, False), memoized for repeated identical heads."""
     hit = _cache.get(raw)
     if hit is not None:
         return hit
-    result = split_response_head(raw, False, False)
+    result = rewrite_response_head(raw, False, False)
     if len(_cache) >= _CACHE_SIZE:
         _cache.clear()
     _cache[raw] = result
