@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_left
+from collections import defaultdict
 from typing import Any
 
 import balancers
@@ -51,7 +52,7 @@ class BackendState:
         self.draining = False
         self.eligible = False
         self.requests = 0  # requests sent to it
-        self.responses: dict[int, int] = {}  # status code -> count
+        self.responses: dict[int, int] = defaultdict(int)  # status code -> count
         self.failures = 0  # connect errors, resets, timeouts
         self.connections_total = 0  # upstream connections opened to it
         self.open_connections = 0
@@ -143,7 +144,6 @@ class ServiceState:
         "bytes_in",
         "bytes_out",
         "duration_buckets",
-        "duration_count",
         "duration_sum",
         "local_responses",
         "name",
@@ -162,12 +162,15 @@ class ServiceState:
         self.pool.update(spec.backends, spec.policy.balance)
         self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket, not cumulative
         self.duration_sum = 0.0
-        self.duration_count = 0
         self.bytes_in = 0  # from clients
         self.bytes_out = 0  # to clients
         self.tcp_connections = 0  # accepted client connections, tcp mode
         self.shed: dict[str, int] = {}  # reason -> count
         self.local_responses: dict[int, int] = {}  # answered by edgelb itself, no backend
+
+    @property
+    def duration_count(self) -> int:
+        return sum(self.duration_buckets)
 
     def update(self, spec: Service) -> None:
         self.spec = spec
@@ -177,4 +180,3 @@ class ServiceState:
     def observe(self, seconds: float) -> None:
         self.duration_buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.duration_sum += seconds
-        self.duration_count += 1

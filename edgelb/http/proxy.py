@@ -517,16 +517,19 @@ class ClientProtocol(asyncio.Protocol):
             named = {t for t in ex.conn_tokens if t not in CONNECTION_OPTIONS}
             if named:
                 lines = drop_named(lines, named)
-        head = b"%s %s HTTP/1.1\r\n%s" % (ex.method, ex.url, b"".join(lines))
-        if not ex.has_host or ex.chunked or ex.te_trailers or ex.upgrade:
-            head += self._framing_lines(ex)
         if ex.xff or ex.fwd or ex.via:
-            return head + self._forwarding(ex)
-        # The forwarding block depends only on the client and the Host: reuse it.
-        if ex.host != self.fwd_cache_host or not self.fwd_cache:
-            self.fwd_cache = self._forwarding(ex)
-            self.fwd_cache_host = ex.host
-        return head + self.fwd_cache
+            tail = self._forwarding(ex)
+        else:
+            # The forwarding block depends only on the client and the Host: reuse it.
+            tail = self.fwd_cache
+            if ex.host != self.fwd_cache_host or not tail:
+                tail = self.fwd_cache = self._forwarding(ex)
+                self.fwd_cache_host = ex.host
+        if not ex.has_host or ex.chunked or ex.te_trailers or ex.upgrade:
+            tail = self._framing_lines(ex) + tail
+        if len(lines) == 1:
+            return b"%s %s HTTP/1.1\r\n%s%s" % (ex.method, ex.url, lines[0], tail)
+        return b"%s %s HTTP/1.1\r\n%s%s" % (ex.method, ex.url, b"".join(lines), tail)
 
     def _framing_lines(self, ex: Exchange) -> bytes:
         parts = []
@@ -1017,13 +1020,10 @@ class UpstreamProtocol(asyncio.Protocol):
         elapsed = now - ex.start
         service.duration_buckets[bisect_left(DURATION_BUCKETS, elapsed)] += 1
         service.duration_sum += elapsed
-        service.duration_count += 1
         # a plain EWMA of latency (the balancing work replaces it); inline: this is per request
         lat = backend.latency
         backend.latency = elapsed if lat == 0.0 else lat * 0.8 + elapsed * 0.2
-        codes = backend.responses
-        status = ex.status
-        codes[status] = codes.get(status, 0) + 1
+        backend.responses[ex.status] += 1  # a defaultdict
         backend.inflight -= 1
         if backend.draining:
             service.pool.released(backend)
