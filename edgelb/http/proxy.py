@@ -791,11 +791,7 @@ class UpstreamProtocol(asyncio.Protocol):
             if ex.until_close and not self.interim:
                 self._complete(ex, reusable=False)
             else:
-                # cut in the middle of a body: the client must see a broken response
-                _release(backend, self.service)
-                backend.failures += 1
-                ex.done = True
-                client.transport.close()
+                self._cut(ex)
             return
         retryable = (self.reused and not self.got_bytes) or ex.method in (b"GET", b"HEAD")
         retryable = retryable and not self.got_bytes
@@ -810,10 +806,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.ex = None
         self.transport.close()
         if ex.response_started:
-            _release(self.backend, self.service)
-            self.backend.failures += 1
-            ex.done = True
-            ex.client.transport.close()
+            self._cut(ex)
         else:
             timeout = self.service.policy.response_timeout
             ex.client.upstream_failed(ex, "timeout", f"did not answer in {timeout:g}s", False)
@@ -868,6 +861,13 @@ class UpstreamProtocol(asyncio.Protocol):
             # the body goes on in later reads: the idle timeout runs from the last data
             self.deadline = ex.client.loop.time() + self.service.policy.idle_timeout
 
+    def _cut(self, ex: Exchange) -> None:
+        """The backend failed in the middle of a response: the client must see it broken."""
+        _release(self.backend, self.service)
+        self.backend.failures += 1
+        ex.done = True
+        ex.client.transport.close()
+
     def _bad_response(self, detail: str) -> None:
         ex = self.ex
         self.ex = None
@@ -875,10 +875,7 @@ class UpstreamProtocol(asyncio.Protocol):
         if ex is None:
             return
         if ex.response_started:
-            _release(self.backend, self.service)
-            self.backend.failures += 1
-            ex.done = True
-            ex.client.transport.close()
+            self._cut(ex)
         else:
             ex.client.upstream_failed(ex, "bad", detail, False)
 
