@@ -1,7 +1,7 @@
 # edgelb: the proxy as a container. Build: docker build -t edgelb .
 # Run with a config mounted at /etc/edgelb/edgelb.yaml (its admin listener on port 9090, which
 # the HEALTHCHECK below probes), e.g.
-#   docker run -v "$PWD/examples/static.yaml:/etc/edgelb/edgelb.yaml:ro" -p 10000:10000 edgelb
+#   docker run -v "$PWD/examples/http-static.yaml:/etc/edgelb/edgelb.yaml:ro" -p 10000:10000 edgelb
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -26,6 +26,14 @@ CHUNK = 64 * 1024
 Headers = list[tuple[str, str]]
 
 
+STEP = 5.0  # seconds any single awaited step of a test may take
+
+
+def within(coro, timeout: float = STEP):
+    """Await `coro`, failing the test if it takes longer than `timeout` seconds."""
+    return asyncio.wait_for(coro, timeout)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (bound to 0, then closed)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -8,18 +8,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from httpkit import HOST, Call, Client, HttpBackend, fetch, free_port
+from httpkit import HOST, Call, Client, HttpBackend, fetch, free_port, within
 
 from edgelb.app import App
 from edgelb.config import ConfigError
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(30)]
 
-T = 5.0
-
-
-def within(coro, timeout: float = T):
-    return asyncio.wait_for(coro, timeout)
 
 
 def config_text(admin: int, port: int, backends: list[HttpBackend], extra: str = "") -> str:

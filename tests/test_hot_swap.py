@@ -24,6 +24,7 @@ from httpkit import (
     service,
     snapshot,
     upgrade_echo,
+    within,
 )
 
 from edgelb.app import App
@@ -32,11 +33,6 @@ from watchers.model import Address, Route
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(40)]
 
-T = 5.0
-
-
-def within(coro, timeout: float = T):
-    return asyncio.wait_for(coro, timeout)
 
 
 def gated(gate: asyncio.Event, body: bytes = b"late") -> object:

@@ -39,17 +39,13 @@ from httpkit import (
     slow,
     snapshot,
     upgrade_echo,
+    within,
 )
 
 from watchers.model import Route
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(30)]
 
-T = 5.0  # seconds any single step may take
-
-
-def within(coro, timeout: float = T):
-    return asyncio.wait_for(coro, timeout)
 
 
 async def static(proxy, backends, **policy) -> int:
