@@ -10,7 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from edgelb.config import Config, ConfigError, load_config, parse_config
+from edgelb.config import Config, ConfigError, load_config, not_implemented, parse_config
 from edgelb.runtime import EntrypointSpec, Runtime, SnapshotError
 
 log = logging.getLogger("edgelb")
@@ -80,6 +80,11 @@ class App:
         runtime = self.runtime
         assert runtime is not None
         _warn_not_enforced(config)
+        refused = not_implemented(config)
+        if refused:
+            log.error("config %s refused: %s", self.config_path, "; ".join(refused))
+            runtime.record("file", False, "; ".join(refused))
+            return
         async with self._apply_lock:
             if self.config is not None and config.admin != self.config.admin:
                 log.warning("admin.listen changed to %s; it takes effect on restart", config.admin)

@@ -959,10 +959,27 @@ def summarize(config: Config) -> str:
     return "\n".join(lines)
 
 
+def not_implemented(config: Config) -> list[str]:
+    """Valid keys this version cannot honour safely; a config using them is refused.
+
+    TLS on an entrypoint is one: serving plain HTTP where the file asks for TLS would be
+    worse than not starting.
+    """
+    return [
+        f"entrypoints.{e.name}.tls: TLS termination is not available in this version yet; "
+        "remove `tls` to serve plain HTTP on this port"
+        for e in config.entrypoints
+        if e.tls is not None
+    ]
+
+
 def check_command(path: str) -> int:
     """`edgelb check -c FILE`: 0 and a summary when valid, else 1 and every error on stderr."""
     try:
         config = load_config(path)
+        refused = not_implemented(config)
+        if refused:
+            raise ConfigError(refused, path)
     except ConfigError as e:
         n = len(e.errors)
         print(f"{path}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)

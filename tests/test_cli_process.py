@@ -95,3 +95,20 @@ async def test_bad_config_exits_1_naming_the_key(tmp_path):
     _, err = await within(proc.communicate(), 20)
     assert proc.returncode == 1
     assert b"services[0].balence" in err and b"balance" in err
+
+
+async def test_tls_on_an_entrypoint_is_refused_not_served_in_plain_text(tmp_path):
+    path = tmp_path / "edgelb.yaml"
+    port = free_port()
+    path.write_text(
+        f"admin: {{listen: {HOST}:{free_port()}}}\n"
+        f"entrypoints: {{https: {{listen: {HOST}:{port}, tls: {{cert: c.pem, key: k.pem}}}}}}\n"
+    )
+    for command in ("check", "run"):
+        proc = await asyncio.create_subprocess_exec(
+            PYTHON, "-m", "edgelb", command, "-c", str(path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await within(proc.communicate(), 20)
+        assert proc.returncode == 1, command
+        assert b"entrypoints.https.tls" in err, command
