@@ -1160,3 +1160,28 @@ async def test_504_on_a_kept_alive_upstream_connection(backend, proxy):
     assert time.monotonic() - start < 2.0
     assert b.connections == 1  # the second request went out on the kept-alive connection
     client.close()
+
+
+async def test_absolute_form_target_routes_by_its_authority(backend, proxy):
+    """RFC 9112 3.2.2: `GET http://host/path` names the host; the backend gets origin-form."""
+    web, other = await backend("web"), await backend("other")
+    ep = free_port()
+    await proxy(
+        snapshot(
+            service("web", [web]),
+            service("other", [other]),
+            routes=[Route("web.example.com", "/api", "web"), Route("", "/", "other")],
+        ),
+        entrypoints=[("http", ep)],
+    )
+    client = await Client.open(ep)
+    await client.send(
+        b"GET http://web.example.com/api/x?q=1 HTTP/1.1\r\nHost: ignored.example.com\r\n\r\n"
+    )
+    r = await within(client.response())
+    assert r.status == 200
+    assert other.requests == []
+    req = web.requests[0]
+    assert req.target == "/api/x?q=1"
+    assert req.get("host") == "web.example.com"
+    client.close()

@@ -395,6 +395,8 @@ class ClientProtocol(asyncio.Protocol):
     def _start(self, ex: Exchange) -> None:
         self.active = ex
         ex.start = self.loop.time()
+        if ex.url[:1] != b"/" and ex.url != b"*":
+            _absolute_form(ex)
         listener = self.listener
         service = listener.service
         if service is None:
@@ -607,6 +609,26 @@ def _special_request_header(ex: Exchange, lname: bytes, name: bytes, value: byte
         ex.lines.append(b"%s: %s\r\n" % (name, value))
     # keep-alive, proxy-connection, x-forwarded-proto and x-forwarded-host are dropped:
     # the first two are hop-by-hop, the last two are set by the proxy itself.
+
+
+def _absolute_form(ex: Exchange) -> None:
+    """`GET http://host/path` (RFC 9112 3.2.2): the target's authority is the host. Forward
+    origin-form with a matching Host, which every backend understands."""
+    url = ex.url
+    scheme_end = url.find(b"://")
+    if scheme_end < 0:
+        return  # not absolute-form; the backend judges it
+    rest = url[scheme_end + 3 :]
+    slash = rest.find(b"/")
+    authority, path = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
+    at = authority.rfind(b"@")
+    if at >= 0:
+        authority = authority[at + 1 :]  # no userinfo in a Host
+    ex.url = path
+    ex.lines = [ln for ln in ex.lines if ln[:5].lower() != b"host:"]
+    ex.lines.append(b"host: %s\r\n" % authority)
+    ex.host = authority
+    ex.has_host = True
 
 
 def _last_chunk(trailers: list[bytes] | None) -> bytes:
