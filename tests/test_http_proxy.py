@@ -1185,3 +1185,11 @@ async def test_absolute_form_target_routes_by_its_authority(backend, proxy):
     assert req.target == "/api/x?q=1"
     assert req.get("host") == "web.example.com"
     client.close()
+
+
+async def test_responses_carry_via(backend, proxy):
+    b = await backend("a")
+    port = await static(proxy, [b])
+    r = await within(fetch(port))
+    assert r.status == 200
+    assert r.get("via") == "1.1 edgelb"

@@ -28,9 +28,14 @@ _CACHE_SIZE = 512
 _cache: dict[bytes, _Rewrite] = {}
 
 
+VIA = b"via: 1.1 edgelb\r\n"  # RFC 9110 7.6.3: a proxy adds itself to what it forwards
+
+
 def rewrite_response_head(raw: bytes, keep_trailer: bool, keep_upgrade: bool) -> _Rewrite:
-    """split_response_head, plus the plain head for an HTTP/1.1 keep-alive client."""
+    """split_response_head with our Via line added, plus the plain head for an HTTP/1.1
+    keep-alive client."""
     status, headers, chunked, has_cl, close = split_response_head(raw, keep_trailer, keep_upgrade)
+    headers += VIA
     return status, headers, chunked, has_cl, close, b"HTTP/1.1 " + status + headers + b"\r\n"
 
 
