@@ -395,7 +395,7 @@ class ClientProtocol(asyncio.Protocol):
     def _start(self, ex: Exchange) -> None:
         self.active = ex
         ex.start = self.loop.time()
-        if ex.url[:1] != b"/" and ex.url != b"*":
+        if ex.url[0] != 47 and ex.url != b"*":  # 47 is "/": not origin-form
             _absolute_form(ex)
         listener = self.listener
         service = listener.service
