@@ -169,6 +169,8 @@ class _Pump:
         self.done = True
 
     def _count_in(self, n: int) -> None:
+        conn = self.conn
+        conn.deadline = self.loop.time() + conn.service.policy.idle_timeout  # data moved
         if self.up:
             self.conn.service.bytes_in += n
         else:
@@ -340,6 +342,7 @@ class _Connection:
         "client",
         "closed",
         "connected",
+        "deadline",
         "down",
         "listener",
         "loop",
@@ -365,6 +368,7 @@ class _Connection:
         self.retried = False
         self.connected = False
         self.closed = False
+        self.deadline = 0.0  # idle_timeout after the last byte either way (runtime's sweeper)
 
     # -- connecting ---------------------------------------------------------------------
 
@@ -463,6 +467,7 @@ class _Connection:
             self.timer.cancel()
             self.timer = None
         self.connected = True
+        self.deadline = self.loop.time() + self.service.policy.idle_timeout
         backend = self.backend
         assert backend is not None and self.upstream is not None
         backend.connections_total += 1
@@ -474,6 +479,13 @@ class _Connection:
         self.down.start()
 
     # -- relaying and closing -----------------------------------------------------------
+
+    def expire(self, now: float) -> None:
+        """Nothing moved either way for idle_timeout: close both sides (as HAProxy's
+        `timeout client`/`timeout server` do in tcp mode)."""
+        self.deadline = 0.0
+        if not self.closed:
+            self.close()
 
     def direction_done(self) -> None:
         if self.up is not None and self.down is not None and self.up.done and self.down.done:
@@ -536,6 +548,11 @@ class TcpListener:
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    @property
+    def clients(self) -> set[_Connection]:
+        """Open connections; the runtime's sweeper expires idle ones through it."""
+        return self._conns
 
     async def start(self) -> None:
         if self.loop is None:

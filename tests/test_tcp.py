@@ -674,3 +674,43 @@ def test_no_descriptor_leak_over_many_connections(splice: bool) -> None:
     if not os.path.isdir("/proc/self/fd"):
         pytest.skip("needs /proc/self/fd")
     run("uvloop", main)
+
+
+def test_idle_connection_is_closed_after_idle_timeout(loop_name: str, splice: bool) -> None:
+    """Traffic keeps a connection open; silence for idle_timeout closes it (via the runtime)."""
+    from edgelb.runtime import Runtime
+    from watchers.model import Snapshot
+
+    async def main() -> None:
+        async with server() as port:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                lport = s.getsockname()[1]
+            loop = asyncio.get_running_loop()
+            rt = Runtime(loop=loop)
+            svc = Service(
+                "svc",
+                mode="tcp",
+                listen=Address("127.0.0.1", lport),
+                backends=(Backend("127.0.0.1", port),),
+                policy=Policy(idle_timeout=0.5),
+            )
+            await rt.apply(Snapshot("file", (svc,)))
+            rt.listeners[str(svc.listen)].splice = splice
+            rt.start_sweeper()
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", lport)
+                for i in range(4):  # 1.2 s of traffic every 0.3 s: longer than the timeout
+                    if i:
+                        await asyncio.sleep(0.3)
+                    writer.write(b"ping")
+                    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+                    last = time.monotonic()
+                assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
+                assert 0.45 <= time.monotonic() - last < 2.0
+                writer.close()
+                assert_released(rt.services["svc"])
+            finally:
+                await rt.shutdown(1.0)
+
+    run(loop_name, main)
