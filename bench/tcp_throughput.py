@@ -1,7 +1,7 @@
 """Bulk TCP throughput through edgelb's tcp mode, compared with a direct connection (and with
 HAProxy `mode tcp` + `option splice-auto` when `haproxy` is on PATH). Not a test: run it by hand.
 
-    python tests/tcp_throughput.py --total 1G --conns 4 --rounds 3
+    python bench/tcp_throughput.py --total 1G --conns 4 --rounds 3
 
 A source process sends `total / conns` bytes on each connection and closes; the client reads to
 EOF. Each path runs `rounds` times, alternating; the best round of each is reported with its
