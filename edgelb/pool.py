@@ -47,7 +47,7 @@ class BackendState:
         self.key = spec.key
         self.weight = spec.weight
         self.inflight = 0  # requests (http) or connections (tcp) now open
-        self.latency = 0.0  # seconds, a decaying estimate; 0.0 until measured
+        self.latency = 0.0  # seconds, an EWMA the data path updates per response; 0.0 at first
         self.healthy = spec.ready and not spec.terminating
         self.draining = False
         self.eligible = False
@@ -77,10 +77,6 @@ class BackendState:
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.close()
-
-    def observe_latency(self, seconds: float) -> None:
-        # A plain EWMA for now; the balancing issue replaces it with peak EWMA.
-        self.latency = seconds if self.latency == 0.0 else self.latency * 0.8 + seconds * 0.2
 
 
 class Pool:

@@ -985,10 +985,7 @@ class UpstreamProtocol(asyncio.Protocol):
             # The response parser cannot be told that a HEAD response has no body: finish
             # here and give the connection a fresh parser for its next response.
             self.parser = self._new_parser(self.parser_trailers)
-            self._complete(ex, reusable=not ex.until_close and self._upstream_keep_alive())
-
-    def _upstream_keep_alive(self) -> bool:
-        return not self.upstream_close
+            self._complete(ex, reusable=not ex.until_close and not self.upstream_close)
 
     def on_body(self, body: bytes) -> None:
         ex = self.ex
