@@ -433,30 +433,49 @@ def scenario_http(cfg: Settings, lab: Lab, notes: list[str]) -> dict[str, Any]:
     try:
         for p, s in servers.items():
             out["sanity"][p] = sanity(s.port)
-        direct_url = f"http://127.0.0.1:{lab.backends[0].port}/"
-        if cfg.warmup:
-            run_wrk(cfg, direct_url, cfg.conns, cfg.warmup, None)
-        out["direct"] = run_wrk(cfg, direct_url, cfg.conns, cfg.duration, "http-direct")
-        log(f"  direct (one backend worker): {out['direct']['rps']:.0f} req/s")
-        for s in servers.values():
-            if cfg.warmup:
-                run_wrk(cfg, f"http://127.0.0.1:{s.port}/", cfg.conns, cfg.warmup, None)
-        for rnd in range(1, cfg.rounds + 1):
-            row: dict[str, Any] = {}
-            for p, s in servers.items():
-                if s.proc.poll() is not None:
-                    notes.append(f"{p} died in the HTTP scenario: {lab.procs.log_tail(s.name, 3)}")
-                    continue
-                r = run_wrk(cfg, f"http://127.0.0.1:{s.port}/", cfg.conns, cfg.duration,
-                            f"http-{p}-r{rnd}")
-                row[p] = r
-                log(f"  round {rnd} {p}: {r['rps']:.0f} req/s p50 {r['p50_us'] / 1000:.2f} ms "
-                    f"p99 {r['p99_us'] / 1000:.2f} ms errors {r['errors']}")
-            out["rounds"].append(row)
+        out["direct"], out["rounds"] = alternate(
+            cfg, lab, servers, "/", cfg.conns, "http", notes,
+            lambda r: f"{r['rps']:.0f} req/s p50 {r['p50_us'] / 1000:.2f} ms "
+            f"p99 {r['p99_us'] / 1000:.2f} ms errors {r['errors']}",
+        )
     finally:
         for s in servers.values():
             lab.procs.stop(s.proc)
     return out
+
+
+def alternate(
+    cfg: Settings,
+    lab: Lab,
+    servers: dict[str, Any],
+    path: str,
+    conns: int,
+    kind: str,
+    notes: list[str],
+    describe: Callable[[dict[str, Any]], str],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """wrk straight to one backend once, then every proxy in turn for `cfg.rounds` rounds."""
+    direct_url = f"http://127.0.0.1:{lab.backends[0].port}{path}"
+    if cfg.warmup:
+        run_wrk(cfg, direct_url, conns, cfg.warmup, None)
+    direct = run_wrk(cfg, direct_url, conns, cfg.duration, f"{kind}-direct")
+    log(f"  direct (one backend worker): {describe(direct)}")
+    for s in servers.values():
+        if cfg.warmup:
+            run_wrk(cfg, f"http://127.0.0.1:{s.port}{path}", conns, cfg.warmup, None)
+    rounds = []
+    for rnd in range(1, cfg.rounds + 1):
+        row: dict[str, Any] = {}
+        for p, s in servers.items():
+            if s.proc.poll() is not None:
+                notes.append(f"{p} died in the {kind} scenario: {lab.procs.log_tail(s.name, 3)}")
+                continue
+            r = run_wrk(cfg, f"http://127.0.0.1:{s.port}{path}", conns, cfg.duration,
+                        f"{kind}-{p}-r{rnd}")
+            row[p] = r
+            log(f"  round {rnd} {p}: {describe(r)}")
+        rounds.append(row)
+    return direct, rounds
 
 
 def scenario_tcp(cfg: Settings, lab: Lab, notes: list[str]) -> dict[str, Any]:
@@ -470,25 +489,10 @@ def scenario_tcp(cfg: Settings, lab: Lab, notes: list[str]) -> dict[str, Any]:
             status, body, _ = http_get(s.port, path, timeout=10)
             if status != 200 or len(body) != BULK_SIZE:
                 raise RuntimeError(f"{p} tcp: bad bulk response {status} {len(body)} bytes")
-        direct_url = f"http://127.0.0.1:{lab.backends[0].port}{path}"
-        if cfg.warmup:
-            run_wrk(cfg, direct_url, cfg.tcp_conns, cfg.warmup, None)
-        out["direct"] = run_wrk(cfg, direct_url, cfg.tcp_conns, cfg.duration, "tcp-direct")
-        log(f"  direct: {out['direct']['mib_s']:.0f} MiB/s")
-        for s in servers.values():
-            if cfg.warmup:
-                run_wrk(cfg, f"http://127.0.0.1:{s.port}{path}", cfg.tcp_conns, cfg.warmup, None)
-        for rnd in range(1, cfg.rounds + 1):
-            row: dict[str, Any] = {}
-            for p, s in servers.items():
-                if s.proc.poll() is not None:
-                    notes.append(f"{p} died in the TCP scenario: {lab.procs.log_tail(s.name, 3)}")
-                    continue
-                r = run_wrk(cfg, f"http://127.0.0.1:{s.port}{path}", cfg.tcp_conns,
-                            cfg.duration, f"tcp-{p}-r{rnd}")
-                row[p] = r
-                log(f"  round {rnd} {p}: {r['mib_s']:.0f} MiB/s errors {r['errors']}")
-            out["rounds"].append(row)
+        out["direct"], out["rounds"] = alternate(
+            cfg, lab, servers, path, cfg.tcp_conns, "tcp", notes,
+            lambda r: f"{r['mib_s']:.0f} MiB/s errors {r['errors']}",
+        )
     finally:
         for s in servers.values():
             lab.procs.stop(s.proc)
