@@ -57,7 +57,9 @@ def backend_status(b: BackendState) -> dict[str, Any]:
         "key": b.key,
         "host": b.spec.host,
         "port": b.spec.port,
-        "weight": b.weight,
+        "weight": b.weight,  # effective: ramped during slow start
+        "weight_configured": b.spec.weight,
+        "slow_start": bool(b.ramp_start),
         "zone": b.spec.zone,
         "healthy": b.healthy,
         "draining": b.draining,

@@ -306,7 +306,7 @@ TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "watchers", "shutdow
 HEALTH_KEYS = ("path", "interval", "timeout", "rise", "fall")
 POLICY_KEYS = (
     "balance", "connect_timeout", "header_timeout", "idle_timeout", "response_timeout",
-    "max_inflight", "queue_timeout", "max_idle", "health_check",
+    "max_inflight", "queue_timeout", "max_idle", "health_check", "slow_start",
 )
 SERVICE_KEYS = ("name", "listen", "mode", "hosts", "paths", "backends", *POLICY_KEYS)
 BACKEND_KEYS = ("address", "weight", "zone")
@@ -374,7 +374,7 @@ def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, A
                         f"known: {', '.join(sorted(balancers.POLICIES))}")
             else:
                 out[key] = value
-        elif key == "queue_timeout":
+        elif key in ("queue_timeout", "slow_start"):
             d = c.duration(value, kpath)
             if d is not None:
                 out[key] = d

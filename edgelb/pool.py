@@ -14,6 +14,7 @@ from collections import defaultdict
 from typing import Any
 
 import balancers
+from balancers.weights import slow_start_factor
 from watchers.model import Backend, Policy, Service
 
 # Upper bounds (seconds) of edgelb_request_duration_seconds; the last bucket is +Inf.
@@ -26,6 +27,7 @@ class BackendState:
     __slots__ = (
         "bytes_in",
         "bytes_out",
+        "cap",
         "connections_total",
         "draining",
         "eligible",
@@ -35,19 +37,27 @@ class BackendState:
         "inflight",
         "key",
         "latency",
+        "latency_t",
         "open_connections",
+        "ramp_start",
         "requests",
         "responses",
         "spec",
         "weight",
+        "zone",
     )
 
     def __init__(self, spec: Backend) -> None:
         self.spec = spec
         self.key = spec.key
-        self.weight = spec.weight
+        self.weight = spec.weight  # effective: spec.weight, ramped while in slow start
+        self.zone = spec.zone
+        self.cap = 0  # concurrency cap the cost model may use (max_inflight); 0 = none
+        self.ramp_start = 0.0  # loop time its slow start began; 0.0 = not ramping
         self.inflight = 0  # requests (http) or connections (tcp) now open
-        self.latency = 0.0  # seconds, an EWMA the data path updates per response; 0.0 at first
+        # peak EWMA of response latency (balancers.ewma), updated by the data path
+        self.latency = 0.0  # seconds; 0.0 = nothing measured yet
+        self.latency_t = 0.0  # loop time of the last update
         self.healthy = spec.ready and not spec.terminating
         self.draining = False
         self.eligible = False
@@ -66,8 +76,16 @@ class BackendState:
 
     def set_spec(self, spec: Backend) -> None:
         self.spec = spec
-        self.weight = spec.weight
+        self.zone = spec.zone
+        if not self.ramp_start:
+            self.weight = spec.weight
         self.healthy = spec.ready and not spec.terminating
+        self._update_eligible()
+
+    def start_ramp(self, now: float) -> None:
+        """Begin slow start: the effective weight climbs from 10% (see Pool.ramp)."""
+        self.ramp_start = now
+        self.weight = self.spec.weight * slow_start_factor(0.0, 1.0)
         self._update_eligible()
 
     def start_draining(self) -> None:
@@ -82,7 +100,7 @@ class BackendState:
 class Pool:
     """The backends of one service and the policy that picks among them."""
 
-    __slots__ = ("backends", "balancer", "by_key", "draining", "policy_name")
+    __slots__ = ("backends", "balancer", "by_key", "draining", "policy_name", "ramping")
 
     def __init__(self, policy_name: str, rng: random.Random | None = None) -> None:
         self.policy_name = policy_name
@@ -90,6 +108,7 @@ class Pool:
         self.backends: list[BackendState] = []  # what the balancer sees
         self.by_key: dict[str, BackendState] = {}
         self.draining: dict[str, BackendState] = {}  # removed, still finishing requests
+        self.ramping = 0  # backends in slow start
 
     def pick(self, key: bytes | None = None) -> BackendState | None:
         return self.balancer.pick(self.backends, key)  # type: ignore[return-value]
@@ -99,18 +118,32 @@ class Pool:
         others = [b for b in self.backends if b is not exclude]
         return self.balancer.pick(others)  # type: ignore[return-value]
 
-    def update(self, specs: tuple[Backend, ...], policy_name: str) -> None:
-        """Apply a new backend list in place: kept backends keep their state."""
+    def update(
+        self,
+        specs: tuple[Backend, ...],
+        policy_name: str,
+        now: float = 0.0,
+        slow_start: float = 0.0,
+        cap: int = 0,
+    ) -> None:
+        """Apply a new backend list in place: kept backends keep their state.
+
+        With a clock (`now`) and a `slow_start` window, a backend added to a pool that already
+        serves starts at 10% of its weight and ramps up (the first backends of a new pool do not:
+        there is nothing to protect them from)."""
         if policy_name != self.policy_name:
             self.policy_name = policy_name
             self.balancer = balancers.make(policy_name, self.balancer.rng)
         new: dict[str, BackendState] = {}
+        ramp = bool(now and slow_start > 0 and self.by_key)
         for spec in specs:
             if spec.key in new:
                 continue  # duplicates are joined by address
             state = self.by_key.get(spec.key) or self.draining.pop(spec.key, None)
             if state is None:
                 state = BackendState(spec)
+                if ramp:
+                    state.start_ramp(now)
             else:
                 state.draining = False
                 state.set_spec(spec)
@@ -122,7 +155,24 @@ class Pool:
                     self.draining[key] = state
         self.by_key = new
         self.backends = list(new.values())
+        for state in self.backends:
+            state.cap = cap
+        self.ramping = sum(1 for b in self.backends if b.ramp_start)
         self.balancer.reset(self.backends)
+
+    def ramp(self, now: float, window: float) -> None:
+        """Move slow-starting backends along their ramp (called a few times a second)."""
+        ramping = 0
+        for b in self.backends:
+            if b.ramp_start:
+                factor = slow_start_factor(now - b.ramp_start, window) if window > 0 else 1.0
+                if factor >= 1.0:
+                    b.ramp_start = 0.0
+                    b.weight = b.spec.weight
+                else:
+                    b.weight = b.spec.weight * factor
+                    ramping += 1
+        self.ramping = ramping
 
     def released(self, backend: BackendState) -> None:
         """Call when a draining backend's in-flight count may have reached zero."""
@@ -155,7 +205,7 @@ class ServiceState:
         self.spec = spec
         self.policy: Policy = spec.policy
         self.pool = Pool(spec.policy.balance, rng)
-        self.pool.update(spec.backends, spec.policy.balance)
+        self.pool.update(spec.backends, spec.policy.balance, cap=spec.policy.max_inflight or 0)
         self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket, not cumulative
         self.duration_sum = 0.0
         self.bytes_in = 0  # from clients
@@ -168,10 +218,13 @@ class ServiceState:
     def duration_count(self) -> int:
         return sum(self.duration_buckets)
 
-    def update(self, spec: Service) -> None:
+    def update(self, spec: Service, now: float = 0.0) -> None:
+        """A new spec for this service; `now` (the loop's clock) enables slow start."""
         self.spec = spec
-        self.policy = spec.policy
-        self.pool.update(spec.backends, spec.policy.balance)
+        policy = self.policy = spec.policy
+        self.pool.update(
+            spec.backends, policy.balance, now, policy.slow_start, policy.max_inflight or 0
+        )
 
     def observe(self, seconds: float) -> None:
         self.duration_buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1

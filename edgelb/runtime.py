@@ -227,7 +227,7 @@ class Runtime:
             if state is None:
                 state = ServiceState(svc, self.rng)
             else:
-                state.update(svc)
+                state.update(svc, self.loop.time())
             by_name[svc.name] = state
         for name, state in states.items():
             if name not in by_name:
@@ -300,6 +300,9 @@ class Runtime:
                     c.expire(now)
         for u in [u for u in self.upstreams if u.deadline and u.deadline <= now]:
             u.expire(now)
+        for state in self.services.values():
+            if state.pool.ramping:
+                state.pool.ramp(now, state.policy.slow_start)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # -- shutdown ------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class Policy:
     queue_timeout: float = 1.0
     max_idle: int = 64  # idle keep-alive connections kept per backend
     health_check: HealthCheck | None = None
+    slow_start: float = 30.0  # a backend added to a running pool ramps 10% -> 100% over this
 
 
 @dataclass(frozen=True, slots=True)
