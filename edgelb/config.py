@@ -307,7 +307,10 @@ HEALTH_KEYS = ("path", "interval", "timeout", "rise", "fall")
 POLICY_KEYS = (
     "balance", "connect_timeout", "header_timeout", "idle_timeout", "response_timeout",
     "max_inflight", "queue_timeout", "max_idle", "health_check", "slow_start",
+    "hash_key", "sticky",
 )
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # an RFC 9110 token: a header or cookie name
+_HASH_KEY = re.compile(rf"^(source|header:{_TOKEN}|cookie:{_TOKEN})$")
 SERVICE_KEYS = ("name", "listen", "mode", "hosts", "paths", "backends", *POLICY_KEYS)
 BACKEND_KEYS = ("address", "weight", "zone")
 MODES = ("http", "tcp")
@@ -394,6 +397,15 @@ def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, A
             hc = _health_check(c, value, kpath, base.health_check)
             if hc is not _INVALID:
                 out[key] = hc
+        elif key == "hash_key":
+            v = c.string(value, kpath, _HASH_KEY,
+                         "use source, header:NAME or cookie:NAME (what `balance: hash` hashes)")
+            if v is not None:
+                out[key] = v
+        elif key == "sticky":
+            b = c.boolean(value, kpath)
+            if b is not None:
+                out[key] = b
     return out
 
 

@@ -8,6 +8,7 @@ keeps its object (and so its counters and idle connections); a removed one drain
 
 from __future__ import annotations
 
+import hashlib
 import random
 from bisect import bisect_left
 from collections import defaultdict
@@ -43,6 +44,7 @@ class BackendState:
         "requests",
         "responses",
         "spec",
+        "sticky_id",
         "weight",
         "zone",
     )
@@ -50,6 +52,8 @@ class BackendState:
     def __init__(self, spec: Backend) -> None:
         self.spec = spec
         self.key = spec.key
+        # what a sticky client's cookie holds: stable per address, says nothing about it
+        self.sticky_id = hashlib.blake2b(self.key.encode(), digest_size=6).hexdigest().encode()
         self.weight = spec.weight  # effective: spec.weight, ramped while in slow start
         self.zone = spec.zone
         self.cap = 0  # concurrency cap the cost model may use (max_inflight); 0 = none
@@ -100,7 +104,17 @@ class BackendState:
 class Pool:
     """The backends of one service and the policy that picks among them."""
 
-    __slots__ = ("backends", "balancer", "by_key", "draining", "policy_name", "ramping")
+    __slots__ = (
+        "backends",
+        "balancer",
+        "balancer_keyed",
+        "by_key",
+        "by_sticky",
+        "draining",
+        "keyed",
+        "policy_name",
+        "ramping",
+    )
 
     def __init__(self, policy_name: str, rng: random.Random | None = None) -> None:
         self.policy_name = policy_name
@@ -109,6 +123,9 @@ class Pool:
         self.by_key: dict[str, BackendState] = {}
         self.draining: dict[str, BackendState] = {}  # removed, still finishing requests
         self.ramping = 0  # backends in slow start
+        self.by_sticky: dict[bytes, BackendState] = {}
+        self.balancer_keyed = bool(getattr(self.balancer, "keyed", False))  # hashes a key
+        self.keyed = self.balancer_keyed  # the data path must find a key (or a sticky cookie)
 
     def pick(self, key: bytes | None = None) -> BackendState | None:
         return self.balancer.pick(self.backends, key)  # type: ignore[return-value]
@@ -125,6 +142,7 @@ class Pool:
         now: float = 0.0,
         slow_start: float = 0.0,
         cap: int = 0,
+        sticky: bool = False,
     ) -> None:
         """Apply a new backend list in place: kept backends keep their state.
 
@@ -134,6 +152,8 @@ class Pool:
         if policy_name != self.policy_name:
             self.policy_name = policy_name
             self.balancer = balancers.make(policy_name, self.balancer.rng)
+            self.balancer_keyed = bool(getattr(self.balancer, "keyed", False))
+        self.keyed = self.balancer_keyed or sticky
         new: dict[str, BackendState] = {}
         ramp = bool(now and slow_start > 0 and self.by_key)
         for spec in specs:
@@ -157,6 +177,7 @@ class Pool:
         self.backends = list(new.values())
         for state in self.backends:
             state.cap = cap
+        self.by_sticky = {b.sticky_id: b for b in self.backends}
         self.ramping = sum(1 for b in self.backends if b.ramp_start)
         self.balancer.reset(self.backends)
 
@@ -205,7 +226,10 @@ class ServiceState:
         self.spec = spec
         self.policy: Policy = spec.policy
         self.pool = Pool(spec.policy.balance, rng)
-        self.pool.update(spec.backends, spec.policy.balance, cap=spec.policy.max_inflight or 0)
+        policy = spec.policy
+        self.pool.update(
+            spec.backends, policy.balance, cap=policy.max_inflight or 0, sticky=policy.sticky
+        )
         self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket, not cumulative
         self.duration_sum = 0.0
         self.bytes_in = 0  # from clients
@@ -223,7 +247,12 @@ class ServiceState:
         self.spec = spec
         policy = self.policy = spec.policy
         self.pool.update(
-            spec.backends, policy.balance, now, policy.slow_start, policy.max_inflight or 0
+            spec.backends,
+            policy.balance,
+            now,
+            policy.slow_start,
+            policy.max_inflight or 0,
+            policy.sticky,
         )
 
     def observe(self, seconds: float) -> None:

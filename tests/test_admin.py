@@ -355,6 +355,8 @@ async def test_status_json_schema(
         "host": "127.0.0.1",
         "port": 9001,
         "weight": 1,
+        "weight_configured": 1,
+        "slow_start": False,
         "zone": "a",
         "healthy": True,
         "draining": False,

@@ -1193,3 +1193,36 @@ async def test_responses_carry_via(backend, proxy):
     r = await within(fetch(port))
     assert r.status == 200
     assert r.get("via") == "1.1 edgelb"
+
+
+async def test_sticky_cookie_pins_a_client_to_its_backend(backend, proxy):
+    """marathon-lb's HAPROXY_{n}_STICKY: a cookie names the backend; it wins over the policy."""
+    backends = [await backend(n) for n in ("a", "b", "c")]
+    port = await static(proxy, backends, balance="round-robin", sticky=True)
+    client = await Client.open(port)
+    r = await within(client.request("GET", "/"))
+    cookie = r.get("set-cookie")
+    assert cookie and cookie.startswith("edgelb_server=") and "HttpOnly" in cookie
+    pinned = r.body.split()[0]
+    value = cookie.split(";")[0]
+    for _ in range(9):  # round-robin alone would rotate over the three
+        r = await within(client.request("GET", "/", headers=[("Cookie", f"x=1; {value}")]))
+        assert r.body.split()[0] == pinned
+        assert r.get("set-cookie") is None  # already pinned: nothing new to say
+    r = await within(client.request("GET", "/", headers=[("Cookie", "edgelb_server=bogus")]))
+    assert r.status == 200 and (r.get("set-cookie") or "").startswith("edgelb_server=")
+    client.close()
+
+
+async def test_sticky_client_moves_when_its_backend_is_gone(backend, proxy):
+    a, b = await backend("a"), await backend("b")
+    port = free_port()
+    rt = await proxy(snapshot(service("web", [a, b], listen=port, sticky=True)))
+    r = await within(fetch(port))
+    value = r.get("set-cookie").split(";")[0]
+    pinned = r.body.split()[0].decode()
+    survivor = b if pinned == "a" else a
+    await rt.apply(snapshot(service("web", [survivor], listen=port, sticky=True)))
+    r = await within(fetch(port, headers=[("Cookie", value)]))
+    assert r.status == 200 and r.body.split()[0].decode() == survivor.name
+    assert (r.get("set-cookie") or "").startswith("edgelb_server=")

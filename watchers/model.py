@@ -46,6 +46,8 @@ class Policy:
     max_idle: int = 64  # idle keep-alive connections kept per backend
     health_check: HealthCheck | None = None
     slow_start: float = 30.0  # a backend added to a running pool ramps 10% -> 100% over this
+    hash_key: str = "source"  # what `balance: hash` hashes: source | header:NAME | cookie:NAME
+    sticky: bool = False  # pin a client to its backend with a cookie (marathon-lb's STICKY)
 
 
 @dataclass(frozen=True, slots=True)

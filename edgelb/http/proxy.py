@@ -93,6 +93,7 @@ class Exchange:
         "response_started",
         "retries",
         "service",
+        "set_cookie",
         "start",
         "status",
         "te_trailers",
@@ -141,6 +142,7 @@ class Exchange:
         self.until_close = False
         self.trailers: list[bytes] | None = None
         self.done = False
+        self.set_cookie = b""  # a sticky backend id to hand the client with the response
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -411,12 +413,38 @@ class ClientProtocol(asyncio.Protocol):
             return
         ex.head = self._request_head(ex)
         pool = service.pool
-        backend = pool.balancer.pick(pool.backends)
+        if pool.keyed:  # sticky cookie or a hashing policy: a key from the request
+            backend = self._keyed_pick(ex, service)
+        else:
+            backend = pool.balancer.pick(pool.backends)
         if backend is None:
             service.shed["no_backend"] = service.shed.get("no_backend", 0) + 1
             self._local(ex, 503, f"no backend available for service {service.name}", service)
             return
         self._send(ex, backend)
+
+    def _keyed_pick(self, ex: Exchange, service: ServiceState) -> BackendState | None:
+        pool = service.pool
+        policy = service.policy
+        if policy.sticky:
+            sid = _cookie(ex.lines, STICKY_COOKIE)
+            if sid:
+                backend = pool.by_sticky.get(sid)
+                if backend is not None and backend.eligible:
+                    return backend
+        key = None
+        if pool.balancer_keyed:
+            spec = policy.hash_key
+            if spec == "source":
+                key = self.xff_ip
+            elif spec.startswith("cookie:"):
+                key = _cookie(ex.lines, spec[7:].encode())
+            else:
+                key = _header(ex.lines, spec[7:].encode())
+        backend = pool.balancer.pick(pool.backends, key)
+        if backend is not None and policy.sticky:
+            ex.set_cookie = backend.sticky_id
+        return backend
 
     def _send(self, ex: Exchange, backend: BackendState) -> None:
         ex.backend = backend
@@ -629,6 +657,33 @@ def _absolute_form(ex: Exchange) -> None:
     ex.lines.append(b"host: %s\r\n" % authority)
     ex.host = authority
     ex.has_host = True
+
+
+STICKY_COOKIE = b"edgelb_server"  # names the backend a sticky client is pinned to
+
+
+def _sticky_line(sticky_id: bytes) -> bytes:
+    return b"set-cookie: %s=%s; Path=/; HttpOnly; SameSite=Lax\r\n" % (STICKY_COOKIE, sticky_id)
+
+
+def _header(lines: list[bytes], name: bytes) -> bytes | None:
+    """The value of request header `name` (first occurrence), or None."""
+    prefix = name.lower() + b":"
+    for line in lines:
+        if line[: len(prefix)].lower() == prefix:
+            return line[len(prefix) :].strip()
+    return None
+
+
+def _cookie(lines: list[bytes], name: bytes) -> bytes | None:
+    """The value of cookie `name` in the request's Cookie headers, or None."""
+    for line in lines:
+        if line[:7].lower() == b"cookie:":
+            for pair in line[7:].split(b";"):
+                k, eq, v = pair.strip().partition(b"=")
+                if eq and k == name:
+                    return v.strip()
+    return None
 
 
 def _last_chunk(trailers: list[bytes] | None) -> bytes:
@@ -961,6 +1016,8 @@ class UpstreamProtocol(asyncio.Protocol):
         keep = ex.keep_alive and not client.closing
         if keep and ex.version == "1.1" and (bodiless or (has_cl and not chunked)):
             head = plain  # the common case: nothing to add
+            if ex.set_cookie:
+                head = head[:-2] + _sticky_line(ex.set_cookie) + b"\r\n"
         else:
             parts = [b"HTTP/1.1 ", status_line, headers]
             if not bodiless:
@@ -972,6 +1029,8 @@ class UpstreamProtocol(asyncio.Protocol):
                     else:
                         keep = False  # an HTTP/1.0 client reads to the close
             ex.keep_alive = keep
+            if ex.set_cookie:
+                parts.append(_sticky_line(ex.set_cookie))
             if not keep:
                 parts.append(b"connection: close\r\n\r\n")
             elif ex.version == "1.0":
