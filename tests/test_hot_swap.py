@@ -240,6 +240,7 @@ def write_config(path: Path, admin: int, port: int, backends: list[HttpBackend])
         "services:",
         "  - name: web",
         f"    listen: {HOST}:{port}",
+        "    slow_start: 0s",  # membership is what changes here; see test_pool for the ramp
         "    backends:",
         *(f"      - {{address: {HOST}:{b.port}}}" for b in backends),
     ]

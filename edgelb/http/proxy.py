@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from balancers.ewma import error_sample, peak_ewma
 from edgelb.http.errors import local_response
 from edgelb.http.headers import CONNECTION_OPTIONS, connection_tokens, drop_named, forwarded_for
 from edgelb.http.response_head import rewrite_response_head, rewrite_response_head_cached
@@ -463,7 +464,7 @@ class ClientProtocol(asyncio.Protocol):
         backend = ex.backend
         service = ex.service
         ex.upstream = None
-        backend.failures += 1  # type: ignore[union-attr]
+        _count_failure(backend, ex.start, self.loop.time())  # type: ignore[arg-type]
         if ex.done:
             return  # the client went away while connecting: connection_lost released it
         _release(backend, service)  # type: ignore[arg-type]
@@ -690,6 +691,14 @@ def _last_chunk(trailers: list[bytes] | None) -> bytes:
     if trailers:
         return b"0\r\n" + b"".join(trailers) + b"\r\n"
     return b"0\r\n\r\n"
+
+
+def _count_failure(backend: BackendState, started: float, now: float) -> None:
+    """A connect error, reset, timeout or broken response: counted, and a slow latency sample."""
+    backend.failures += 1
+    sample = error_sample(now - started)
+    backend.latency = peak_ewma(backend.latency, backend.latency_t, sample, now)
+    backend.latency_t = now
 
 
 def _release(backend: BackendState, service: ServiceState | None) -> None:
@@ -941,7 +950,7 @@ class UpstreamProtocol(asyncio.Protocol):
     def _cut(self, ex: Exchange) -> None:
         """The backend failed in the middle of a response: the client must see it broken."""
         _release(self.backend, self.service)
-        self.backend.failures += 1
+        _count_failure(self.backend, ex.start, ex.client.loop.time())
         ex.done = True
         ex.client.transport.close()
 
@@ -1095,10 +1104,17 @@ class UpstreamProtocol(asyncio.Protocol):
         elapsed = now - ex.start
         service.duration_buckets[bisect_left(DURATION_BUCKETS, elapsed)] += 1
         service.duration_sum += elapsed
-        # a plain EWMA of latency (the balancing work replaces it); inline: this is per request
-        lat = backend.latency
-        backend.latency = elapsed if lat == 0.0 else lat * 0.8 + elapsed * 0.2
-        backend.responses[ex.status] += 1  # a defaultdict
+        status = ex.status
+        # the balancer's latency input; a 5xx counts as a slow sample (a fast-failing backend
+        # must not look like the fastest one)
+        backend.latency = peak_ewma(
+            backend.latency,
+            backend.latency_t,
+            elapsed if status < 500 else error_sample(elapsed),
+            now,
+        )
+        backend.latency_t = now
+        backend.responses[status] += 1  # a defaultdict
         backend.inflight -= 1
         if backend.draining:
             service.pool.released(backend)
