@@ -2,7 +2,9 @@
 
 Run through bench/run.sh (it installs the tools, raises the fd limit and owns the temp dir).
 Scenarios: HTTP keep-alive small responses, TCP bulk 10 MiB downloads, memory per idle
-keep-alive client connection. Standard library only, so any Python 3.11 can drive it.
+keep-alive client connection, and balancing over backends of unequal capacity (tail latency).
+Standard library only, so any Python 3.11 can drive it (the balance scenario's backends run
+with the edgelb interpreter, BENCH_EDGELB_PYTHON).
 """
 
 from __future__ import annotations
@@ -35,6 +37,24 @@ PROXIES = ("edgelb", "haproxy", "nginx")
 TCP_PROXIES = ("edgelb", "haproxy")
 BULK_SIZE = 10 * 1024 * 1024
 MIB = 1024 * 1024
+# The balance scenario: NAME:CAPACITY:SERVICE_SECONDS per backend (c is the degraded host),
+# the weights every proxy gets (capacity), the concurrent keep-alive clients, and the rows:
+# (row name, proxy, policy). The first row is edgelb's default policy.
+BALANCE_SPECS = ("a:8:0.010", "b:2:0.010", "c:8:0.060")
+BALANCE_WEIGHTS = {"a": 8, "b": 2, "c": 8}
+BALANCE_CONNS = 12
+BALANCE_ROWS = (
+    ("edgelb", "edgelb", "least-loaded"),
+    ("edgelb-rr", "edgelb", "round-robin"),
+    ("haproxy-leastconn", "haproxy", "leastconn"),
+    ("haproxy-rr", "haproxy", "roundrobin"),
+)
+# (numerator row, denominator row, metric, comparison, target) as issue 3 states them
+BALANCE_TARGETS = (
+    ("edgelb", "haproxy-leastconn", "p99_us", "<=", 0.8),
+    ("edgelb", "haproxy-rr", "p99_us", "<=", 0.5),
+    ("edgelb", "haproxy-leastconn", "rps", ">=", 1.0),
+)
 
 
 # ---------------------------------------------------------------- settings
@@ -70,7 +90,7 @@ def env_list(name: str, default: tuple[str, ...], allowed: tuple[str, ...]) -> l
     return items
 
 
-SCENARIOS = ("http", "tcp", "idle")
+SCENARIOS = ("http", "tcp", "idle", "balance")
 
 
 @dataclass
@@ -130,7 +150,21 @@ class ProcessSet:
             f.write(f"{proc.pid}\n")
         return proc
 
-    def stop(self, proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    def start_piped(self, name: str, argv: list[str],
+                    cwd: Path | None = None) -> subprocess.Popen[str]:
+        """Like start, with stdin and stdout as text pipes (stderr goes to the log)."""
+        log = open(self.tmp / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+            cwd=cwd, start_new_session=True,
+        )
+        log.close()
+        self.live[proc.pid] = proc  # type: ignore[assignment]
+        with open(self.pid_file, "a") as f:
+            f.write(f"{proc.pid}\n")
+        return proc
+
+    def stop(self, proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
         self.live.pop(proc.pid, None)
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             try:
@@ -220,6 +254,34 @@ class Server:
     name: str
     port: int
     proc: subprocess.Popen[bytes]
+    admin_port: int | None = None
+
+
+class CapacityBackends:
+    """bench/capacity_backends.py: one process, one port per backend, served counters."""
+
+    def __init__(self, procs: ProcessSet, python: str, specs: tuple[str, ...]) -> None:
+        self.procs = procs
+        self.proc = procs.start_piped(
+            "capacity-backends", [python, str(BENCH_DIR / "capacity_backends.py"), *specs],
+            cwd=REPO)
+        try:
+            line = _read_line(self.proc, "PORTS", 20)
+        except RuntimeError as exc:
+            raise RuntimeError(f"capacity backends did not start: {exc}\n"
+                               f"{procs.log_tail('capacity-backends')}") from None
+        self.ports = {k: int(v) for k, v in (x.split("=") for x in line.split()[1:])}
+
+    def served(self) -> dict[str, int]:
+        """Requests each backend has served so far."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        line = _read_line(self.proc, "STATS", 10)
+        return {k: int(v) for k, v in (x.split("=") for x in line.split()[1:])}
+
+    def stop(self) -> None:
+        self.procs.stop(self.proc)
 
 
 class Lab:
@@ -286,6 +348,26 @@ class Lab:
                 name, [self.cfg.python, "-m", "edgelb", "run", "-c", str(conf)], cwd=REPO)
         wait_ready(self.procs, proc, name, port)
         return Server(name, port, proc)
+
+    def start_balance_proxy(self, row: str, proxy: str, policy: str,
+                            backends: dict[str, int]) -> Server:
+        """One proxy of the balance scenario in front of the capacity backends a, b, c."""
+        name = f"{row}-balance"
+        port = free_port()
+        ports = {f"backend_{k}": v for k, v in backends.items()}
+        admin_port = None
+        if proxy == "haproxy":
+            conf = render("haproxy-balance.cfg", self.tmp / f"{name}.cfg", port=port,
+                          balance=policy, **ports)
+            proc = self.procs.start(name, ["haproxy", "-db", "-f", str(conf)])
+        else:
+            admin_port = free_port()
+            conf = render("edgelb-balance.yaml", self.tmp / f"{name}.yaml", port=port,
+                          admin_port=admin_port, policy=policy, **ports)
+            proc = self.procs.start(
+                name, [self.cfg.python, "-m", "edgelb", "run", "-c", str(conf)], cwd=REPO)
+        wait_ready(self.procs, proc, name, port)
+        return Server(name, port, proc, admin_port)
 
 
 # ---------------------------------------------------------------- measuring
@@ -389,6 +471,19 @@ def idle_memory(cfg: Settings, server: Server, count: int) -> dict[str, Any]:
     return res
 
 
+def balance_sanity(port: int, n: int = 30) -> dict[str, int]:
+    """n requests on fresh connections through a balance proxy: all must be answered by a
+    capacity backend; counts per backend (X-Backend)."""
+    seen: dict[str, int] = {}
+    for _ in range(n):
+        status, body, headers = http_get(port)
+        if status != 200 or not body.startswith(b"hello from demo backend"):
+            raise RuntimeError(f"sanity check on :{port}: got {status} {body[:80]!r}")
+        key = headers.get("x-backend", "?")
+        seen[key] = seen.get(key, 0) + 1
+    return seen
+
+
 def _read_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()
@@ -453,13 +548,19 @@ def alternate(
     kind: str,
     notes: list[str],
     describe: Callable[[dict[str, Any]], str],
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """wrk straight to one backend once, then every proxy in turn for `cfg.rounds` rounds."""
-    direct_url = f"http://127.0.0.1:{lab.backends[0].port}{path}"
-    if cfg.warmup:
-        run_wrk(cfg, direct_url, conns, cfg.warmup, None)
-    direct = run_wrk(cfg, direct_url, conns, cfg.duration, f"{kind}-direct")
-    log(f"  direct (one backend worker): {describe(direct)}")
+    direct: bool = True,
+    served: Callable[[], dict[str, int]] | None = None,
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """wrk straight to one backend once (unless not `direct`), then every proxy in turn for
+    `cfg.rounds` rounds. With `served` (requests served per backend so far), each run's
+    result gets `backend_requests`: how many requests each backend served during it."""
+    direct_res = None
+    if direct:
+        direct_url = f"http://127.0.0.1:{lab.backends[0].port}{path}"
+        if cfg.warmup:
+            run_wrk(cfg, direct_url, conns, cfg.warmup, None)
+        direct_res = run_wrk(cfg, direct_url, conns, cfg.duration, f"{kind}-direct")
+        log(f"  direct (one backend worker): {describe(direct_res)}")
     for s in servers.values():
         if cfg.warmup:
             run_wrk(cfg, f"http://127.0.0.1:{s.port}{path}", conns, cfg.warmup, None)
@@ -470,12 +571,16 @@ def alternate(
             if s.proc.poll() is not None:
                 notes.append(f"{p} died in the {kind} scenario: {lab.procs.log_tail(s.name, 3)}")
                 continue
+            before = served() if served else {}
             r = run_wrk(cfg, f"http://127.0.0.1:{s.port}{path}", conns, cfg.duration,
                         f"{kind}-{p}-r{rnd}")
+            if served:
+                time.sleep(0.2)  # let requests still queued in a backend finish
+                r["backend_requests"] = {k: v - before.get(k, 0) for k, v in served().items()}
             row[p] = r
             log(f"  round {rnd} {p}: {describe(r)}")
         rounds.append(row)
-    return direct, rounds
+    return direct_res, rounds
 
 
 def scenario_tcp(cfg: Settings, lab: Lab, notes: list[str]) -> dict[str, Any]:
@@ -518,6 +623,50 @@ def scenario_idle(cfg: Settings, lab: Lab, notes: list[str]) -> dict[str, Any]:
             log(f"  {p}: idle memory failed: {exc}")
         finally:
             lab.procs.stop(servers[p].proc)
+    return out
+
+
+def balance_rows(cfg: Settings) -> list[tuple[str, str, str]]:
+    return [r for r in BALANCE_ROWS if r[1] in cfg.proxies]
+
+
+def scenario_balance(cfg: Settings, lab: Lab, notes: list[str]) -> dict[str, Any]:
+    rows = balance_rows(cfg)
+    log(f"Balance: backends {' '.join(BALANCE_SPECS)}, weights {BALANCE_WEIGHTS}, "
+        f"wrk -t1 -c{BALANCE_CONNS} -d{cfg.duration}s x {cfg.rounds} rounds")
+    out: dict[str, Any] = {"specs": list(BALANCE_SPECS), "weights": BALANCE_WEIGHTS,
+                           "conns": BALANCE_CONNS, "policies": {r[0]: f"{r[1]} {r[2]}"
+                                                                for r in rows},
+                           "sanity": {}, "rounds": []}
+    try:
+        backends = CapacityBackends(lab.procs, cfg.python, BALANCE_SPECS)
+    except Exception as exc:
+        notes.append(f"balance: {str(exc).splitlines()[0]}")
+        log(f"  balance: {exc}")
+        return out
+    servers: dict[str, Server] = {}
+    try:
+        for row, proxy, policy in rows:
+            try:
+                servers[row] = lab.start_balance_proxy(row, proxy, policy, backends.ports)
+            except Exception as exc:  # reported, not fatal, as in start_all
+                text = [x.strip() for x in str(exc).splitlines() if x.strip()]
+                why = text[0] if text else str(exc)
+                notes.append(f"{row} (balance, {policy}): did not start: {why}")
+                log(f"  {row} (balance) unavailable: {exc}")
+        for row, s in servers.items():
+            out["sanity"][row] = balance_sanity(s.port)
+        _, out["rounds"] = alternate(
+            cfg, lab, servers, "/", BALANCE_CONNS, "balance", notes,
+            lambda r: f"{r['rps']:.0f} req/s p50 {r['p50_us'] / 1000:.1f} ms "
+            f"p99 {r['p99_us'] / 1000:.1f} ms p99.9 {r['p999_us'] / 1000:.1f} ms "
+            f"errors {r['errors']} served {r.get('backend_requests')}",
+            direct=False, served=backends.served,
+        )
+    finally:
+        for s in servers.values():
+            lab.procs.stop(s.proc)
+        backends.stop()
     return out
 
 
@@ -578,8 +727,9 @@ def summarize(cfg: Settings, info: dict[str, str], res: dict[str, Any],
         f"- edgelb: {info['edgelb']}",
         f"- settings: duration {cfg.duration}s per run, {cfg.rounds} rounds, "
         f"{cfg.conns} HTTP connections, {cfg.tcp_conns} TCP connections, fd limit {cfg.nofile}",
-        "- all on 127.0.0.1; backends: two nginx instances, one worker each; "
-        "ratios are to HAProxy in the same run (absolute numbers are noisy on a shared machine)",
+        "- all on 127.0.0.1; backends of the http, tcp and idle scenarios: two nginx "
+        "instances, one worker each (the balance scenario has its own); ratios are to HAProxy "
+        "in the same run (absolute numbers are noisy on a shared machine)",
         "",
     ]
     if "http" in res:
@@ -650,9 +800,70 @@ def summarize(cfg: Settings, info: dict[str, str], res: dict[str, Any],
                 f"| {p} | {r['opened']} | {r['alive']} | {r['before']['rss_kib']} | "
                 f"{r['after']['rss_kib']} | {fmt(per, '.2f')} | {ratio(per, hap)} |")
         lines.append("")
+    if "balance" in res:
+        lines += _balance_section(cfg, res["balance"])
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def _ms(us: float | None, spec: str = ".1f") -> str:
+    return "n/a" if us is None else format(us / 1000, spec)
+
+
+def _balance_section(cfg: Settings, b: dict[str, Any]) -> list[str]:
+    rounds: list[dict[str, Any]] = b["rounds"]
+    names = [r[0] for r in BALANCE_ROWS if any(r[0] in row for row in rounds)]
+    keys = ("rps", "p50_us", "p99_us", "p999_us")
+    med = {p: {k: median([row[p][k] for row in rounds if p in row]) for k in keys}
+           for p in names}
+    lines = [
+        f"## Balancing over unequal backends (wrk -t1 -c{b['conns']} -d{cfg.duration}s)",
+        "",
+        "Three backends (bench/capacity_backends.py, edgelb's demo backends): a serves 8 "
+        "requests at once in 10 ms each, b 2 at once in 10 ms, c 8 at once in 60 ms (degraded); "
+        "beyond capacity, requests queue inside the backend. Every proxy weights them 8/2/8. "
+        "Medians over rounds; \"served\" is the share of requests each backend served, summed "
+        "over rounds.",
+        "",
+        "| proxy | policy | req/s | p50 ms | p99 ms | p99.9 ms | errors | served a/b/c |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for p in names:
+        m = med[p]
+        errs = sum(row[p]["errors"] for row in rounds if p in row)
+        total: dict[str, int] = {}
+        for row in rounds:
+            for k, v in row.get(p, {}).get("backend_requests", {}).items():
+                total[k] = total.get(k, 0) + v
+        n = sum(total.values())
+        share = "/".join(f"{100 * total[k] / n:.0f}%" for k in sorted(total)) if n else "n/a"
+        lines.append(f"| {p} | {b['policies'].get(p, '?')} | {fmt(m['rps'])} | "
+                     f"{_ms(m['p50_us'])} | {_ms(m['p99_us'])} | {_ms(m['p999_us'])} | "
+                     f"{errs} | {share} |")
+    lines += ["", "Targets of issue 3 (ratios of the medians; per round in the table below):",
+              "", "| ratio | value | target | met |", "|---|---:|---:|---|"]
+    label = {"p99_us": "p99", "rps": "req/s"}
+    for num, den, key, op, target in BALANCE_TARGETS:
+        a, d = med.get(num, {}).get(key), med.get(den, {}).get(key)
+        value = a / d if a and d else None
+        met = "n/a" if value is None else (
+            "yes" if (value <= target if op == "<=" else value >= target) else "no")
+        lines.append(f"| {num} {label[key]} / {den} {label[key]} | {fmt(value, '.2f')} | "
+                     f"{op} {target:g} | {met} |")
+    head = ["round", *(f"{p} p99 ms" for p in names)]
+    pairs = [(n, d, k) for n, d, k, _, _ in BALANCE_TARGETS if n in names and d in names]
+    head += [f"{n} {label[k]} / {d}" for n, d, k in pairs]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for i, row in enumerate(rounds, 1):
+        cells = [str(i)] + [_ms(row[p]["p99_us"]) if p in row else "n/a" for p in names]
+        cells += [ratio(row.get(n, {}).get(k), row.get(d, {}).get(k)) for n, d, k in pairs]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if b.get("sanity"):
+        seen = "; ".join(f"{p}: {dict(sorted(v.items()))}" for p, v in b["sanity"].items())
+        lines += [f"Backends answering 30 sanity requests on fresh connections: {seen}", ""]
+    return lines
 
 
 def _rounds_table(rounds: list[dict[str, Any]], names: list[str], key: str, unit: str) -> str:
@@ -694,7 +905,8 @@ def run(cfg: Settings, scenarios: dict[str, Callable[[Settings, Lab, list[str]],
     res: dict[str, Any] = {}
     notes: list[str] = []
     try:
-        lab.start_backends()
+        if set(cfg.scenarios) - {"balance"}:  # the balance scenario brings its own backends
+            lab.start_backends()
         for name in cfg.scenarios:
             res[name] = scenarios[name](cfg, lab, notes)
     finally:
@@ -713,7 +925,8 @@ def main() -> int:
     (cfg.results / "raw").mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     info = version_info(cfg)
-    res, notes = run(cfg, {"http": scenario_http, "tcp": scenario_tcp, "idle": scenario_idle})
+    res, notes = run(cfg, {"http": scenario_http, "tcp": scenario_tcp, "idle": scenario_idle,
+                           "balance": scenario_balance})
     info["load_end"] = loadavg()
     summary = summarize(cfg, info, res, notes)
     summary += f"\nTotal bench time: {time.monotonic() - started:.0f}s\n"
