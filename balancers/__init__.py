@@ -1,16 +1,25 @@
-"""Pure balancing policies: given the backends' load figures, pick one. No sockets, no clocks."""
+"""Pure balancing policies: given the backends' load figures, pick one. No sockets, no clocks.
+
+Policies: least-loaded (default), peak-ewma, round-robin, least-connections, hash. Helpers that
+the caller applies around them: weights (slow start), ewma (latency estimate), zones (zone
+preference), subset (deterministic subsetting).
+"""
 
 from __future__ import annotations
 
 import random
 
 from balancers.base import Balancer, Candidate
-from balancers.least_loaded import LeastLoaded
+from balancers.hashing import ConsistentHash
+from balancers.least_connections import LeastConnections
+from balancers.least_loaded import LeastLoaded, PeakEwma
 from balancers.round_robin import RoundRobin
 
+DEFAULT = LeastLoaded.name
+
 POLICIES: dict[str, type[Balancer]] = {
-    LeastLoaded.name: LeastLoaded,
-    RoundRobin.name: RoundRobin,
+    cls.name: cls
+    for cls in (LeastLoaded, PeakEwma, RoundRobin, LeastConnections, ConsistentHash)
 }
 
 
@@ -24,4 +33,15 @@ def make(name: str, rng: random.Random | None = None) -> Balancer:
     return cls(rng or random.Random())
 
 
-__all__ = ["POLICIES", "Balancer", "Candidate", "LeastLoaded", "RoundRobin", "make"]
+__all__ = [
+    "DEFAULT",
+    "POLICIES",
+    "Balancer",
+    "Candidate",
+    "ConsistentHash",
+    "LeastConnections",
+    "LeastLoaded",
+    "PeakEwma",
+    "RoundRobin",
+    "make",
+]

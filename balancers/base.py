@@ -3,6 +3,10 @@
 A policy sees each backend through four figures (the `Candidate` protocol) and returns one of
 the sequence it was given, or None when none is eligible. Load is measured by the proxy
 (acquire when a request is sent, release when it ends); selection is the policy's alone.
+
+Optional figures, read with `getattr` defaults because older candidates may lack them:
+`cap` (int, per-backend concurrency cap, 0 = none), `zone` (str, "" = unknown) and `key`
+(str, a stable identity such as "host:port", used by consistent hashing).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Protocol
 
 
 class Candidate(Protocol):
-    weight: float  # capacity share, > 0 (0 means drain: never eligible)
+    weight: float  # effective capacity share, > 0 (0 means drain: never picked)
     inflight: int  # requests (connections in tcp mode) now open on it
     latency: float  # latency estimate in seconds, 0.0 when nothing is known yet
     eligible: bool  # healthy, not draining, not ejected, under its cap
@@ -23,6 +27,7 @@ class Balancer:
     """Base of every policy. Subclasses set `name` and implement `pick`."""
 
     name = ""
+    keyed = False  # True when pick() wants a key (the caller then finds one in the request)
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
@@ -32,3 +37,8 @@ class Balancer:
 
     def reset(self, backends: Sequence[Candidate]) -> None:
         """Called when the pool's membership changes (the sequence passed to pick changes)."""
+
+
+def usable(b: Candidate) -> bool:
+    """Eligible and with a positive weight: the only backends a policy may return."""
+    return b.eligible and b.weight > 0

@@ -3,6 +3,7 @@ backend is chosen in proportion to its weight, and picks of one backend are spre
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 from balancers.base import Balancer, Candidate
@@ -11,7 +12,7 @@ from balancers.base import Balancer, Candidate
 class RoundRobin(Balancer):
     name = "round-robin"
 
-    def __init__(self, rng) -> None:
+    def __init__(self, rng: random.Random) -> None:
         super().__init__(rng)
         self._current: dict[int, float] = {}
 
@@ -25,9 +26,9 @@ class RoundRobin(Balancer):
         best = None
         best_value = 0.0
         for b in backends:
-            if not b.eligible:
-                continue
             w = b.weight
+            if not b.eligible or w <= 0:
+                continue
             total += w
             v = current.get(id(b), 0.0) + w
             current[id(b)] = v

@@ -31,9 +31,11 @@ class BackendSpec:
 
 
 DEFAULT_SPECS: tuple[BackendSpec, ...] = (
-    BackendSpec("small", capacity=2, service_time=0.020),
+    # Speeds close enough that at low load traffic follows capacity (least-loaded treats
+    # latencies within ~25% as equal); past a backend's capacity its queue decides.
+    BackendSpec("small", capacity=2, service_time=0.011),
     BackendSpec("medium", capacity=4, service_time=0.010),
-    BackendSpec("large", capacity=8, service_time=0.005),
+    BackendSpec("large", capacity=8, service_time=0.009),
 )
 
 
@@ -286,7 +288,7 @@ def demo_banner(port: int, admin_port: int, config_path: Path | str) -> str:
     admin = f"http://127.0.0.1:{admin_port}"
     return f"""\
 edgelb demo: service "demo" on {proxy}/ balances least-loaded over three demo backends
-(small: 2 at a time, 20 ms; medium: 4, 10 ms; large: 8, 5 ms; weights = capacities).
+(small: 2 at a time, 11 ms; medium: 4, 10 ms; large: 8, 9 ms; weights = capacities).
 
 Try:
   curl -i {proxy}/

@@ -124,7 +124,7 @@ class Pool:
         self.draining: dict[str, BackendState] = {}  # removed, still finishing requests
         self.ramping = 0  # backends in slow start
         self.by_sticky: dict[bytes, BackendState] = {}
-        self.balancer_keyed = bool(getattr(self.balancer, "keyed", False))  # hashes a key
+        self.balancer_keyed = self.balancer.keyed  # the policy hashes a key
         self.keyed = self.balancer_keyed  # the data path must find a key (or a sticky cookie)
 
     def pick(self, key: bytes | None = None) -> BackendState | None:
@@ -152,7 +152,7 @@ class Pool:
         if policy_name != self.policy_name:
             self.policy_name = policy_name
             self.balancer = balancers.make(policy_name, self.balancer.rng)
-            self.balancer_keyed = bool(getattr(self.balancer, "keyed", False))
+            self.balancer_keyed = self.balancer.keyed
         self.keyed = self.balancer_keyed or sticky
         new: dict[str, BackendState] = {}
         ramp = bool(now and slow_start > 0 and self.by_key)

@@ -1226,3 +1226,28 @@ async def test_sticky_client_moves_when_its_backend_is_gone(backend, proxy):
     r = await within(fetch(port, headers=[("Cookie", value)]))
     assert r.status == 200 and r.body.split()[0].decode() == survivor.name
     assert (r.get("set-cookie") or "").startswith("edgelb_server=")
+
+
+async def test_hash_on_a_header_keeps_each_key_on_one_backend(backend, proxy):
+    backends = [await backend(n) for n in ("a", "b", "c")]
+    port = await static(proxy, backends, balance="hash", hash_key="header:X-User")
+    client = await Client.open(port)
+    seen: dict[str, set[bytes]] = {}
+    for i in range(60):
+        user = f"user-{i % 12}"
+        r = await within(client.request("GET", "/", headers=[("X-User", user)]))
+        assert r.status == 200
+        seen.setdefault(user, set()).add(r.body.split()[0])
+    client.close()
+    assert all(len(names) == 1 for names in seen.values())  # a key always lands on one backend
+    assert len({n for names in seen.values() for n in names}) > 1  # and keys spread
+
+
+async def test_hash_on_the_source_address(backend, proxy):
+    backends = [await backend(n) for n in ("a", "b")]
+    port = await static(proxy, backends, balance="hash")  # hash_key: source
+    names = set()
+    for _ in range(8):  # new connections, same client address
+        r = await within(fetch(port))
+        names.add(r.body.split()[0])
+    assert len(names) == 1
