@@ -89,6 +89,13 @@ class _Table:
         self.stale = False
 
 
+def _capacity(b: Candidate) -> float:
+    """How many requests `b` serves at once: its weight (at least 1), lowered to its cap."""
+    capacity = b.weight if b.weight > 1.0 else 1.0
+    cap = getattr(b, "cap", 0)
+    return cap if 0 < cap < capacity else capacity
+
+
 class LeastLoaded(Balancer):
     name = "least-loaded"
     capacity_term = True  # False: Finagle's peak EWMA load, lat * (inflight + 1)
@@ -186,59 +193,61 @@ class LeastLoaded(Balancer):
         return b
 
     def _scan(self, backends: Sequence[Candidate]) -> Candidate | None:
-        """The full scan; inline arithmetic for the default cost (this runs per request)."""
+        """The full scan, written for speed (it runs per request): the default cost inline,
+        capacities read from `capacity` where the caller keeps it, no allocation. Anything
+        unusual (share mode, peak-ewma, an unknown latency, one candidate) takes the generic
+        path."""
         if self.share or not self.capacity_term:
             return self._scan_generic(backends)
-        lat_sum = 0.0
-        lat_n = 0
-        eligible = 0
-        for b in backends:
-            if b.eligible and b.weight > 0:
-                eligible += 1
-                lat = b.latency
-                if lat > 0.0:
-                    lat_sum += lat
-                    lat_n += 1
-        if eligible <= 1:
-            return self._scan_generic(backends)
-        if self.rng.random() < self.probe:  # now and then, re-measure an idle backend
+        rand = self.rng.random
+        if rand() < self.probe:  # now and then, re-measure an idle backend
             pool = [b for b in backends if b.eligible and b.weight > 0]
-            b = self._weighted(pool, sum(b.weight for b in pool))
-            if b.inflight == 0:
-                return b
-        neutral = lat_sum / lat_n if lat_n else 1.0
-        costs = []  # (cost, in-flight per capacity, backend)
-        best = float("inf")
+            if pool:
+                b = self._weighted(pool, sum(b.weight for b in pool))
+                if b.inflight == 0:
+                    return b
+        # One pass. Costs within the tie band of the best so far are near-ties, settled by the
+        # lower in-flight per capacity, then at random by weight; a new best that moves the
+        # band past the current choice replaces it.
+        mul = 1.0 + self.tie_rel
+        tie_abs = self.tie_abs
+        choice = None
+        best = c_cost = c_q = tied_w = 0.0
         for b in backends:
             w = b.weight
-            if b.eligible and w > 0:
-                lat = b.latency or neutral
-                capacity = w if w > 1.0 else 1.0
-                cap = getattr(b, "cap", 0)
-                if 0 < cap < capacity:
-                    capacity = cap
-                k = b.inflight
-                cost = lat * (k + 1) / capacity if k + 1 > capacity else lat
-                costs.append((cost, k / capacity, b))
-                if cost < best:
-                    best = cost
-        limit = best * (1.0 + self.tie_rel) + self.tie_abs
-        choice = None
-        best_q = 0.0
-        tied_w = 0.0
-        rand = self.rng.random
-        for cost, q, b in costs:
-            if cost > limit:
+            if not (b.eligible and w > 0):
                 continue
-            if choice is None or q < best_q:
-                choice, best_q, tied_w = b, q, b.weight
-            elif q == best_q:
-                tied_w += b.weight  # weighted reservoir sampling among the tied
-                if rand() * tied_w < b.weight:
-                    choice = b
+            lat = b.latency
+            if lat <= 0.0:
+                return self._scan_generic(backends, probed=True)
+            try:
+                capacity = b.capacity  # type: ignore[attr-defined]
+            except AttributeError:
+                capacity = _capacity(b)
+            k = b.inflight
+            cost = lat * (k + 1) / capacity if k + 1 > capacity else lat
+            if choice is None:
+                choice, best, c_cost, c_q, tied_w = b, cost, cost, k / capacity, w
+                continue
+            if cost > best * mul + tie_abs:
+                continue  # clearly dearer than the best so far
+            q = k / capacity
+            if cost < best:
+                best = cost
+                if c_cost > cost * mul + tie_abs:  # the choice is out of the new band
+                    choice, c_cost, c_q, tied_w = b, cost, q, w
+                    continue
+            if q < c_q:
+                choice, c_cost, c_q, tied_w = b, cost, q, w
+            elif q == c_q:
+                tied_w += w  # weighted reservoir sampling among the tied
+                if rand() * tied_w < w:
+                    choice, c_cost = b, cost
         return choice
 
-    def _scan_generic(self, backends: Sequence[Candidate]) -> Candidate | None:
+    def _scan_generic(
+        self, backends: Sequence[Candidate], probed: bool = False
+    ) -> Candidate | None:
         eligible = []
         total_w = 0.0
         total_k = 0
@@ -255,7 +264,7 @@ class LeastLoaded(Balancer):
         if len(eligible) <= 1:
             return eligible[0] if eligible else None
         rand = self.rng.random
-        if rand() < self.probe:
+        if not probed and rand() < self.probe:
             b = self._weighted(eligible, total_w)
             if b.inflight == 0:
                 return b

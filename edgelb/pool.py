@@ -29,6 +29,7 @@ class BackendState:
         "bytes_in",
         "bytes_out",
         "cap",
+        "capacity",
         "connections_total",
         "draining",
         "eligible",
@@ -57,6 +58,7 @@ class BackendState:
         self.weight = spec.weight  # effective: spec.weight, ramped while in slow start
         self.zone = spec.zone
         self.cap = 0  # concurrency cap the cost model may use (max_inflight); 0 = none
+        self.capacity = 1.0  # what the balancer reads: max(1, weight), lowered to cap
         self.ramp_start = 0.0  # loop time its slow start began; 0.0 = not ramping
         self.inflight = 0  # requests (http) or connections (tcp) now open
         # peak EWMA of response latency (balancers.ewma), updated by the data path
@@ -77,6 +79,14 @@ class BackendState:
 
     def _update_eligible(self) -> None:
         self.eligible = self.healthy and not self.draining and self.weight > 0
+        self.set_weight(self.weight)
+
+    def set_weight(self, weight: float) -> None:
+        """The effective weight, and the capacity derived from it (kept for the balancer)."""
+        self.weight = weight
+        capacity = weight if weight > 1.0 else 1.0
+        cap = self.cap
+        self.capacity = cap if 0 < cap < capacity else capacity
 
     def set_spec(self, spec: Backend) -> None:
         self.spec = spec
@@ -177,6 +187,7 @@ class Pool:
         self.backends = list(new.values())
         for state in self.backends:
             state.cap = cap
+            state.set_weight(state.weight)
         self.by_sticky = {b.sticky_id: b for b in self.backends}
         self.ramping = sum(1 for b in self.backends if b.ramp_start)
         self.balancer.reset(self.backends)
@@ -189,9 +200,9 @@ class Pool:
                 factor = slow_start_factor(now - b.ramp_start, window) if window > 0 else 1.0
                 if factor >= 1.0:
                     b.ramp_start = 0.0
-                    b.weight = b.spec.weight
+                    b.set_weight(b.spec.weight)
                 else:
-                    b.weight = b.spec.weight * factor
+                    b.set_weight(b.spec.weight * factor)
                     ramping += 1
         self.ramping = ramping
 

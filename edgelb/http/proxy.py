@@ -14,10 +14,12 @@ import asyncio
 import logging
 from bisect import bisect_left
 from collections import deque
+from math import exp
 from typing import TYPE_CHECKING
 
 import httptools
 
+from balancers.ewma import TAU as EWMA_TAU
 from balancers.ewma import error_sample, peak_ewma
 from edgelb.http.errors import local_response
 from edgelb.http.headers import CONNECTION_OPTIONS, connection_tokens, drop_named, forwarded_for
@@ -1105,14 +1107,15 @@ class UpstreamProtocol(asyncio.Protocol):
         service.duration_buckets[bisect_left(DURATION_BUCKETS, elapsed)] += 1
         service.duration_sum += elapsed
         status = ex.status
-        # the balancer's latency input; a 5xx counts as a slow sample (a fast-failing backend
-        # must not look like the fastest one)
-        backend.latency = peak_ewma(
-            backend.latency,
-            backend.latency_t,
-            elapsed if status < 500 else error_sample(elapsed),
-            now,
-        )
+        # The balancer's latency input, balancers.ewma.peak_ewma written out (it runs per
+        # request); a 5xx counts as a slow sample: a fast-failing backend must not look fast.
+        sample = elapsed if status < 500 else error_sample(elapsed)
+        lat = backend.latency
+        if lat <= 0.0 or sample >= lat:
+            backend.latency = sample
+        else:
+            w = exp((backend.latency_t - now) / EWMA_TAU)
+            backend.latency = lat * w + sample * (1.0 - w)
         backend.latency_t = now
         backend.responses[status] += 1  # a defaultdict
         backend.inflight -= 1
