@@ -1114,7 +1114,9 @@ class UpstreamProtocol(asyncio.Protocol):
         if lat <= 0.0 or sample >= lat:
             backend.latency = sample
         else:
-            w = exp((backend.latency_t - now) / EWMA_TAU)
+            dt = now - backend.latency_t
+            # exp(-dt/tau); on a busy backend dt is tiny and 1 - dt/tau is as good (< 5e-5 off)
+            w = 1.0 - dt / EWMA_TAU if dt < 0.1 else exp(-dt / EWMA_TAU)
             backend.latency = lat * w + sample * (1.0 - w)
         backend.latency_t = now
         backend.responses[status] += 1  # a defaultdict
