@@ -48,6 +48,7 @@ class App:
         loop = asyncio.get_running_loop()
         runtime = Runtime(loop=loop, reserved=[config.admin])
         runtime.grace = config.shutdown.grace
+        runtime.instance = config.instance
         runtime.register_watcher("file")
         self.runtime = runtime
         await self._apply(config)
@@ -80,6 +81,7 @@ class App:
         runtime = self.runtime
         assert runtime is not None
         _warn_not_enforced(config)
+        runtime.instance = config.instance
         refused = not_implemented(config)
         if refused:
             log.error("config %s refused: %s", self.config_path, "; ".join(refused))

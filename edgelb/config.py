@@ -58,6 +58,17 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceConfig:
+    """This proxy replica: its zone (zone-aware balancing) and its place among the replicas
+    (deterministic subsetting). Unset keys come from EDGELB_ZONE, EDGELB_REPLICA and
+    EDGELB_REPLICAS (e.g. from a StatefulSet ordinal and the Downward API)."""
+
+    zone: str = ""
+    replica: int = 0
+    replicas: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     admin: Address = DEFAULT_ADMIN
     entrypoints: tuple[Entrypoint, ...] = ()
@@ -66,6 +77,7 @@ class Config:
     kubernetes: KubernetesWatcherConfig | None = None
     marathon: MarathonWatcherConfig | None = None
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    instance: InstanceConfig = field(default_factory=InstanceConfig)
 
 
 class ConfigError(Exception):
@@ -302,12 +314,12 @@ _INVALID = object()  # marks a value that failed validation (None may be a valid
 # ---------------------------------------------------------------------------------------------
 # Sections
 
-TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "watchers", "shutdown")
+TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "watchers", "shutdown", "instance")
 HEALTH_KEYS = ("path", "interval", "timeout", "rise", "fall")
 POLICY_KEYS = (
     "balance", "connect_timeout", "header_timeout", "idle_timeout", "response_timeout",
     "max_inflight", "queue_timeout", "max_idle", "health_check", "slow_start",
-    "hash_key", "sticky",
+    "hash_key", "sticky", "zone_aware", "zone_threshold", "subset",
 )
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # an RFC 9110 token: a header or cookie name
 _HASH_KEY = re.compile(rf"^(source|header:{_TOKEN}|cookie:{_TOKEN})$")
@@ -402,10 +414,29 @@ def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, A
                          "use source, header:NAME or cookie:NAME (what `balance: hash` hashes)")
             if v is not None:
                 out[key] = v
-        elif key == "sticky":
+        elif key in ("sticky", "zone_aware"):
             b = c.boolean(value, kpath)
             if b is not None:
                 out[key] = b
+        elif key == "zone_threshold":
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                out[key] = float(value)
+            else:
+                c.error(kpath, f"expected a number above 0 (in-zone load, e.g. 0.8), got "
+                        f"{_kind(value)}")
+        elif key == "subset":
+            # subset: 12 | auto | {size: 12 | auto}; 0 or null: every backend
+            if isinstance(value, dict):
+                c.keys(value, kpath, ("size",))
+                value = value.get("size")
+            if value is None or value == 0:
+                out[key] = 0
+            elif value == "auto":
+                out[key] = -1
+            else:
+                n = c.integer(value, kpath, 1)
+                if isinstance(n, int):
+                    out[key] = n
     return out
 
 
@@ -761,6 +792,43 @@ def _shutdown(c: _Checker, value: Any) -> ShutdownConfig:
     return ShutdownConfig(**fields)
 
 
+def _env_int(c: _Checker, name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        c.error(f"${name}", f"expected a whole number, got {raw!r}")
+        return default
+
+
+def _instance(c: _Checker, value: Any) -> InstanceConfig:
+    path = "instance"
+    m: dict = {}
+    if value is not None:
+        m = c.mapping(value, path, "a mapping like {zone: eu-west-1a, replica: 0, replicas: 3}")
+        if m is None:
+            return InstanceConfig()
+        c.keys(m, path, ("zone", "replica", "replicas"))
+    zone = os.environ.get("EDGELB_ZONE", "")
+    if "zone" in m:
+        zone = c.string(m["zone"], _join(path, "zone")) or ""
+    replica = _env_int(c, "EDGELB_REPLICA", 0)
+    if "replica" in m:
+        n = c.integer(m["replica"], _join(path, "replica"), 0)
+        replica = n if isinstance(n, int) else 0
+    replicas = _env_int(c, "EDGELB_REPLICAS", 1)
+    if "replicas" in m:
+        n = c.integer(m["replicas"], _join(path, "replicas"), 1)
+        replicas = n if isinstance(n, int) else 1
+    if not 0 <= replica < max(1, replicas):
+        c.error(_join(path, "replica"),
+                f"must be from 0 to replicas - 1 ({replicas - 1}), got {replica}")
+        return InstanceConfig(zone=zone)
+    return InstanceConfig(zone=zone, replica=replica, replicas=max(1, replicas))
+
+
 def _check_ports(c: _Checker, admin: Address, admin_set: bool,
                  entrypoints: tuple[Entrypoint, ...], drafts: list[_ServiceDraft]) -> None:
     used: dict[int, str] = {}
@@ -872,6 +940,7 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     drafts = _services(c, top.get("services"), defaults)
     kubernetes, marathon = _watchers(c, top.get("watchers"))
     shutdown = _shutdown(c, top.get("shutdown"))
+    instance = _instance(c, top.get("instance"))
     _check_ports(c, admin, admin_set, entrypoints, drafts)
     routes = _check_routes(c, entrypoints, drafts)
     if c.errors:
@@ -882,7 +951,8 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
         routes=tuple(routes),
     )
     return Config(admin=admin, entrypoints=entrypoints, defaults=defaults, snapshot=snapshot,
-                  kubernetes=kubernetes, marathon=marathon, shutdown=shutdown)
+                  kubernetes=kubernetes, marathon=marathon, shutdown=shutdown,
+                  instance=instance)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -15,7 +15,9 @@ from collections import defaultdict
 from typing import Any
 
 import balancers
+from balancers.subset import subset
 from balancers.weights import slow_start_factor
+from edgelb.config import InstanceConfig
 from watchers.model import Backend, Policy, Service
 
 # Upper bounds (seconds) of edgelb_request_duration_seconds; the last bucket is +Inf.
@@ -124,6 +126,8 @@ class Pool:
         "keyed",
         "policy_name",
         "ramping",
+        "zone",
+        "zone_threshold",
     )
 
     def __init__(self, policy_name: str, rng: random.Random | None = None) -> None:
@@ -135,7 +139,9 @@ class Pool:
         self.ramping = 0  # backends in slow start
         self.by_sticky: dict[bytes, BackendState] = {}
         self.balancer_keyed = self.balancer.keyed  # the policy hashes a key
-        self.keyed = self.balancer_keyed  # the data path must find a key (or a sticky cookie)
+        self.keyed = self.balancer_keyed  # pick via the slower path: key, cookie or zone
+        self.zone = ""  # the proxy's zone when zone-aware balancing is on
+        self.zone_threshold = 0.8
 
     def pick(self, key: bytes | None = None) -> BackendState | None:
         return self.balancer.pick(self.backends, key)  # type: ignore[return-value]
@@ -153,6 +159,8 @@ class Pool:
         slow_start: float = 0.0,
         cap: int = 0,
         sticky: bool = False,
+        instance: InstanceConfig | None = None,
+        policy: Policy | None = None,
     ) -> None:
         """Apply a new backend list in place: kept backends keep their state.
 
@@ -163,7 +171,14 @@ class Pool:
             self.policy_name = policy_name
             self.balancer = balancers.make(policy_name, self.balancer.rng)
             self.balancer_keyed = self.balancer.keyed
-        self.keyed = self.balancer_keyed or sticky
+        self.zone = ""
+        if policy is not None and instance is not None:
+            if policy.zone_aware and instance.zone:
+                self.zone = instance.zone
+                self.zone_threshold = policy.zone_threshold
+            if policy.subset and instance.replicas > 1:
+                specs = _subset(specs, policy.subset, instance)
+        self.keyed = self.balancer_keyed or sticky or bool(self.zone)
         new: dict[str, BackendState] = {}
         ramp = bool(now and slow_start > 0 and self.by_key)
         for spec in specs:
@@ -215,6 +230,15 @@ class Pool:
         return [*self.backends, *self.draining.values()]
 
 
+def _subset(specs: tuple[Backend, ...], size: int, instance: InstanceConfig) -> tuple[Backend, ...]:
+    """The backends this replica balances over (balancers.subset: the same size for all)."""
+    keys = list(dict.fromkeys(s.key for s in specs))
+    if size > 0 and size >= len(keys):
+        return specs
+    chosen = set(subset(keys, instance.replica, instance.replicas, size if size > 0 else None))
+    return tuple(s for s in specs if s.key in chosen)
+
+
 class ServiceState:
     """A service's live state: its spec, its pool, and its counters."""
 
@@ -232,14 +256,24 @@ class ServiceState:
         "tcp_connections",
     )
 
-    def __init__(self, spec: Service, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        spec: Service,
+        rng: random.Random | None = None,
+        instance: InstanceConfig | None = None,
+    ) -> None:
         self.name = spec.name
         self.spec = spec
         self.policy: Policy = spec.policy
         self.pool = Pool(spec.policy.balance, rng)
         policy = spec.policy
         self.pool.update(
-            spec.backends, policy.balance, cap=policy.max_inflight or 0, sticky=policy.sticky
+            spec.backends,
+            policy.balance,
+            cap=policy.max_inflight or 0,
+            sticky=policy.sticky,
+            instance=instance,
+            policy=policy,
         )
         self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket, not cumulative
         self.duration_sum = 0.0
@@ -253,7 +287,9 @@ class ServiceState:
     def duration_count(self) -> int:
         return sum(self.duration_buckets)
 
-    def update(self, spec: Service, now: float = 0.0) -> None:
+    def update(
+        self, spec: Service, now: float = 0.0, instance: InstanceConfig | None = None
+    ) -> None:
         """A new spec for this service; `now` (the loop's clock) enables slow start."""
         self.spec = spec
         policy = self.policy = spec.policy
@@ -264,6 +300,8 @@ class ServiceState:
             policy.slow_start,
             policy.max_inflight or 0,
             policy.sticky,
+            instance,
+            policy,
         )
 
     def observe(self, seconds: float) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import balancers
+from edgelb.config import InstanceConfig
 from edgelb.http.listener import HttpListener
 from edgelb.http.router import Router
 from edgelb.pool import ServiceState
@@ -81,6 +82,7 @@ class Runtime:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closers: set[asyncio.Task] = set()
         self.grace = 30.0
+        self.instance = InstanceConfig()  # this replica's zone and ordinal (set by the app)
 
     # -- watcher bookkeeping ------------------------------------------------------------
 
@@ -225,9 +227,9 @@ class Runtime:
         for svc in services:
             state = states.get(svc.name)
             if state is None:
-                state = ServiceState(svc, self.rng)
+                state = ServiceState(svc, self.rng, self.instance)
             else:
-                state.update(svc, self.loop.time())
+                state.update(svc, self.loop.time(), self.instance)
             by_name[svc.name] = state
         for name, state in states.items():
             if name not in by_name:

@@ -293,7 +293,7 @@ def test_unknown_key_suggests_nearest(text: str, path: str, suggestion: str) -> 
 
 def test_unknown_key_without_close_match_lists_valid_keys() -> None:
     err = one_error("zzz: 1\n", "zzz")
-    assert "valid keys: admin, defaults, entrypoints, services, shutdown, watchers" in err
+    assert "valid keys: admin, defaults, entrypoints, instance, services, shutdown, watchers" in err
 
 
 # --------------------------------------------------------------------------- all errors at once
@@ -902,3 +902,25 @@ def test_example_passes_check(path: Path) -> None:
     r = run_check(path)
     assert r.returncode == 0, r.stderr
     assert "OK" in r.stdout
+
+
+def test_instance_section_and_environment(monkeypatch) -> None:
+    monkeypatch.setenv("EDGELB_ZONE", "eu-1a")
+    monkeypatch.setenv("EDGELB_REPLICA", "2")
+    monkeypatch.setenv("EDGELB_REPLICAS", "3")
+    c = cfg("admin: {listen: 127.0.0.1:9090}")
+    assert (c.instance.zone, c.instance.replica, c.instance.replicas) == ("eu-1a", 2, 3)
+    c = cfg("instance: {zone: z, replica: 0, replicas: 1}")
+    assert (c.instance.zone, c.instance.replica, c.instance.replicas) == ("z", 0, 1)
+    err = one_error("instance: {replica: 3, replicas: 3}\n", "instance.replica")
+    assert "0 to replicas - 1" in err
+
+
+def test_subset_and_zone_keys() -> None:
+    base = "services: [{name: a, listen: 127.0.0.1:1000, "
+    assert cfg(base + "subset: 12}]").snapshot.services[0].policy.subset == 12
+    assert cfg(base + "subset: auto}]").snapshot.services[0].policy.subset == -1
+    assert cfg(base + "subset: {size: 5}}]").snapshot.services[0].policy.subset == 5
+    policy = cfg(base + "zone_aware: true, zone_threshold: 0.5}]").snapshot.services[0].policy
+    assert policy.zone_aware and policy.zone_threshold == 0.5
+    one_error(base + "zone_threshold: 0}]\n", "services[0].zone_threshold")

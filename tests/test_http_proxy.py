@@ -42,7 +42,7 @@ from httpkit import (
     within,
 )
 
-from watchers.model import Route
+from watchers.model import Backend, Route
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(30)]
 
@@ -1251,3 +1251,23 @@ async def test_hash_on_the_source_address(backend, proxy):
         r = await within(fetch(port))
         names.add(r.body.split()[0])
     assert len(names) == 1
+
+
+async def test_zone_aware_service_keeps_low_load_in_the_proxys_zone(backend, proxy):
+    from edgelb.config import InstanceConfig
+
+    here, there = await backend("here"), await backend("there")
+    port = free_port()
+    specs = [
+        Backend("127.0.0.1", here.port, weight=4, zone="z1"),
+        Backend("127.0.0.1", there.port, weight=4, zone="z2"),
+    ]
+    rt = await proxy()
+    rt.instance = InstanceConfig(zone="z1")
+    await rt.apply(snapshot(service("web", specs, listen=port, zone_aware=True)))
+    client = await Client.open(port)
+    for _ in range(20):
+        r = await within(client.request("GET", "/"))
+        assert r.body.split()[0] == b"here"
+    client.close()
+    assert there.requests == []

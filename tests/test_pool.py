@@ -62,3 +62,42 @@ def test_a_kept_backend_keeps_its_state_and_a_weight_change_applies():
     heavier = Backend("127.0.0.1", 1, weight=8)
     p.update((heavier, B), "least-loaded", now=300.0, slow_start=30.0)
     assert p.by_key[A.key] is a and a.requests == 7 and a.weight == 8
+
+
+def test_each_replica_balances_over_its_deterministic_subset():
+    from edgelb.config import InstanceConfig
+    from watchers.model import Policy
+
+    specs = tuple(Backend("127.0.0.1", 9000 + i) for i in range(12))
+    policy = Policy(subset=4)
+    seen: dict[str, int] = {}
+    for replica in range(3):
+        p = Pool("least-loaded")
+        inst = InstanceConfig(replica=replica, replicas=3)
+        p.update(specs, "least-loaded", instance=inst, policy=policy)
+        assert len(p.backends) == 4
+        again = Pool("least-loaded")
+        again.update(specs, "least-loaded", instance=inst, policy=policy)
+        assert [b.key for b in again.backends] == [b.key for b in p.backends]  # deterministic
+        for b in p.backends:
+            seen[b.key] = seen.get(b.key, 0) + 1
+    assert len(seen) == 12 and set(seen.values()) == {1}  # every backend in one subset
+
+
+def test_zone_aware_pool_prefers_its_zone_until_it_is_loaded():
+    from balancers.zones import prefer_zone
+    from edgelb.config import InstanceConfig
+    from watchers.model import Policy
+
+    specs = (
+        Backend("127.0.0.1", 1, weight=2, zone="a"),
+        Backend("127.0.0.1", 2, weight=2, zone="b"),
+    )
+    p = Pool("least-loaded")
+    p.update(specs, "least-loaded", instance=InstanceConfig(zone="a"),
+             policy=Policy(zone_aware=True, zone_threshold=1.0))
+    assert p.keyed and p.zone == "a"
+    local = p.by_key["127.0.0.1:1"]
+    assert [b.key for b in prefer_zone(p.backends, p.zone, p.zone_threshold)] == [local.key]
+    local.inflight = 2  # (2 + 1) / 2 > 1.0: the zone is full, spill to all
+    assert len(prefer_zone(p.backends, p.zone, p.zone_threshold)) == 2

@@ -21,6 +21,7 @@ import httptools
 
 from balancers.ewma import TAU as EWMA_TAU
 from balancers.ewma import error_sample, peak_ewma
+from balancers.zones import prefer_zone
 from edgelb.http.errors import local_response
 from edgelb.http.headers import CONNECTION_OPTIONS, connection_tokens, drop_named, forwarded_for
 from edgelb.http.response_head import rewrite_response_head, rewrite_response_head_cached
@@ -435,6 +436,9 @@ class ClientProtocol(asyncio.Protocol):
                 backend = pool.by_sticky.get(sid)
                 if backend is not None and backend.eligible:
                     return backend
+        candidates = pool.backends
+        if pool.zone:  # zone-aware: in-zone backends while the zone has room
+            candidates = prefer_zone(candidates, pool.zone, pool.zone_threshold)
         key = None
         if pool.balancer_keyed:
             spec = policy.hash_key
@@ -444,7 +448,7 @@ class ClientProtocol(asyncio.Protocol):
                 key = _cookie(ex.lines, spec[7:].encode())
             else:
                 key = _header(ex.lines, spec[7:].encode())
-        backend = pool.balancer.pick(pool.backends, key)
+        backend = pool.balancer.pick(candidates, key)
         if backend is not None and policy.sticky:
             ex.set_cookie = backend.sticky_id
         return backend
