@@ -14,6 +14,9 @@ backend's share. The ring is built lazily: after `reset`, when the pool size cha
 (amortised, at most every max(64, N) picks) when a picked backend's weight no longer matches
 the one the ring was built with (slow start, weight edits) and the point counts changed step.
 Building costs about 0.5 ms for 10 backends, 7 ms for 100 and 75 ms for 1000.
+Loads are bounded: a backend already carrying more than 1.25x its weight share of the pool's
+in-flight requests passes the key on clockwise (consistent hashing with bounded loads), so a
+hot key spills instead of drowning its backend; at low load every key stays home.
 Without a key, picks fall back to least-loaded.
 """
 
@@ -30,6 +33,7 @@ from balancers.base import Balancer, Candidate
 from balancers.least_loaded import LeastLoaded
 
 POINTS = 160  # ring points of the heaviest backend (between POINTS/2 and POINTS)
+BOUND = 1.25  # bounded loads: at most 125% of a backend's share of the in-flight requests
 _EIGHT = Struct(">8Q")
 _POS_MASK = (1 << 20) - 1
 
@@ -51,8 +55,9 @@ class ConsistentHash(Balancer):
     name = "hash"
     keyed = True
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, bound: float = BOUND) -> None:
         super().__init__(rng)
+        self.bound = bound  # how far above its share of the load a backend may go for a key
         self._fallback = LeastLoaded(rng)
         self._points: list[int] = []
         self._owners: list[Candidate] = []
@@ -112,10 +117,24 @@ class ConsistentHash(Balancer):
             return None
         i = bisect_left(points, key_hash(key))
         owners = self._owners
+        # Bounded loads (Mirrokni, Thorup, Zadimoghaddam; HAProxy's hash-balance-factor): a
+        # backend takes the key only while its in-flight stays within `bound` times its weight
+        # share of the pool's, else the walk goes on clockwise, so one hot key cannot drown a
+        # backend. O(N) for the totals.
+        inflight = 0
+        weight = 0.0
+        for b in backends:
+            if b.eligible and b.weight > 0:
+                inflight += b.inflight
+                weight += b.weight
+        first = None
         for step in range(total):
             b = owners[(i + step) % total]
             if b.weight != self._weights.get(id(b)):
                 self._stale = True
             if b.eligible and b.weight > 0:
-                return b
-        return None
+                if b.inflight + 1 <= math.ceil(self.bound * (inflight + 1) * b.weight / weight):
+                    return b
+                if first is None:
+                    first = b
+        return first

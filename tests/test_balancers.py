@@ -454,3 +454,23 @@ def test_peak_ewma_jumps_up_and_decays() -> None:
     assert error_sample(0.001) == ERROR_PENALTY
     assert error_sample(3.0) == 3.0
     assert decayed(0.5, 0.0, 10.0, 0.01) == pytest.approx(0.5 * w + 0.01 * (1 - w))
+
+
+def test_hash_bounded_load_spills_a_hot_key_and_keeps_it_home_at_low_load():
+    import random as _random
+
+    from balancers.hashing import ConsistentHash
+
+    class C:
+        def __init__(self, key: str) -> None:
+            self.key, self.weight, self.inflight = key, 1.0, 0
+            self.latency, self.eligible = 0.0, True
+
+    pool = [C(f"10.0.0.{i}:80") for i in range(4)]
+    h = ConsistentHash(_random.Random(3))
+    home = h.pick(pool, b"hot")
+    assert all(h.pick(pool, b"hot") is home for _ in range(20))  # idle: the key stays home
+    home.inflight = 10  # the hot key has piled up on its backend
+    other = h.pick(pool, b"hot")
+    assert other is not home  # past 1.25x its share: the walk goes on clockwise
+    assert h.pick(pool, b"hot") is other  # deterministic
