@@ -181,7 +181,7 @@ def test_malformed_request_gets_400_and_close(run: Runner) -> None:
 
 @pytest.mark.parametrize("capacity", [1, 3])
 def test_request_beyond_capacity_waits_for_a_worker(run: Runner, capacity: int) -> None:
-    service = 0.05
+    service = 0.3  # long enough that nothing finishes while the test looks (a loaded CI host)
     spec = BackendSpec("tiny", capacity=capacity, service_time=service)
 
     async def body(backends: list[DemoBackend]) -> None:
