@@ -30,7 +30,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 # Reinstalled whenever pyproject.toml changes; editable so the tree under edit is what runs.
 $(STAMP): pyproject.toml
-	@$(PYTHON) -m venv $(VENV) || { \
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); python3 -m venv $(VENV); } || { \
 	  echo "error: '$(PYTHON) -m venv $(VENV)' failed; on Debian run: apt-get install python3-venv" >&2; \
 	  exit 1; }
 	$(BIN)/pip install -e '.[test]'
