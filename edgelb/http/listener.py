@@ -69,12 +69,6 @@ class HttpListener:
         service = self.service
         return service.policy if service is not None else self.defaults
 
-    def header_timeout(self) -> float:
-        return self.policy().header_timeout
-
-    def idle_timeout(self) -> float:
-        return self.policy().idle_timeout
-
     def default_host(self) -> bytes:
         return self._host_header
 
