@@ -52,7 +52,7 @@ def _codes(responses: dict[int, int]) -> dict[str, int]:
     return {str(code): n for code, n in sorted(responses.items())}
 
 
-def backend_status(b: BackendState) -> dict[str, Any]:
+def backend_status(b: BackendState, check: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "key": b.key,
         "host": b.spec.host,
@@ -61,15 +61,21 @@ def backend_status(b: BackendState) -> dict[str, Any]:
         "weight_configured": b.spec.weight,
         "slow_start": bool(b.ramp_start),
         "zone": b.spec.zone,
-        "healthy": b.healthy,
+        "healthy": b.healthy and b.check_ok,
+        "ready": b.healthy,  # as the source reports it
+        "health_check": check,  # the active check's last result, None when not checked
+        "ejected": bool(b.ejected_until),
         "draining": b.draining,
+        "usable": b.usable,
         "eligible": b.eligible,
         "inflight": b.inflight,
+        "max_inflight": b.cap or None,  # the cap now (adaptive: the limiter's)
+        "max_inflight_configured": b.static_cap or None,
         "latency": b.latency,
         "requests": b.requests,
         "responses": _codes(b.responses),
         "failures": b.failures,
-        "ejections": getattr(b, "ejections", 0),
+        "ejections": b.ejections,
         "connections": {
             "idle": len(b.idle),
             "open": b.open_connections,
@@ -79,8 +85,24 @@ def backend_status(b: BackendState) -> dict[str, Any]:
     }
 
 
-def service_status(svc: ServiceState, routes: tuple[Any, ...]) -> dict[str, Any]:
-    backends = [backend_status(b) for b in svc.pool.all_backends()]
+def _plain(value: Any) -> Any:
+    """dataclasses.asdict output made JSON-ready (frozensets become sorted lists)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (frozenset, set)):
+        return sorted(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def service_status(svc: ServiceState, routes: tuple[Any, ...], health: Any = None
+                   ) -> dict[str, Any]:
+    checked = svc.policy.health_check is not None and health is not None
+    backends = [
+        backend_status(b, health.status(svc.name, b.key) if checked else None)
+        for b in svc.pool.all_backends()
+    ]
     responses: dict[int, int] = dict(svc.local_responses)
     for b in svc.pool.all_backends():
         for code, n in b.responses.items():
@@ -90,7 +112,7 @@ def service_status(svc: ServiceState, routes: tuple[Any, ...]) -> dict[str, Any]
         "name": svc.name,
         "mode": svc.spec.mode,
         "listen": str(listen) if listen is not None else None,
-        "policy": dataclasses.asdict(svc.policy),
+        "policy": _plain(dataclasses.asdict(svc.policy)),
         "routes": [
             {"host": r.host, "path": r.path, "exact": r.exact}
             for r in routes
@@ -100,6 +122,10 @@ def service_status(svc: ServiceState, routes: tuple[Any, ...]) -> dict[str, Any]
         "responses": _codes(responses),
         "local_responses": _codes(svc.local_responses),
         "shed": dict(sorted(svc.shed.items())),
+        "panic": svc.pool.panic,
+        "waiting": len(svc.pool.waiters),
+        "retries": {"total": svc.retries_total, "denied": svc.retries_denied,
+                    "in_flight": svc.retrying},
         "tcp_connections": svc.tcp_connections,
         "bytes": {"in": svc.bytes_in, "out": svc.bytes_out},
         "duration": {"count": svc.duration_count, "sum": svc.duration_sum},
@@ -156,7 +182,10 @@ def status(runtime: Any) -> dict[str, Any]:
         "ready": not not_ready,
         "not_ready": not_ready,
         "draining": runtime.draining,
-        "services": [service_status(runtime.services[n], routes) for n in sorted(runtime.services)],
+        "services": [
+            service_status(runtime.services[n], routes, getattr(runtime, "health", None))
+            for n in sorted(runtime.services)
+        ],
         "listeners": [listener_status(k, runtime.listeners[k]) for k in sorted(runtime.listeners)],
         "routes": [
             {"host": r.host, "path": r.path, "exact": r.exact, "service": r.service} for r in routes

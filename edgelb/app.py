@@ -136,15 +136,6 @@ class App:
 
 def _warn_not_enforced(config: Config) -> None:
     """Say which accepted keys this version does not act on yet, rather than ignore them."""
-    for svc in config.snapshot.services:
-        keys = [k for k in ("max_inflight", "health_check") if getattr(svc.policy, k) is not None]
-        if keys:
-            log.warning(
-                "service %s: %s validated but not enforced yet (per-backend caps, shedding and "
-                "health checks come with the overload-protection release)",
-                svc.name,
-                " and ".join(keys),
-            )
     if config.kubernetes is not None and config.kubernetes.enabled:
         log.warning("watchers.kubernetes is set, but this version has no Kubernetes watcher yet")
     if config.marathon is not None:

@@ -22,7 +22,18 @@ from urllib.parse import urlsplit
 import yaml
 
 import balancers
-from watchers.model import Address, Backend, HealthCheck, Policy, Route, Service, Snapshot
+from watchers.model import (
+    OUTLIER_KINDS,
+    Address,
+    Backend,
+    HealthCheck,
+    Outlier,
+    Policy,
+    RetryBudget,
+    Route,
+    Service,
+    Snapshot,
+)
 
 DEFAULT_ADMIN = Address("127.0.0.1", 9090)
 ANY_HOST = "0.0.0.0"
@@ -315,12 +326,19 @@ _INVALID = object()  # marks a value that failed validation (None may be a valid
 # Sections
 
 TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "watchers", "shutdown", "instance")
-HEALTH_KEYS = ("path", "interval", "timeout", "rise", "fall")
+HEALTH_KEYS = ("path", "interval", "timeout", "rise", "fall", "type", "method", "status",
+               "host")
+OUTLIER_KEYS = ("failures", "kinds", "ejection", "max_ejection", "max_ejected")
+RETRY_BUDGET_KEYS = ("ratio", "min")
 POLICY_KEYS = (
     "balance", "connect_timeout", "header_timeout", "idle_timeout", "response_timeout",
     "max_inflight", "queue_timeout", "max_idle", "health_check", "slow_start",
     "hash_key", "sticky", "zone_aware", "zone_threshold", "subset",
+    "adaptive", "queue_size", "outlier", "panic_threshold", "retries", "retry_budget",
 )
+_METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_STATUS_RANGE = re.compile(r"^([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?$")
+_HOST_HEADER = re.compile(r"^[A-Za-z0-9.:\[\]_-]+$")
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # an RFC 9110 token: a header or cookie name
 _HASH_KEY = re.compile(rf"^(source|header:{_TOKEN}|cookie:{_TOKEN})$")
 SERVICE_KEYS = ("name", "listen", "mode", "hosts", "paths", "backends", *POLICY_KEYS)
@@ -366,9 +384,124 @@ def _health_check(c: _Checker, value: Any, path: str, base: HealthCheck | None) 
             n = c.integer(m[key], _join(path, key), 1)
             ok &= n is not _INVALID
             fields[key] = n
+    if "type" in m:
+        kind = m["type"]
+        if kind not in ("http", "tcp"):
+            c.error(_join(path, "type"), f"expected http or tcp, got {kind!r}")
+            ok = False
+        fields["kind"] = kind
+    if "method" in m:
+        meth = c.string(m["method"], _join(path, "method"), _METHOD,
+                        "an HTTP method token, e.g. GET or HEAD")
+        ok &= meth is not None
+        fields["method"] = meth
+    if "status" in m:
+        rng = _status_range(c, m["status"], _join(path, "status"))
+        ok &= rng is not None
+        fields["status"] = rng
+    if "host" in m:
+        host = c.string(m["host"], _join(path, "host"), _HOST_HEADER,
+                        "a host name (and port) for the Host header, e.g. app.internal")
+        ok &= host is not None
+        fields["host"] = host
     if not ok:
         return _INVALID
     return dataclasses.replace(base or HealthCheck(), **fields)
+
+
+def _status_range(c: _Checker, value: Any, path: str) -> tuple[int, int] | None:
+    """`200`, `"200-399"` -> an inclusive range of expected status codes."""
+    match = _STATUS_RANGE.match(str(value)) if isinstance(value, (int, str)) else None
+    if match is None or isinstance(value, bool):
+        c.error(path, f"expected a status or a range like 200-399, got {value!r}")
+        return None
+    low = int(match.group(1))
+    high = int(match.group(2) or low)
+    if high < low:
+        c.error(path, f"the range {value!r} ends below its start; write it low-high")
+        return None
+    return (low, high)
+
+
+def _share(c: _Checker, value: Any, path: str, example: str) -> float | None:
+    """A share of something: 0.1 or "10%", from 0 to 1."""
+    if isinstance(value, str) and value.endswith("%"):
+        try:
+            value = float(value[:-1]) / 100.0
+        except ValueError:
+            pass
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
+        return float(value)
+    c.error(path, f"expected a share from 0 to 1 or a percentage, e.g. {example}, got "
+            f"{value!r}")
+    return None
+
+
+def _outlier(c: _Checker, value: Any, path: str, base: Outlier | None) -> Any:
+    """A mapping merged over `base`; false or null turns passive ejection off."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return base or Outlier()
+    m = c.mapping(value, path, "a mapping like {failures: 5, ejection: 30s} or false")
+    if m is None:
+        return _INVALID
+    c.keys(m, path, OUTLIER_KEYS)
+    fields: dict[str, Any] = {}
+    ok = True
+    if "failures" in m:
+        n = c.integer(m["failures"], _join(path, "failures"), 1)
+        ok &= n is not _INVALID
+        fields["failures"] = n
+    for key in ("ejection", "max_ejection"):
+        if key in m:
+            d = c.duration(m[key], _join(path, key), positive=True)
+            ok &= d is not None
+            fields[key] = d
+    if "max_ejected" in m:
+        share = _share(c, m["max_ejected"], _join(path, "max_ejected"), "10%")
+        ok &= share is not None
+        fields["max_ejected"] = share
+    if "kinds" in m:  # not `on`: YAML 1.1 reads a bare `on` key as true
+        kinds = c.list(m["kinds"], _join(path, "kinds"), "failure kinds", "[connect, reset, 503]")
+        if kinds is None:
+            ok = False
+        else:
+            names = [str(k) for k in kinds]
+            bad = [k for k in names if k not in OUTLIER_KINDS]
+            known = f"use some of {', '.join(OUTLIER_KINDS)}"
+            if bad:
+                c.error(_join(path, "kinds"), f"unknown failure kind {bad[0]!r}; {known}")
+                ok = False
+            elif not names:
+                c.error(_join(path, "kinds"), f"must name at least one failure kind; {known}")
+                ok = False
+            fields["kinds"] = frozenset(names)
+    if not ok:
+        return _INVALID
+    merged = dataclasses.replace(base or Outlier(), **fields)
+    if merged.max_ejection < merged.ejection:
+        c.error(_join(path, "max_ejection"), "must be at least `ejection`")
+        return _INVALID
+    return merged
+
+
+def _retry_budget(c: _Checker, value: Any, path: str, base: RetryBudget) -> Any:
+    m = c.mapping(value, path, "a mapping like {ratio: 0.2, min: 3}")
+    if m is None:
+        return _INVALID
+    c.keys(m, path, RETRY_BUDGET_KEYS)
+    fields: dict[str, Any] = {}
+    ok = True
+    if "ratio" in m:
+        share = _share(c, m["ratio"], _join(path, "ratio"), "0.2")
+        ok &= share is not None
+        fields["ratio"] = share
+    if "min" in m:
+        n = c.integer(m["min"], _join(path, "min"), 0)
+        ok &= n is not _INVALID
+        fields["min"] = n
+    return dataclasses.replace(base, **fields) if ok else _INVALID
 
 
 def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, Any]:
@@ -414,6 +547,33 @@ def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, A
                          "use source, header:NAME or cookie:NAME (what `balance: hash` hashes)")
             if v is not None:
                 out[key] = v
+        elif key == "adaptive":
+            b = c.boolean(value, kpath)
+            if b is not None:
+                out[key] = b
+        elif key == "queue_size":
+            n = c.integer(value, kpath, 0)
+            if n is not _INVALID:
+                out[key] = n
+        elif key == "retries":
+            n = c.integer(value, kpath, 0)
+            if n is not _INVALID:
+                if n > 5:
+                    c.error(kpath, f"at most 5 retries, got {n}; more multiply an overload")
+                else:
+                    out[key] = n
+        elif key == "outlier":
+            o = _outlier(c, value, kpath, base.outlier)
+            if o is not _INVALID:
+                out[key] = o
+        elif key == "retry_budget":
+            rb = _retry_budget(c, value, kpath, base.retry_budget)
+            if rb is not _INVALID:
+                out[key] = rb
+        elif key == "panic_threshold":
+            share = _share(c, value, kpath, "0.5 or 50%")
+            if share is not None:
+                out[key] = share
         elif key in ("sticky", "zone_aware"):
             b = c.boolean(value, kpath)
             if b is not None:
@@ -988,16 +1148,24 @@ def _fmt_seconds(s: float) -> str:
 
 def _fmt_policy(p: Policy, mode: str) -> str:
     parts = [f"balance {p.balance}"]
-    if p.max_inflight is not None:
-        parts.append(f"max_inflight {p.max_inflight}, queue {_fmt_seconds(p.queue_timeout)}")
+    if p.max_inflight is not None or p.adaptive:
+        cap = f"max_inflight {p.max_inflight or 'none'}" + (" (adaptive)" if p.adaptive else "")
+        parts.append(f"{cap}, queue {p.queue_size} for {_fmt_seconds(p.queue_timeout)}")
     parts.append(f"connect {_fmt_seconds(p.connect_timeout)}")
     if mode == "http":
         parts.append(f"response {_fmt_seconds(p.response_timeout)}")
     parts.append(f"idle {_fmt_seconds(p.idle_timeout)}")
     if p.health_check is not None:
         hc = p.health_check
-        parts.append(f"health {hc.path} every {_fmt_seconds(hc.interval)} "
+        what = f"{hc.method} {hc.path}" if hc.kind == "http" else "tcp connect"
+        parts.append(f"health {what} every {_fmt_seconds(hc.interval)} "
                      f"(rise {hc.rise}, fall {hc.fall})")
+    o = p.outlier
+    if o is not None:
+        parts.append(f"eject after {o.failures} failures for {_fmt_seconds(o.ejection)}+ "
+                     f"(at most {o.max_ejected:.0%})")
+    if mode == "http":
+        parts.append(f"retries {p.retries}")
     return ", ".join(parts)
 
 

@@ -22,7 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from edgelb import __version__
-from edgelb.pool import DURATION_BUCKETS, BackendState, ServiceState
+from edgelb.pool import DURATION_BUCKETS, ServiceState
 
 # The `le` labels of edgelb_request_duration_seconds, +Inf last.
 _BUCKET_LABELS = (*(floatToGoString(b) for b in DURATION_BUCKETS), "+Inf")
@@ -88,8 +88,28 @@ class RuntimeCollector:
             'Bytes relayed for clients: direction="in" from clients, "out" to clients.',
             labels=["service", "direction"],
         )
+        retries = CounterMetricFamily(
+            "edgelb_retries_total",
+            'Requests sent again to another backend (result="sent"), or not because the retry '
+            'budget was spent (result="denied").',
+            labels=["service", "result"],
+        )
+        waiting = GaugeMetricFamily(
+            "edgelb_queue_waiting",
+            "Requests (connections) waiting for a backend under its cap.",
+            labels=["service"],
+        )
+        panic = GaugeMetricFamily(
+            "edgelb_service_panic",
+            "1 while too few backends are healthy and the service balances over all of them.",
+            labels=["service"],
+        )
         for svc in services:
             name = svc.name
+            retries.add_metric([name, "sent"], svc.retries_total)
+            retries.add_metric([name, "denied"], svc.retries_denied)
+            waiting.add_metric([name], len(svc.pool.waiters))
+            panic.add_metric([name], 1.0 if svc.pool.panic else 0.0)
             for backend in svc.pool.all_backends():
                 for code, count in sorted(backend.responses.items()):
                     requests.add_metric([name, backend.key, str(code)], count)
@@ -103,7 +123,7 @@ class RuntimeCollector:
             nbytes.add_metric([name, "out"], svc.bytes_out)
         for code, count in sorted(global_local.items()):
             requests.add_metric(["", "", str(code)], count)
-        yield from (requests, duration, shed, tcp, nbytes)
+        yield from (requests, duration, shed, tcp, nbytes, retries, waiting, panic)
 
     # -- per backend --------------------------------------------------------------------
 
@@ -121,10 +141,18 @@ class RuntimeCollector:
             "edgelb_backend_inflight",
             "Requests (http) or connections (tcp) now in flight to the backend.",
         )
-        healthy = gauge("edgelb_backend_healthy", "1 if the backend is healthy, else 0.")
+        healthy = gauge(
+            "edgelb_backend_healthy",
+            "1 if the backend is healthy (ready by its source and passing its active checks).",
+        )
         eligible = gauge(
             "edgelb_backend_eligible",
-            "1 if the balancer may pick the backend (healthy, not draining, weight > 0).",
+            "1 if the balancer may pick the backend now (usable and under its cap).",
+        )
+        ejected = gauge("edgelb_backend_ejected", "1 while the backend is ejected for failing.")
+        cap = gauge(
+            "edgelb_backend_max_inflight",
+            "The backend's cap on concurrent requests now (adaptive: the limiter's); 0 = none.",
         )
         draining = gauge(
             "edgelb_backend_draining", "1 if the backend was removed and is finishing its work."
@@ -155,12 +183,14 @@ class RuntimeCollector:
             for b in svc.pool.all_backends():
                 lv = [svc.name, b.key]
                 inflight.add_metric(lv, b.inflight)
-                healthy.add_metric(lv, 1.0 if b.healthy else 0.0)
+                healthy.add_metric(lv, 1.0 if b.healthy and b.check_ok else 0.0)
                 eligible.add_metric(lv, 1.0 if b.eligible else 0.0)
+                ejected.add_metric(lv, 1.0 if b.ejected_until else 0.0)
+                cap.add_metric(lv, b.cap)
                 draining.add_metric(lv, 1.0 if b.draining else 0.0)
                 weight.add_metric(lv, b.weight)
                 latency.add_metric(lv, b.latency)
-                ejections.add_metric(lv, _ejections(b))
+                ejections.add_metric(lv, b.ejections)
                 sent.add_metric(lv, b.requests)
                 failures.add_metric(lv, b.failures)
                 opened.add_metric(lv, b.connections_total)
@@ -168,7 +198,8 @@ class RuntimeCollector:
                 upstream.add_metric([*lv, "open"], b.open_connections)
                 bbytes.add_metric([*lv, "in"], b.bytes_in)
                 bbytes.add_metric([*lv, "out"], b.bytes_out)
-        yield from (inflight, healthy, eligible, draining, weight, latency, ejections)
+        yield from (inflight, healthy, eligible, ejected, cap, draining, weight, latency)
+        yield ejections
         yield from (sent, failures, opened, upstream, bbytes)
 
     # -- runtime-wide -------------------------------------------------------------------
@@ -223,11 +254,6 @@ class RuntimeCollector:
         info = GaugeMetricFamily("edgelb_info", "The running edgelb version.", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield info
-
-
-def _ejections(backend: BackendState) -> int:
-    # BackendState grows an ejection counter with outlier detection; until then, 0.
-    return getattr(backend, "ejections", 0)
 
 
 def make_registry(runtime: Any, process: bool = True) -> CollectorRegistry:

@@ -8,19 +8,28 @@ keeps its object (and so its counters and idle connections); a removed one drain
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import random
 from bisect import bisect_left
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any
 
 import balancers
+from balancers.limits import GradientLimit
+from balancers.outlier import ejection_seconds, may_eject
 from balancers.subset import subset
 from balancers.weights import slow_start_factor
 from edgelb.config import InstanceConfig
-from watchers.model import Backend, Policy, Service
+from watchers.model import Backend, Outlier, Policy, Service
+
+log = logging.getLogger("edgelb.pool")
 
 # Upper bounds (seconds) of edgelb_request_duration_seconds; the last bucket is +Inf.
+ADAPTIVE_MAX = 1000  # the adaptive cap's bound when no max_inflight is set
+ADAPTIVE_INITIAL = 20  # where an adaptive cap starts
+
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -32,9 +41,13 @@ class BackendState:
         "bytes_out",
         "cap",
         "capacity",
+        "check_ok",
         "connections_total",
         "draining",
+        "ejected_until",
+        "ejections",
         "eligible",
+        "fails",
         "failures",
         "healthy",
         "idle",
@@ -42,12 +55,16 @@ class BackendState:
         "key",
         "latency",
         "latency_t",
+        "limiter",
         "open_connections",
         "ramp_start",
         "requests",
         "responses",
+        "returned_at",
         "spec",
+        "static_cap",
         "sticky_id",
+        "usable",
         "weight",
         "zone",
     )
@@ -59,15 +76,25 @@ class BackendState:
         self.sticky_id = hashlib.blake2b(self.key.encode(), digest_size=6).hexdigest().encode()
         self.weight = spec.weight  # effective: spec.weight, ramped while in slow start
         self.zone = spec.zone
-        self.cap = 0  # concurrency cap the cost model may use (max_inflight); 0 = none
+        self.cap = 0  # the enforced concurrency cap (max_inflight, maybe adaptive); 0 = none
+        self.static_cap = 0  # the configured cap for this backend (scaled by its weight)
+        self.limiter: GradientLimit | None = None  # moves `cap` when `adaptive: true`
         self.capacity = 1.0  # what the balancer reads: max(1, weight), lowered to cap
         self.ramp_start = 0.0  # loop time its slow start began; 0.0 = not ramping
         self.inflight = 0  # requests (http) or connections (tcp) now open
         # peak EWMA of response latency (balancers.ewma), updated by the data path
         self.latency = 0.0  # seconds; 0.0 = nothing measured yet
         self.latency_t = 0.0  # loop time of the last update
-        self.healthy = spec.ready and not spec.terminating
+        self.healthy = spec.ready and not spec.terminating  # as the source reports it
+        self.check_ok = True  # the active health check's verdict (True when not checked)
+        self.ejected_until = 0.0  # loop time its outlier ejection ends; 0.0 = not ejected
+        self.ejections = 0  # times ejected, ever
+        self.returned_at = 0.0  # loop time its last ejection ended
+        self.fails = 0  # consecutive failures of the kinds that count for ejection
         self.draining = False
+        # usable: the pool may send it work (healthy, or the pool is in panic); eligible: usable
+        # and under its cap right now. The data path flips `eligible` as in-flight crosses cap.
+        self.usable = False
         self.eligible = False
         self.requests = 0  # requests sent to it
         self.responses: dict[int, int] = defaultdict(int)  # status code -> count
@@ -80,8 +107,21 @@ class BackendState:
         self._update_eligible()
 
     def _update_eligible(self) -> None:
-        self.eligible = self.healthy and not self.draining and self.weight > 0
+        """Usable unless the pool decides otherwise (Pool.refresh applies health and panic)."""
+        self.usable = self.healthy and self.check_ok and not self.ejected_until and (
+            not self.draining and self.weight > 0
+        )
         self.set_weight(self.weight)
+
+    @property
+    def ok(self) -> bool:
+        """Healthy by every account: source, active check and outlier detection."""
+        return self.healthy and self.check_ok and not self.ejected_until
+
+    def set_cap(self, cap: int) -> None:
+        self.cap = cap
+        self.set_weight(self.weight)
+        self.eligible = self.usable and (cap <= 0 or self.inflight < cap)
 
     def set_weight(self, weight: float) -> None:
         """The effective weight, and the capacity derived from it (kept for the balancer)."""
@@ -89,6 +129,7 @@ class BackendState:
         capacity = weight if weight > 1.0 else 1.0
         cap = self.cap
         self.capacity = cap if 0 < cap < capacity else capacity
+        self.eligible = self.usable and (cap <= 0 or self.inflight < cap)
 
     def set_spec(self, spec: Backend) -> None:
         self.spec = spec
@@ -114,7 +155,13 @@ class BackendState:
 
 
 class Pool:
-    """The backends of one service and the policy that picks among them."""
+    """The backends of one service and the policy that picks among them.
+
+    Besides picking, the pool owns what protects its backends: the per-backend caps, the
+    bounded queue of requests waiting for a free slot, outlier ejection and panic mode. The
+    data path reports to it (failures, releases at a cap); health checks report to it through
+    `set_check`; everything that changes which backends may be picked ends in `refresh`.
+    """
 
     __slots__ = (
         "backends",
@@ -123,9 +170,19 @@ class Pool:
         "by_key",
         "by_sticky",
         "draining",
+        "ejected",
         "keyed",
+        "outlier",
+        "panic",
+        "panic_threshold",
         "policy_name",
+        "queue_size",
+        "queue_timeout",
         "ramping",
+        "rng",
+        "timer",
+        "usable",
+        "waiters",
         "zone",
         "zone_threshold",
     )
@@ -142,9 +199,197 @@ class Pool:
         self.keyed = self.balancer_keyed  # pick via the slower path: key, cookie or zone
         self.zone = ""  # the proxy's zone when zone-aware balancing is on
         self.zone_threshold = 0.8
+        self.rng = self.balancer.rng
+        self.outlier: Outlier | None = None
+        self.panic_threshold = 0.5
+        self.panic = False  # too few healthy backends: balancing over all of them
+        self.usable = 0  # backends that may take work, at their cap or not
+        self.ejected = 0  # backends out for failing
+        self.queue_size = 0  # waiters allowed while every backend is at its cap; 0 = no queue
+        self.queue_timeout = 1.0
+        self.waiters: deque[Any] = deque()  # FIFO of waiting requests/connections (Waiter)
+        self.timer: asyncio.TimerHandle | None = None  # fires at the first waiter's deadline
 
     def pick(self, key: bytes | None = None) -> BackendState | None:
         return self.balancer.pick(self.backends, key)  # type: ignore[return-value]
+
+    # -- caps and the wait queue ---------------------------------------------------------------
+
+    def acquire(self, backend: BackendState) -> None:
+        """One more request (connection) on `backend`; at its cap it is not eligible."""
+        k = backend.inflight = backend.inflight + 1
+        if k == backend.cap:
+            backend.eligible = False
+
+    def release(self, backend: BackendState) -> None:
+        """One request (connection) on `backend` ended."""
+        k = backend.inflight
+        backend.inflight = k - 1
+        if k == backend.cap:
+            self.freed(backend)
+        if backend.draining:
+            self.released(backend)
+
+    def release_slow(self, backend: BackendState, k: int) -> None:
+        """The rest of `release` once the data path has lowered in-flight from `k`: the
+        backend was at its cap or is draining."""
+        if k == backend.cap:
+            self.freed(backend)
+        if backend.draining:
+            self.released(backend)
+
+    def cap_changed(self, backend: BackendState, cap: int) -> None:
+        """The adaptive limit moved `backend`'s cap."""
+        if cap != backend.cap:
+            backend.set_cap(cap)
+            if self.waiters and backend.eligible:
+                self.dispatch()
+
+    def freed(self, backend: BackendState) -> None:
+        """`backend` went below its cap: eligible again, and a waiter may go."""
+        backend.eligible = backend.usable
+        if self.waiters:
+            self.dispatch()
+
+    def at_capacity(self) -> bool:
+        """Whether a failed pick means "wait for a slot" (some backend is usable but every
+        usable one is at its cap) rather than "nothing to send to"."""
+        return self.usable > 0 and self.queue_size > 0
+
+    def enqueue(self, waiter: Any, now: float) -> bool:
+        """Queue `waiter` for a free slot until now + queue_timeout; False when full."""
+        waiters = self.waiters
+        if len(waiters) >= self.queue_size:
+            return False
+        waiter.wait_until = now + self.queue_timeout
+        waiters.append(waiter)
+        if self.timer is None:
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_at(waiter.wait_until, self._expire_waiters)
+        return True
+
+    def forget(self, waiter: Any) -> None:
+        """A waiter whose client went away leaves the queue at once."""
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def dispatch(self) -> None:
+        """Hand free slots to waiters, first come first served."""
+        waiters = self.waiters
+        while waiters:
+            if not waiters[0].resume():
+                return  # no eligible backend for it: it keeps its place
+            waiters.popleft()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expire_waiters(self) -> None:
+        self.timer = None
+        waiters = self.waiters
+        if not waiters:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time() + 0.0005  # the timer may fire a hair early
+        while waiters and waiters[0].wait_until <= now:
+            waiters.popleft().shed("queue_timeout")
+        if waiters:
+            self.timer = loop.call_at(waiters[0].wait_until, self._expire_waiters)
+
+    def shed_all(self, reason: str) -> None:
+        """Answer every waiter at once (the service went away)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        waiters, self.waiters = self.waiters, deque()
+        for w in waiters:
+            w.shed(reason)
+
+    # -- health, ejection, panic -------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Recompute which backends may be picked, after any change of health, ejection,
+        membership or weight. Panic mode: when fewer than `panic_threshold` of the backends
+        the source calls ready are healthy by our own account (active checks, ejection),
+        balance over all of those, rather than melt the few that remain. The source's own
+        verdict (not ready, terminating) is never overridden."""
+        live = [b for b in self.backends if b.healthy and not b.draining and b.spec.weight > 0]
+        ok = sum(1 for b in live if b.check_ok and not b.ejected_until)
+        panic = bool(live) and ok < self.panic_threshold * len(live)
+        if panic != self.panic:
+            self.panic = panic
+            if panic:
+                log.warning("panic: %d of %d backends healthy (below %.0f%%); balancing over "
+                            "all of them", ok, len(live), self.panic_threshold * 100)
+            else:
+                log.warning("panic over: %d of %d backends healthy", ok, len(live))
+        usable = 0
+        for b in self.backends:
+            b.usable = b.weight > 0 and not b.draining and b.healthy and (
+                panic or (b.check_ok and not b.ejected_until)
+            )
+            b.eligible = b.usable and (b.cap <= 0 or b.inflight < b.cap)
+            usable += b.usable
+        self.usable = usable
+        self.ejected = sum(1 for b in self.backends if b.ejected_until)
+        if self.waiters:
+            if usable:
+                self.dispatch()
+            else:
+                self.shed_all("no_backend")
+
+    def set_check(self, backend: BackendState, ok: bool, now: float, slow_start: float) -> None:
+        """The active health check's verdict changed."""
+        if backend.check_ok == ok:
+            return
+        backend.check_ok = ok
+        if ok and slow_start > 0 and now:
+            backend.start_ramp(now)  # a recovering backend ramps up
+            self.ramping += 1
+        self.refresh()
+
+    def failure(self, backend: BackendState, kind: str, now: float) -> None:
+        """A failure of `kind` (balancers.outlier.failure_kind) on `backend`: ejects it after
+        `outlier.failures` in a row, within the share of the pool that may be out."""
+        outlier = self.outlier
+        if outlier is None or kind not in outlier.kinds:
+            return
+        backend.fails += 1
+        if backend.fails < outlier.failures or backend.ejected_until or backend.draining:
+            return
+        if not may_eject(self.ejected, len(self.backends), outlier.max_ejected):
+            return
+        if backend.returned_at and now - backend.returned_at > outlier.max_ejection:
+            times = 1  # well behaved for a while since its last ejection: start over
+        else:
+            times = backend.ejections + 1
+        backend.ejections += 1
+        seconds = ejection_seconds(times, outlier.ejection, outlier.max_ejection, self.rng)
+        backend.ejected_until = now + seconds
+        backend.fails = 0
+        log.warning("ejected backend %s for %.1fs after %d failures in a row (last: %s)",
+                    backend.key, seconds, outlier.failures, kind)
+        self.refresh()
+
+    def sweep(self, now: float, slow_start: float) -> None:
+        """Called a few times a second: ejections that are over end (with a slow start)."""
+        if not self.ejected:
+            return
+        changed = False
+        for b in self.backends:
+            if b.ejected_until and b.ejected_until <= now:
+                b.ejected_until = 0.0
+                b.returned_at = now
+                b.fails = 0
+                changed = True
+                if slow_start > 0:
+                    b.start_ramp(now)
+                    self.ramping += 1
+                log.warning("backend %s is back from ejection", b.key)
+        if changed:
+            self.refresh()
 
     def pick_other(self, exclude: BackendState) -> BackendState | None:
         """A second choice for a retry: any eligible backend but `exclude`."""
@@ -200,12 +445,38 @@ class Pool:
                     self.draining[key] = state
         self.by_key = new
         self.backends = list(new.values())
-        for state in self.backends:
-            state.cap = cap
-            state.set_weight(state.weight)
+        adaptive = policy is not None and policy.adaptive
+        self._set_caps(cap, adaptive)
+        if policy is not None:
+            self.outlier = policy.outlier
+            self.panic_threshold = policy.panic_threshold
+            self.queue_size = policy.queue_size if (cap or adaptive) else 0
+            self.queue_timeout = policy.queue_timeout
         self.by_sticky = {b.sticky_id: b for b in self.backends}
         self.ramping = sum(1 for b in self.backends if b.ramp_start)
         self.balancer.reset(self.backends)
+        self.refresh()
+
+    def _set_caps(self, cap: int, adaptive: bool) -> None:
+        """Per-backend caps: `max_inflight` scaled by weight / mean weight (so equal weights
+        get exactly `max_inflight`), at least 1; with `adaptive`, a gradient limiter moves
+        each cap below that bound (1000 when no max_inflight is set)."""
+        weights = [b.spec.weight for b in self.backends if b.spec.weight > 0]
+        mean = sum(weights) / len(weights) if weights else 1.0
+        for b in self.backends:
+            static = max(1, round(cap * b.spec.weight / mean)) if cap else 0
+            b.static_cap = static
+            if adaptive:
+                bound = static or ADAPTIVE_MAX
+                lim = b.limiter
+                if lim is None or lim.max_limit != bound:
+                    b.limiter = lim = GradientLimit(
+                        min(bound, ADAPTIVE_INITIAL), min_limit=1, max_limit=bound
+                    )
+                b.set_cap(lim.limit)
+            else:
+                b.limiter = None
+                b.set_cap(static)
 
     def ramp(self, now: float, window: float) -> None:
         """Move slow-starting backends along their ramp (called a few times a second)."""
@@ -251,6 +522,9 @@ class ServiceState:
         "name",
         "policy",
         "pool",
+        "retries_denied",
+        "retries_total",
+        "retrying",
         "shed",
         "spec",
         "tcp_connections",
@@ -281,6 +555,9 @@ class ServiceState:
         self.bytes_out = 0  # to clients
         self.tcp_connections = 0  # accepted client connections, tcp mode
         self.shed: dict[str, int] = {}  # reason -> count
+        self.retrying = 0  # requests now on a retry (each holds a share of the retry budget)
+        self.retries_total = 0  # retries sent
+        self.retries_denied = 0  # retries not sent because the budget was spent
         self.local_responses: dict[int, int] = {}  # answered by edgelb itself, no backend
 
     @property

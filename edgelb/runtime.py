@@ -21,6 +21,7 @@ from typing import Any
 
 import balancers
 from edgelb.config import InstanceConfig
+from edgelb.health import HealthChecker, Target
 from edgelb.http.listener import HttpListener
 from edgelb.http.router import Router
 from edgelb.pool import ServiceState
@@ -83,6 +84,7 @@ class Runtime:
         self._closers: set[asyncio.Task] = set()
         self.grace = 30.0
         self.instance = InstanceConfig()  # this replica's zone and ordinal (set by the app)
+        self.health = HealthChecker(self._on_health, rng=self.rng, loop=self.loop)
 
     # -- watcher bookkeeping ------------------------------------------------------------
 
@@ -223,6 +225,7 @@ class Runtime:
 
         # From here on, nothing awaits: the whole change lands in one step of the loop.
         states = self.services
+        known = {(name, key) for name, st in states.items() for key in st.pool.by_key}
         by_name: dict[str, ServiceState] = {}
         for svc in services:
             state = states.get(svc.name)
@@ -257,6 +260,49 @@ class Runtime:
             if refresh is not None:
                 refresh()
         self.snapshots = snapshots
+        self._sync_health(known)
+
+    # -- active health checks --------------------------------------------------------------
+
+    def _sync_health(self, known: set[tuple[str, str]]) -> None:
+        """Hand the health checker every backend of every service that asks for checks.
+
+        A backend that joins a service already running (a scale-up) is not sent traffic
+        until its first check passes; the backends a service starts with are assumed healthy
+        until checks say otherwise, so a restart of the proxy serves at once."""
+        targets: dict[tuple[str, str], Target] = {}
+        for name, state in self.services.items():
+            check = state.policy.health_check
+            pool = state.pool
+            changed = False
+            for b in pool.backends:
+                if check is None:
+                    if not b.check_ok:
+                        b.check_ok = True  # checks were turned off
+                        changed = True
+                    continue
+                key = (name, b.key)
+                fresh = key not in known and any(k[0] == name for k in known)
+                if fresh and self.health.healthy(name, b.key) is None:
+                    b.check_ok = False
+                    changed = True
+                targets[key] = Target(b.spec.address, check, assume_healthy=not fresh)
+            if changed:
+                pool.refresh()
+        if not self.draining:  # once shutting down, the checker closes
+            self.health.sync(targets)
+
+    def _on_health(self, service: str, key: str, healthy: bool) -> None:
+        state = self.services.get(service)
+        backend = state.pool.by_key.get(key) if state is not None else None
+        if backend is None:
+            return
+        if healthy:
+            log.warning("service %s: backend %s passes its health check", service, key)
+        else:
+            log.warning("service %s: backend %s fails its health check (%s)", service, key,
+                        self.health.status(service, key).get("last_result", "?"))
+        state.pool.set_check(backend, healthy, self.loop.time(), state.policy.slow_start)  # type: ignore[union-attr]
 
     def _make_listener(self, kind: str, name: str, addr: Address) -> Any:
         if kind == "tcp":
@@ -303,8 +349,11 @@ class Runtime:
         for u in [u for u in self.upstreams if u.deadline and u.deadline <= now]:
             u.expire(now)
         for state in self.services.values():
-            if state.pool.ramping:
-                state.pool.ramp(now, state.policy.slow_start)
+            pool = state.pool
+            if pool.ejected:
+                pool.sweep(now, state.policy.slow_start)
+            if pool.ramping:
+                pool.ramp(now, state.policy.slow_start)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # -- shutdown ------------------------------------------------------------------------
@@ -324,6 +373,7 @@ class Runtime:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        await self.health.close()
         for task in list(self._closers):
             task.cancel()
 

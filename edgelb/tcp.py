@@ -352,6 +352,7 @@ class _Connection:
         "timer",
         "up",
         "upstream",
+        "wait_until",
     )
 
     def __init__(self, listener: TcpListener, client: socket.socket, service: ServiceState):
@@ -369,11 +370,32 @@ class _Connection:
         self.connected = False
         self.closed = False
         self.deadline = 0.0  # idle_timeout after the last byte either way (runtime's sweeper)
+        self.wait_until = 0.0  # while queued for a free backend slot (edgelb.pool.Pool)
+
+    # -- waiting for a slot (a waiter of edgelb.pool.Pool) ---------------------------------
+
+    def resume(self) -> bool:
+        if self.closed:
+            return True
+        backend = self.service.pool.pick()
+        if backend is None:
+            return False
+        self.wait_until = 0.0
+        self.start(backend)
+        return True
+
+    def shed(self, reason: str) -> None:
+        if self.closed:
+            return
+        shed = self.service.shed
+        shed[reason] = shed.get(reason, 0) + 1
+        self.wait_until = 0.0
+        self.close()
 
     # -- connecting ---------------------------------------------------------------------
 
     def start(self, backend: BackendState) -> None:
-        backend.inflight += 1
+        self.service.pool.acquire(backend)
         self.backend = backend
         host, port = backend.spec.host, backend.spec.port
         self.timer = self.loop.call_later(self.service.policy.connect_timeout, self._connect_failed)
@@ -435,6 +457,7 @@ class _Connection:
         backend = self.backend
         assert backend is not None
         backend.failures += 1
+        self.service.pool.failure(backend, "connect", self.loop.time())
         self._drop_attempt()
         if not self.retried:
             self.retried = True
@@ -459,8 +482,7 @@ class _Connection:
             sock.close()
         backend, self.backend = self.backend, None
         if backend is not None:
-            backend.inflight -= 1
-            self.service.pool.released(backend)
+            self.service.pool.release(backend)
 
     def _connected(self) -> None:
         if self.timer is not None:
@@ -509,6 +531,8 @@ class _Connection:
             if sock is not None and reset:
                 _set_reset_on_close(sock)
         self.client.close()
+        if self.wait_until:
+            self.service.pool.forget(self)
         self._drop_attempt()  # closes the upstream socket and releases the backend
         self.listener._forget(self)
 
@@ -627,14 +651,17 @@ class TcpListener:
         except OSError:
             sock.close()  # the client is already gone
             return
-        backend = service.pool.pick()
-        if backend is None:
-            service.shed["no_backend"] = service.shed.get("no_backend", 0) + 1
-            sock.close()
-            return
+        pool = service.pool
+        backend = pool.pick()
         conn = _Connection(self, sock, service)
         self._conns.add(conn)
-        conn.start(backend)
+        if backend is not None:
+            conn.start(backend)
+        elif not pool.at_capacity():
+            conn.shed("no_backend")
+        elif not pool.enqueue(conn, self.loop.time()):
+            conn.shed("queue_full")
+        # else: it waits for a free slot, or is closed at queue_timeout
 
     def _forget(self, conn: _Connection) -> None:
         self._conns.discard(conn)

@@ -25,11 +25,39 @@ class Address:
 
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
+    """An active health check of each backend of a service (HAProxy's `check`)."""
+
     path: str = "/healthz"
-    interval: float = 2.0
+    interval: float = 2.0  # between checks of one backend, jittered
     timeout: float = 1.0
-    rise: int = 2
-    fall: int = 3
+    rise: int = 2  # consecutive successes that make a down backend healthy
+    fall: int = 3  # consecutive failures that make a healthy backend down
+    kind: str = "http"  # http | tcp (connect only)
+    method: str = "GET"
+    status: tuple[int, int] = (200, 399)  # expected status range, inclusive
+    host: str = ""  # Host header of the check; "" = the backend's address
+
+
+OUTLIER_KINDS = ("connect", "reset", "timeout", "500", "502", "503", "504")
+
+
+@dataclass(frozen=True, slots=True)
+class Outlier:
+    """Passive outlier ejection: consecutive failures take a backend out for a while."""
+
+    failures: int = 5  # consecutive failures that eject
+    kinds: frozenset[str] = frozenset({"connect", "reset", "timeout", "502", "503", "504"})
+    ejection: float = 30.0  # seconds, multiplied by the times this backend was ejected
+    max_ejection: float = 300.0
+    max_ejected: float = 0.1  # share of a pool that may be out at once (always one)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """Retries in flight may be at most `ratio` of the requests in flight, or `min`."""
+
+    ratio: float = 0.2
+    min: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +69,10 @@ class Policy:
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
     response_timeout: float = 60.0
-    max_inflight: int | None = None
+    max_inflight: int | None = None  # per-backend cap, scaled by weight / mean weight
+    adaptive: bool = False  # the cap follows a gradient controller on observed latency
     queue_timeout: float = 1.0
+    queue_size: int = 1024  # requests that may wait while every backend is at its cap
     max_idle: int = 64  # idle keep-alive connections kept per backend
     health_check: HealthCheck | None = None
     slow_start: float = 30.0  # a backend added to a running pool ramps 10% -> 100% over this
@@ -51,6 +81,10 @@ class Policy:
     zone_aware: bool = False  # keep traffic in the proxy's zone while the zone has room
     zone_threshold: float = 0.8  # in-zone load (in-flight per capacity) above which it spills
     subset: int = 0  # balance over a deterministic subset of this size; -1 = auto; 0 = all
+    outlier: Outlier | None = Outlier()  # None: no passive ejection
+    panic_threshold: float = 0.5  # below this healthy share, balance over the whole pool
+    retries: int = 1  # extra attempts for an idempotent request that failed
+    retry_budget: RetryBudget = RetryBudget()
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,8 @@ import httptools
 
 from balancers.ewma import TAU as EWMA_TAU
 from balancers.ewma import error_sample, peak_ewma
+from balancers.outlier import failure_kind
+from balancers.retry_budget import IDEMPOTENT, retry_allowed
 from balancers.zones import prefer_zone
 from edgelb.http.errors import local_response
 from edgelb.http.headers import CONNECTION_OPTIONS, connection_tokens, drop_named, forwarded_for
@@ -109,6 +111,7 @@ class Exchange:
         "url",
         "version",
         "via",
+        "wait_until",
         "xff",
     )
 
@@ -147,6 +150,20 @@ class Exchange:
         self.trailers: list[bytes] | None = None
         self.done = False
         self.set_cookie = b""  # a sticky backend id to hand the client with the response
+        self.wait_until = 0.0  # while queued for a free backend slot: when it gives up
+
+    # A queued exchange is a waiter of its pool (edgelb.pool.Pool.enqueue).
+    def resume(self) -> bool:
+        """A slot may be free: go on if a backend takes it (False: keep waiting)."""
+        client = self.client
+        if self.done or client.closed:
+            return True  # gone meanwhile: leaves the queue
+        return client.dispatch_waiting(self)
+
+    def shed(self, reason: str) -> None:
+        client = self.client
+        if not self.done and not client.closed:
+            client.shed(self, reason)
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -218,7 +235,11 @@ class ClientProtocol(asyncio.Protocol):
                 up.abandon(ex)
             elif ex.backend is not None:
                 # still connecting: the connect callback sees ex.done and gives the connection back
-                _release(ex.backend, ex.service)
+                ex.service.pool.release(ex.backend)  # type: ignore[union-attr]
+            elif ex.wait_until:
+                ex.service.pool.forget(ex)  # type: ignore[union-attr]  # queued: leaves the queue
+            if ex.retries:
+                _end_retry(ex)
         elif self.tunnel is not None:
             self.tunnel.close()
 
@@ -422,10 +443,41 @@ class ClientProtocol(asyncio.Protocol):
         else:
             backend = pool.balancer.pick(pool.backends)
         if backend is None:
-            service.shed["no_backend"] = service.shed.get("no_backend", 0) + 1
-            self._local(ex, 503, f"no backend available for service {service.name}", service)
+            if not pool.at_capacity():
+                self.shed(ex, "no_backend")
+            elif not pool.enqueue(ex, ex.start):
+                self.shed(ex, "queue_full")
             return
         self._send(ex, backend)
+
+    def dispatch_waiting(self, ex: Exchange) -> bool:
+        """A queued exchange's turn: send it if a backend is eligible now."""
+        service = ex.service
+        pool = service.pool  # type: ignore[union-attr]
+        if pool.keyed:
+            backend = self._keyed_pick(ex, service)  # type: ignore[arg-type]
+        else:
+            backend = pool.balancer.pick(pool.backends)
+        if backend is None:
+            return False
+        ex.wait_until = 0.0
+        self._send(ex, backend)
+        return True
+
+    def shed(self, ex: Exchange, reason: str) -> None:
+        """Answer 503 at once: no backend, the wait queue is full, or the wait timed out."""
+        service = ex.service
+        service.shed[reason] = service.shed.get(reason, 0) + 1  # type: ignore[union-attr]
+        ex.wait_until = 0.0
+        if reason == "no_backend":
+            detail = f"no backend available for service {service.name}"  # type: ignore[union-attr]
+        elif reason == "queue_full":
+            detail = f"every backend of service {service.name} is at its limit and the " \
+                     "queue is full"  # type: ignore[union-attr]
+        else:
+            detail = f"every backend of service {service.name} stayed at its limit for " \
+                     f"{service.policy.queue_timeout:g}s"  # type: ignore[union-attr]
+        self._local(ex, 503, detail, service, RETRY_AFTER)
 
     def _keyed_pick(self, ex: Exchange, service: ServiceState) -> BackendState | None:
         pool = service.pool
@@ -455,7 +507,9 @@ class ClientProtocol(asyncio.Protocol):
 
     def _send(self, ex: Exchange, backend: BackendState) -> None:
         ex.backend = backend
-        backend.inflight += 1
+        k = backend.inflight = backend.inflight + 1
+        if k == backend.cap:  # Pool.acquire, inlined: at its cap, not eligible
+            backend.eligible = False
         backend.requests += 1
         idle = backend.idle
         while idle:
@@ -465,31 +519,59 @@ class ClientProtocol(asyncio.Protocol):
                 return
         self.loop.create_task(_connect(ex, backend))
 
-    def upstream_failed(self, ex: Exchange, kind: str, detail: str, retryable: bool) -> None:
-        """The backend failed before answering. Retry once elsewhere when nothing was lost."""
-        backend = ex.backend
-        service = ex.service
+    def upstream_failed(self, ex: Exchange, kind: str, detail: str, safe: bool) -> None:
+        """The backend failed before a response reached the client: retry it elsewhere when
+        that is safe, else answer 502/504 (or nothing: the client is gone).
+
+        `safe`: nothing of the request can have been processed (connect error, a kept-alive
+        connection closed before any answer): retried whatever the method, outside the budget.
+        Otherwise only an idempotent request is retried, within the service's retry budget."""
+        backend: BackendState = ex.backend  # type: ignore[assignment]
+        service: ServiceState = ex.service  # type: ignore[assignment]
         ex.upstream = None
-        _count_failure(backend, ex.start, self.loop.time())  # type: ignore[arg-type]
+        _count_failure(backend, service, kind, 0, ex.start, self.loop.time())
         if ex.done:
             return  # the client went away while connecting: connection_lost released it
-        _release(backend, service)  # type: ignore[arg-type]
+        service.pool.release(backend)
         if self.closed:
             return
-        if retryable and ex.retries == 0 and not ex.body_sent:
-            ex.retries = 1
-            other = service.pool.pick_other(backend)  # type: ignore[union-attr, arg-type]
-            if other is None and kind == "reset" and backend.eligible:  # type: ignore[union-attr]
-                other = backend  # a stale kept-alive connection: a fresh one to the same backend
+        if not ex.body_sent and ex.retries < service.policy.retries:
+            other = self.retry_target(ex, service, backend, kind, safe)
             if other is not None:
-                self._send(ex, other)
+                self.resend(ex, service, other)
                 return
         status = 504 if kind == "timeout" else 502
-        codes = backend.responses  # type: ignore[union-attr]
-        codes[status] = codes.get(status, 0) + 1
-        self._local(ex, status, f"backend {backend.key} {detail}", service)  # type: ignore[union-attr]
+        backend.responses[status] += 1
+        self._local(ex, status, f"backend {backend.key} {detail}", service)
 
-    def _local(self, ex: Exchange, status: int, detail: str, service: ServiceState | None) -> None:
+    def retry_target(self, ex: Exchange, service: ServiceState, failed: BackendState,
+                     kind: str, safe: bool) -> BackendState | None:
+        """Where `ex` may go again after failing on `failed`, or None (not retried)."""
+        if not safe:
+            # after a reset or a 502/503 an idempotent request may go again; not after a
+            # timeout (the backend may still be working on it) or a malformed answer
+            if kind == "timeout" or kind == "bad" or ex.method not in IDEMPOTENT:
+                return None
+            if not ex.retries:
+                budget = service.policy.retry_budget
+                active = sum(b.inflight for b in service.pool.backends)
+                if not retry_allowed(active, service.retrying, budget.ratio, budget.min):
+                    service.retries_denied += 1
+                    return None
+        other = service.pool.pick_other(failed)
+        if other is None and kind == "reset" and safe and failed.eligible:
+            other = failed  # a stale kept-alive connection: a fresh one to the same backend
+        return other
+
+    def resend(self, ex: Exchange, service: ServiceState, backend: BackendState) -> None:
+        if not ex.retries:
+            service.retrying += 1  # this exchange holds a share of the budget until it ends
+        ex.retries += 1
+        service.retries_total += 1
+        self._send(ex, backend)
+
+    def _local(self, ex: Exchange, status: int, detail: str, service: ServiceState | None,
+               extra: bytes = b"") -> None:
         """Answer `ex` from the proxy itself, then go on with the connection."""
         counts = service.local_responses if service is not None else self.listener.local_responses
         if ex.backend is None or status in (404, 400):
@@ -501,7 +583,7 @@ class ClientProtocol(asyncio.Protocol):
         )
         ex.keep_alive = keep
         ex.response_started = True
-        data = local_response(status, detail, keep)
+        data = local_response(status, detail, keep, extra)
         if ex.method == b"HEAD":  # the head alone: a body would be read as the next response
             data = data[: data.index(b"\r\n\r\n") + 4]
         self.transport.write(data)
@@ -514,6 +596,8 @@ class ClientProtocol(asyncio.Protocol):
         """The response to the active exchange has been written whole."""
         ex.done = True
         self.active = None
+        if ex.retries:
+            _end_retry(ex)
         if self.closed:
             return
         if not ex.keep_alive or self.closing:
@@ -699,18 +783,44 @@ def _last_chunk(trailers: list[bytes] | None) -> bytes:
     return b"0\r\n\r\n"
 
 
-def _count_failure(backend: BackendState, started: float, now: float) -> None:
-    """A connect error, reset, timeout or broken response: counted, and a slow latency sample."""
+RETRY_AFTER = b"retry-after: 1\r\n"  # on a 503 the proxy sheds itself
+
+
+def _count_failure(backend: BackendState, service: ServiceState, kind: str, status: int,
+                   started: float, now: float) -> None:
+    """A connect error, reset, timeout, broken response or a retried 502/503: counted, a slow
+    latency sample, a failure for outlier ejection and the adaptive limit."""
     backend.failures += 1
     sample = error_sample(now - started)
     backend.latency = peak_ewma(backend.latency, backend.latency_t, sample, now)
     backend.latency_t = now
+    if status:
+        backend.responses[status] += 1
+    _failed(backend, service, failure_kind(kind, status), now)
 
 
-def _release(backend: BackendState, service: ServiceState | None) -> None:
-    backend.inflight -= 1
-    if backend.draining and service is not None:
-        service.pool.released(backend)
+_OVERLOAD = frozenset({"timeout", "503", "504"})  # failures that tell a backend is overloaded
+
+
+def _failed(backend: BackendState, service: ServiceState, kind: str | None, now: float) -> None:
+    lim = backend.limiter
+    if lim is not None and kind in _OVERLOAD:
+        lim.failure(now)
+        service.pool.cap_changed(backend, lim.limit)
+    if kind is not None:
+        service.pool.failure(backend, kind, now)
+
+
+def _end_retry(ex: Exchange) -> None:
+    """The exchange that held a share of the retry budget has ended."""
+    ex.retries = 0
+    service = ex.service
+    if service is not None:
+        service.retrying -= 1
+
+
+def _release(backend: BackendState, service: ServiceState) -> None:
+    service.pool.release(backend)
 
 
 async def _connect(ex: Exchange, backend: BackendState) -> None:
@@ -885,9 +995,10 @@ class UpstreamProtocol(asyncio.Protocol):
             else:
                 self._cut(ex)
             return
-        retryable = (self.reused and not self.got_bytes) or ex.method in (b"GET", b"HEAD")
-        retryable = retryable and not self.got_bytes
-        client.upstream_failed(ex, "reset", "closed the connection before answering", retryable)
+        # a kept-alive connection closed before any answer: the backend closed it while idle
+        # (the request crossed its close), so nothing was processed
+        safe = self.reused and not self.got_bytes
+        client.upstream_failed(ex, "reset", "closed the connection before answering", safe)
 
     def expire(self, now: float) -> None:
         self.deadline = 0.0
@@ -956,7 +1067,7 @@ class UpstreamProtocol(asyncio.Protocol):
     def _cut(self, ex: Exchange) -> None:
         """The backend failed in the middle of a response: the client must see it broken."""
         _release(self.backend, self.service)
-        _count_failure(self.backend, ex.start, ex.client.loop.time())
+        _count_failure(self.backend, self.service, "reset", 0, ex.start, ex.client.loop.time())
         ex.done = True
         ex.client.transport.close()
 
@@ -999,6 +1110,8 @@ class UpstreamProtocol(asyncio.Protocol):
         hbuf = self.hbuf
         end = hbuf.find(b"\r\n\r\n")
         status = self.parser.get_status_code()
+        if status >= 502 and status <= 503 and self._retry_answer(ex, status):
+            return
         if ex.te_trailers or status == 101:
             status_line, headers, chunked, has_cl, close, plain = rewrite_response_head(
                 hbuf[: end + 2], ex.te_trailers, status == 101
@@ -1061,6 +1174,27 @@ class UpstreamProtocol(asyncio.Protocol):
             self.parser = self._new_parser(self.parser_trailers)
             self._complete(ex, reusable=not ex.until_close and not self.upstream_close)
 
+    def _retry_answer(self, ex: Exchange, status: int) -> bool:
+        """A 502/503 from the backend: held back and retried elsewhere when the request may
+        go again (idempotent, no body sent, retries and budget left, another backend);
+        otherwise False and it goes to the client as it is."""
+        service = self.service
+        if ex.body_sent or ex.retries >= service.policy.retries:
+            return False
+        client = ex.client
+        other = client.retry_target(ex, service, self.backend, "", False)
+        if other is None:
+            return False
+        # this connection is given up with its body unread
+        self.ex = None
+        self.hbuf = None
+        ex.upstream = None
+        self.transport.close()
+        _count_failure(self.backend, service, "", status, ex.start, client.loop.time())
+        service.pool.release(self.backend)
+        client.resend(ex, service, other)
+        return True
+
     def on_body(self, body: bytes) -> None:
         ex = self.ex
         if ex is None:
@@ -1113,7 +1247,12 @@ class UpstreamProtocol(asyncio.Protocol):
         status = ex.status
         # The balancer's latency input, balancers.ewma.peak_ewma written out (it runs per
         # request); a 5xx counts as a slow sample: a fast-failing backend must not look fast.
-        sample = elapsed if status < 500 else error_sample(elapsed)
+        if status < 500:
+            sample = elapsed
+            backend.fails = 0  # consecutive failures, for outlier ejection
+        else:
+            sample = error_sample(elapsed)
+            _failed(backend, service, failure_kind("", status), now)
         lat = backend.latency
         if lat <= 0.0 or sample >= lat:
             backend.latency = sample
@@ -1124,9 +1263,13 @@ class UpstreamProtocol(asyncio.Protocol):
             backend.latency = lat * w + sample * (1.0 - w)
         backend.latency_t = now
         backend.responses[status] += 1  # a defaultdict
-        backend.inflight -= 1
-        if backend.draining:
-            service.pool.released(backend)
+        k = backend.inflight
+        backend.inflight = k - 1
+        lim = backend.limiter
+        if lim is not None and lim.sample(elapsed, now, k):
+            service.pool.cap_changed(backend, lim.limit)
+        if k == backend.cap or backend.draining:  # Pool.release, inlined
+            service.pool.release_slow(backend, k)
         if client.paused & PAUSE_UPSTREAM:
             client._resume(PAUSE_UPSTREAM)
         if reusable and ex.request_complete and not self.closed:
