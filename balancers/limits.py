@@ -18,19 +18,25 @@ In the spirit of Netflix's Gradient2 and Envoy's adaptive concurrency, for a pro
 * Drift guard: the baseline follows a lower window down (BASELINE_DOWN of the way) but never
   follows a higher one up, since a slow window is what overload looks like and following it
   would let the baseline rise with the very queue it must detect. It is only raised by a
-  *measurement*: a window run at `min_limit` (nothing left to shed), or a probe. A probe (every
-  PROBE_INTERVAL, jittered; at once when a window comes in STALE below the baseline; and a few
-  windows after the start) halves the concurrency in use for a window and takes that window's
-  latency as the baseline. If halving cut the latency by PROBE_RATIO or more, the latency was
-  queueing and the halved level may still be above capacity: it halves again, until halving
-  stops helping. Then it resumes at the limit it started from (one halving) or at twice the
-  last level that halving did not help (deeper), and the gradient takes over from there. A
-  settled limit is at most 2x capacity, so one halving lands at or below capacity.
+  *measurement*: a window run at `min_limit` (nothing left to shed), or a probe.
+* A probe (every PROBE_INTERVAL, jittered; at once when a window comes in STALE below the
+  baseline; and a few windows after the start) halves the concurrency in use and measures a
+  window there (PROBE_SAMPLES at least, after the requests from before it have drained). If
+  the baseline was verified before and this agrees with it within CONFIRM, that is it (the
+  baseline may come down, not up). Otherwise, if halving cut the latency by PROBE_RATIO or
+  more, that latency was queueing and the halved level may still be above capacity: it halves
+  again, and so on until halving stops helping. That last measurement is the new (verified)
+  baseline, and the limit resumes where it was (one halving) or at twice the last level that
+  halving did not help (deeper: the first level found over capacity, by at most about 2x); the
+  gradient takes over from there. A settled limit is at most about 2x capacity, so one halving
+  lands at or below capacity and the probe costs a window or two at about C/2..C.
 * `failure()` (a timeout, reset or 5xx) halves the limit, at most once per window span.
 
 Garbage (NaN, infinite or negative latencies) spoils only the window it lands in: that window is
-dropped. Settled limits measured by the simulation in tests/test_limits.py, for a backend of
-capacity C: exactly 2C for C = 2 and 8, 1.7C for C = 32 (noise adds +-20%).
+dropped. Where it settles (tests/test_limits.py simulates a backend of capacity C under a closed
+loop of 10C+20 clients): exactly 2C for C = 2 and 8 and 1.7C for C = 32 with fixed service
+times; with exponential ones (the noisiest), pooled quartiles of 1.5C..2C (C = 2),
+1.75C..2.1C (C = 8) and 1.5C..1.8C (C = 32), about 2% of the time below C (probes).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ PROBE_INTERVAL = 30.0  # seconds between probes that re-measure the baseline
 PROBE_JITTER = 0.25  # probes come PROBE_INTERVAL x (1 + up to this share) apart
 PROBE_FIRST = 5  # windows before the first probe
 PROBE_RATIO = 1.25  # a probe halves again while halving cuts the latency by this factor
+CONFIRM = 1.25  # a probe within this factor of the baseline confirms it at once
 PROBE_DISCARDS = 3  # probe windows dropped at most while requests from before it drain
 FAILURE_DECREASE = 0.5  # a failure multiplies the limit by this
 RTT_FLOOR = 1e-6  # seconds: latencies below this count as this (no division by zero)
@@ -84,6 +91,7 @@ class GradientLimit:
         "_span",
         "_sum",
         "_value",
+        "_verified",
         "limit",
         "max_limit",
         "min_limit",
@@ -114,6 +122,7 @@ class GradientLimit:
         self._discards = 0  # windows of this probe level dropped while older requests drain
         self._resume = 0.0  # during a probe: the limit when it started
         self._saved = 0.0  # during a probe: the level the current one halved
+        self._verified = False  # the baseline was measured where halving no longer helped
         self._last_cut = -_INF  # when a failure last cut the limit
         self._span = MIN_WINDOW
         self._need = MIN_SAMPLES  # samples the open window needs before it may close
@@ -183,9 +192,11 @@ class GradientLimit:
         self._short = short
         long = self._long
         if long <= 0.0:
-            self._probe_at = now + PROBE_FIRST * self._span  # the first probe comes soon
-        if long <= 0.0 or self.limit <= self.min_limit:
-            long = self._long = short  # first window, or measured with nothing left to shed
+            long = self._long = short  # the first window: may be all queue, not verified
+            self._probe_at = now + PROBE_FIRST * span  # so the first probe comes soon
+        elif self.limit <= self.min_limit:
+            long = self._long = short  # measured with nothing left to shed
+            self._verified = True
         elif short < long:
             if short < STALE * long:
                 self._probe_at = now  # far below the baseline: it is stale, re-measure now
@@ -228,16 +239,29 @@ class GradientLimit:
             self._discards += 1  # requests sent before the probe are still completing
             return False
         before = self._short  # the latency at the level this probe halved
+        previous = self._long
         self._short = self._long = short
-        if before >= PROBE_RATIO * short and self.limit > self.min_limit:
-            # halving the concurrency cut the latency nearly in half: that was queueing, so
-            # the level measured here may be above capacity too; measure half of it
+        if (
+            self._depth == 1
+            and self._verified
+            and previous <= short * CONFIRM
+            and short <= previous * CONFIRM
+        ):
+            # a verified baseline is confirmed (within the noise); it may only come down here,
+            # so that noise cannot walk it up from probe to probe
+            if previous < short:
+                self._long = previous
+        elif before >= PROBE_RATIO * short and self.limit > self.min_limit:
+            # halving the concurrency cut the latency by PROBE_RATIO or more: that was
+            # queueing, so the level measured here may be above capacity too; halve again
             self._depth += 1
             self._discards = 0
             self._saved = self._value
             return self._set(self._value * 0.5)
-        # halving changed little: the level above this one was within capacity, and the one
-        # above that (if this probe went that deep) was over it by no more than about 2x
+        else:
+            # halving changed little: the level above this one was within capacity (and the
+            # one above that, if this probe went that deep, over it by no more than 2x)
+            self._verified = True
         resume = self._resume if self._depth == 1 else min(self._resume, 2.0 * self._saved)
         self._depth = 0
         self._need = MIN_SAMPLES

@@ -169,17 +169,21 @@ class Pool:
         "balancer_keyed",
         "by_key",
         "by_sticky",
+        "candidates",
+        "capped",
         "draining",
         "ejected",
         "keyed",
         "outlier",
         "panic",
+        "panic_routed",
         "panic_threshold",
         "policy_name",
         "queue_size",
         "queue_timeout",
         "ramping",
         "rng",
+        "spare",
         "timer",
         "usable",
         "waiters",
@@ -190,7 +194,9 @@ class Pool:
     def __init__(self, policy_name: str, rng: random.Random | None = None) -> None:
         self.policy_name = policy_name
         self.balancer = balancers.make(policy_name, rng)
-        self.backends: list[BackendState] = []  # what the balancer sees
+        self.backends: list[BackendState] = []  # every backend of the pool
+        self.candidates: list[BackendState] = []  # what the balancer picks from
+        self.spare: list[BackendState] = []  # in panic with caps: taken only instead of a 503
         self.by_key: dict[str, BackendState] = {}
         self.draining: dict[str, BackendState] = {}  # removed, still finishing requests
         self.ramping = 0  # backends in slow start
@@ -202,16 +208,22 @@ class Pool:
         self.rng = self.balancer.rng
         self.outlier: Outlier | None = None
         self.panic_threshold = 0.5
-        self.panic = False  # too few healthy backends: balancing over all of them
+        self.panic = False  # too few healthy backends: the unhealthy ones are used too
+        self.panic_routed = 0  # requests (connections) sent to a spare backend in panic
         self.usable = 0  # backends that may take work, at their cap or not
         self.ejected = 0  # backends out for failing
-        self.queue_size = 0  # waiters allowed while every backend is at its cap; 0 = no queue
+        self.capped = False  # the backends have caps (max_inflight or adaptive)
+        self.queue_size = 0  # waiters allowed while every backend is at its cap
         self.queue_timeout = 1.0
         self.waiters: deque[Any] = deque()  # FIFO of waiting requests/connections (Waiter)
         self.timer: asyncio.TimerHandle | None = None  # fires at the first waiter's deadline
 
     def pick(self, key: bytes | None = None) -> BackendState | None:
-        return self.balancer.pick(self.backends, key)  # type: ignore[return-value]
+        return self.balancer.pick(self.candidates, key)  # type: ignore[return-value]
+
+    def pick_spare(self) -> BackendState | None:
+        """In panic: an unhealthy backend under its cap for work that would otherwise be shed."""
+        return self.balancer.pick(self.spare) if self.spare else None  # type: ignore[return-value]
 
     # -- caps and the wait queue ---------------------------------------------------------------
 
@@ -254,7 +266,7 @@ class Pool:
     def at_capacity(self) -> bool:
         """Whether a failed pick means "wait for a slot" (some backend is usable but every
         usable one is at its cap) rather than "nothing to send to"."""
-        return self.usable > 0 and self.queue_size > 0
+        return self.usable > 0
 
     def enqueue(self, waiter: Any, now: float) -> bool:
         """Queue `waiter` for a free slot until now + queue_timeout; False when full."""
@@ -311,10 +323,15 @@ class Pool:
 
     def refresh(self) -> None:
         """Recompute which backends may be picked, after any change of health, ejection,
-        membership or weight. Panic mode: when fewer than `panic_threshold` of the backends
-        the source calls ready are healthy by our own account (active checks, ejection),
-        balance over all of those, rather than melt the few that remain. The source's own
-        verdict (not ready, terminating) is never overridden."""
+        membership or weight.
+
+        Panic mode: when fewer than `panic_threshold` of the backends the source calls ready
+        are healthy by our own account (active checks, ejection), the unhealthy ones are used
+        too rather than melt the few that remain. Without caps, that is Envoy's panic: balance
+        over all of them. With caps, the healthy backends cannot melt (their caps hold), so
+        they keep the traffic up to their caps and the queue, and the unhealthy ones (`spare`)
+        take only what would otherwise be refused with a 503. The source's own verdict (not
+        ready, terminating) is never overridden."""
         live = [b for b in self.backends if b.healthy and not b.draining and b.spec.weight > 0]
         ok = sum(1 for b in live if b.check_ok and not b.ejected_until)
         panic = bool(live) and ok < self.panic_threshold * len(live)
@@ -326,25 +343,39 @@ class Pool:
             else:
                 log.warning("panic over: %d of %d backends healthy", ok, len(live))
         usable = 0
+        capped = self.capped
+        candidates: list[BackendState] = []
+        spare: list[BackendState] = []
         for b in self.backends:
-            b.usable = b.weight > 0 and not b.draining and b.healthy and (
-                panic or (b.check_ok and not b.ejected_until)
-            )
+            ok = b.check_ok and not b.ejected_until
+            b.usable = b.weight > 0 and not b.draining and b.healthy and (panic or ok)
             b.eligible = b.usable and (b.cap <= 0 or b.inflight < b.cap)
+            if panic and capped and not ok:
+                if b.usable:
+                    spare.append(b)
+                continue
+            candidates.append(b)
             usable += b.usable
+        self.candidates = candidates
+        self.spare = spare
         self.usable = usable
         self.ejected = sum(1 for b in self.backends if b.ejected_until)
         if self.waiters:
             if usable:
                 self.dispatch()
             else:
-                self.shed_all("no_backend")
+                self.shed_all("no_backend")  # (spare backends, if any, take them)
 
     def set_check(self, backend: BackendState, ok: bool, now: float, slow_start: float) -> None:
         """The active health check's verdict changed."""
         if backend.check_ok == ok:
             return
         backend.check_ok = ok
+        if ok and backend.ejected_until:
+            # back to health by its checks: that ends an ejection too (as Envoy does)
+            backend.ejected_until = 0.0
+            backend.returned_at = now
+            backend.fails = 0
         if ok and slow_start > 0 and now:
             backend.start_ramp(now)  # a recovering backend ramps up
             self.ramping += 1
@@ -393,8 +424,11 @@ class Pool:
 
     def pick_other(self, exclude: BackendState) -> BackendState | None:
         """A second choice for a retry: any eligible backend but `exclude`."""
-        others = [b for b in self.backends if b is not exclude]
-        return self.balancer.pick(others)  # type: ignore[return-value]
+        others = [b for b in self.candidates if b is not exclude]
+        other = self.balancer.pick(others)
+        if other is None and self.spare:
+            other = self.balancer.pick([b for b in self.spare if b is not exclude])
+        return other  # type: ignore[return-value]
 
     def update(
         self,
@@ -450,7 +484,8 @@ class Pool:
         if policy is not None:
             self.outlier = policy.outlier
             self.panic_threshold = policy.panic_threshold
-            self.queue_size = policy.queue_size if (cap or adaptive) else 0
+            self.capped = bool(cap or adaptive)
+            self.queue_size = policy.queue_size
             self.queue_timeout = policy.queue_timeout
         self.by_sticky = {b.sticky_id: b for b in self.backends}
         self.ramping = sum(1 for b in self.backends if b.ramp_start)

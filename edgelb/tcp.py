@@ -387,6 +387,13 @@ class _Connection:
     def shed(self, reason: str) -> None:
         if self.closed:
             return
+        pool = self.service.pool
+        backend = pool.pick_spare()  # in panic: an unhealthy backend rather than nothing
+        if backend is not None:
+            pool.panic_routed += 1
+            self.wait_until = 0.0
+            self.start(backend)
+            return
         shed = self.service.shed
         shed[reason] = shed.get(reason, 0) + 1
         self.wait_until = 0.0

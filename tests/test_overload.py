@@ -513,3 +513,87 @@ async def test_tcp_connections_over_the_cap_wait_then_are_closed():
         for w in (w2, w3, w4):
             w.close()
     server.close()
+
+
+async def test_in_panic_with_caps_the_unhealthy_take_only_what_would_be_shed():
+    hold = asyncio.Event()
+
+    async def held(call: Call) -> None:
+        await hold.wait()
+        await call.respond(200, b"healthy")
+
+    healthy = await HttpBackend("healthy", held).start()
+    sick = []
+    for i in range(3):
+        sick.append(await HttpBackend(f"sick{i}", by_path({"/healthz": ok(status=500)},
+                                                          ok())).start())
+    port = free_port()
+    check = HealthCheck(path="/healthz", interval=0.1, timeout=0.5, rise=1, fall=1)
+    snap = snapshot(service("s", [healthy, *sick], listen=port, balance="round-robin",
+                            health_check=check, slow_start=0.0, max_inflight=1,
+                            queue_timeout=0.3))
+    async with running(snap) as rt:
+        pool = rt.services["s"].pool
+        await eventually(lambda: pool.panic, timeout=3, what="panic mode")
+        first = asyncio.create_task(timed_get(port, "/first"))
+        await healthy.wait_requests(1)
+        status, elapsed, _, body = await within(timed_get(port, "/second"))
+        # it waited its queue_timeout for the healthy backend, then went to a sick one
+        assert status == 200 and body.startswith(b"sick")
+        assert elapsed >= 0.25
+        assert pool.panic_routed == 1
+        assert rt.services["s"].shed == {}
+        hold.set()
+        assert (await within(first))[0] == 200
+    await healthy.stop()
+    for b in sick:
+        await b.stop()
+
+
+class Workers:
+    """A backend with `capacity` workers of `seconds` each; more requests queue inside it."""
+
+    def __init__(self, capacity: int, seconds: float) -> None:
+        self.sem = asyncio.Semaphore(capacity)
+        self.seconds = seconds
+
+    async def __call__(self, call: Call) -> None:
+        async with self.sem:
+            await asyncio.sleep(self.seconds)  # the backend's service time
+        await call.respond(200, b"done")
+
+
+async def test_an_adaptive_cap_comes_down_toward_the_backends_capacity():
+    capacity = 4
+    backend = await HttpBackend("b", Workers(capacity, 0.01)).start()
+    port = free_port()
+    snap = snapshot(service("s", [backend], listen=port, max_inflight=64, adaptive=True,
+                            queue_timeout=5.0))
+    async with running(snap) as rt:
+        state = rt.services["s"].pool.backends[0]
+        assert state.static_cap == 64 and state.limiter is not None
+        stop = asyncio.Event()
+
+        async def client() -> None:
+            conn = await Client.open(port)
+            try:
+                while not stop.is_set():
+                    assert (await within(conn.request("GET", "/"))).status == 200
+            finally:
+                conn.close()
+
+        clients = [asyncio.create_task(client()) for _ in range(48)]
+        caps = []
+        try:
+            await eventually(lambda: state.cap <= 3 * capacity, timeout=15,
+                             what="the adaptive cap to come down")
+            for _ in range(40):  # then it stays near the capacity for the next 2 s
+                await asyncio.sleep(0.05)  # sampling the cap while the load runs
+                caps.append(state.cap)
+        finally:
+            stop.set()
+            await within(asyncio.gather(*clients), 10)
+        assert 1 <= min(caps) and max(caps) <= 3 * capacity, caps
+        assert metric(rt, "edgelb_backend_max_inflight", service="s",
+                      backend=backend.spec.key) == state.cap
+    await backend.stop()

@@ -94,6 +94,7 @@ class Exchange:
         "keep_alive",
         "lines",
         "method",
+        "queued",
         "req_trailers",
         "request_complete",
         "response_started",
@@ -151,6 +152,7 @@ class Exchange:
         self.done = False
         self.set_cookie = b""  # a sticky backend id to hand the client with the response
         self.wait_until = 0.0  # while queued for a free backend slot: when it gives up
+        self.queued = 0.0  # seconds it waited for a slot (not the backend's latency)
 
     # A queued exchange is a waiter of its pool (edgelb.pool.Pool.enqueue).
     def resume(self) -> bool:
@@ -441,7 +443,7 @@ class ClientProtocol(asyncio.Protocol):
         if pool.keyed:  # sticky cookie or a hashing policy: a key from the request
             backend = self._keyed_pick(ex, service)
         else:
-            backend = pool.balancer.pick(pool.backends)
+            backend = pool.balancer.pick(pool.candidates)
         if backend is None:
             if not pool.at_capacity():
                 self.shed(ex, "no_backend")
@@ -457,16 +459,28 @@ class ClientProtocol(asyncio.Protocol):
         if pool.keyed:
             backend = self._keyed_pick(ex, service)  # type: ignore[arg-type]
         else:
-            backend = pool.balancer.pick(pool.backends)
+            backend = pool.balancer.pick(pool.candidates)
         if backend is None:
             return False
         ex.wait_until = 0.0
+        ex.queued = self.loop.time() - ex.start
         self._send(ex, backend)
         return True
 
     def shed(self, ex: Exchange, reason: str) -> None:
-        """Answer 503 at once: no backend, the wait queue is full, or the wait timed out."""
+        """Answer 503 at once: no backend, the wait queue is full, or the wait timed out;
+        in panic mode an unhealthy backend under its cap takes it instead."""
         service = ex.service
+        pool = service.pool  # type: ignore[union-attr]
+        if pool.spare:
+            backend = pool.pick_spare()
+            if backend is not None:
+                pool.panic_routed += 1
+                if ex.wait_until:
+                    ex.queued = self.loop.time() - ex.start
+                    ex.wait_until = 0.0
+                self._send(ex, backend)
+                return
         service.shed[reason] = service.shed.get(reason, 0) + 1  # type: ignore[union-attr]
         ex.wait_until = 0.0
         if reason == "no_backend":
@@ -488,7 +502,7 @@ class ClientProtocol(asyncio.Protocol):
                 backend = pool.by_sticky.get(sid)
                 if backend is not None and backend.eligible:
                     return backend
-        candidates = pool.backends
+        candidates = pool.candidates
         if pool.zone:  # zone-aware: in-zone backends while the zone has room
             candidates = prefer_zone(candidates, pool.zone, pool.zone_threshold)
         key = None
@@ -1247,11 +1261,12 @@ class UpstreamProtocol(asyncio.Protocol):
         status = ex.status
         # The balancer's latency input, balancers.ewma.peak_ewma written out (it runs per
         # request); a 5xx counts as a slow sample: a fast-failing backend must not look fast.
+        rtt = elapsed - ex.queued  # the backend's part: without a wait for a slot
         if status < 500:
-            sample = elapsed
+            sample = rtt
             backend.fails = 0  # consecutive failures, for outlier ejection
         else:
-            sample = error_sample(elapsed)
+            sample = error_sample(rtt)
             _failed(backend, service, failure_kind("", status), now)
         lat = backend.latency
         if lat <= 0.0 or sample >= lat:
@@ -1266,7 +1281,7 @@ class UpstreamProtocol(asyncio.Protocol):
         k = backend.inflight
         backend.inflight = k - 1
         lim = backend.limiter
-        if lim is not None and lim.sample(elapsed, now, k):
+        if lim is not None and lim.sample(rtt, now, k):
             service.pool.cap_changed(backend, lim.limit)
         if k == backend.cap or backend.draining:  # Pool.release, inlined
             service.pool.release_slow(backend, k)
