@@ -251,6 +251,11 @@ class _Checker:
         for key in value:
             if key in valid:
                 continue
+            if isinstance(key, bool):
+                self.error(_join(path, str(key).lower()),
+                           "YAML reads a bare on/off/yes/no/true/false key as a boolean; quote "
+                           f"it, or use one of {', '.join(sorted(valid))}")
+                continue
             if why and key in why:
                 self.error(_join(path, str(key)), why[key])
             else:

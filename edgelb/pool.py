@@ -356,6 +356,8 @@ class Pool:
                 continue
             candidates.append(b)
             usable += b.usable
+        if candidates != self.candidates:
+            self.balancer.reset(candidates)  # e.g. a hash ring over the new membership
         self.candidates = candidates
         self.spare = spare
         self.usable = usable

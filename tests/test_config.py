@@ -924,3 +924,84 @@ def test_subset_and_zone_keys() -> None:
     policy = cfg(base + "zone_aware: true, zone_threshold: 0.5}]").snapshot.services[0].policy
     assert policy.zone_aware and policy.zone_threshold == 0.5
     one_error(base + "zone_threshold: 0}]\n", "services[0].zone_threshold")
+
+
+# --------------------------------------------------------------------------- overload keys
+
+
+def test_overload_keys_parse_into_the_policy() -> None:
+    c = cfg(
+        textwrap.dedent("""
+        defaults:
+          max_inflight: 8
+          adaptive: true
+          queue_size: 16
+          queue_timeout: 250ms
+          retries: 2
+          retry_budget: {ratio: 10%, min: 5}
+          panic_threshold: 40%
+          outlier: {failures: 3, kinds: [connect, "500"], ejection: 10s, max_ejected: 0.5}
+        """)
+        + svc("health_check: {type: tcp, interval: 1s, rise: 1}")
+    )
+    p = c.snapshot.services[0].policy
+    assert (p.max_inflight, p.adaptive, p.queue_size, p.queue_timeout) == (8, True, 16, 0.25)
+    assert (p.retries, p.retry_budget.ratio, p.retry_budget.min) == (2, 0.1, 5)
+    assert p.panic_threshold == 0.4
+    assert p.outlier is not None
+    assert p.outlier.kinds == frozenset({"connect", "500"})
+    assert (p.outlier.failures, p.outlier.ejection, p.outlier.max_ejection) == (3, 10.0, 300.0)
+    assert p.outlier.max_ejected == 0.5
+    assert p.health_check is not None
+    assert (p.health_check.kind, p.health_check.interval, p.health_check.rise) == ("tcp", 1.0, 1)
+
+
+def test_overload_defaults_follow_the_issue() -> None:
+    p = cfg(svc()).snapshot.services[0].policy
+    assert p.outlier is not None
+    assert p.outlier.kinds == frozenset({"connect", "reset", "timeout", "502", "503", "504"})
+    assert (p.outlier.failures, p.outlier.ejection, p.outlier.max_ejection) == (5, 30.0, 300.0)
+    assert p.outlier.max_ejected == 0.1
+    assert (p.panic_threshold, p.retries, p.queue_size) == (0.5, 1, 1024)
+    assert (p.retry_budget.ratio, p.retry_budget.min) == (0.2, 3)
+    assert p.adaptive is False
+
+
+def test_outlier_false_turns_ejection_off_and_merges_over_defaults() -> None:
+    c = cfg(
+        "defaults:\n  outlier: {failures: 2}\n"
+        + svc("outlier: {ejection: 5s}")
+        + "  - name: plain\n    listen: 10001\n    outlier: false\n"
+    )
+    web, off = c.snapshot.services
+    assert web.policy.outlier is not None
+    assert (web.policy.outlier.failures, web.policy.outlier.ejection) == (2, 5.0)
+    assert off.policy.outlier is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "path", "fragment"),
+    [
+        ("outlier: {kinds: [connect, 418]}", "services[0].outlier.kinds", "unknown failure kind"),
+        ("outlier: {kinds: []}", "services[0].outlier.kinds", "at least one"),
+        ("outlier: {failures: 0}", "services[0].outlier.failures", "at least 1"),
+        ("outlier: {max_ejected: 2}", "services[0].outlier.max_ejected", "share from 0 to 1"),
+        ("outlier: {ejection: 1m, max_ejection: 10s}", "services[0].outlier.max_ejection",
+         "at least `ejection`"),
+        ("outlier: {on: [connect]}", "services[0].outlier.true", "YAML reads a bare"),
+        ("retries: 9", "services[0].retries", "at most 5"),
+        ("retries: -1", "services[0].retries", "at least 0"),
+        ("retry_budget: {ratio: x}", "services[0].retry_budget.ratio", "share from 0 to 1"),
+        ("retry_budget: {mim: 3}", "services[0].retry_budget.mim", "did you mean 'min'"),
+        ("panic_threshold: 1.5", "services[0].panic_threshold", "share from 0 to 1"),
+        ("queue_size: -1", "services[0].queue_size", "at least 0"),
+        ("adaptive: maybe", "services[0].adaptive", "true or false"),
+        ("health_check: {type: udp}", "services[0].health_check.type", "http or tcp"),
+        ("health_check: {status: 600}", "services[0].health_check.status", "range like"),
+        ("health_check: {status: 399-200}", "services[0].health_check.status", "ends below"),
+        ("health_check: {method: 'GE T'}", "services[0].health_check.method", "method token"),
+    ],
+)
+def test_overload_key_errors_name_the_key(extra: str, path: str, fragment: str) -> None:
+    err = one_error(svc(extra), path)
+    assert fragment in err, err
