@@ -1271,3 +1271,64 @@ async def test_zone_aware_service_keeps_low_load_in_the_proxys_zone(backend, pro
         assert r.body.split()[0] == b"here"
     client.close()
     assert there.requests == []
+
+
+# -- the response fast path (a head seen before, whole body in one read) -----------------------
+
+FAST_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: t\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n"
+    b"Content-Length: 5\r\n\r\nhello"
+)
+
+
+async def test_a_repeated_response_is_relayed_the_same_as_the_first(backend, proxy):
+    b = await backend("a", raw(FAST_RESPONSE))
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    first = await within(client.request("GET", "/1"))
+    for i in range(3):
+        again = await within(client.request("GET", f"/{i + 2}"))
+        assert again.head == first.head
+        assert again.body == first.body == b"hello"
+    assert not first.has("keep-alive") and first.get("via") == "1.1 edgelb"
+    # a HEAD answered with the same head (as some backends do) has no body for the client
+    head = await within(client.request("HEAD", "/h"))
+    assert head.status == 200 and head.body == b""
+    assert head.head == first.head
+    after = await within(client.request("GET", "/after"))
+    assert after.head == first.head and after.body == b"hello"  # nothing left over
+    assert len(b.requests) == 6 and b.connections == 1
+    client.close()
+
+
+async def test_a_known_head_with_more_or_less_body_than_announced_takes_the_parser(
+    backend, proxy
+):
+    calls = 0
+
+    async def handler(call: Call) -> None:
+        nonlocal calls
+        calls += 1
+        await call.read_body()
+        if calls == 2:  # the same head, the body in two writes
+            call.write(FAST_RESPONSE[:-2])
+            await call.drain()
+            await asyncio.sleep(0.05)  # a second read at the proxy
+            call.write(FAST_RESPONSE[-2:])
+        elif calls == 3:  # the same head with bytes beyond its body: not ours to relay
+            call.write(FAST_RESPONSE + b"JUNK")
+        else:
+            call.write(FAST_RESPONSE)
+        await call.drain()
+
+    b = await backend("a", handler)
+    port = await static(proxy, [b])
+    client = await Client.open(port)
+    assert (await within(client.request("GET", "/1"))).body == b"hello"
+    assert (await within(client.request("GET", "/2"))).body == b"hello"
+    r3 = await within(client.request("GET", "/3"))
+    assert r3.body == b"hello"
+    r4 = await within(client.request("GET", "/4"))  # on a fresh upstream connection
+    assert r4.body == b"hello"
+    assert b.connections == 2  # the one that sent junk was not reused
+    client.close()

@@ -26,7 +26,12 @@ from balancers.retry_budget import IDEMPOTENT, retry_allowed
 from balancers.zones import prefer_zone
 from edgelb.http.errors import local_response
 from edgelb.http.headers import CONNECTION_OPTIONS, connection_tokens, drop_named, forwarded_for
-from edgelb.http.response_head import rewrite_response_head, rewrite_response_head_cached
+from edgelb.http.response_head import (
+    fast_heads,
+    remember_fast,
+    rewrite_response_head,
+    rewrite_response_head_cached,
+)
 from edgelb.pool import DURATION_BUCKETS
 
 if TYPE_CHECKING:
@@ -1050,6 +1055,8 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         hbuf = self.hbuf
         if hbuf is not None:  # a head is expected: keep its raw bytes for on_headers_complete
+            if not hbuf and self._fast(ex, data):
+                return
             if hbuf:  # the head did not come whole in the last read
                 hbuf += data
                 if len(hbuf) > MAX_HEAD + len(data):
@@ -1077,6 +1084,34 @@ class UpstreamProtocol(asyncio.Protocol):
         if self.ex is not None and ex.response_started:
             # the body goes on in later reads: the idle timeout runs from the last data
             self.deadline = ex.client.loop.time() + self.service.policy.idle_timeout
+
+    def _fast(self, ex: Exchange, data: bytes) -> bool:
+        """The common response, relayed without the parser: a head httptools accepted before
+        (response_head.fast_heads) with its whole Content-Length body in this one read, for
+        a keep-alive HTTP/1.1 client that needs nothing added to it."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        entry = fast_heads.get(data[: end + 2])
+        if entry is None:
+            return False
+        head, length, close = entry
+        start = end + 4
+        if len(data) - start != length or self.interim or ex.method == b"HEAD" or (
+            ex.version != "1.1" or not ex.keep_alive or ex.te_trailers or ex.set_cookie
+            or ex.upgrade or ex.client.closing
+        ):
+            return False
+        self.hbuf = None
+        ex.status = int(data[9:12])
+        ex.response_started = True
+        self.service.bytes_out += len(head) + length
+        if length <= 16384:
+            ex.client.transport.write(head + data[start:])
+        else:
+            ex.client.transport.writelines((head, data[start:]))
+        self._complete(ex, not close)
+        return True
 
     def _cut(self, ex: Exchange) -> None:
         """The backend failed in the middle of a response: the client must see it broken."""
@@ -1131,9 +1166,11 @@ class UpstreamProtocol(asyncio.Protocol):
                 hbuf[: end + 2], ex.te_trailers, status == 101
             )
         else:
-            status_line, headers, chunked, has_cl, close, plain = rewrite_response_head_cached(
-                hbuf[: end + 2]
-            )
+            raw = hbuf[: end + 2]
+            rewrite = rewrite_response_head_cached(raw)
+            status_line, headers, chunked, has_cl, close, plain = rewrite
+            if raw not in fast_heads:
+                remember_fast(raw, status, rewrite)
         client = ex.client
         if status < 200:
             self.hbuf = hbuf[end + 4 :]  # another head follows

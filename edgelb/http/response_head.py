@@ -51,6 +51,30 @@ def rewrite_response_head_cached(raw: bytes) -> _Rewrite:
     return result
 
 
+# Heads that httptools has already accepted, for the fast path of the upstream protocol: a
+# Content-Length response (status 200-499, not 204/304) whose head and whole body arrive in
+# one read is relayed without feeding the parser. raw head (as the key of _cache) ->
+# (the head for an HTTP/1.1 keep-alive client, body length, the backend asked to close).
+_CL_VALUE = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*([0-9]{1,15})[ \t]*(?=\r\n)")
+fast_heads: dict[bytes, tuple[bytes, int, bool]] = {}
+
+
+def remember_fast(raw: bytes, status: int, rewrite: _Rewrite) -> None:
+    """Record `raw` (a head httptools has just accepted, as rewritten by `rewrite`) for the
+    fast path when its framing is a plain Content-Length."""
+    if status < 200 or status >= 500 or status == 204 or status == 304:
+        return
+    _, _, chunked, has_cl, close, plain = rewrite
+    if chunked or not has_cl:
+        return
+    values = _CL_VALUE.findall(raw.lower())
+    if len(values) != 1:
+        return
+    if len(fast_heads) >= _CACHE_SIZE:
+        fast_heads.clear()
+    fast_heads[raw] = (plain, int(values[0]), close)
+
+
 def split_response_head(
     raw: bytes, keep_trailer: bool, keep_upgrade: bool
 ) -> _Split:
