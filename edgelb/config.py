@@ -1244,3 +1244,49 @@ def check_command(path: str) -> int:
     print(f"{path}: OK")
     print(summarize(config))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-service keys from string annotations (Kubernetes `edgelb.io/<key>`, Marathon labels)
+
+
+def policy_from_annotations(
+    annotations: dict[str, str], base: Policy, prefix: str = "edgelb.io/"
+) -> tuple[Policy, list[str]]:
+    """The per-service keys set as annotations `<prefix><key>` (dashes or underscores, e.g.
+    `edgelb.io/max-inflight: "64"`), validated exactly as in the config file, over `base`.
+
+    Each value is read as a YAML scalar or flow mapping (`"64"`, `"true"`, `"250ms"`,
+    `"{path: /healthz, interval: 2s}"`). Returns the policy and the errors, each naming the
+    annotation; with errors the policy is `base` (the caller skips the object)."""
+    doc: dict[str, Any] = {}
+    errs: list[str] = []
+    for name, raw in annotations.items():
+        if not name.startswith(prefix):
+            continue
+        key = name[len(prefix):].replace("-", "_")
+        if key in ("port", "mode", "weight"):
+            continue  # exposure and capacity, read by the watcher itself
+        if key not in POLICY_KEYS:
+            close = _closest(key, POLICY_KEYS)
+            hint = f"did you mean {prefix}{close.replace('_', '-')}?" if close else (
+                "known: " + ", ".join(prefix + k.replace("_", "-") for k in POLICY_KEYS))
+            errs.append(f"{name}: unknown annotation; {hint}")
+            continue
+        try:
+            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        except yaml.YAMLError:
+            errs.append(f"{name}: {raw!r} is not a value edgelb can read; write e.g. \"64\", "
+                        "\"true\", \"250ms\" or \"{path: /healthz}\"")
+            continue
+        doc[key] = value
+    c = _Checker()
+    fields = _policy_fields(c, doc, "", base)
+    for err in c.errors:
+        key, _, message = err.partition(": ")
+        head, _, rest = key.partition(".")
+        where = prefix + head.replace("_", "-") + (f" ({rest})" if rest else "")
+        errs.append(f"{where}: {message}")
+    if errs:
+        return base, errs
+    return dataclasses.replace(base, **fields), []

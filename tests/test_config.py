@@ -26,6 +26,7 @@ from edgelb.config import (
     parse_address,
     parse_config,
     parse_duration,
+    policy_from_annotations,
     summarize,
 )
 from watchers.model import Address, Backend, HealthCheck, Policy, Route
@@ -1005,3 +1006,29 @@ def test_outlier_false_turns_ejection_off_and_merges_over_defaults() -> None:
 def test_overload_key_errors_name_the_key(extra: str, path: str, fragment: str) -> None:
     err = one_error(svc(extra), path)
     assert fragment in err, err
+
+
+def test_policy_from_annotations_reads_strings_like_the_config_file() -> None:
+    policy, errs = policy_from_annotations(
+        {"edgelb.io/max-inflight": "64", "edgelb.io/balance": "round-robin",
+         "edgelb.io/health-check": "{path: /hz, interval: 2s}", "edgelb.io/port": "10001",
+         "other.io/x": "y"},
+        Policy(),
+    )
+    assert errs == []
+    assert (policy.max_inflight, policy.balance) == (64, "round-robin")
+    assert policy.health_check is not None and policy.health_check.path == "/hz"
+
+
+def test_policy_from_annotations_names_each_bad_annotation_and_keeps_the_base() -> None:
+    base = Policy(max_inflight=3)
+    policy, errs = policy_from_annotations(
+        {"edgelb.io/max-inflite": "64", "edgelb.io/retries": "9",
+         "edgelb.io/health-check": "{type: udp}"},
+        base,
+    )
+    assert policy is base
+    assert any(e.startswith("edgelb.io/max-inflite: unknown annotation; did you mean "
+                            "edgelb.io/max-inflight?") for e in errs)
+    assert any(e.startswith("edgelb.io/retries: at most 5") for e in errs)
+    assert any(e.startswith("edgelb.io/health-check (type): expected http or tcp") for e in errs)
