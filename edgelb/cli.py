@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--admin-port", type=int, default=9090, help="admin port on 127.0.0.1 (default 9090)"
     )
+    manifests = sub.add_parser(
+        "manifests", help="print Kubernetes YAML to run edgelb as an ingress pod"
+    )
+    from edgelb.manifests import add_arguments
+
+    add_arguments(manifests)
     return p
 
 
@@ -64,5 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         from edgelb.demo import main as demo_main
 
         return demo_main(port=args.port, admin_port=args.admin_port)
+    if args.command == "manifests":
+        from edgelb.manifests import command
+
+        return command(args)
     parser.print_help()
     return 2
