@@ -54,6 +54,10 @@ class KubernetesWatcherConfig:
     kubeconfig: str | None = None
     ingress_class: str = "edgelb"
     namespaces: tuple[str, ...] = ()  # empty: every namespace
+    pod_weights: bool = False  # weights from pods (edgelb.io/weight, else the CPU request)
+    publish_service: str | None = None  # "ns/name": its load balancer address goes to Ingresses
+    publish_address: tuple[str, ...] = ()  # or these IPs / host names
+    leader_election: bool = True  # one replica writes Ingress status (a Lease)
 
 
 @dataclass(frozen=True, slots=True)
@@ -869,7 +873,8 @@ def _kubernetes(c: _Checker, value: Any) -> KubernetesWatcherConfig | None:
     m = c.mapping(value, path, "a mapping like {enabled: true, ingress_class: edgelb}")
     if m is None:
         return None
-    c.keys(m, path, ("enabled", "kubeconfig", "ingress_class", "namespaces"))
+    c.keys(m, path, ("enabled", "kubeconfig", "ingress_class", "namespaces", "pod_weights",
+                     "publish_service", "publish_address", "leader_election"))
     # A section that is present is on unless it says `enabled: false`.
     fields: dict[str, Any] = {"enabled": True}
     if "enabled" in m:
@@ -888,6 +893,24 @@ def _kubernetes(c: _Checker, value: Any) -> KubernetesWatcherConfig | None:
             ns.append(c.string(item, _join(npath, i), _K8S_NAME,
                                "a namespace is a lowercase DNS label, e.g. default"))
         fields["namespaces"] = None if items is None or None in ns else tuple(ns)
+    for key in ("pod_weights", "leader_election"):
+        if key in m:
+            fields[key] = c.boolean(m[key], _join(path, key))
+    if m.get("publish_service") is not None:
+        fields["publish_service"] = c.string(
+            m["publish_service"], _join(path, "publish_service"),
+            re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"),
+            "write it as namespace/name, e.g. edgelb/edgelb")
+    if m.get("publish_address") is not None:
+        apath = _join(path, "publish_address")
+        raw = m["publish_address"]
+        items = [raw] if isinstance(raw, str) else c.list(raw, apath, "addresses",
+                                                          "[203.0.113.10, lb.example.com]")
+        addrs = []
+        for i, item in enumerate(items or []):
+            addrs.append(c.string(item, _join(apath, i), re.compile(r"^[A-Za-z0-9.:-]+$"),
+                                  "an IP address or a host name"))
+        fields["publish_address"] = None if items is None or None in addrs else tuple(addrs)
     if None in fields.values():
         return None
     return KubernetesWatcherConfig(**fields)
