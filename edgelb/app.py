@@ -4,6 +4,7 @@ run until SIGTERM/SIGINT (graceful drain). SIGHUP re-reads the config file at on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from edgelb.config import Config, ConfigError, load_config, not_implemented, parse_config
 from edgelb.runtime import EntrypointSpec, Runtime, SnapshotError
+from watchers.model import Policy
 
 log = logging.getLogger("edgelb")
 
@@ -34,6 +36,7 @@ class App:
         self.runtime: Runtime | None = None
         self.admin = None
         self.watcher = None
+        self.kubernetes = None  # edgelb.k8s_watcher.KubernetesWatcher when enabled
         self._watcher_task: asyncio.Task | None = None
         self._apply_lock = asyncio.Lock()
         self.stopped = asyncio.Event()
@@ -55,6 +58,18 @@ class App:
         if runtime.last_errors.get("file"):
             raise SystemExit(f"edgelb: {runtime.last_errors['file']}")
         runtime.start_sweeper()
+        k8s = config.kubernetes
+        if k8s is not None and k8s.enabled:
+            from edgelb.k8s_watcher import KubernetesWatcher
+            from watchers.kubernetes.client import CredentialsError
+
+            self.kubernetes = KubernetesWatcher(
+                k8s, runtime, defaults=self._defaults, zone=self._zone
+            )
+            try:
+                await self.kubernetes.start()
+            except CredentialsError as e:
+                raise SystemExit(f"edgelb: watchers.kubernetes: {e}") from None
         self.admin = AdminServer(runtime, config.admin)
         await self.admin.start()
         self.watcher = FileWatcher(
@@ -65,6 +80,12 @@ class App:
             interval=0.25,
         )
         self._watcher_task = loop.create_task(self.watcher.run())
+
+    def _defaults(self) -> Policy:
+        return self.config.defaults if self.config is not None else Policy()
+
+    def _zone(self) -> str:
+        return self.config.instance.zone if self.config is not None else ""
 
     def _on_config(self, config: Config) -> None:
         if config == self.config:
@@ -81,7 +102,8 @@ class App:
         runtime = self.runtime
         assert runtime is not None
         _warn_not_enforced(config)
-        runtime.instance = config.instance
+        zone = config.instance.zone or (self.kubernetes.node_zone if self.kubernetes else "")
+        runtime.instance = dataclasses.replace(config.instance, zone=zone)
         refused = not_implemented(config)
         if refused:
             log.error("config %s refused: %s", self.config_path, "; ".join(refused))
@@ -90,6 +112,8 @@ class App:
         async with self._apply_lock:
             if self.config is not None and config.admin != self.config.admin:
                 log.warning("admin.listen changed to %s; it takes effect on restart", config.admin)
+            if self.config is not None and config.kubernetes != self.config.kubernetes:
+                log.warning("watchers.kubernetes changed; it takes effect on restart")
             eps = [EntrypointSpec(e.name, e.listen) for e in config.entrypoints]
             try:  # both record the outcome themselves
                 if self.config is None or self.config.entrypoints != config.entrypoints or (
@@ -128,6 +152,8 @@ class App:
             self.watcher.stop()
         if self._watcher_task is not None:
             self._watcher_task.cancel()
+        if self.kubernetes is not None:
+            await self.kubernetes.stop()
         await runtime.shutdown(config.shutdown.grace if config else 30.0)
         if self.admin is not None:
             await self.admin.stop()
@@ -136,8 +162,6 @@ class App:
 
 def _warn_not_enforced(config: Config) -> None:
     """Say which accepted keys this version does not act on yet, rather than ignore them."""
-    if config.kubernetes is not None and config.kubernetes.enabled:
-        log.warning("watchers.kubernetes is set, but this version has no Kubernetes watcher yet")
     if config.marathon is not None:
         log.warning("watchers.marathon is set, but this version has no Marathon watcher yet")
 

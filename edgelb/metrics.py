@@ -225,6 +225,21 @@ class RuntimeCollector:
         )
         for watcher, done in sorted(rt.watcher_synced.items()):
             synced.add_metric([watcher], 1.0 if done else 0.0)
+        age = GaugeMetricFamily(
+            "edgelb_watcher_last_event_age_seconds",
+            "Seconds since the watcher last heard from its source (an event or a keep-alive).",
+            labels=["watcher"],
+        )
+        now = time.time()
+        for watcher, at in sorted(getattr(rt, "watcher_last_event", {}).items()):
+            age.add_metric([watcher], max(0.0, now - at))
+        problems = GaugeMetricFamily(
+            "edgelb_watcher_problems",
+            "Objects of the source skipped or flagged in its last snapshot (see the log).",
+            labels=["watcher"],
+        )
+        for watcher, n in sorted(getattr(rt, "watcher_problems", {}).items()):
+            problems.add_metric([watcher], n)
         open_conns = GaugeMetricFamily(
             "edgelb_listener_connections",
             "Client connections now open on the listener.",
@@ -239,7 +254,7 @@ class RuntimeCollector:
             listener = rt.listeners[key]
             open_conns.add_metric([key, listener.kind], listener.connections)
             accepted.add_metric([key, listener.kind], listener.accepted)
-        yield from (reloads, up, synced, open_conns, accepted)
+        yield from (reloads, up, synced, age, problems, open_conns, accepted)
         yield GaugeMetricFamily(
             "edgelb_draining", "1 while edgelb is shutting down.", value=1.0 if rt.draining else 0.0
         )

@@ -75,6 +75,8 @@ class Runtime:
         self.watcher_up: dict[str, bool] = {}
         self.watcher_synced: dict[str, bool] = {}
         self.last_errors: dict[str, str] = {}
+        self.watcher_last_event: dict[str, float] = {}  # unix time of a source's last event
+        self.watcher_problems: dict[str, int] = {}  # objects a source skipped or flagged
         self.draining = False
         self.started_at = time.time()
         self.local_responses: dict[int, int] = {}

@@ -1,0 +1,304 @@
+"""The Kubernetes watcher as the process runs it: reflectors keep caches of the cluster's
+objects, a debounced loop translates them into one Snapshot and hands it to the runtime.
+
+Bursts are coalesced: a change is applied within DEBOUNCE (50 ms) plus the translation, and
+applies happen at most once per DEBOUNCE under a storm of events. When the API server is out
+of reach the reflectors keep their caches, so the last snapshot keeps serving (stale but
+serving); `edgelb_watcher_up{watcher="kubernetes"}` drops to 0 and
+`edgelb_watcher_last_event_age_seconds` grows. /readyz waits for the first full sync.
+
+One replica (leader election on a Lease, when `leader_election` is on) writes the Ingresses'
+`status.loadBalancer` with `publish_address`, or the address of `publish_service`. Problems
+found in objects are logged once each and posted as Warning Events on the object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from edgelb.config import KubernetesWatcherConfig, policy_from_annotations
+from edgelb.runtime import Runtime, SnapshotError
+from watchers.kubernetes.reflector import (
+    ENDPOINTSLICES,
+    INGRESSCLASSES,
+    INGRESSES,
+    NODES,
+    PODS,
+    SECRETS,
+    SERVICES,
+    Reflector,
+)
+from watchers.kubernetes.translate import ClusterState, Problem, Translation, translate
+from watchers.model import Policy
+
+log = logging.getLogger("edgelb.kubernetes")
+
+NAME = "kubernetes"
+DEBOUNCE = 0.05  # seconds: coalesce a burst of events into one apply
+ZONE_LABEL = "topology.kubernetes.io/zone"
+LEADER_LEASE = "edgelb-leader"
+
+
+class KubernetesWatcher:
+    """Follows the cluster and feeds the runtime; `start()` then `stop()`."""
+
+    def __init__(
+        self,
+        config: KubernetesWatcherConfig,
+        runtime: Runtime,
+        defaults: Callable[[], Policy],
+        zone: Callable[[], str],
+        environ: Mapping[str, str] | None = None,
+        read_timeout: float = 60.0,
+        api: Any = None,
+    ) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.defaults = defaults  # the file's `defaults:` as they are now
+        self.zone = zone  # the configured zone ("" = unknown: the Node's label is used)
+        self.environ = os.environ if environ is None else environ
+        self.read_timeout = read_timeout
+        self.api = api  # an ApiClient; made from the credentials at start() when None
+        self._own_api = api is None
+        self.reflectors: dict[str, Reflector] = {}
+        self.node_zone = ""
+        self.translation: Translation | None = None
+        self.applies = 0
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._reported: set[Problem] = set()
+        self._leader: Any = None
+        self._status: Any = None
+        self._events: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (credentials: in-cluster, else `kubeconfig`, else $KUBECONFIG) and start
+        following. A credentials problem raises CredentialsError naming what was tried."""
+        if self.api is None:
+            from watchers.kubernetes.client import make_api_client
+
+            self.api = await make_api_client(self.config.kubeconfig, environ=self.environ)
+        cfg = self.config
+        ns = cfg.namespaces
+        kinds: dict[str, tuple[Any, str, tuple[str, ...]]] = {
+            "services": (SERVICES, "", ns),
+            "endpointslices": (ENDPOINTSLICES, "", ns),
+            "ingresses": (INGRESSES, "", ns),
+            "ingressclasses": (INGRESSCLASSES, "", ()),
+            "secrets": (SECRETS, "type=kubernetes.io/tls", ns),
+        }
+        if cfg.pod_weights:
+            kinds["pods"] = (PODS, "", ns)
+        node = self.environ.get("NODE_NAME", "")
+        if node:
+            kinds["nodes"] = (NODES, f"metadata.name={node}", ())
+        for key, (resource, fields, scope) in kinds.items():
+            self.reflectors[key] = Reflector(
+                self.api, resource, self._changed, namespaces=scope, field_selector=fields,
+                read_timeout=self.read_timeout,
+            )
+        self.runtime.register_watcher(NAME)
+        self.runtime.watcher_up[NAME] = False
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(r.run(), name=f"reflector {k}")
+                       for k, r in self.reflectors.items()]
+        self._tasks.append(loop.create_task(self._loop(), name="kubernetes translate"))
+        self._tasks.append(loop.create_task(self._watch_health(), name="kubernetes health"))
+        self._start_leader(loop)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._leader is not None:
+            try:
+                await asyncio.wait_for(self._leader.release(), 2.0)
+            except Exception as e:
+                log.warning("could not release the leader lease: %s", e)
+        if self._own_api and self.api is not None:
+            await self.api.close()
+
+    @property
+    def synced(self) -> bool:
+        return bool(self.reflectors) and all(r.synced.is_set() for r in self.reflectors.values())
+
+    # -- the translate loop ------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        self.runtime.watcher_last_event[NAME] = time.time()
+        self._dirty.set()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(DEBOUNCE)  # let the rest of a burst arrive
+            self._dirty.clear()
+            if not self.synced:
+                continue  # the first snapshot waits for every kind's first list
+            await self.apply_now()
+
+    async def apply_now(self) -> None:
+        """Translate the caches and apply the snapshot (the loop calls this)."""
+        self.node_zone = self._node_zone()
+        instance = self.runtime.instance
+        if not self.zone() and self.node_zone and instance.zone != self.node_zone:
+            # zone-aware balancing needs the proxy's zone: the Node's label tells it
+            self.runtime.instance = dataclasses.replace(instance, zone=self.node_zone)
+        state = ClusterState(
+            services=self._cache("services"),
+            endpointslices=self._cache("endpointslices"),
+            ingresses=self._cache("ingresses"),
+            ingressclasses=self._cache("ingressclasses"),
+            secrets=self._cache("secrets"),
+            pods=self._cache("pods"),
+        )
+        translation = translate(
+            state,
+            ingress_class=self.config.ingress_class,
+            defaults=self.defaults(),
+            zone=self.zone() or self.node_zone,
+            pod_weights=self.config.pod_weights,
+            read_policy=policy_from_annotations,
+        )
+        self._report(translation.problems)
+        try:
+            await self.runtime.apply(translation.snapshot)
+        except SnapshotError as e:
+            # recorded and logged by the runtime; the last good snapshot keeps serving
+            log.error("the cluster's snapshot was rejected: %s", e)
+            return
+        finally:
+            self.runtime.watcher_up[NAME] = self._up()
+        self.translation = translation
+        self.applies += 1
+        await self._publish_status()
+
+    def _cache(self, kind: str) -> dict:
+        r = self.reflectors.get(kind)
+        return dict(r.cache) if r is not None else {}
+
+    def _node_zone(self) -> str:
+        r = self.reflectors.get("nodes")
+        if r is None:
+            return ""
+        for node in r.cache.values():
+            labels = (node.get("metadata") or {}).get("labels") or {}
+            zone = labels.get(ZONE_LABEL)
+            if isinstance(zone, str):
+                return zone
+        return ""
+
+    def _up(self) -> bool:
+        return bool(self.reflectors) and all(r.up for r in self.reflectors.values())
+
+    async def _watch_health(self) -> None:
+        """Keep edgelb_watcher_up current while nothing changes (e.g. the API is down)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            if self.runtime.watcher_synced.get(NAME):
+                self.runtime.watcher_up[NAME] = self._up()
+            last = max((r.last_event for r in self.reflectors.values()), default=0.0)
+            if last:  # watch events and bookmarks: the source is alive
+                at = time.time() - (loop.time() - last)
+                if at > self.runtime.watcher_last_event.get(NAME, 0.0):
+                    self.runtime.watcher_last_event[NAME] = at
+
+    def _report(self, problems: list[Problem]) -> None:
+        current = set(problems)
+        for p in problems:
+            if p not in self._reported:
+                log.warning("kubernetes: %s", p)
+                self._post_event(p)
+        self._reported = current
+        self.runtime.watcher_problems[NAME] = len(problems)
+
+    # -- leader election, Ingress status, Events -------------------------------------------------
+
+    def _identity(self) -> str:
+        return self.environ.get("POD_NAME") or socket.gethostname()
+
+    def _start_leader(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            from watchers.kubernetes.events import EventRecorder
+            from watchers.kubernetes.leader import LeaderElector
+            from watchers.kubernetes.status import StatusWriter
+        except ImportError:  # pragma: no cover - shipped together
+            return
+        self._events = EventRecorder(self.api, host=self._identity())
+        if not (self.config.publish_address or self.config.publish_service):
+            return  # nothing to write: no status, no election needed
+        self._status = StatusWriter(self.api)
+        if not self.config.leader_election:
+            return
+        namespace = self.environ.get("POD_NAMESPACE", "default")
+        self._leader = LeaderElector(
+            self.api, namespace, f"{LEADER_LEASE}-{self.config.ingress_class}",
+            self._identity(), on_change=self._on_leader,
+        )
+        self._tasks.append(loop.create_task(self._leader.run(), name="kubernetes leader"))
+
+    def _on_leader(self, leader: bool) -> None:
+        log.warning("kubernetes: this replica %s the leader (Ingress status)",
+                    "is now" if leader else "is no longer")
+        if leader:
+            self._dirty.set()  # publish at once
+
+    def _is_writer(self) -> bool:
+        if self._status is None:
+            return False
+        return self._leader is None or self._leader.is_leader
+
+    async def _publish_status(self) -> None:
+        if not self._is_writer() or self.translation is None:
+            return
+        addresses = list(self.config.publish_address)
+        if not addresses and self.config.publish_service:
+            from watchers.kubernetes.status import addresses_from_service
+
+            ns, _, name = self.config.publish_service.partition("/")
+            addresses = addresses_from_service(self._cache("services").get((ns, name)))
+        if not addresses:
+            return
+        try:
+            await self._status.publish(self.translation.ingresses, addresses,
+                                       self._cache("ingresses"))
+        except Exception as e:
+            log.warning("kubernetes: could not write Ingress status: %s", e)
+
+    def _post_event(self, p: Problem) -> None:
+        if self._events is None:
+            return
+        obj = self._find(p)
+        meta = (obj or {}).get("metadata") or {}
+        coro = self._events.warn(
+            p.kind, (obj or {}).get("apiVersion", _API_VERSIONS.get(p.kind, "v1")),
+            p.namespace, p.name, meta.get("uid", ""), "EdgelbConfig", p.message,
+        )
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: t in self._tasks and self._tasks.remove(t))
+
+    def _find(self, p: Problem) -> dict | None:
+        kind = {"Service": "services", "Ingress": "ingresses", "Pod": "pods",
+                "EndpointSlice": "endpointslices", "Secret": "secrets",
+                "IngressClass": "ingressclasses"}.get(p.kind)
+        r = self.reflectors.get(kind) if kind else None
+        return r.cache.get((p.namespace, p.name)) if r is not None else None
+
+
+_API_VERSIONS = {
+    "Ingress": "networking.k8s.io/v1",
+    "IngressClass": "networking.k8s.io/v1",
+    "EndpointSlice": "discovery.k8s.io/v1",
+}
