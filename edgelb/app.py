@@ -126,8 +126,11 @@ class App:
             except SnapshotError:
                 return
             runtime.grace = config.shutdown.grace
+            defaults_changed = self.config is not None and self.config.defaults != config.defaults
             self.config = config
             self.generation += 1
+            if defaults_changed and self.kubernetes is not None:
+                self.kubernetes.refresh()  # the cluster's services take the new defaults
             log.info(
                 "config applied: %d services, %d listeners",
                 len(runtime.services),

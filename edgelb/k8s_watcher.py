@@ -128,6 +128,10 @@ class KubernetesWatcher:
         if self._own_api and self.api is not None:
             await self.api.close()
 
+    def refresh(self) -> None:
+        """Translate again soon (e.g. the file's `defaults:` changed)."""
+        self._dirty.set()
+
     @property
     def synced(self) -> bool:
         return bool(self.reflectors) and all(r.synced.is_set() for r in self.reflectors.values())
@@ -208,6 +212,8 @@ class KubernetesWatcher:
             await asyncio.sleep(1.0)
             if self.runtime.watcher_synced.get(NAME):
                 self.runtime.watcher_up[NAME] = self._up()
+            if self._status is not None and self._status.needs_retry:
+                self._dirty.set()  # a status write failed: try again
             last = max((r.last_event for r in self.reflectors.values()), default=0.0)
             if last:  # watch events and bookmarks: the source is alive
                 at = time.time() - (loop.time() - last)
@@ -270,9 +276,12 @@ class KubernetesWatcher:
             addresses = addresses_from_service(self._cache("services").get((ns, name)))
         if not addresses:
             return
+        ingresses = self._cache("ingresses")
         try:
-            await self._status.publish(self.translation.ingresses, addresses,
-                                       self._cache("ingresses"))
+            await self._status.publish(self.translation.ingresses, addresses, ingresses)
+            gone = set(self._status.published) - set(self.translation.ingresses)
+            if gone:  # Ingresses that left our class: our addresses come off their status
+                await self._status.clear(gone, ingresses)
         except Exception as e:
             log.warning("kubernetes: could not write Ingress status: %s", e)
 

@@ -1,0 +1,244 @@
+"""edgelb as an ingress controller, end to end: the whole process (App) with the Kubernetes
+watcher on, the official client against a protocol-faithful API server (tests/k8s_fake.py), and
+real HTTP backends on 127.0.0.1 standing for the pods."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from httpkit import HOST, Client, HttpBackend, eventually, fetch, free_port, within
+from k8s_fake import FakeKubeAPI
+
+from edgelb.app import App
+
+pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]
+
+NS = "shop"
+
+
+def meta(name: str, annotations: dict[str, str] | None = None, ns: str = NS) -> dict[str, Any]:
+    m: dict[str, Any] = {"name": name, "namespace": ns,
+                         "creationTimestamp": "2026-11-25T10:00:00Z"}
+    if annotations:
+        m["annotations"] = annotations
+    return m
+
+
+def ingress_class() -> dict[str, Any]:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+            "metadata": {"name": "edgelb"},
+            "spec": {"controller": "edgelb.io/ingress-controller"}}
+
+
+def service(name: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta(name, annotations),
+            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}
+
+
+def endpoint_slice(svc: str, name: str, backend: HttpBackend, ready: bool = True
+                   ) -> dict[str, Any]:
+    """One slice per backend: each listens on its own port (a slice has one port list)."""
+    m = meta(name)
+    m["labels"] = {"kubernetes.io/service-name": svc}
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": m,
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": backend.port, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [HOST], "conditions": {"ready": ready}}]}
+
+
+def ingress(host: str, svc: str) -> dict[str, Any]:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": meta("shop"),
+            "spec": {"ingressClassName": "edgelb", "rules": [{"host": host, "http": {"paths": [
+                {"path": "/", "pathType": "Prefix",
+                 "backend": {"service": {"name": svc, "port": {"name": "http"}}}}]}}]}}
+
+
+class Cluster:
+    def __init__(self, fake: FakeKubeAPI, app: App, http: int, admin: int) -> None:
+        self.fake = fake
+        self.app = app
+        self.http = http
+        self.admin = admin
+
+    async def get(self, host: str, path: str = "/") -> tuple[int, bytes]:
+        client = await Client.open(self.http)
+        try:
+            r = await within(client.request("GET", path, host=host))
+            return r.status, r.body
+        finally:
+            client.close()
+
+    async def admin_get(self, path: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as s, s.get(f"http://{HOST}:{self.admin}{path}") as r:
+            return r.status, await r.text()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a cluster
+    monkeypatch.setenv("POD_NAME", "edgelb-0")
+    monkeypatch.setenv("POD_NAMESPACE", "edgelb")
+    fake = FakeKubeAPI(bookmark_interval=0.2)
+    await fake.start()
+    kubeconfig = fake.kubeconfig(tmp_path / "kubeconfig")
+    http, admin = free_port(), free_port()
+    path = tmp_path / "edgelb.yaml"
+    path.write_text(
+        f"admin: {{listen: {HOST}:{admin}}}\n"
+        f"entrypoints: {{http: {{listen: {HOST}:{http}}}}}\n"
+        "shutdown: {grace: 1s}\n"
+        "watchers:\n"
+        f"  kubernetes: {{kubeconfig: {kubeconfig}, publish_address: [203.0.113.10]}}\n"
+    )
+    app = App(path)
+    try:
+        await within(app.start(), 10)
+        yield Cluster(fake, app, http, admin)
+    finally:
+        await app.stop()
+        await fake.stop()
+
+
+async def test_ingress_routes_to_endpoints_and_follows_changes(cluster: Cluster) -> None:
+    a = await HttpBackend("a").start()
+    b = await HttpBackend("b").start()
+    fake = cluster.fake
+    for obj in (ingress_class(), service("web"), endpoint_slice("web", "web-a", a),
+                ingress("shop.example.com", "web")):
+        fake.put(obj)
+    runtime = cluster.app.runtime
+    assert runtime is not None
+    await eventually(lambda: "shop/web:http" in runtime.services, timeout=10,
+                     what="the Ingress's service")
+    assert (await cluster.admin_get("/readyz"))[0] == 200
+    assert (await cluster.get("shop.example.com")) == (200, b"a GET /")
+    assert (await cluster.get("other.example.com"))[0] == 404
+    # scale up: a new slice; the new pod gets traffic within the debounce
+    fake.put(endpoint_slice("web", "web-b", b))
+    await eventually(lambda: len(runtime.services["shop/web:http"].pool.backends) == 2,
+                     timeout=5, what="the second endpoint")
+    seen: set[bytes] = set()
+    for _ in range(100):  # the new pod starts at 10% of its weight (slow start)
+        seen.add((await cluster.get("shop.example.com"))[1])
+        if len(seen) == 2:
+            break
+    assert seen == {b"a GET /", b"b GET /"}
+    # a pod goes unready: no more traffic to it
+    fake.put(endpoint_slice("web", "web-a", a, ready=False))
+    await eventually(lambda: f"{HOST}:{a.port}" not in runtime.services[
+        "shop/web:http"].pool.by_key, timeout=5, what="the unready endpoint out")
+    assert {(await cluster.get("shop.example.com"))[1] for _ in range(6)} == {b"b GET /"}
+    # the leader wrote the Ingress status
+    await fake.wait_for(lambda: any(u[1] == "shop" for u in fake.status_updates), timeout=5,
+                        what="the Ingress status")
+    ns, name, st = fake.status_updates[-1]
+    assert (ns, name) == (NS, "shop")
+    assert st["loadBalancer"]["ingress"] == [{"ip": "203.0.113.10"}]
+    await a.stop()
+    await b.stop()
+
+
+async def test_static_port_annotation_and_a_bad_annotation_alone_skipped(cluster: Cluster
+                                                                          ) -> None:
+    good = await HttpBackend("tcp-good").start()
+    port = free_port()
+    fake = cluster.fake
+    fake.put(service("db", {"edgelb.io/port": str(port), "edgelb.io/mode": "http",
+                            "edgelb.io/max-inflight": "4"}))
+    fake.put(endpoint_slice("db", "db-1", good))
+    fake.put(service("bad", {"edgelb.io/port": str(free_port()),
+                             "edgelb.io/max-inflite": "4"}))
+    runtime = cluster.app.runtime
+    assert runtime is not None
+    await eventually(lambda: "shop/db" in runtime.services, timeout=10, what="the db service")
+    r = await within(fetch(port, "GET", "/x"))
+    assert (r.status, r.body) == (200, b"tcp-good GET /x")
+    assert runtime.services["shop/db"].policy.max_inflight == 4
+    assert "shop/bad" not in runtime.services
+    await fake.wait_for(lambda: any("max-inflite" in e.get("message", "")
+                                    for e in fake.events), timeout=5, what="a Warning Event")
+    event = next(e for e in fake.events if "max-inflite" in e.get("message", ""))
+    assert event["type"] == "Warning"
+    assert event["involvedObject"]["name"] == "bad"
+    assert runtime.watcher_problems["kubernetes"] >= 1
+    await good.stop()
+
+
+async def test_the_last_snapshot_keeps_serving_while_the_api_is_down(cluster: Cluster) -> None:
+    a = await HttpBackend("a").start()
+    fake = cluster.fake
+    for obj in (ingress_class(), service("web"), endpoint_slice("web", "web-a", a),
+                ingress("shop.example.com", "web")):
+        fake.put(obj)
+    runtime = cluster.app.runtime
+    assert runtime is not None
+    await eventually(lambda: "shop/web:http" in runtime.services, timeout=10, what="the route")
+    await fake.stop()
+    await eventually(lambda: not runtime.watcher_up.get("kubernetes", True), timeout=5,
+                     what="edgelb_watcher_up to drop")
+    assert (await cluster.get("shop.example.com")) == (200, b"a GET /")  # stale but serving
+    assert (await cluster.admin_get("/readyz"))[0] == 200  # synced once: stays ready
+    _, metrics = await cluster.admin_get("/metrics")
+    assert 'edgelb_watcher_up{watcher="kubernetes"} 0.0' in metrics
+    assert 'edgelb_watcher_last_event_age_seconds{watcher="kubernetes"}' in metrics
+    await fake.start()  # back on the same port, same objects
+    await eventually(lambda: runtime.watcher_up.get("kubernetes", False), timeout=15,
+                     what="the watcher to reconnect")
+    fake.delete("Ingress", NS, "shop")
+    await eventually(lambda: "shop/web:http" not in runtime.services, timeout=5,
+                     what="the removed Ingress to leave")
+    assert (await cluster.get("shop.example.com"))[0] == 404
+    await a.stop()
+
+
+async def test_not_ready_until_the_first_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    fake = FakeKubeAPI()
+    await fake.start()
+    kubeconfig = fake.kubeconfig(tmp_path / "kubeconfig")
+    await fake.stop()  # the API server is not reachable when the pod starts
+    admin = free_port()
+    path = tmp_path / "edgelb.yaml"
+    path.write_text(f"admin: {{listen: {HOST}:{admin}}}\n"
+                    f"watchers: {{kubernetes: {{kubeconfig: {kubeconfig}}}}}\n")
+    app = App(path)
+    await within(app.start(), 10)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{HOST}:{admin}/readyz") as r:
+                assert r.status == 503
+                assert "kubernetes" in await r.text()
+            await fake.start()
+            runtime = app.runtime
+            assert runtime is not None
+            await eventually(lambda: runtime.watcher_synced.get("kubernetes", False),
+                             timeout=15, what="the first sync")
+            async with s.get(f"http://{HOST}:{admin}/readyz") as r:
+                assert r.status == 200
+    finally:
+        await app.stop()
+        await fake.stop()
+
+
+async def test_bad_credentials_stop_the_start_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    path = tmp_path / "edgelb.yaml"
+    missing = tmp_path / "nope" / "kubeconfig"
+    path.write_text(f"admin: {{listen: {HOST}:{free_port()}}}\n"
+                    f"watchers: {{kubernetes: {{kubeconfig: {missing}}}}}\n")
+    app = App(path)
+    with pytest.raises(SystemExit) as info:
+        await app.start()  # (not under wait_for: a task re-raises SystemExit to the loop)
+    assert "watchers.kubernetes" in str(info.value)
+    assert str(missing) in str(info.value)
+    await app.stop()
+    await asyncio.sleep(0)
