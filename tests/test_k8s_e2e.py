@@ -242,3 +242,63 @@ async def test_bad_credentials_stop_the_start_with_a_clear_error(
     assert str(missing) in str(info.value)
     await app.stop()
     await asyncio.sleep(0)
+
+
+# -- RBAC: every request the watcher makes is granted by `edgelb manifests` -------------------
+
+
+def _granted() -> set[tuple[str, str, str]]:
+    import yaml
+
+    from edgelb.cli import build_parser
+    from edgelb.manifests import options_from_args, render
+
+    text = render(options_from_args(build_parser().parse_args(["manifests"]))).text
+    out: set[tuple[str, str, str]] = set()
+    for doc in yaml.safe_load_all(text):
+        if doc and doc["kind"] in ("ClusterRole", "Role"):
+            for rule in doc["rules"]:
+                for group in rule["apiGroups"]:
+                    for res in rule["resources"]:
+                        for verb in rule["verbs"]:
+                            out.add((group, res, verb))
+    return out
+
+
+def _used(fake: FakeKubeAPI) -> set[tuple[str, str, str]]:
+    out: set[tuple[str, str, str]] = set()
+    for r in fake.requests:
+        parts = [p for p in r.path.split("/") if p]
+        if parts[0] == "api":  # /api/v1/[namespaces/NS/]PLURAL[/NAME[/SUB]]
+            group, rest = "", parts[2:]
+        else:  # /apis/GROUP/v1/...
+            group, rest = parts[1], parts[3:]
+        if rest and rest[0] == "namespaces" and len(rest) > 2:
+            rest = rest[2:]
+        resource = rest[0] + ("/" + rest[2] if len(rest) > 2 else "")
+        named = len(rest) > 1
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch",
+                "DELETE": "delete"}.get(r.method)
+        if verb is None:
+            verb = "watch" if r.watch else ("get" if named else "list")
+        out.add((group, resource, verb))
+    return out
+
+
+async def test_every_request_of_the_watcher_is_granted_by_the_manifests(cluster: Cluster
+                                                                        ) -> None:
+    a = await HttpBackend("a").start()
+    fake = cluster.fake
+    for obj in (ingress_class(), service("web"), endpoint_slice("web", "web-a", a),
+                ingress("shop.example.com", "web"),
+                service("bad", {"edgelb.io/port": str(free_port()), "edgelb.io/retries": "9"})):
+        fake.put(obj)
+    await fake.wait_for(lambda: bool(fake.status_updates) and bool(fake.events), timeout=10,
+                        what="status and an Event")
+    used = _used(fake)
+    assert ("networking.k8s.io", "ingresses/status", "update") in used
+    assert ("", "events", "create") in used
+    assert ("coordination.k8s.io", "leases", "create") in used
+    missing = used - _granted()
+    assert not missing, f"requests the RBAC of `edgelb manifests` does not allow: {missing}"
+    await a.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import subprocess
+import sys
 import textwrap
 from importlib import resources
 from pathlib import Path
@@ -18,6 +20,7 @@ from kubernetes.client import ApiClient
 
 from edgelb import __version__
 from edgelb import manifests as m
+from edgelb.cli import main as cli_main
 from edgelb.config import parse_config
 
 pytestmark = pytest.mark.timeout(30)
@@ -87,15 +90,16 @@ def expand(kind: str, ns: str, group: str, resources_: str, verbs: str) -> set[t
     return {(kind, ns, group, r, v) for r in resources_.split() for v in verbs.split()}
 
 
-READ = "get list watch"
+WATCH = "list watch"
 
-# The exact grants (DESIGN.md 5, reference/kubernetes.md): a verb or resource added or removed
-# anywhere fails these tests.
+# The exact grants: what the code does (tests/test_k8s_e2e.py checks every request the watcher
+# makes against these rules). A verb or resource added or removed anywhere fails these tests.
 CLUSTER_WIDE_RBAC = (
-    expand("ClusterRole", "", "", "services secrets pods nodes", READ)
-    | expand("ClusterRole", "", "discovery.k8s.io", "endpointslices", READ)
-    | expand("ClusterRole", "", "networking.k8s.io", "ingresses ingressclasses", READ)
-    | expand("ClusterRole", "", "networking.k8s.io", "ingresses/status", "update patch")
+    expand("ClusterRole", "", "", "services secrets pods nodes", WATCH)
+    | expand("ClusterRole", "", "discovery.k8s.io", "endpointslices", WATCH)
+    | expand("ClusterRole", "", "networking.k8s.io", "ingressclasses", WATCH)
+    | expand("ClusterRole", "", "networking.k8s.io", "ingresses", "get list watch")
+    | expand("ClusterRole", "", "networking.k8s.io", "ingresses/status", "update")
     | expand("ClusterRole", "", "", "events", "create patch")
 )
 
@@ -106,10 +110,10 @@ def leases(ns: str) -> set[tuple]:
 
 def namespaced_rbac(ns: str) -> set[tuple]:
     return (
-        expand("Role", ns, "", "services secrets pods", READ)
-        | expand("Role", ns, "discovery.k8s.io", "endpointslices", READ)
-        | expand("Role", ns, "networking.k8s.io", "ingresses", READ)
-        | expand("Role", ns, "networking.k8s.io", "ingresses/status", "update patch")
+        expand("Role", ns, "", "services secrets pods", WATCH)
+        | expand("Role", ns, "discovery.k8s.io", "endpointslices", WATCH)
+        | expand("Role", ns, "networking.k8s.io", "ingresses", "get list watch")
+        | expand("Role", ns, "networking.k8s.io", "ingresses/status", "update")
         | expand("Role", ns, "", "events", "create patch")
     )
 
@@ -293,8 +297,8 @@ def test_namespaced_rbac_grants_only_the_watched_namespaces(
 ) -> None:
     docs = render(["--watch-namespaces", "web,api", "--namespace", "proxy"], capsys)
     assert rbac_rules(docs) == (
-        expand("ClusterRole", "", "", "nodes", READ)
-        | expand("ClusterRole", "", "networking.k8s.io", "ingressclasses", READ)
+        expand("ClusterRole", "", "", "nodes", WATCH)
+        | expand("ClusterRole", "", "networking.k8s.io", "ingressclasses", WATCH)
         | namespaced_rbac("web") | namespaced_rbac("api") | leases("proxy")
     )
     sa = {"kind": "ServiceAccount", "name": "edgelb", "namespace": "proxy"}
@@ -650,3 +654,42 @@ def test_templates_ship_in_the_templates_package() -> None:
     root = resources.files(m.TEMPLATE_PACKAGE).joinpath(m.TEMPLATE_DIR)
     names = {p.name for p in root.iterdir() if p.name.endswith(".yaml.j2")}
     assert names == {*m.TEMPLATES, m.CONFIG_TEMPLATE}
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema validation: kubernetes-validate --strict (offline schemas of current Kubernetes)
+
+README_COMBINATIONS = [
+    [],
+    ["--config", "{config}", "--ports", "10000,10001"],
+    ["--kind", "daemonset", "--service-type", "ClusterIP"],
+    ["--watch-namespaces", "web,api"],
+    ["--kind", "daemonset", "--watch-namespaces", "web", "--service-type", "NodePort",
+     "--namespace", "default", "--ingress-class", "public",
+     "--image", "registry.example.com/edgelb:1.2.3"],
+    ["--replicas", "3", "--service-type", "NodePort", "--ports", "10000"],
+]
+
+
+@pytest.mark.parametrize("argv", README_COMBINATIONS, ids=lambda a: " ".join(a) or "defaults")
+def test_output_passes_kubernetes_validate_strict(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tool = Path(sys.executable).parent / "kubernetes-validate"
+    assert tool.exists(), "kubernetes-validate is in the test extra; run `make test`"
+    config = tmp_path / "edgelb.yaml"
+    config.write_text(
+        "admin: {listen: 0.0.0.0:9090}\n"
+        "entrypoints: {http: {listen: 0.0.0.0:8080}}\n"
+        "watchers: {kubernetes: {enabled: true}}\n"
+        "shutdown: {delay: 5s, grace: 20s}\n"
+    )
+    args = [a.format(config=config) for a in argv]
+    assert cli_main(["manifests", *args]) == 0
+    out = tmp_path / "out.yaml"
+    out.write_text(capsys.readouterr().out)
+    proc = subprocess.run([str(tool), "--strict", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    checked = proc.stdout.count(" passed for resource ")
+    assert checked == len([d for d in yaml.safe_load_all(out.read_text()) if d])
