@@ -302,3 +302,196 @@ async def test_every_request_of_the_watcher_is_granted_by_the_manifests(cluster:
     missing = used - _granted()
     assert not missing, f"requests the RBAC of `edgelb manifests` does not allow: {missing}"
     await a.stop()
+
+
+# -- rolling replacement under steady load ---------------------------------------------------
+
+
+def terminating_slice(svc: str, name: str, backend: HttpBackend) -> dict[str, Any]:
+    s = endpoint_slice(svc, name, backend)
+    s["endpoints"][0]["conditions"] = {"ready": False, "serving": True, "terminating": True}
+    return s
+
+
+async def test_rolling_replacement_under_load_fails_no_request(cluster: Cluster) -> None:
+    fake = cluster.fake
+    runtime = cluster.app.runtime
+    assert runtime is not None
+    old = [await HttpBackend(f"old{i}").start() for i in range(3)]
+    fake.put(ingress_class())
+    fake.put(service("web"))
+    for i, b in enumerate(old):
+        fake.put(endpoint_slice("web", f"web-old{i}", b))
+    fake.put(ingress("shop.example.com", "web"))
+    await eventually(lambda: "shop/web:http" in runtime.services
+                     and len(runtime.services["shop/web:http"].pool.backends) == 3,
+                     timeout=10, what="three endpoints")
+    pool = lambda: runtime.services["shop/web:http"].pool  # noqa: E731
+    stop = asyncio.Event()
+    results: list[int] = []
+    errors: list[str] = []
+
+    async def client() -> None:
+        conn = await Client.open(cluster.http)
+        try:
+            while not stop.is_set():
+                try:
+                    r = await within(conn.request("GET", "/", host="shop.example.com"))
+                    results.append(r.status)
+                except Exception as e:  # noqa: BLE001 - any failure is what we count
+                    errors.append(repr(e))
+                    conn.close()
+                    conn = await Client.open(cluster.http)
+        finally:
+            conn.close()
+
+    loop = asyncio.get_running_loop()
+    clients = [asyncio.create_task(client()) for _ in range(4)]
+    try:
+        for i, gone in enumerate(old):
+            new = await HttpBackend(f"new{i}").start()
+            t0 = loop.time()
+            fake.put(endpoint_slice("web", f"web-new{i}", new))
+            await eventually(lambda new=new: len(new.requests) > 0, timeout=1.0,
+                             what=f"new{i} to receive traffic within 1 s")
+            assert loop.time() - t0 < 1.0
+            t0 = loop.time()
+            fake.put(terminating_slice("web", f"web-old{i}", gone))
+            key = f"{HOST}:{gone.port}"
+            await eventually(lambda key=key: key not in pool().by_key
+                             or not pool().by_key[key].eligible, timeout=1.0,
+                             what=f"old{i} to stop receiving within 1 s")
+            assert loop.time() - t0 < 1.0
+            state = pool().by_key.get(key)
+            ceiling = len(gone.requests) + (state.inflight if state is not None else 0)
+            fake.delete("EndpointSlice", NS, f"web-old{i}")
+            await eventually(lambda key=key: key not in pool().by_key
+                             and key not in pool().draining, timeout=5,
+                             what=f"old{i} drained")
+            assert len(gone.requests) <= ceiling  # nothing new after it stopped being ready
+            await gone.stop()  # the pod exits once nothing is in flight
+    finally:
+        stop.set()
+        await within(asyncio.gather(*clients), 10)
+    assert errors == []
+    assert len(results) > 100 and set(results) == {200}
+
+
+# -- the Ingress matching table and hosts, through the whole stack ---------------------------
+
+
+def ingress_paths(name: str, host: str | None, paths: list[tuple[str, str, str]],
+                  default: str | None = None) -> dict[str, Any]:
+    rule: dict[str, Any] = {"http": {"paths": [
+        {"path": p, "pathType": kind,
+         "backend": {"service": {"name": svc, "port": {"number": 80}}}}
+        for p, kind, svc in paths]}}
+    if host is not None:
+        rule["host"] = host
+    spec: dict[str, Any] = {"ingressClassName": "edgelb", "rules": [rule]}
+    if default:
+        spec["defaultBackend"] = {"service": {"name": default, "port": {"number": 80}}}
+    obj = ingress("x", "x")
+    obj["metadata"] = meta(name)
+    obj["spec"] = spec
+    return obj
+
+
+async def test_the_documentation_table_through_the_whole_stack(cluster: Cluster) -> None:
+    fake = cluster.fake
+    names = ["root", "aaa", "bbb", "exact", "slash", "wild", "fallback"]
+    backends = {n: await HttpBackend(n).start() for n in names}
+    fake.put(ingress_class())
+    for n, b in backends.items():
+        fake.put(service(n))
+        fake.put(endpoint_slice(n, f"{n}-1", b))
+    fake.put(ingress_paths("table", "table.example.com", [
+        ("/", "Prefix", "root"), ("/aaa", "Prefix", "aaa"), ("/aaa/bbb", "Prefix", "bbb"),
+        ("/foo", "Exact", "exact"), ("/foo/", "Exact", "slash")]))
+    fake.put(ingress_paths("wild", "*.example.com", [("/", "Prefix", "wild")]))
+    fake.put(ingress_paths("fallback", None, [], default="fallback"))
+    runtime = cluster.app.runtime
+    assert runtime is not None
+    await eventually(lambda: len([s for s in runtime.services if s.startswith("shop/")]) == 7,
+                     timeout=10, what="seven services")
+    cases = [
+        ("table.example.com", "/", "root"), ("table.example.com", "/ccc", "root"),
+        ("table.example.com", "/aaa", "aaa"), ("table.example.com", "/aaa/", "aaa"),
+        ("table.example.com", "/aaa/bb", "aaa"), ("table.example.com", "/aaa/bbb", "bbb"),
+        ("table.example.com", "/aaa/bbb/", "bbb"), ("table.example.com", "/aaa/bbb/ccc", "bbb"),
+        ("table.example.com", "/aaa/bbbxyz", "aaa"), ("table.example.com", "/foo", "exact"),
+        ("table.example.com", "/foo/", "slash"), ("table.example.com", "/foo/bar", "root"),
+        ("a.example.com", "/anything", "wild"), ("b.a.example.com", "/", "fallback"),
+        ("example.com", "/", "fallback"), ("other.org", "/x", "fallback"),
+    ]
+    for host, path, want in cases:
+        status, body = await cluster.get(host, path)
+        assert (status, body.split(b" ")[0].decode()) == (200, want), (host, path)
+    for b in backends.values():
+        await b.stop()
+
+
+async def test_a_static_tcp_port_from_a_service_annotation(cluster: Cluster) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1024):
+            writer.write(data)
+        writer.close()
+
+    server = await asyncio.start_server(echo, HOST, 0)
+    bport = server.sockets[0].getsockname()[1]
+    port = free_port()
+    fake = cluster.fake
+    svc = service("redis", {"edgelb.io/port": str(port), "edgelb.io/max-inflight": "2"})
+    svc["spec"]["ports"] = [{"name": "redis", "port": 6379, "protocol": "TCP"}]
+    fake.put(svc)
+    s = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {**meta("redis-1"), "labels": {"kubernetes.io/service-name": "redis"}},
+         "addressType": "IPv4", "ports": [{"name": "redis", "port": bport, "protocol": "TCP"}],
+         "endpoints": [{"addresses": [HOST]}]}
+    fake.put(s)
+    runtime = cluster.app.runtime
+    assert runtime is not None
+    await eventually(lambda: "shop/redis" in runtime.services, timeout=10, what="the service")
+    assert runtime.services["shop/redis"].spec.mode == "tcp"  # no http appProtocol: tcp
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(b"PING\r\n")
+    assert await within(reader.readexactly(6)) == b"PING\r\n"
+    writer.close()
+    server.close()
+
+
+# -- the API server misbehaving in the middle of a burst -------------------------------------
+
+
+async def test_a_410_and_abrupt_disconnects_in_a_burst_end_in_the_servers_state(
+    cluster: Cluster,
+) -> None:
+    fake = cluster.fake
+    runtime = cluster.app.runtime
+    assert runtime is not None
+    backend = await HttpBackend("pod").start()
+    fake.put(ingress_class())
+    fake.put(service("first"))
+    fake.put(endpoint_slice("first", "first-1", backend))
+    watcher = cluster.app.kubernetes
+    assert watcher is not None
+    await eventually(lambda: all(r.versions.get("", "0") not in ("", "0")
+                                 for r in watcher.reflectors.values()),
+                     timeout=10, what="every watch to have a resourceVersion to resume from")
+    for i in range(20):
+        fake.put(service(f"s{i}", {"edgelb.io/port": str(free_port()), "edgelb.io/mode": "http"}))
+        fake.put(endpoint_slice(f"s{i}", f"s{i}-1", backend))
+        if i == 6:
+            fake.hang_watches()  # the watches fall silent: the next events do not reach us
+        if i == 12:
+            fake.compact()  # the history the watches would resume from is gone
+            await fake.stop()  # and every connection is cut at once
+            await fake.start()
+            fake.hang_watches(False)  # they reconnect, get 410 Expired, and relist
+    for i in range(0, 20, 2):
+        fake.delete("Service", NS, f"s{i}")  # deleted while some watches are reconnecting
+    want = {f"shop/s{i}" for i in range(1, 20, 2)}
+    await eventually(lambda: {s for s in runtime.services if s.startswith("shop/s")} == want,
+                     timeout=15, what="the runtime to match the API server")
+    assert sum(r.relists for r in watcher.reflectors.values()) >= 1  # the 410 made a relist
+    await backend.stop()
