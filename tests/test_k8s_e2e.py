@@ -338,7 +338,7 @@ async def test_rolling_replacement_under_load_fails_no_request(cluster: Cluster)
                 try:
                     r = await within(conn.request("GET", "/", host="shop.example.com"))
                     results.append(r.status)
-                except Exception as e:  # noqa: BLE001 - any failure is what we count
+                except Exception as e:
                     errors.append(repr(e))
                     conn.close()
                     conn = await Client.open(cluster.http)
