@@ -114,7 +114,7 @@ class App:
                 log.warning("admin.listen changed to %s; it takes effect on restart", config.admin)
             if self.config is not None and config.kubernetes != self.config.kubernetes:
                 log.warning("watchers.kubernetes changed; it takes effect on restart")
-            eps = [EntrypointSpec(e.name, e.listen) for e in config.entrypoints]
+            eps = [EntrypointSpec(e.name, e.listen, e.tls) for e in config.entrypoints]
             try:  # both record the outcome themselves
                 if self.config is None or self.config.entrypoints != config.entrypoints or (
                     self.config.defaults != config.defaults

@@ -25,6 +25,7 @@ from typing import Any
 
 from edgelb.config import KubernetesWatcherConfig, policy_from_annotations
 from edgelb.runtime import Runtime, SnapshotError
+from edgelb.tls import Certificate, TLSConfigError, load_secret
 from watchers.kubernetes.reflector import (
     ENDPOINTSLICES,
     INGRESSCLASSES,
@@ -74,6 +75,7 @@ class KubernetesWatcher:
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._reported: set[Problem] = set()
+        self._certs: dict[tuple[str, str], tuple[str, Certificate]] = {}  # Secret -> (rv, cert)
         self._leader: Any = None
         self._status: Any = None
         self._events: Any = None
@@ -174,7 +176,9 @@ class KubernetesWatcher:
             pod_weights=self.config.pod_weights,
             read_policy=policy_from_annotations,
         )
-        self._report(translation.problems)
+        problems = list(translation.problems)
+        self._certificates(translation, problems)
+        self._report(problems)
         try:
             await self.runtime.apply(translation.snapshot)
         except SnapshotError as e:
@@ -186,6 +190,39 @@ class KubernetesWatcher:
         self.translation = translation
         self.applies += 1
         await self._publish_status()
+
+    def _certificates(self, translation: Translation, problems: list[Problem]) -> None:
+        """Load the Secrets the Ingresses name for TLS and hand them to the runtime (served
+        from the next handshake on). A Secret that does not load keeps its last good
+        certificate and is reported."""
+        secrets = self.reflectors.get("secrets")
+        cache = secrets.cache if secrets is not None else {}
+        loaded: dict[tuple[str, str], Certificate] = {}
+        hosts: dict[str, Certificate] = {}
+        for pattern, key in translation.tls.items():
+            cert = loaded.get(key)
+            if cert is None:
+                obj = cache.get(key)
+                if obj is None:
+                    continue  # the translation reported the missing Secret
+                version = (obj.get("metadata") or {}).get("resourceVersion", "")
+                held = self._certs.get(key)
+                if held is not None and held[0] == version:
+                    cert = held[1]
+                else:
+                    try:
+                        cert = load_secret(obj)
+                        self._certs[key] = (version, cert)
+                    except TLSConfigError as e:
+                        problems.append(Problem("Secret", key[0], key[1], str(e)))
+                        cert = held[1] if held is not None else None  # the last good one
+                if cert is None:
+                    continue
+                loaded[key] = cert
+            hosts[pattern] = cert
+        for key in [k for k in self._certs if k not in loaded]:
+            del self._certs[key]
+        self.runtime.set_certificates(NAME, list(loaded.values()), hosts)
 
     def _cache(self, kind: str) -> dict:
         r = self.reflectors.get(kind)

@@ -25,6 +25,7 @@ from edgelb.health import HealthChecker, Target
 from edgelb.http.listener import HttpListener
 from edgelb.http.router import Router
 from edgelb.pool import ServiceState
+from edgelb.tls import Certificate, CertificateStore, TLSConfigError, load_files
 from watchers.model import Address, Policy, Route, Service, Snapshot
 
 log = logging.getLogger("edgelb.runtime")
@@ -44,6 +45,13 @@ class SnapshotError(Exception):
 class EntrypointSpec:
     name: str
     listen: Address
+    tls: tuple[str, str] | None = None  # (cert file, key file); ("", "") = watchers' only
+
+
+def _listener_kind(listener: Any) -> str:
+    if listener.kind == "entrypoint" and getattr(listener, "ssl", None) is not None:
+        return "entrypoint-tls"
+    return listener.kind
 
 
 def _tcp_listener_class() -> Any:
@@ -87,6 +95,11 @@ class Runtime:
         self.grace = 30.0
         self.instance = InstanceConfig()  # this replica's zone and ordinal (set by the app)
         self.health = HealthChecker(self._on_health, rng=self.rng, loop=self.loop)
+        # TLS: one certificate store per TLS entrypoint; certificates from files (per
+        # entrypoint) and from watchers (by source: certificates, host pins, default)
+        self.tls_stores: dict[str, CertificateStore] = {}
+        self.file_certs: dict[str, Certificate] = {}
+        self.watcher_certs: dict[str, tuple[list[Certificate], dict[str, Certificate]]] = {}
 
     # -- watcher bookkeeping ------------------------------------------------------------
 
@@ -196,10 +209,12 @@ class Runtime:
 
     async def _reconcile(self, snapshots: dict[str, Snapshot]) -> None:
         services, routes = self._validate(snapshots)
+        self._load_entrypoint_certs()
         # What should listen where: key -> (kind, service or entrypoint name, address)
         wanted: dict[str, tuple[str, str, Address]] = {}
         for ep in self.entrypoints:
-            wanted[str(ep.listen)] = ("entrypoint", ep.name, ep.listen)
+            kind = "entrypoint-tls" if ep.tls is not None else "entrypoint"
+            wanted[str(ep.listen)] = (kind, ep.name, ep.listen)
         for svc in services:
             if svc.listen is not None:
                 wanted[str(svc.listen)] = (svc.mode, svc.name, svc.listen)
@@ -209,7 +224,7 @@ class Runtime:
         replaced: list[Any] = []
         for key, (kind, name, addr) in wanted.items():
             old = self.listeners.get(key)
-            if old is not None and old.kind == kind:
+            if old is not None and _listener_kind(old) == kind:
                 continue
             if old is not None:
                 old.stop_accepting()
@@ -252,7 +267,7 @@ class Runtime:
         self.listeners.update(fresh)
         for key, (kind, name, _addr) in wanted.items():
             listener = self.listeners[key]
-            if kind == "entrypoint":
+            if kind.startswith("entrypoint"):
                 listener.router = self.router
                 listener.services = states
                 listener.defaults = self.defaults
@@ -263,6 +278,55 @@ class Runtime:
                 refresh()
         self.snapshots = snapshots
         self._sync_health(known)
+
+    # -- TLS certificates ------------------------------------------------------------------
+
+    def _load_entrypoint_certs(self) -> None:
+        """Load the certificate files of the TLS entrypoints (before anything changes: a file
+        that does not load rejects the change, naming it) and refresh every store."""
+        errors: list[str] = []
+        loaded: dict[str, Certificate] = {}
+        for ep in self.entrypoints:
+            if ep.tls is None:
+                continue
+            self.tls_stores.setdefault(ep.name, CertificateStore())
+            cert_file, key_file = ep.tls
+            if not cert_file:
+                continue  # certificates from watchers only
+            try:
+                loaded[ep.name] = load_files(cert_file, key_file)
+            except TLSConfigError as e:
+                errors.append(f"entrypoints.{ep.name}.tls: {e}")
+        if errors:
+            raise SnapshotError(errors)
+        self.file_certs = loaded
+        names = {ep.name for ep in self.entrypoints if ep.tls is not None}
+        for name in [n for n in self.tls_stores if n not in names]:
+            del self.tls_stores[name]
+        self._refresh_stores()
+
+    def set_certificates(self, source: str, certs: list[Certificate],
+                         hosts: dict[str, Certificate]) -> None:
+        """A watcher's certificates (e.g. Ingress TLS Secrets): served on every TLS
+        entrypoint from the next handshake on; `hosts` pins host patterns ("" = default)."""
+        self.watcher_certs[source] = (list(certs), dict(hosts))
+        self._refresh_stores()
+
+    def _refresh_stores(self) -> None:
+        for name, store in self.tls_stores.items():
+            certs: list[Certificate] = []
+            hosts: dict[str, Certificate] = {}
+            default = self.file_certs.get(name)
+            for source_certs, source_hosts in self.watcher_certs.values():
+                certs.extend(source_certs)
+                for pattern, cert in source_hosts.items():
+                    if pattern:
+                        hosts.setdefault(pattern, cert)
+                    elif default is None:
+                        default = cert
+            if default is not None:
+                certs.insert(0, default)
+            store.set(certs, default, hosts=hosts)
 
     # -- active health checks --------------------------------------------------------------
 
@@ -309,7 +373,8 @@ class Runtime:
     def _make_listener(self, kind: str, name: str, addr: Address) -> Any:
         if kind == "tcp":
             return _tcp_listener_class()(addr, self._placeholder(name), loop=self.loop)
-        if kind == "entrypoint":
+        if kind.startswith("entrypoint"):
+            store = self.tls_stores.get(name) if kind == "entrypoint-tls" else None
             return HttpListener(
                 addr,
                 name=name,
@@ -317,6 +382,7 @@ class Runtime:
                 upstreams=self.upstreams,
                 local_responses=self.local_responses,
                 loop=self.loop,
+                ssl=store.server_context() if store is not None else None,
             )
         return HttpListener(
             addr,

@@ -97,7 +97,7 @@ async def test_bad_config_exits_1_naming_the_key(tmp_path):
     assert b"services[0].balence" in err and b"balance" in err
 
 
-async def test_tls_on_an_entrypoint_is_refused_not_served_in_plain_text(tmp_path):
+async def test_a_tls_entrypoint_whose_files_do_not_load_is_refused_naming_them(tmp_path):
     path = tmp_path / "edgelb.yaml"
     port = free_port()
     path.write_text(
@@ -112,3 +112,4 @@ async def test_tls_on_an_entrypoint_is_refused_not_served_in_plain_text(tmp_path
         _, err = await within(proc.communicate(), 20)
         assert proc.returncode == 1, command
         assert b"entrypoints.https.tls" in err, command
+        assert b"c.pem" in err, command  # the file that could not be read

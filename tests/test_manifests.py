@@ -585,8 +585,6 @@ def test_an_unreadable_config_names_the_file(
      "mode: tcp, backends: []}]", "services[0].listen (db)"),
     ("admin: {listen: '0.0.0.0:9090'}\nentrypoints: {http: {listen: '0.0.0.0:8080'}, "
      "web: {listen: '0.0.0.0:80'}}", "entrypoints.web.listen: public port 80"),
-    ("admin: {listen: '0.0.0.0:9090'}\nentrypoints: {https: {listen: '0.0.0.0:8443', "
-     "tls: {cert: a.crt, key: a.key}}}", "entrypoints.https.tls: TLS termination"),
     ("admin: {listen: '0.0.0.0:9090'}\nwatchers: {kubernetes: {ingress_class: other}}",
      "watchers.kubernetes.ingress_class: is 'other' but --ingress-class is 'edgelb'"),
     ("admin: {listen: '0.0.0.0:9090'}\nwatchers: {kubernetes: {namespaces: [a]}}",

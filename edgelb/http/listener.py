@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl as ssl_module
 from typing import TYPE_CHECKING
 
 from edgelb.http.proxy import ClientProtocol, UpstreamProtocol
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     from edgelb.pool import ServiceState
 
 log = logging.getLogger("edgelb.http")
+
+HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to finish its TLS handshake
 
 
 class HttpListener:
@@ -35,8 +38,10 @@ class HttpListener:
         upstreams: set[UpstreamProtocol] | None = None,
         local_responses: dict[int, int] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self.address = address
+        self.ssl = ssl  # TLS termination: a context whose SNI callback picks the certificate
         self.kind = "http" if service is not None else "entrypoint"
         self.name = name or (service.name if service is not None else str(address))
         self.service = service
@@ -48,7 +53,7 @@ class HttpListener:
         self.upstreams: set[UpstreamProtocol] = upstreams if upstreams is not None else set()
         self.local_responses: dict[int, int] = {} if local_responses is None else local_responses
         self.accepted = 0
-        self.scheme = b"http"
+        self.scheme = b"https" if ssl is not None else b"http"
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self._host_header = str(address).encode()
@@ -87,6 +92,8 @@ class HttpListener:
                 port=self.address.port,
                 reuse_address=True,
                 backlog=1024,
+                ssl=self.ssl,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl is not None else None,
             )
         except OSError as e:
             raise OSError(
