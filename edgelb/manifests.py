@@ -152,7 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="IngressClass to serve (default: the config's, else edgelb)")
     parser.add_argument("-c", "--config", default=None, metavar="FILE",
                         help="config to put in the ConfigMap (default: admin on :9090, "
-                        "http on :8080, the Kubernetes watcher on)")
+                        "http on :8080, https on :8443 with the Ingresses' certificates, the "
+                        "Kubernetes watcher on)")
     parser.add_argument("--service-type", choices=SERVICE_TYPES, default="LoadBalancer",
                         help="type of the public Service (default: LoadBalancer)")
     parser.add_argument("--ports", type=_port_list, default=(), metavar="P1,P2",

@@ -146,7 +146,7 @@ def test_defaults_render_every_object_in_apply_order(capsys: pytest.CaptureFixtu
     assert service["spec"]["type"] == "LoadBalancer"
     assert service["spec"]["externalTrafficPolicy"] == "Local"
     assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
-        ("http", 80, "http")]  # https comes with TLS termination
+        ("http", 80, "http"), ("https", 443, "https")]
     pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
 
@@ -206,7 +206,7 @@ def test_the_default_config_is_embedded_and_valid(capsys: pytest.CaptureFixture[
     config = parse_config(configmap["data"]["edgelb.yaml"])
     assert str(config.admin) == "0.0.0.0:9090"
     assert [(e.name, str(e.listen)) for e in config.entrypoints] == [
-        ("http", "0.0.0.0:8080")]
+        ("http", "0.0.0.0:8080"), ("https", "0.0.0.0:8443")]
     assert config.kubernetes is not None and config.kubernetes.enabled
     assert config.kubernetes.ingress_class == "edgelb"
     assert config.kubernetes.namespaces == ()
@@ -445,9 +445,9 @@ def test_every_option_is_honoured(capsys: pytest.CaptureFixture[str]) -> None:
     assert service["spec"]["type"] == "NodePort"
     assert "externalTrafficPolicy" not in service["spec"]
     assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
-        (80, "http"), (10000, "static-10000"), (10001, "static-10001")]
+        (80, "http"), (443, "https"), (10000, "static-10000"), (10001, "static-10001")]
     container_ports = {p["name"]: p["containerPort"] for p in container(docs)["ports"]}
-    assert container_ports == {"admin": 9090, "http": 8080,
+    assert container_ports == {"admin": 9090, "http": 8080, "https": 8443,
                                "static-10000": 10000, "static-10001": 10001}
     config = parse_config(one(docs, "ConfigMap")["data"]["edgelb.yaml"])
     assert config.kubernetes is not None
@@ -483,7 +483,7 @@ def test_daemonset_variant(capsys: pytest.CaptureFixture[str]) -> None:
     assert "dnsPolicy" not in pod
     assert "affinity" not in pod
     ports = {p["name"]: (p["containerPort"], p.get("hostPort")) for p in container(docs)["ports"]}
-    assert ports == {"admin": (9090, None), "http": (8080, 80),
+    assert ports == {"admin": (9090, None), "http": (8080, 80), "https": (8443, 443),
                      "static-10000": (10000, 10000)}
     assert container(docs)["readinessProbe"]["httpGet"]["port"] == "admin"
 
