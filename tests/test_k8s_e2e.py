@@ -495,3 +495,34 @@ async def test_a_410_and_abrupt_disconnects_in_a_burst_end_in_the_servers_state(
                      timeout=15, what="the runtime to match the API server")
     assert sum(r.relists for r in watcher.reflectors.values()) >= 1  # the 410 made a relist
     await backend.stop()
+
+
+async def test_a_storm_of_events_is_coalesced_and_the_last_one_lands_quickly(
+    cluster: Cluster,
+) -> None:
+    fake = cluster.fake
+    runtime = cluster.app.runtime
+    watcher = cluster.app.kubernetes
+    assert runtime is not None and watcher is not None
+    backend = await HttpBackend("pod").start()
+    fake.put(service("web", {"edgelb.io/port": str(free_port()), "edgelb.io/mode": "http"}))
+    await eventually(lambda: "shop/web" in runtime.services, timeout=10, what="the service")
+    loop = asyncio.get_running_loop()
+    before = watcher.applies
+    t0 = loop.time()
+    for i in range(40):  # 40 changes over about 1 s: a rolling storm of endpoint updates
+        fake.put(endpoint_slice("web", f"web-{i % 4}", backend, ready=i % 2 == 0))
+        await asyncio.sleep(0.025)  # the pace of the storm, not a synchronisation
+    last = loop.time()
+    fake.put(service("web", {"edgelb.io/port": str(free_port()), "edgelb.io/mode": "http",
+                             "edgelb.io/max-inflight": "7"}))
+    await eventually(lambda: runtime.services["shop/web"].policy.max_inflight == 7,
+                     timeout=5, what="the last change")
+    landed = loop.time() - last
+    applies = watcher.applies - before
+    storm = last - t0
+    # at most one apply per 50 ms (plus the one for the last change), far fewer than events
+    assert applies <= storm / 0.05 + 2, (applies, storm)
+    assert applies < 41
+    assert landed < 0.5, landed  # 50 ms of debounce plus delivery; a loaded CI box is slower
+    await backend.stop()
