@@ -175,3 +175,10 @@ def test_installed_copy_ships_the_packages_and_templates(installed: Path) -> Non
         assert "status.html.j2" in report["rendered"]
     if report["admin_template"] is not None:
         assert Path(report["admin_template"]).resolve().is_relative_to(prefix)
+
+
+def test_installed_copy_renders_the_kubernetes_manifests(installed: Path) -> None:
+    proc = run([str(installed / "bin" / "edgelb"), "manifests", "--kind", "daemonset"],
+               cwd=installed.parent)
+    assert "kind: DaemonSet" in proc.stdout
+    assert "kind: IngressClass" in proc.stdout
