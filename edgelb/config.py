@@ -110,9 +110,28 @@ class ConfigError(Exception):
 # Scalars: durations and addresses. They raise ValueError with a message that has no key path;
 # the caller puts the path in front.
 
-_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_DURATION_HINT = "write it like 250ms, 2s, 1m, 1h, or a plain number of seconds"
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_DURATION_HINT = "write it like 250ms, 2s, 1m, 1h, 365d, or a plain number of seconds"
+
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB|k|m|g)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "k": 1024, "MB": 1000**2,
+               "MiB": 1024**2, "m": 1024**2, "GB": 1000**3, "GiB": 1024**3, "g": 1024**3}
+
+
+def parse_size(value: Any) -> int:
+    """`512`, `64KiB`, `10MiB`, `1GB` (also k/m/g as KiB/MiB/GiB) -> bytes."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a size like 10MiB, got {_kind(value)}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size {value} is negative")
+        return value
+    m = _SIZE.match(value)
+    if m is None:
+        raise ValueError(f"{value!r} is not a size; write it like 512, 64KiB, 10MiB or 1GB")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
 def parse_duration(value: Any) -> float:
@@ -344,6 +363,7 @@ POLICY_KEYS = (
     "max_inflight", "queue_timeout", "max_idle", "health_check", "slow_start",
     "hash_key", "sticky", "zone_aware", "zone_threshold", "subset",
     "adaptive", "queue_size", "outlier", "panic_threshold", "retries", "retry_budget",
+    "max_body", "redirect_to_https", "hsts",
 )
 _METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _STATUS_RANGE = re.compile(r"^([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?$")
@@ -579,6 +599,28 @@ def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, A
             rb = _retry_budget(c, value, kpath, base.retry_budget)
             if rb is not _INVALID:
                 out[key] = rb
+        elif key == "max_body":
+            if value is None:
+                out[key] = None
+            else:
+                try:
+                    out[key] = parse_size(value)
+                except ValueError as e:
+                    c.error(kpath, f"{e} (or null for no limit)")
+        elif key == "redirect_to_https":
+            b = c.boolean(value, kpath)
+            if b is not None:
+                out[key] = b
+        elif key == "hsts":
+            # hsts: true (one year) | false | a duration (max-age)
+            if value is True:
+                out[key] = 31536000
+            elif value is False or value is None:
+                out[key] = 0
+            else:
+                d = c.duration(value, kpath)
+                if d is not None:
+                    out[key] = int(d)
         elif key == "panic_threshold":
             share = _share(c, value, kpath, "0.5 or 50%")
             if share is not None:

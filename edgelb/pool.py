@@ -555,6 +555,7 @@ class ServiceState:
         "bytes_out",
         "duration_buckets",
         "duration_sum",
+        "hsts_line",
         "local_responses",
         "name",
         "policy",
@@ -564,6 +565,7 @@ class ServiceState:
         "retrying",
         "shed",
         "spec",
+        "special",
         "tcp_connections",
     )
 
@@ -595,6 +597,16 @@ class ServiceState:
         self.retrying = 0  # requests now on a retry (each holds a share of the retry budget)
         self.retries_total = 0  # retries sent
         self.retries_denied = 0  # retries not sent because the budget was spent
+        self._derive()
+
+    def _derive(self) -> None:
+        """Per-request switches derived from the policy (read on the data path)."""
+        policy = self.policy
+        # `special`: the request path must look at redirect_to_https or max_body
+        self.special = policy.redirect_to_https or policy.max_body is not None
+        self.hsts_line = (
+            b"strict-transport-security: max-age=%d\r\n" % policy.hsts if policy.hsts else b""
+        )
         self.local_responses: dict[int, int] = {}  # answered by edgelb itself, no backend
 
     @property
@@ -607,6 +619,7 @@ class ServiceState:
         """A new spec for this service; `now` (the loop's clock) enables slow start."""
         self.spec = spec
         policy = self.policy = spec.policy
+        self._derive()
         self.pool.update(
             spec.backends,
             policy.balance,

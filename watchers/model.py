@@ -85,6 +85,9 @@ class Policy:
     panic_threshold: float = 0.5  # below this healthy share, balance over the whole pool
     retries: int = 1  # extra attempts for an idempotent request that failed
     retry_budget: RetryBudget = RetryBudget()
+    max_body: int | None = None  # bytes a request body may have (413 beyond); None = no limit
+    redirect_to_https: bool = False  # answer plain-HTTP requests with a 308 to https
+    hsts: int = 0  # Strict-Transport-Security max-age (seconds) on https responses; 0 = none
 
 
 @dataclass(frozen=True, slots=True)

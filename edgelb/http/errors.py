@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 REASONS = {
+    308: b"Permanent Redirect",
     400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    413: b"Content Too Large",
     404: b"Not Found",
     408: b"Request Timeout",
     431: b"Request Header Fields Too Large",
@@ -11,6 +15,7 @@ REASONS = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
 
 

@@ -106,6 +106,7 @@ class Exchange:
         "lines",
         "method",
         "queued",
+        "received",  # body bytes so far, counted only under max_body (unset otherwise)
         "req_trailers",
         "request_complete",
         "response_started",
@@ -391,6 +392,14 @@ class ClientProtocol(asyncio.Protocol):
         service = ex.service  # type: ignore[union-attr]
         if service is not None:  # None while a pipelined request waits for its turn
             service.bytes_in += len(body)
+            if service.special and service.policy.max_body is not None:
+                received = ex.received = getattr(ex, "received", 0) + len(body)  # type: ignore[union-attr]
+                if received > service.policy.max_body:
+                    self._fail_connection(413, f"the body is over the "
+                                          f"{service.policy.max_body} bytes service "
+                                          f"{service.name} accepts")
+                    ex.done = True  # type: ignore[union-attr]
+                    return
         up = ex.upstream  # type: ignore[union-attr]
         if up is not None:
             ex.body_sent = True  # type: ignore[union-attr]
@@ -449,6 +458,8 @@ class ClientProtocol(asyncio.Protocol):
         if ex.method == b"CONNECT":
             self._local(ex, 400, "CONNECT is not supported by a reverse proxy", service)
             return
+        if service.special and self._special(ex, service):
+            return
         ex.head = self._request_head(ex)
         pool = service.pool
         if pool.keyed:  # sticky cookie or a hashing policy: a key from the request
@@ -462,6 +473,32 @@ class ClientProtocol(asyncio.Protocol):
                 self.shed(ex, "queue_full")
             return
         self._send(ex, backend)
+
+    def _special(self, ex: Exchange, service: ServiceState) -> bool:
+        """redirect_to_https and max_body; True when the proxy answered itself."""
+        policy = service.policy
+        if policy.redirect_to_https and self.listener.scheme == b"http":
+            host = ex.host.decode("latin-1")
+            if host.startswith("["):
+                host = host[: host.find("]") + 1]
+            else:
+                host = host.partition(":")[0]
+            if not host:
+                self._local(ex, 400, "a redirect to https needs a Host", service)
+                return True
+            location = f"https://{host}{ex.url.decode('latin-1')}"
+            self._local(ex, 308, f"use {location}", service,
+                        b"location: %s\r\n" % location.encode("latin-1"))
+            return True
+        limit = policy.max_body
+        if limit is not None:
+            length = _header(ex.lines, b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                ex.keep_alive = False  # the body is not read: the connection cannot go on
+                self._local(ex, 413, f"the body is over the {limit} bytes service "
+                            f"{service.name} accepts", service)
+                return True
+        return False
 
     def dispatch_waiting(self, ex: Exchange) -> bool:
         """A queued exchange's turn: send it if a backend is eligible now."""
@@ -1106,7 +1143,7 @@ class UpstreamProtocol(asyncio.Protocol):
         start = end + 4
         if len(data) - start != length or self.interim or ex.method == b"HEAD" or (
             ex.version != "1.1" or not ex.keep_alive or ex.te_trailers or ex.set_cookie
-            or ex.upgrade or ex.client.closing
+            or ex.upgrade or ex.client.closing or self.service.hsts_line
         ):
             return False
         self.hbuf = None
@@ -1200,10 +1237,13 @@ class UpstreamProtocol(asyncio.Protocol):
         ex.response_started = True
         bodiless = ex.method == b"HEAD" or status == 204 or status == 304
         keep = ex.keep_alive and not client.closing
+        add = _sticky_line(ex.set_cookie) if ex.set_cookie else b""
+        if self.service.hsts_line and client.listener.scheme == b"https":
+            add += self.service.hsts_line
         if keep and ex.version == "1.1" and (bodiless or (has_cl and not chunked)):
             head = plain  # the common case: nothing to add
-            if ex.set_cookie:
-                head = head[:-2] + _sticky_line(ex.set_cookie) + b"\r\n"
+            if add:
+                head = head[:-2] + add + b"\r\n"
         else:
             parts = [b"HTTP/1.1 ", status_line, headers]
             if not bodiless:
@@ -1215,8 +1255,8 @@ class UpstreamProtocol(asyncio.Protocol):
                     else:
                         keep = False  # an HTTP/1.0 client reads to the close
             ex.keep_alive = keep
-            if ex.set_cookie:
-                parts.append(_sticky_line(ex.set_cookie))
+            if add:
+                parts.append(add)
             if not keep:
                 parts.append(b"connection: close\r\n\r\n")
             elif ex.version == "1.0":
