@@ -104,6 +104,7 @@ class App:
         _warn_not_enforced(config)
         zone = config.instance.zone or (self.kubernetes.node_zone if self.kubernetes else "")
         runtime.instance = dataclasses.replace(config.instance, zone=zone)
+        runtime.limits = config.limits
         refused = not_implemented(config)
         if refused:
             log.error("config %s refused: %s", self.config_path, "; ".join(refused))

@@ -73,6 +73,16 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Per-listener limits against floods and slow clients (every public listener)."""
+
+    connections: int = 20000  # open client connections per listener
+    connections_per_client: int = 1000  # open connections per client address, per listener
+    headers: int = 100  # header fields in a request head (431 beyond)
+    min_body_rate: int = 0  # bytes/s a request body must keep up after 10 s; 0 = no minimum
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceConfig:
     """This proxy replica: its zone (zone-aware balancing) and its place among the replicas
     (deterministic subsetting). Unset keys come from EDGELB_ZONE, EDGELB_REPLICA and
@@ -92,6 +102,7 @@ class Config:
     kubernetes: KubernetesWatcherConfig | None = None
     marathon: MarathonWatcherConfig | None = None
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     instance: InstanceConfig = field(default_factory=InstanceConfig)
 
 
@@ -353,7 +364,8 @@ _INVALID = object()  # marks a value that failed validation (None may be a valid
 # ---------------------------------------------------------------------------------------------
 # Sections
 
-TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "watchers", "shutdown", "instance")
+TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "watchers", "shutdown", "instance",
+            "limits")
 HEALTH_KEYS = ("path", "interval", "timeout", "rise", "fall", "type", "method", "status",
                "host")
 OUTLIER_KEYS = ("failures", "kinds", "ejection", "max_ejection", "max_ejected")
@@ -1028,6 +1040,28 @@ def _shutdown(c: _Checker, value: Any) -> ShutdownConfig:
     return ShutdownConfig(**fields)
 
 
+def _limits(c: _Checker, value: Any) -> LimitsConfig:
+    if value is None:
+        return LimitsConfig()
+    m = c.mapping(value, "limits", "a mapping like {connections: 20000, headers: 100}")
+    if m is None:
+        return LimitsConfig()
+    keys = ("connections", "connections_per_client", "headers", "min_body_rate")
+    c.keys(m, "limits", keys)
+    fields: dict[str, Any] = {}
+    for key in keys[:3]:
+        if key in m:
+            n = c.integer(m[key], _join("limits", key), 1)
+            if n is not _INVALID:
+                fields[key] = n
+    if "min_body_rate" in m:
+        try:
+            fields["min_body_rate"] = parse_size(m["min_body_rate"])
+        except ValueError as e:
+            c.error("limits.min_body_rate", f"{e} (bytes per second, e.g. 1KiB; 0 = none)")
+    return LimitsConfig(**fields)
+
+
 def _env_int(c: _Checker, name: str, default: int) -> int:
     raw = os.environ.get(name, "")
     if not raw:
@@ -1176,6 +1210,7 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     drafts = _services(c, top.get("services"), defaults)
     kubernetes, marathon = _watchers(c, top.get("watchers"))
     shutdown = _shutdown(c, top.get("shutdown"))
+    limits = _limits(c, top.get("limits"))
     instance = _instance(c, top.get("instance"))
     _check_ports(c, admin, admin_set, entrypoints, drafts)
     routes = _check_routes(c, entrypoints, drafts)
@@ -1188,7 +1223,7 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     )
     return Config(admin=admin, entrypoints=entrypoints, defaults=defaults, snapshot=snapshot,
                   kubernetes=kubernetes, marathon=marathon, shutdown=shutdown,
-                  instance=instance)
+                  instance=instance, limits=limits)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -250,11 +250,19 @@ class RuntimeCollector:
             "Client connections accepted by the listener.",
             labels=["listener", "kind"],
         )
+        refused = CounterMetricFamily(
+            "edgelb_listener_refused_total",
+            "Connections (or requests) refused by a listener limit: reason=connections, "
+            "per_client, slow_body.",
+            labels=["listener", "kind", "reason"],
+        )
         for key in sorted(rt.listeners):
             listener = rt.listeners[key]
             open_conns.add_metric([key, listener.kind], listener.connections)
             accepted.add_metric([key, listener.kind], listener.accepted)
-        yield from (reloads, up, synced, age, problems, open_conns, accepted)
+            for reason, n in sorted(getattr(listener, "refused", {}).items()):
+                refused.add_metric([key, listener.kind, reason], n)
+        yield from (reloads, up, synced, age, problems, open_conns, accepted, refused)
         yield GaugeMetricFamily(
             "edgelb_draining", "1 while edgelb is shutting down.", value=1.0 if rt.draining else 0.0
         )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import balancers
-from edgelb.config import InstanceConfig
+from edgelb.config import InstanceConfig, LimitsConfig
 from edgelb.health import HealthChecker, Target
 from edgelb.http.listener import HttpListener
 from edgelb.http.router import Router
@@ -94,6 +94,7 @@ class Runtime:
         self._closers: set[asyncio.Task] = set()
         self.grace = 30.0
         self.instance = InstanceConfig()  # this replica's zone and ordinal (set by the app)
+        self.limits = LimitsConfig()  # per-listener limits (set by the app)
         self.health = HealthChecker(self._on_health, rng=self.rng, loop=self.loop)
         # TLS: one certificate store per TLS entrypoint; certificates from files (per
         # entrypoint) and from watchers (by source: certificates, host pins, default)
@@ -273,6 +274,7 @@ class Runtime:
                 listener.defaults = self.defaults
             else:
                 listener.service = states[name]
+            listener.set_limits(self.limits)
             refresh = getattr(listener, "refresh", None)
             if refresh is not None:
                 refresh()

@@ -28,6 +28,7 @@ import struct
 import sys
 from typing import Any
 
+from edgelb.config import LimitsConfig
 from edgelb.pool import BackendState, ServiceState
 from watchers.model import Address
 
@@ -346,6 +347,7 @@ class _Connection:
         "down",
         "listener",
         "loop",
+        "peer_ip",
         "resolver",
         "retried",
         "service",
@@ -371,6 +373,7 @@ class _Connection:
         self.closed = False
         self.deadline = 0.0  # idle_timeout after the last byte either way (runtime's sweeper)
         self.wait_until = 0.0  # while queued for a free backend slot (edgelb.pool.Pool)
+        self.peer_ip = ""
 
     # -- waiting for a slot (a waiter of edgelb.pool.Pool) ---------------------------------
 
@@ -575,6 +578,12 @@ class TcpListener:
         self._conns: set[_Connection] = set()
         self._idle: asyncio.Event | None = None
         self._resume: asyncio.TimerHandle | None = None
+        self.limits = LimitsConfig()  # set by the runtime
+        self.per_client: dict[str, int] = {}  # open connections per client address
+        self.refused: dict[str, int] = {}  # connections refused by a limit, by reason
+
+    def set_limits(self, limits: LimitsConfig) -> None:
+        self.limits = limits
 
     @property
     def connections(self) -> int:
@@ -622,7 +631,7 @@ class TcpListener:
             return
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, _ = lsock.accept()
+                sock, peer = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -642,14 +651,23 @@ class TcpListener:
                     log.error("tcp listener %s: accept failed: %s", self.address, e)
                 return
             self.accepted += 1
-            self._handle(sock)
+            ip = peer[0] if peer else ""
+            limits = self.limits
+            n = self.per_client.get(ip, 0) + 1
+            if len(self._conns) >= limits.connections or n > limits.connections_per_client:
+                reason = "connections" if n <= limits.connections_per_client else "per_client"
+                self.refused[reason] = self.refused.get(reason, 0) + 1
+                sock.close()
+                continue
+            self.per_client[ip] = n
+            self._handle(sock, ip)
 
     def _resume_accepting(self) -> None:
         self._resume = None
         if self._sock is not None:
             self.loop.add_reader(self._sock.fileno(), self._on_accept)
 
-    def _handle(self, sock: socket.socket) -> None:
+    def _handle(self, sock: socket.socket, ip: str = "") -> None:
         service = self.service
         service.tcp_connections += 1
         try:
@@ -661,6 +679,7 @@ class TcpListener:
         pool = service.pool
         backend = pool.pick()
         conn = _Connection(self, sock, service)
+        conn.peer_ip = ip
         self._conns.add(conn)
         if backend is not None:
             conn.start(backend)
@@ -671,6 +690,13 @@ class TcpListener:
         # else: it waits for a free slot, or is closed at queue_timeout
 
     def _forget(self, conn: _Connection) -> None:
+        if conn in self._conns:
+            ip = conn.peer_ip
+            n = self.per_client.get(ip, 1) - 1
+            if n > 0:
+                self.per_client[ip] = n
+            else:
+                self.per_client.pop(ip, None)
         self._conns.discard(conn)
         if not self._conns and self._idle is not None:
             self._idle.set()

@@ -8,6 +8,7 @@ import socket
 import ssl as ssl_module
 from typing import TYPE_CHECKING
 
+from edgelb.config import LimitsConfig
 from edgelb.http.proxy import ClientProtocol, UpstreamProtocol
 from edgelb.http.router import Router
 from watchers.model import Address, Policy
@@ -53,12 +54,22 @@ class HttpListener:
         self.upstreams: set[UpstreamProtocol] = upstreams if upstreams is not None else set()
         self.local_responses: dict[int, int] = {} if local_responses is None else local_responses
         self.accepted = 0
+        self.limits = LimitsConfig()  # set by the runtime
+        self.max_headers = self.limits.headers
+        self.min_body_rate = 0
+        self.per_client: dict[bytes, int] = {}  # open connections per client address
+        self.refused: dict[str, int] = {}  # connections or requests refused by a limit
         self.scheme = b"https" if ssl is not None else b"http"
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self._host_header = str(address).encode()
         self.header_timeout_s = self.idle_timeout_s = 0.0
         self.refresh()
+
+    def set_limits(self, limits: LimitsConfig) -> None:
+        self.limits = limits
+        self.max_headers = limits.headers
+        self.min_body_rate = limits.min_body_rate
 
     def refresh(self) -> None:
         """Re-read the timeouts after `service` or `defaults` changed (the runtime calls it)."""

@@ -42,6 +42,7 @@ log = logging.getLogger("edgelb.http")
 
 BUFFER_LIMIT = 256 * 1024  # request body held while an upstream connection is being opened
 MAX_HEAD = 64 * 1024  # a request head still incomplete after this much more data: 431
+BODY_RATE_GRACE = 10.0  # seconds before limits.min_body_rate applies to a request body
 
 # reasons for pausing a client's reading
 PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
@@ -91,7 +92,9 @@ class Exchange:
     __slots__ = (
         "backend",
         "body_buffer",
+        "body_n",  # body bytes so far, counted only under limits.min_body_rate (unset otherwise)
         "body_sent",
+        "body_t0",  # when the body began, the same
         "buffered",
         "chunked",
         "client",
@@ -231,14 +234,33 @@ class ClientProtocol(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         listener = self.listener
-        listener.clients.add(self)
         listener.accepted += 1
+        ip, self.fwd_for = forwarded_for(transport.get_extra_info("peername"))
+        self.xff_ip = ip
+        limits = listener.limits
+        n = listener.per_client.get(ip, 0) + 1
+        if len(listener.clients) >= limits.connections or n > limits.connections_per_client:
+            # over a listener limit: closed at once (counted), before it costs anything more
+            reason = "connections" if n <= limits.connections_per_client else "per_client"
+            listener.refused[reason] = listener.refused.get(reason, 0) + 1
+            self.closed = True
+            transport.abort()
+            return
+        listener.per_client[ip] = n
+        listener.clients.add(self)
         self.deadline = self.loop.time() + listener.header_timeout_s
-        self.xff_ip, self.fwd_for = forwarded_for(transport.get_extra_info("peername"))
 
     def connection_lost(self, exc) -> None:
+        if self.closed and self not in self.listener.clients:
+            return  # refused by a limit in connection_made
         self.closed = True
-        self.listener.clients.discard(self)
+        listener = self.listener
+        listener.clients.discard(self)
+        n = listener.per_client.get(self.xff_ip, 1) - 1
+        if n > 0:
+            listener.per_client[self.xff_ip] = n
+        else:
+            listener.per_client.pop(self.xff_ip, None)
         ex = self.active
         self.active = None
         self.pipeline = None
@@ -365,6 +387,10 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.parsing
         parser = self.parser
         ex.method = parser.get_method()  # type: ignore[union-attr]
+        if len(ex.lines) > self.listener.max_headers:  # type: ignore[union-attr]
+            self._fail_connection(431, "too many header fields")
+            ex.done = True  # type: ignore[union-attr]
+            return
         keep_alive = ex.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
         if ex.conn_tokens is None:  # type: ignore[union-attr]
             # Without a Connection header only HTTP/1.1 keeps the connection alive; this
@@ -400,6 +426,8 @@ class ClientProtocol(asyncio.Protocol):
                                           f"{service.name} accepts")
                     ex.done = True  # type: ignore[union-attr]
                     return
+        if self.listener.min_body_rate and self._too_slow(ex, len(body)):  # type: ignore[arg-type]
+            return
         up = ex.upstream  # type: ignore[union-attr]
         if up is not None:
             ex.body_sent = True  # type: ignore[union-attr]
@@ -416,6 +444,24 @@ class ClientProtocol(asyncio.Protocol):
         ex.buffered += len(body)  # type: ignore[union-attr]
         if ex.buffered > BUFFER_LIMIT:  # type: ignore[union-attr]
             self._pause(PAUSE_BUFFER)
+
+    def _too_slow(self, ex: Exchange, n: int) -> bool:
+        """limits.min_body_rate: after a 10 s grace, a body must average at least that many
+        bytes per second (a slowloris on the body); else 408 and close."""
+        now = self.loop.time()
+        t0 = getattr(ex, "body_t0", 0.0)
+        if not t0:
+            ex.body_t0 = now
+            ex.body_n = n
+            return False
+        got = ex.body_n = ex.body_n + n
+        elapsed = now - t0
+        if elapsed > BODY_RATE_GRACE and got < elapsed * self.listener.min_body_rate:
+            self.listener.refused["slow_body"] = self.listener.refused.get("slow_body", 0) + 1
+            self._fail_connection(408, "request body too slow")
+            ex.done = True
+            return True
+        return False
 
     def on_message_complete(self) -> None:
         ex = self.parsing
