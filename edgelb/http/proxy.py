@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from bisect import bisect_left
 from collections import deque
 from math import exp
@@ -42,6 +43,7 @@ log = logging.getLogger("edgelb.http")
 
 BUFFER_LIMIT = 256 * 1024  # request body held while an upstream connection is being opened
 MAX_HEAD = 64 * 1024  # a request head still incomplete after this much more data: 431
+MAX_TARGET = 16 * 1024  # the request target: 431 beyond (HAProxy's whole buffer is 16 KiB)
 BODY_RATE_GRACE = 10.0  # seconds before limits.min_body_rate applies to a request body
 
 # reasons for pausing a client's reading
@@ -91,6 +93,7 @@ class Exchange:
 
     __slots__ = (
         "backend",
+        "bad",
         "body_buffer",
         "body_n",  # body bytes so far, counted only under limits.min_body_rate (unset otherwise)
         "body_sent",
@@ -167,6 +170,7 @@ class Exchange:
         self.done = False
         self.set_cookie = b""  # a sticky backend id to hand the client with the response
         self.wait_until = 0.0  # while queued for a free backend slot: when it gives up
+        self.bad: tuple[int, str] | None = None  # refused: (status, why), answered in turn
         self.queued = 0.0  # seconds it waited for a slot (not the backend's latency)
 
     # A queued exchange is a waiter of its pool (edgelb.pool.Pool.enqueue).
@@ -201,6 +205,7 @@ class ClientProtocol(asyncio.Protocol):
         "parsing",
         "paused",
         "pipeline",
+        "refusing",
         "transport",
         "tunnel",
         "upgrade_buffer",
@@ -226,6 +231,7 @@ class ClientProtocol(asyncio.Protocol):
         self.xff_ip = b""
         self.fwd_for = b""
         self.head_bytes = 0  # bytes read since the current, incomplete request head began
+        self.refusing = False  # a request was refused: nothing more is read
         self.fwd_cache = b""  # the forwarding header block last made, for fwd_cache_host
         self.fwd_cache_host = b""
 
@@ -315,6 +321,8 @@ class ClientProtocol(asyncio.Protocol):
         if self.upgrade_buffer is not None:  # upgrade asked, the 101 not seen yet
             self.upgrade_buffer.append(data)
             return
+        if self.refusing:
+            return  # a refused request ends what this connection may send
         parser = self.parser
         if parser is None:
             parser = self.parser = httptools.HttpRequestParser(self)
@@ -335,11 +343,37 @@ class ClientProtocol(asyncio.Protocol):
                         self._fail_connection(431, "request head too large")
         except httptools.HttpParserUpgrade as e:
             self.upgrade_buffer = [data[e.args[0] :]]
-        except httptools.HttpParserCallbackError:
+        except httptools.HttpParserCallbackError as e:
+            refused = e.__context__
+            if isinstance(refused, _Refuse):
+                self._refuse(refused.status, refused.detail)
+                return
             log.exception("internal error while handling a request")
             self._fail_connection(500, "internal error")
         except httptools.HttpParserError as e:
-            self._fail_connection(400, f"malformed request ({e})")
+            self._refuse(400, f"malformed request ({e})")
+
+    def _refuse(self, status: int, detail: str) -> None:
+        """A request that must not reach a backend: answered after the responses still due
+        on this connection (pipelining keeps its order), then the connection closes. Nothing
+        after it is read."""
+        parsing = self.parsing
+        self.parsing = None
+        self.refusing = True
+        active = self.active
+        if active is None or active.done or active is parsing:
+            # nothing before it to answer, or the request being served is the broken one
+            # (e.g. a bad chunk in its body): answer now and drop its backend connection
+            self._fail_connection(status, detail)
+            return
+        ex = Exchange(self)
+        ex.bad = (status, detail)
+        ex.keep_alive = False
+        ex.request_complete = True
+        if self.pipeline is None:
+            self.pipeline = deque()
+        self.pipeline.append(ex)
+        self._pause(PAUSE_PIPELINE)
 
     def _fail_connection(self, status: int, detail: str) -> None:
         """Answer a request that cannot be parsed and close: nothing reaches a backend."""
@@ -365,6 +399,8 @@ class ClientProtocol(asyncio.Protocol):
             ex.url = url
         else:
             ex.url += url  # the target came in pieces
+        if len(ex.url) > MAX_TARGET:
+            raise _Refuse(431, "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
@@ -377,9 +413,13 @@ class ClientProtocol(asyncio.Protocol):
         if lname not in _REQ_SPECIAL:
             ex.lines.append(_join((name, _COLON, value, _CRLF)))  # type: ignore[union-attr]
         elif lname == b"host" and not ex.has_host:  # type: ignore[union-attr]
+            if not _valid_host(value):
+                raise _Refuse(400, "invalid Host")
             ex.host = value  # type: ignore[union-attr]
             ex.has_host = True  # type: ignore[union-attr]
             ex.lines.append(_join((name, _COLON, value, _CRLF)))  # type: ignore[union-attr]
+        elif lname == b"host":
+            raise _Refuse(400, "more than one Host")
         else:
             _special_request_header(ex, lname, name, value)  # type: ignore[arg-type]
 
@@ -387,17 +427,27 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.parsing
         parser = self.parser
         ex.method = parser.get_method()  # type: ignore[union-attr]
-        if len(ex.lines) > self.listener.max_headers:  # type: ignore[union-attr]
-            self._fail_connection(431, "too many header fields")
-            ex.done = True  # type: ignore[union-attr]
-            return
+        lines = ex.lines  # type: ignore[union-attr]
+        if len(lines) > self.listener.max_headers:
+            raise _Refuse(431, "too many header fields")
         keep_alive = ex.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
-        if ex.conn_tokens is None:  # type: ignore[union-attr]
-            # Without a Connection header only HTTP/1.1 keeps the connection alive; this
-            # saves get_http_version(), which formats a new string on every call.
-            ex.version = "1.1" if keep_alive else "1.0"  # type: ignore[union-attr]
+        if keep_alive and ex.conn_tokens is None:  # type: ignore[union-attr]
+            # Without a Connection header only HTTP/1.1 keeps the connection alive (llhttp
+            # gives 1.0, 0.9 and 2.0 close semantics); this saves get_http_version(), which
+            # formats a new string on every call.
+            version = "1.1"
         else:
-            ex.version = parser.get_http_version()  # type: ignore[union-attr]
+            version = parser.get_http_version()  # type: ignore[union-attr]
+        if version != "1.1":
+            _check_version(version, ex)  # type: ignore[arg-type]
+        elif not ex.has_host:  # type: ignore[union-attr]
+            raise _Refuse(400, "no Host (HTTP/1.1 requires one)")
+        ex.version = version  # type: ignore[union-attr]
+        url = ex.url  # type: ignore[union-attr]
+        if url[0] != 47 or 35 in url:  # "/" and "#": anything but plain origin-form is checked
+            _check_target(ex)  # type: ignore[arg-type]
+        if sum(map(len, lines)) > MAX_HEAD:  # a head that came whole in one read
+            raise _Refuse(431, "request head too large")
         # the parser marks an upgrade only for an Upgrade header or a CONNECT
         if (ex.upgrade_value or ex.method == b"CONNECT") and parser.should_upgrade():  # type: ignore[union-attr]
             ex.upgrade = True  # type: ignore[union-attr]
@@ -490,6 +540,11 @@ class ClientProtocol(asyncio.Protocol):
     def _start(self, ex: Exchange) -> None:
         self.active = ex
         ex.start = self.loop.time()
+        if ex.bad is not None:  # a refusal queued behind earlier responses: its turn now
+            status, detail = ex.bad
+            self.active = None
+            self._fail_connection(status, detail)
+            return
         if ex.url[0] != 47 and ex.url != b"*":  # 47 is "/": not origin-form
             _absolute_form(ex)
         listener = self.listener
@@ -743,7 +798,7 @@ class ClientProtocol(asyncio.Protocol):
     def _request_head(self, ex: Exchange) -> bytes:
         lines = ex.lines
         if ex.conn_tokens:
-            named = {t for t in ex.conn_tokens if t not in CONNECTION_OPTIONS}
+            named = {t for t in ex.conn_tokens if t not in _NEVER_NAMED}
             if named:
                 lines = drop_named(lines, named)
         if ex.xff or ex.fwd or ex.via:
@@ -808,6 +863,73 @@ class ClientProtocol(asyncio.Protocol):
             self.listener.local_responses[408] = self.listener.local_responses.get(408, 0) + 1
             self.transport.write(local_response(408, "request head not received in time", False))
         self.transport.close()
+
+
+class _Refuse(Exception):
+    """Raised in a parser callback to refuse the request (stops the parser at once)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+# Connection may not name the fields that frame or route the message (a client naming
+# Content-Length there would have the body forwarded without it: smuggling).
+_NEVER_NAMED = CONNECTION_OPTIONS | {b"content-length", b"transfer-encoding", b"host"}
+
+_HOST = re.compile(
+    rb"(?:[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    rb"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+    rb"|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?"
+)
+_host_ok: dict[bytes, bool] = {}  # hosts seen, validated once (bounded)
+
+
+def _valid_host(value: bytes) -> bool:
+    ok = _host_ok.get(value)
+    if ok is None:
+        m = _HOST.fullmatch(value)
+        ok = m is not None and (b"]:" in value or value.count(b":") <= 1 or value[:1] == b"[")
+        if ok and b":" in value and not value.endswith(b"]"):
+            port = value.rsplit(b":", 1)[1]
+            ok = port.isdigit() and 0 < int(port) < 65536
+        if len(_host_ok) >= 1024:
+            _host_ok.clear()
+        _host_ok[value] = ok
+    return ok
+
+
+def _check_version(version: str, ex: Exchange) -> None:
+    if version == "1.0":
+        if ex.chunked:
+            raise _Refuse(400, "Transfer-Encoding in an HTTP/1.0 request")
+        return
+    if version.startswith("0."):
+        raise _Refuse(400, "HTTP/0.9 requests are not served")
+    raise _Refuse(505, f"HTTP/{version} is not spoken here (HTTP/1.1 and 1.0 are)")
+
+
+def _check_target(ex: Exchange) -> None:
+    """The request target: origin-form (no fragment), `*` for OPTIONS only, or absolute-form
+    with an http(s) scheme, an authority without userinfo, and a valid host."""
+    url = ex.url
+    if b"#" in url:
+        raise _Refuse(400, "a fragment (#) in the request target")
+    if url == b"*":
+        if ex.method != b"OPTIONS":
+            raise _Refuse(400, "the target * is for OPTIONS only")
+        return
+    if url[0] == 47:
+        return
+    scheme, sep, rest = url.partition(b"://")
+    if not sep:
+        raise _Refuse(400, "the request target is not a path or an absolute URL")
+    if scheme.lower() not in (b"http", b"https"):
+        raise _Refuse(400, "the request target's scheme is not http or https")
+    authority = rest.split(b"/", 1)[0].split(b"?", 1)[0]
+    if not authority or b"@" in authority or not _valid_host(authority):
+        raise _Refuse(400, "the request target's authority is empty or not a valid host")
 
 
 def _special_request_header(ex: Exchange, lname: bytes, name: bytes, value: bytes) -> None:
