@@ -375,7 +375,7 @@ POLICY_KEYS = (
     "max_inflight", "queue_timeout", "max_idle", "health_check", "slow_start",
     "hash_key", "sticky", "zone_aware", "zone_threshold", "subset",
     "adaptive", "queue_size", "outlier", "panic_threshold", "retries", "retry_budget",
-    "max_body", "redirect_to_https", "hsts",
+    "max_body", "redirect_to_https", "hsts", "sources", "auth", "backend_tls",
 )
 _METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _STATUS_RANGE = re.compile(r"^([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?$")
@@ -633,6 +633,18 @@ def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, A
                 d = c.duration(value, kpath)
                 if d is not None:
                     out[key] = int(d)
+        elif key in ("sources", "auth", "backend_tls"):
+            if key == "backend_tls":
+                from edgelb.backend_tls import parse_backend_tls as parse
+            elif key == "sources":
+                from edgelb.acl import parse_source_filter as parse
+            else:
+                from edgelb.acl import parse_auth as parse
+            v, errs = parse(value, kpath)
+            if errs:
+                c.errors.extend(errs)
+            else:
+                out[key] = v
         elif key == "panic_threshold":
             share = _share(c, value, kpath, "0.5 or 50%")
             if share is not None:

@@ -602,8 +602,9 @@ class ServiceState:
     def _derive(self) -> None:
         """Per-request switches derived from the policy (read on the data path)."""
         policy = self.policy
-        # `special`: the request path must look at redirect_to_https or max_body
-        self.special = policy.redirect_to_https or policy.max_body is not None
+        # `special`: the request path must look at sources, auth, redirect_to_https, max_body
+        self.special = (policy.redirect_to_https or policy.max_body is not None
+                        or policy.sources is not None or policy.auth is not None)
         self.hsts_line = (
             b"strict-transport-security: max-age=%d\r\n" % policy.hsts if policy.hsts else b""
         )

@@ -675,6 +675,13 @@ class TcpListener:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             sock.close()  # the client is already gone
+            self._forget_ip(ip)
+            return
+        sources = service.policy.sources
+        if sources is not None and not sources.permits(ip):
+            service.shed["source"] = service.shed.get("source", 0) + 1
+            sock.close()
+            self._forget_ip(ip)
             return
         pool = service.pool
         backend = pool.pick()
@@ -691,13 +698,17 @@ class TcpListener:
 
     def _forget(self, conn: _Connection) -> None:
         if conn in self._conns:
-            ip = conn.peer_ip
-            n = self.per_client.get(ip, 1) - 1
-            if n > 0:
-                self.per_client[ip] = n
-            else:
-                self.per_client.pop(ip, None)
+            self._forget_ip(conn.peer_ip)
         self._conns.discard(conn)
+        if not self._conns and self._idle is not None:
+            self._idle.set()
+
+    def _forget_ip(self, ip: str) -> None:
+        n = self.per_client.get(ip, 1) - 1
+        if n > 0:
+            self.per_client[ip] = n
+        else:
+            self.per_client.pop(ip, None)
         if not self._conns and self._idle is not None:
             self._idle.set()
 

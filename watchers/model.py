@@ -8,6 +8,7 @@ Nothing here is mutated after construction. The runtime keeps the live, mutable 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,11 @@ class Policy:
     max_body: int | None = None  # bytes a request body may have (413 beyond); None = no limit
     redirect_to_https: bool = False  # answer plain-HTTP requests with a 308 to https
     hsts: int = 0  # Strict-Transport-Security max-age (seconds) on https responses; 0 = none
+    # edgelb.acl.SourceFilter / edgelb.acl.Credentials / edgelb.backend_tls.BackendTLS (frozen,
+    # comparable); typed loosely so the shared vocabulary does not import edgelb
+    sources: Any = None  # client addresses allowed/denied (403, or a closed connection)
+    auth: Any = None  # basic auth users (401 with a challenge)
+    backend_tls: Any = None  # speak TLS to the backends
 
 
 @dataclass(frozen=True, slots=True)

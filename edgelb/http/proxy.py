@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 from bisect import bisect_left
 from collections import deque
 from math import exp
@@ -25,6 +26,7 @@ from balancers.ewma import error_sample, peak_ewma
 from balancers.outlier import failure_kind
 from balancers.retry_budget import IDEMPOTENT, retry_allowed
 from balancers.zones import prefer_zone
+from edgelb.backend_tls import client_context, server_hostname
 from edgelb.http.errors import local_response
 from edgelb.http.headers import CONNECTION_OPTIONS, connection_tokens, drop_named, forwarded_for
 from edgelb.http.response_head import (
@@ -576,8 +578,19 @@ class ClientProtocol(asyncio.Protocol):
         self._send(ex, backend)
 
     def _special(self, ex: Exchange, service: ServiceState) -> bool:
-        """redirect_to_https and max_body; True when the proxy answered itself."""
+        """sources, auth, redirect_to_https and max_body; True when the proxy answered."""
         policy = service.policy
+        sources = policy.sources
+        if sources is not None and not sources.permits(self.xff_ip):
+            self._local(ex, 403, "your address may not use this service", service)
+            return True
+        creds = policy.auth
+        if creds is not None:
+            header = _header(ex.lines, b"authorization")
+            if header is None or (creds.cached(header) or creds.check(header)) is None:
+                self._local(ex, 401, "this service needs a user name and password", service,
+                            creds.challenge_header)
+                return True
         if policy.redirect_to_https and self.listener.scheme == b"http":
             host = ex.host.decode("latin-1")
             if host.startswith("["):
@@ -1060,15 +1073,24 @@ async def _connect(ex: Exchange, backend: BackendState) -> None:
     loop = client.loop
     timeout = service.policy.connect_timeout  # type: ignore[union-attr]
     spec = backend.spec
+    tls = service.policy.backend_tls  # type: ignore[union-attr]
+    extra: dict = {}
+    if tls is not None:
+        extra = {"ssl": client_context(tls), "server_hostname": server_hostname(tls, spec.host)}
     try:
         _, up = await asyncio.wait_for(
             loop.create_connection(
                 lambda: UpstreamProtocol(backend, service, client.listener),  # type: ignore[arg-type]
                 spec.host,
                 spec.port,
+                **extra,
             ),
             timeout,
         )
+    except ssl.SSLError as e:
+        why = getattr(e, "verify_message", None) or e.reason or e
+        client.upstream_failed(ex, "connect", f"failed the TLS handshake ({why})", True)
+        return
     except TimeoutError:
         client.upstream_failed(ex, "timeout", f"did not accept a connection in {timeout:g}s", True)
         return
