@@ -382,7 +382,7 @@ _STATUS_RANGE = re.compile(r"^([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?$")
 _HOST_HEADER = re.compile(r"^[A-Za-z0-9.:\[\]_-]+$")
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # an RFC 9110 token: a header or cookie name
 _HASH_KEY = re.compile(rf"^(source|header:{_TOKEN}|cookie:{_TOKEN})$")
-SERVICE_KEYS = ("name", "listen", "mode", "hosts", "paths", "backends", *POLICY_KEYS)
+SERVICE_KEYS = ("name", "listen", "mode", "hosts", "paths", "backends", "tls", *POLICY_KEYS)
 BACKEND_KEYS = ("address", "weight", "zone")
 MODES = ("http", "tcp")
 NOT_IN_DEFAULTS = {
@@ -864,6 +864,26 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
     if m.get("listen") is not None:
         listen = c.address(m["listen"], _join(path, "listen"), ANY_HOST)
         ok &= listen is not None
+    tls = None
+    if m.get("tls") is not None:
+        tpath = _join(path, "tls")
+        t = c.mapping(m["tls"], tpath, "a mapping like {cert: tls.crt, key: tls.key}")
+        if t is None:
+            ok = False
+        else:
+            c.keys(t, tpath, ("cert", "key"))
+            files = [c.string(t[k], _join(tpath, k)) if k in t else None for k in ("cert", "key")]
+            for k in ("cert", "key"):
+                if k not in t:
+                    c.missing(tpath, k, f"{k} is required; give the path of the PEM file")
+            if None in files:
+                ok = False
+            elif mode != "http" or m.get("listen") is None:
+                c.error(tpath, "TLS on a service needs mode: http and a listen port (for tcp, "
+                        "terminate TLS in the backend; for routed hosts use a TLS entrypoint)")
+                ok = False
+            else:
+                tls = (files[0], files[1])
     hosts: list[tuple[str, str]] = []
     paths: list[tuple[str, str]] = []
     routed = False
@@ -909,7 +929,8 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
     svc = None
     if ok and backends is not None and name is not None:
         policy = dataclasses.replace(defaults, **policy_fields)
-        svc = Service(name=name, mode=mode, listen=listen, backends=backends, policy=policy)
+        svc = Service(name=name, mode=mode, listen=listen, backends=backends, policy=policy,
+                      tls=tls)
     return _ServiceDraft(path=path, label=label, listen=listen, routes=routes, routed=routed,
                          service=svc)
 
@@ -1349,6 +1370,12 @@ def _tls_file_errors(config: Config) -> list[str]:
                 load_files(*e.tls)
             except TLSConfigError as err:
                 errors.append(f"entrypoints.{e.name}.tls: {err}")
+    for svc in config.snapshot.services:
+        if svc.tls is not None:
+            try:
+                load_files(*svc.tls)
+            except TLSConfigError as err:
+                errors.append(f"services ({svc.name}).tls: {err}")
     return errors
 
 

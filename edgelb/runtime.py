@@ -49,8 +49,8 @@ class EntrypointSpec:
 
 
 def _listener_kind(listener: Any) -> str:
-    if listener.kind == "entrypoint" and getattr(listener, "ssl", None) is not None:
-        return "entrypoint-tls"
+    if listener.kind in ("entrypoint", "http") and getattr(listener, "ssl", None) is not None:
+        return listener.kind + "-tls"
     return listener.kind
 
 
@@ -100,6 +100,7 @@ class Runtime:
         # entrypoint) and from watchers (by source: certificates, host pins, default)
         self.tls_stores: dict[str, CertificateStore] = {}
         self.file_certs: dict[str, Certificate] = {}
+        self.service_tls: dict[str, CertificateStore] = {}  # static ports with TLS, by service
         self.watcher_certs: dict[str, tuple[list[Certificate], dict[str, Certificate]]] = {}
 
     # -- watcher bookkeeping ------------------------------------------------------------
@@ -211,6 +212,7 @@ class Runtime:
     async def _reconcile(self, snapshots: dict[str, Snapshot]) -> None:
         services, routes = self._validate(snapshots)
         self._load_entrypoint_certs()
+        self._load_service_certs(services)
         # What should listen where: key -> (kind, service or entrypoint name, address)
         wanted: dict[str, tuple[str, str, Address]] = {}
         for ep in self.entrypoints:
@@ -218,7 +220,8 @@ class Runtime:
             wanted[str(ep.listen)] = (kind, ep.name, ep.listen)
         for svc in services:
             if svc.listen is not None:
-                wanted[str(svc.listen)] = (svc.mode, svc.name, svc.listen)
+                kind = "http-tls" if svc.tls is not None and svc.mode == "http" else svc.mode
+                wanted[str(svc.listen)] = (kind, svc.name, svc.listen)
 
         # Bind what is new. A listener whose kind changes is stopped first, to free its port.
         fresh: dict[str, Any] = {}
@@ -307,6 +310,25 @@ class Runtime:
             del self.tls_stores[name]
         self._refresh_stores()
 
+    def _load_service_certs(self, services: list[Service]) -> None:
+        """TLS on static ports: each such service's certificate file, in its own store."""
+        errors: list[str] = []
+        wanted: dict[str, Certificate] = {}
+        for svc in services:
+            if svc.tls is None or svc.mode != "http":
+                continue
+            try:
+                wanted[svc.name] = load_files(*svc.tls)
+            except TLSConfigError as e:
+                errors.append(f"service {svc.name}: tls: {e}")
+        if errors:
+            raise SnapshotError(errors)
+        for name in [n for n in self.service_tls if n not in wanted]:
+            del self.service_tls[name]
+        for name, cert in wanted.items():
+            store = self.service_tls.setdefault(name, CertificateStore())
+            store.set([cert], cert)
+
     def set_certificates(self, source: str, certs: list[Certificate],
                          hosts: dict[str, Certificate]) -> None:
         """A watcher's certificates (e.g. Ingress TLS Secrets): served on every TLS
@@ -386,12 +408,14 @@ class Runtime:
                 loop=self.loop,
                 ssl=store.server_context() if store is not None else None,
             )
+        store = self.service_tls.get(name) if kind == "http-tls" else None
         return HttpListener(
             addr,
             service=self._placeholder(name),
             upstreams=self.upstreams,
             local_responses=self.local_responses,
             loop=self.loop,
+            ssl=store.server_context() if store is not None else None,
         )
 
     def _placeholder(self, name: str) -> ServiceState:

@@ -148,3 +148,27 @@ async def test_ingress_tls_from_secrets_by_sni_rotated_without_a_failed_handshak
         await fake.stop()
         await shop.stop()
         await blog.stop()
+
+
+async def test_tls_on_a_static_port(tmp_path: Path) -> None:
+    backend = await HttpBackend("db-ui").start()
+    cert, key = tlskit.ca().issue(["admin.example.com"], serial=4242)
+    (tmp_path / "s.crt").write_bytes(cert)
+    (tmp_path / "s.key").write_bytes(key)
+    port = free_port()
+    path = tmp_path / "edgelb.yaml"
+    path.write_text(
+        f"admin: {{listen: {HOST}:{free_port()}}}\n"
+        "services:\n"
+        f"  - {{name: ui, listen: {HOST}:{port}, tls: {{cert: {tmp_path}/s.crt, "
+        f"key: {tmp_path}/s.key}}, backends: [{{address: {HOST}:{backend.port}}}]}}\n"
+    )
+    app = App(path)
+    await within(app.start(), 10)
+    try:
+        status, body, serial = await within(https_get(port, "admin.example.com", "/q"))
+        assert (status, body, serial) == (200, b"db-ui GET /q", 4242)
+        assert backend.requests[-1].get("x-forwarded-proto") == "https"
+    finally:
+        await app.stop()
+        await backend.stop()

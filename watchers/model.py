@@ -138,6 +138,7 @@ class Service:
     listen: Address | None = None  # a static port, optional
     backends: tuple[Backend, ...] = ()
     policy: Policy = field(default_factory=Policy)
+    tls: tuple[str, str] | None = None  # (cert file, key file): TLS on its static port (http)
 
 
 @dataclass(frozen=True, slots=True)
