@@ -150,6 +150,10 @@ class App:
             return
         config = self.config
         runtime.draining = True
+        for listener in runtime.listeners.values():
+            soft = getattr(listener, "soft_drain", None)
+            if soft is not None:
+                soft()  # keep-alive clients are told to reconnect (elsewhere) from now on
         if config is not None and config.shutdown.delay > 0:
             await asyncio.sleep(config.shutdown.delay)
         if self.watcher is not None:

@@ -171,6 +171,12 @@ class Load:
                 attempt.outcome = "ok" if good else "bad"
                 attempt.detail = f"{resp.status} {resp.body_size} bytes"
             attempt.end = time.monotonic()
+            if attempt.outcome == "ok" and resp.get("connection") == "close":
+                # as every HTTP client does: the server ends this connection, use a new one
+                # (edgelb says so from the start of the shutdown delay)
+                assert client is not None
+                client.close()
+                client = None
             if attempt.outcome != "ok":
                 if client is not None:
                     client.close()

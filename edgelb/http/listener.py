@@ -61,6 +61,7 @@ class HttpListener:
         self.refused: dict[str, int] = {}  # connections or requests refused by a limit
         self.scheme = b"https" if ssl is not None else b"http"
         self.closing = False
+        self.soft_closing = False  # see soft_drain
         self._server: asyncio.AbstractServer | None = None
         self._host_header = str(address).encode()
         self.header_timeout_s = self.idle_timeout_s = 0.0
@@ -115,6 +116,15 @@ class HttpListener:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+
+    def soft_drain(self) -> None:
+        """Shutting down soon: still accept, but end every connection after its current
+        response (`Connection: close`), so clients move to another replica while the
+        endpoint is being removed, instead of losing a request sent on an idle connection
+        when the listener finally closes."""
+        self.soft_closing = True
+        for client in self.clients:
+            client.closing = True
 
     def stop_accepting(self) -> None:
         """Stop accepting; idle keep-alive clients are closed, busy ones after their response."""

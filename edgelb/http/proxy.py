@@ -256,6 +256,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         listener.per_client[ip] = n
         listener.clients.add(self)
+        self.closing = listener.soft_closing
         self.deadline = self.loop.time() + listener.header_timeout_s
 
     def connection_lost(self, exc) -> None:
