@@ -398,16 +398,28 @@ _NAME_RULE = "use lowercase letters, digits, '.', '_' and '-'"
 _K8S_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
+def _switch_mapping(c: _Checker, value: Any, path: str, on: Any, keys: Iterable[str],
+                    what: str) -> tuple[dict | None, Any]:
+    """A section that is a mapping merged over the defaults, or a switch: (the mapping to
+    read, None), or (None, the value itself): null/false -> None, true -> `on`, not a
+    mapping -> _INVALID (reported)."""
+    if value is None or value is False:
+        return None, None
+    if value is True:
+        return None, on
+    m = c.mapping(value, path, what)
+    if m is None:
+        return None, _INVALID
+    c.keys(m, path, keys)
+    return m, None
+
+
 def _health_check(c: _Checker, value: Any, path: str, base: HealthCheck | None) -> Any:
     """A mapping merged over `base` (the defaults' check); null or false turns checks off."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return base or HealthCheck()
-    m = c.mapping(value, path, "a mapping like {path: /healthz, interval: 2s} or null")
+    m, done = _switch_mapping(c, value, path, base or HealthCheck(), HEALTH_KEYS,
+                              "a mapping like {path: /healthz, interval: 2s} or null")
     if m is None:
-        return _INVALID
-    c.keys(m, path, HEALTH_KEYS)
+        return done
     fields: dict[str, Any] = {}
     ok = True
     if "path" in m:
@@ -480,14 +492,10 @@ def _share(c: _Checker, value: Any, path: str, example: str) -> float | None:
 
 def _outlier(c: _Checker, value: Any, path: str, base: Outlier | None) -> Any:
     """A mapping merged over `base`; false or null turns passive ejection off."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return base or Outlier()
-    m = c.mapping(value, path, "a mapping like {failures: 5, ejection: 30s} or false")
+    m, done = _switch_mapping(c, value, path, base or Outlier(), OUTLIER_KEYS,
+                              "a mapping like {failures: 5, ejection: 30s} or false")
     if m is None:
-        return _INVALID
-    c.keys(m, path, OUTLIER_KEYS)
+        return done
     fields: dict[str, Any] = {}
     ok = True
     if "failures" in m:

@@ -41,6 +41,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def tcp_echo_server() -> tuple[asyncio.AbstractServer, int]:
+    """A TCP echo server on 127.0.0.1 (a tcp-mode backend); (server, port). Close it after."""
+    server = await asyncio.start_server(_echo, HOST, 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
 def closed_port() -> int:
     """A port where nothing listens: connecting to it is refused."""
     return free_port()

@@ -10,7 +10,17 @@ from pathlib import Path
 
 import pytest
 import tlskit
-from httpkit import HOST, Client, HttpBackend, free_port, running, service, snapshot, within
+from httpkit import (
+    HOST,
+    Client,
+    HttpBackend,
+    free_port,
+    running,
+    service,
+    snapshot,
+    tcp_echo_server,
+    within,
+)
 
 from edgelb.acl import parse_auth, parse_source_filter, scrypt_hash
 from edgelb.backend_tls import BackendTLS
@@ -69,13 +79,7 @@ async def test_basic_auth_asks_then_lets_the_right_user_through() -> None:
 
 
 async def test_tcp_source_filter_closes_refused_clients() -> None:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(1024):
-            writer.write(data)
-        writer.close()
-
-    server = await asyncio.start_server(echo, HOST, 0)
-    bport = server.sockets[0].getsockname()[1]
+    server, bport = await tcp_echo_server()
     port = free_port()
     snap = snapshot(service("t", [bport], listen=port, mode="tcp",
                             sources=sources(["10.0.0.0/8"])))

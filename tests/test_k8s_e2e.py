@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from httpkit import HOST, Client, HttpBackend, eventually, fetch, free_port, within
+from httpkit import HOST, Client, HttpBackend, eventually, fetch, free_port, tcp_echo_server, within
 from k8s_fake import FakeKubeAPI
 
 from edgelb.app import App
@@ -432,13 +432,7 @@ async def test_the_documentation_table_through_the_whole_stack(cluster: Cluster)
 
 
 async def test_a_static_tcp_port_from_a_service_annotation(cluster: Cluster) -> None:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(1024):
-            writer.write(data)
-        writer.close()
-
-    server = await asyncio.start_server(echo, HOST, 0)
-    bport = server.sockets[0].getsockname()[1]
+    server, bport = await tcp_echo_server()
     port = free_port()
     fake = cluster.fake
     svc = service("redis", {"edgelb.io/port": str(port), "edgelb.io/max-inflight": "2"})

@@ -15,6 +15,7 @@ from httpkit import (
     running,
     service,
     snapshot,
+    tcp_echo_server,
     within,
 )
 
@@ -86,13 +87,7 @@ async def test_too_many_header_fields_get_431() -> None:
 
 
 async def test_tcp_listener_caps_connections_per_client() -> None:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(1024):
-            writer.write(data)
-        writer.close()
-
-    server = await asyncio.start_server(echo, HOST, 0)
-    bport = server.sockets[0].getsockname()[1]
+    server, bport = await tcp_echo_server()
     port = free_port()
     async with running(snapshot(service("t", [bport], listen=port, mode="tcp"))) as rt:
         for listener in rt.listeners.values():

@@ -19,6 +19,7 @@ from httpkit import (
     running,
     service,
     snapshot,
+    tcp_echo_server,
     within,
 )
 
@@ -485,16 +486,7 @@ async def test_panic_mode_balances_over_all_when_too_few_are_healthy():
 
 
 async def test_tcp_connections_over_the_cap_wait_then_are_closed():
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(1024):
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    bport = server.sockets[0].getsockname()[1]
+    server, bport = await tcp_echo_server()
     port = free_port()
     snap = snapshot(service("t", [bport], listen=port, mode="tcp", max_inflight=1,
                             queue_timeout=0.3, queue_size=1))
