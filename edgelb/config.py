@@ -77,7 +77,9 @@ class LimitsConfig:
     """Per-listener limits against floods and slow clients (every public listener)."""
 
     connections: int = 20000  # open client connections per listener
-    connections_per_client: int = 1000  # open connections per client address, per listener
+    # open connections per client address, per listener; 0 = no limit (the default: clients
+    # behind one NAT or an L4 balancer share an address)
+    connections_per_client: int = 0
     headers: int = 100  # header fields in a request head (431 beyond)
     min_body_rate: int = 0  # bytes/s a request body must keep up after 10 s; 0 = no minimum
 
@@ -1092,7 +1094,7 @@ def _limits(c: _Checker, value: Any) -> LimitsConfig:
     fields: dict[str, Any] = {}
     for key in keys[:3]:
         if key in m:
-            n = c.integer(m[key], _join("limits", key), 1)
+            n = c.integer(m[key], _join("limits", key), 0 if key == "connections_per_client" else 1)
             if n is not _INVALID:
                 fields[key] = n
     if "min_body_rate" in m:

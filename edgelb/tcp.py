@@ -654,8 +654,9 @@ class TcpListener:
             ip = peer[0] if peer else ""
             limits = self.limits
             n = self.per_client.get(ip, 0) + 1
-            if len(self._conns) >= limits.connections or n > limits.connections_per_client:
-                reason = "connections" if n <= limits.connections_per_client else "per_client"
+            per_client = limits.connections_per_client
+            if len(self._conns) >= limits.connections or (per_client and n > per_client):
+                reason = "per_client" if per_client and n > per_client else "connections"
                 self.refused[reason] = self.refused.get(reason, 0) + 1
                 sock.close()
                 continue

@@ -247,9 +247,10 @@ class ClientProtocol(asyncio.Protocol):
         self.xff_ip = ip
         limits = listener.limits
         n = listener.per_client.get(ip, 0) + 1
-        if len(listener.clients) >= limits.connections or n > limits.connections_per_client:
+        per_client = limits.connections_per_client
+        if len(listener.clients) >= limits.connections or (per_client and n > per_client):
             # over a listener limit: closed at once (counted), before it costs anything more
-            reason = "connections" if n <= limits.connections_per_client else "per_client"
+            reason = "per_client" if per_client and n > per_client else "connections"
             listener.refused[reason] = listener.refused.get(reason, 0) + 1
             self.closed = True
             transport.abort()
