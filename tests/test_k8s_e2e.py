@@ -472,8 +472,13 @@ async def test_a_410_and_abrupt_disconnects_in_a_burst_end_in_the_servers_state(
     await eventually(lambda: all(r.versions.get("", "0") not in ("", "0")
                                  for r in watcher.reflectors.values()),
                      timeout=10, what="every watch to have a resourceVersion to resume from")
+    ports: list[int] = []
+    while len(ports) < 20:  # distinct: two Services claiming one port would leave one out
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
     for i in range(20):
-        fake.put(service(f"s{i}", {"edgelb.io/port": str(free_port()), "edgelb.io/mode": "http"}))
+        fake.put(service(f"s{i}", {"edgelb.io/port": str(ports[i]), "edgelb.io/mode": "http"}))
         fake.put(endpoint_slice(f"s{i}", f"s{i}-1", backend))
         if i == 6:
             fake.hang_watches()  # the watches fall silent: the next events do not reach us
