@@ -700,6 +700,15 @@ def version_info(cfg: Settings) -> dict[str, str]:
     }
 
 
+def save_results(results: Path, prefix: str, payload: dict[str, Any], text: str) -> None:
+    """`<prefix><UTC stamp>.{json,md}` and `<prefix>latest.{json,md}` in `results`."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    data = json.dumps(payload, indent=1)
+    for stem in (f"{prefix}{stamp}", f"{prefix}latest"):
+        (results / f"{stem}.json").write_text(data)
+        (results / f"{stem}.md").write_text(text)
+
+
 def loadavg() -> str:
     """1, 5 and 15 minute load averages: above nproc, other work competed with the run."""
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -930,13 +939,8 @@ def main() -> int:
     info["load_end"] = loadavg()
     summary = summarize(cfg, info, res, notes)
     summary += f"\nTotal bench time: {time.monotonic() - started:.0f}s\n"
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    payload = json.dumps({"info": info, "settings": {
-        k: str(v) for k, v in cfg.__dict__.items()}, "results": res, "notes": notes}, indent=1)
-    for name in (f"{stamp}.json", "latest.json"):
-        (cfg.results / name).write_text(payload)
-    for name in (f"{stamp}.md", "latest.md"):
-        (cfg.results / name).write_text(summary)
+    save_results(cfg.results, "", {"info": info, "settings": {
+        k: str(v) for k, v in cfg.__dict__.items()}, "results": res, "notes": notes}, summary)
     print(summary)
     return 0
 

@@ -19,7 +19,6 @@ Knobs (environment): see bench/README.md, section "Drills".
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import resource
@@ -545,30 +544,6 @@ def _overload_section(cfg: Settings, o: dict[str, Any]) -> list[str]:
     return lines
 
 
-def version_info(cfg: Settings) -> dict[str, str]:
-    def first_line(argv: list[str]) -> str:
-        try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=20, cwd=REPO)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"unavailable ({exc})"
-        text = (out.stdout + out.stderr).strip()
-        return text.splitlines()[0] if text else f"exit {out.returncode}"
-
-    rev = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", ".",
-                            ":(exclude)bench"], capture_output=True, text=True, check=False
-                           ).stdout.strip()
-    return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "nproc": str(os.cpu_count()),
-        "load_start": bench.loadavg(),
-        "haproxy": first_line(["haproxy", "-v"]) if shutil.which("haproxy") else "missing",
-        "python": first_line([cfg.python, "-V"]),
-        "edgelb": first_line([cfg.python, "-m", "edgelb", "--version"])
-        + f" (git {rev}{', uncommitted changes' if dirty else ''})",
-    }
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -590,7 +565,7 @@ def main(argv: list[str]) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="edgelb-drills-"))
     procs = ProcessSet(tmp)
     started = time.monotonic()
-    info = version_info(cfg)
+    info = bench.version_info(cfg)  # type: ignore[arg-type]  # uses .python only
     res: dict[str, Any] = {}
     notes: list[str] = []
     try:
@@ -603,12 +578,9 @@ def main(argv: list[str]) -> int:
     info["load_end"] = bench.loadavg()
     text = report(cfg, info, res, notes) + \
         f"\nTotal drill time: {time.monotonic() - started:.0f}s\n"
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    payload = json.dumps({"info": info, "settings": {k: str(v) for k, v in vars(cfg).items()},
-                          "results": res, "notes": notes}, indent=1)
-    for stem in (f"drills-{stamp}", "drills-latest"):
-        (cfg.results / f"{stem}.json").write_text(payload)
-        (cfg.results / f"{stem}.md").write_text(text)
+    bench.save_results(cfg.results, "drills-", {
+        "info": info, "settings": {k: str(v) for k, v in vars(cfg).items()},
+        "results": res, "notes": notes}, text)
     print(text)
     return 0
 

@@ -24,7 +24,6 @@ Needs wrk, haproxy, nginx and openssl on PATH (bench/run.sh installs the first t
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import http.client
 import json
 import os
@@ -424,13 +423,10 @@ def main() -> int:
     info["load_end"] = bench.loadavg()
     text = report(cfg, proxies, info, res, notes) + \
         f"\nTotal bench time: {time.monotonic() - started:.0f}s\n"
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     settings = {k: str(v) for k, v in vars(cfg).items() if k != "tmp"}
-    payload = json.dumps({"info": info, "settings": settings, "proxies": proxies,
-                          "results": res, "notes": notes}, indent=1)
-    for stem in (f"https-{stamp}", "https-latest"):
-        (cfg.results / f"{stem}.json").write_text(payload)
-        (cfg.results / f"{stem}.md").write_text(text)
+    bench.save_results(cfg.results, "https-", {"info": info, "settings": settings,
+                                               "proxies": proxies, "results": res,
+                                               "notes": notes}, text)
     print(text)
     return 0
 

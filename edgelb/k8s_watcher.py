@@ -160,14 +160,9 @@ class KubernetesWatcher:
         if not self.zone() and self.node_zone and instance.zone != self.node_zone:
             # zone-aware balancing needs the proxy's zone: the Node's label tells it
             self.runtime.instance = dataclasses.replace(instance, zone=self.node_zone)
-        state = ClusterState(
-            services=self._cache("services"),
-            endpointslices=self._cache("endpointslices"),
-            ingresses=self._cache("ingresses"),
-            ingressclasses=self._cache("ingressclasses"),
-            secrets=self._cache("secrets"),
-            pods=self._cache("pods"),
-        )
+        # the reflectors' caches as they are: translate() reads them without awaiting
+        state = ClusterState(**{kind: self._cache(kind) for kind in (
+            "services", "endpointslices", "ingresses", "ingressclasses", "secrets", "pods")})
         translation = translate(
             state,
             ingress_class=self.config.ingress_class,
@@ -225,8 +220,9 @@ class KubernetesWatcher:
         self.runtime.set_certificates(NAME, list(loaded.values()), hosts)
 
     def _cache(self, kind: str) -> dict:
+        """A reflector's live cache (read it before the next await), or {}."""
         r = self.reflectors.get(kind)
-        return dict(r.cache) if r is not None else {}
+        return r.cache if r is not None else {}
 
     def _node_zone(self) -> str:
         r = self.reflectors.get("nodes")
@@ -313,7 +309,7 @@ class KubernetesWatcher:
             addresses = addresses_from_service(self._cache("services").get((ns, name)))
         if not addresses:
             return
-        ingresses = self._cache("ingresses")
+        ingresses = dict(self._cache("ingresses"))  # read across awaits: a copy
         try:
             await self._status.publish(self.translation.ingresses, addresses, ingresses)
             gone = set(self._status.published) - set(self.translation.ingresses)

@@ -113,11 +113,6 @@ class BackendState:
         )
         self.set_weight(self.weight)
 
-    @property
-    def ok(self) -> bool:
-        """Healthy by every account: source, active check and outlier detection."""
-        return self.healthy and self.check_ok and not self.ejected_until
-
     def set_cap(self, cap: int) -> None:
         self.cap = cap
         self.set_weight(self.weight)
@@ -237,10 +232,8 @@ class Pool:
         """One request (connection) on `backend` ended."""
         k = backend.inflight
         backend.inflight = k - 1
-        if k == backend.cap:
-            self.freed(backend)
-        if backend.draining:
-            self.released(backend)
+        if k == backend.cap or backend.draining:
+            self.release_slow(backend, k)
 
     def release_slow(self, backend: BackendState, k: int) -> None:
         """The rest of `release` once the data path has lowered in-flight from `k`: the
@@ -342,12 +335,13 @@ class Pool:
                             "all of them", ok, len(live), self.panic_threshold * 100)
             else:
                 log.warning("panic over: %d of %d backends healthy", ok, len(live))
-        usable = 0
+        usable = ejected = 0
         capped = self.capped
         candidates: list[BackendState] = []
         spare: list[BackendState] = []
         for b in self.backends:
             ok = b.check_ok and not b.ejected_until
+            ejected += b.ejected_until > 0
             b.usable = b.weight > 0 and not b.draining and b.healthy and (panic or ok)
             b.eligible = b.usable and (b.cap <= 0 or b.inflight < b.cap)
             if panic and capped and not ok:
@@ -361,7 +355,7 @@ class Pool:
         self.candidates = candidates
         self.spare = spare
         self.usable = usable
-        self.ejected = sum(1 for b in self.backends if b.ejected_until)
+        self.ejected = ejected
         if self.waiters:
             if usable:
                 self.dispatch()

@@ -361,6 +361,7 @@ class Runtime:
         until its first check passes; the backends a service starts with are assumed healthy
         until checks say otherwise, so a restart of the proxy serves at once."""
         targets: dict[tuple[str, str], Target] = {}
+        running = {service for service, _ in known}  # services that existed before
         for name, state in self.services.items():
             check = state.policy.health_check
             pool = state.pool
@@ -372,7 +373,7 @@ class Runtime:
                         changed = True
                     continue
                 key = (name, b.key)
-                fresh = key not in known and any(k[0] == name for k in known)
+                fresh = key not in known and name in running
                 if fresh and self.health.healthy(name, b.key) is None:
                     b.check_ok = False
                     changed = True

@@ -1065,10 +1065,6 @@ def _end_retry(ex: Exchange) -> None:
         service.retrying -= 1
 
 
-def _release(backend: BackendState, service: ServiceState) -> None:
-    service.pool.release(backend)
-
-
 async def _connect(ex: Exchange, backend: BackendState) -> None:
     client = ex.client
     service = ex.service
@@ -1217,7 +1213,7 @@ class UpstreamProtocol(asyncio.Protocol):
         """The client went away mid-exchange: this connection cannot be reused."""
         if self.ex is ex:
             self.ex = None
-            _release(self.backend, self.service)
+            self.service.pool.release(self.backend)
         self.transport.close()
 
     def close(self) -> None:
@@ -1237,7 +1233,7 @@ class UpstreamProtocol(asyncio.Protocol):
             ex = self.ex
             self.ex = None
             if ex is not None:
-                _release(backend, self.service)
+                self.service.pool.release(backend)
             return
         ex = self.ex
         if ex is None:
@@ -1351,7 +1347,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def _cut(self, ex: Exchange) -> None:
         """The backend failed in the middle of a response: the client must see it broken."""
-        _release(self.backend, self.service)
+        self.service.pool.release(self.backend)
         _count_failure(self.backend, self.service, "reset", 0, ex.start, ex.client.loop.time())
         ex.done = True
         ex.client.transport.close()
