@@ -875,25 +875,39 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
         listen = c.address(m["listen"], _join(path, "listen"), ANY_HOST)
         ok &= listen is not None
     tls = None
+    passthrough = False
     if m.get("tls") is not None:
         tpath = _join(path, "tls")
-        t = c.mapping(m["tls"], tpath, "a mapping like {cert: tls.crt, key: tls.key}")
-        if t is None:
-            ok = False
-        else:
-            c.keys(t, tpath, ("cert", "key"))
-            files = [c.string(t[k], _join(tpath, k)) if k in t else None for k in ("cert", "key")]
-            for k in ("cert", "key"):
-                if k not in t:
-                    c.missing(tpath, k, f"{k} is required; give the path of the PEM file")
-            if None in files:
+        if m["tls"] == "passthrough":
+            passthrough = True
+            if mode != "tcp":
+                c.error(tpath, "passthrough needs mode: tcp (the bytes are relayed undecrypted); "
+                        "set mode: tcp, or give {cert, key} to terminate TLS here")
                 ok = False
-            elif mode != "http" or m.get("listen") is None:
-                c.error(tpath, "TLS on a service needs mode: http and a listen port (for tcp, "
-                        "terminate TLS in the backend; for routed hosts use a TLS entrypoint)")
+            elif m.get("paths"):
+                c.error(_join(path, "paths"), "a passthrough service is routed by SNI name "
+                        "only; use hosts, not paths")
+                ok = False
+        else:
+            t = c.mapping(m["tls"], tpath, "a mapping like {cert: tls.crt, key: tls.key}, "
+                          "or passthrough (mode: tcp)")
+            if t is None:
                 ok = False
             else:
-                tls = (files[0], files[1])
+                c.keys(t, tpath, ("cert", "key"))
+                files = [c.string(t[k], _join(tpath, k)) if k in t else None
+                         for k in ("cert", "key")]
+                for k in ("cert", "key"):
+                    if k not in t:
+                        c.missing(tpath, k, f"{k} is required; give the path of the PEM file")
+                if None in files:
+                    ok = False
+                elif m.get("listen") is None:
+                    c.error(tpath, "TLS on a service needs a listen port (routed hosts are "
+                            "served by a TLS entrypoint; give it the certificate)")
+                    ok = False
+                else:
+                    tls = (files[0], files[1])
     hosts: list[tuple[str, str]] = []
     paths: list[tuple[str, str]] = []
     routed = False
@@ -908,9 +922,10 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
         if items is None:
             ok = False
             continue
-        if mode == "tcp" and items:
+        if mode == "tcp" and items and not (passthrough and key == "hosts"):
             c.error(kpath, "a tcp service cannot be routed by host or path; expose it with "
-                    "listen, or set mode: http")
+                    "listen, set tls: passthrough to route TLS by SNI name (hosts), or set "
+                    "mode: http")
             ok = False
             continue
         routed = routed or bool(items)
@@ -940,7 +955,7 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
     if ok and backends is not None and name is not None:
         policy = dataclasses.replace(defaults, **policy_fields)
         svc = Service(name=name, mode=mode, listen=listen, backends=backends, policy=policy,
-                      tls=tls)
+                      tls=tls, tls_passthrough=passthrough)
     return _ServiceDraft(path=path, label=label, listen=listen, routes=routes, routed=routed,
                          service=svc)
 

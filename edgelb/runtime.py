@@ -49,7 +49,7 @@ class EntrypointSpec:
 
 
 def _listener_kind(listener: Any) -> str:
-    if listener.kind in ("entrypoint", "http") and getattr(listener, "ssl", None) is not None:
+    if getattr(listener, "ssl", None) is not None:  # entrypoint, http or tcp
         return listener.kind + "-tls"
     return listener.kind
 
@@ -220,7 +220,7 @@ class Runtime:
             wanted[str(ep.listen)] = (kind, ep.name, ep.listen)
         for svc in services:
             if svc.listen is not None:
-                kind = "http-tls" if svc.tls is not None and svc.mode == "http" else svc.mode
+                kind = svc.mode + "-tls" if svc.tls is not None else svc.mode
                 wanted[str(svc.listen)] = (kind, svc.name, svc.listen)
 
         # Bind what is new. A listener whose kind changes is stopped first, to free its port.
@@ -315,7 +315,7 @@ class Runtime:
         errors: list[str] = []
         wanted: dict[str, Certificate] = {}
         for svc in services:
-            if svc.tls is None or svc.mode != "http":
+            if svc.tls is None or svc.listen is None:
                 continue
             try:
                 wanted[svc.name] = load_files(*svc.tls)
@@ -396,8 +396,14 @@ class Runtime:
         state.pool.set_check(backend, healthy, self.loop.time(), state.policy.slow_start)  # type: ignore[union-attr]
 
     def _make_listener(self, kind: str, name: str, addr: Address) -> Any:
-        if kind == "tcp":
-            return _tcp_listener_class()(addr, self._placeholder(name), loop=self.loop)
+        if kind in ("tcp", "tcp-tls"):
+            store = self.service_tls.get(name) if kind == "tcp-tls" else None
+            return _tcp_listener_class()(
+                addr,
+                self._placeholder(name),
+                loop=self.loop,
+                ssl=store.server_context() if store is not None else None,
+            )
         if kind.startswith("entrypoint"):
             store = self.tls_stores.get(name) if kind == "entrypoint-tls" else None
             return HttpListener(

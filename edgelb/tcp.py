@@ -567,9 +567,11 @@ class TcpListener:
         loop: asyncio.AbstractEventLoop | None = None,
         *,
         splice: bool | None = None,
+        ssl: Any = None,
     ) -> None:
         self.address = address
         self.service = service
+        self.ssl = ssl  # an ssl.SSLContext: terminate TLS here, relay plaintext to backends
         self.loop: asyncio.AbstractEventLoop = loop  # type: ignore[assignment]
         self.splice = SPLICE_AVAILABLE if splice is None else (splice and SPLICE_AVAILABLE)
         self.accepted = 0
@@ -668,8 +670,16 @@ class TcpListener:
         if self._sock is not None:
             self.loop.add_reader(self._sock.fileno(), self._on_accept)
 
-    def _handle(self, sock: socket.socket, ip: str = "") -> None:
-        service = self.service
+    def adopt(self, sock: socket.socket, ip: str, service: ServiceState) -> None:
+        """Relay a connection accepted elsewhere (a TLS entrypoint passing a ClientHello
+        through by SNI) to `service`, counted among this listener's connections. The caller
+        has counted `ip` in nothing; limits are the accepting listener's business."""
+        self.per_client[ip] = self.per_client.get(ip, 0) + 1
+        self._handle(sock, ip, service)
+
+    def _handle(self, sock: socket.socket, ip: str = "", service: ServiceState | None = None
+                ) -> None:
+        service = service or self.service
         service.tcp_connections += 1
         try:
             sock.setblocking(False)

@@ -138,7 +138,10 @@ class Service:
     listen: Address | None = None  # a static port, optional
     backends: tuple[Backend, ...] = ()
     policy: Policy = field(default_factory=Policy)
-    tls: tuple[str, str] | None = None  # (cert file, key file): TLS on its static port (http)
+    tls: tuple[str, str] | None = None  # (cert file, key file): TLS on its static port
+    # tcp only: TLS passes through undecrypted; with routes (hosts), the TLS entrypoints send
+    # a connection here by the SNI name of its ClientHello
+    tls_passthrough: bool = False
 
 
 @dataclass(frozen=True, slots=True)
