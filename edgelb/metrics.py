@@ -253,7 +253,8 @@ class RuntimeCollector:
         refused = CounterMetricFamily(
             "edgelb_listener_refused_total",
             "Connections (or requests) refused by a listener limit: reason=connections, "
-            "per_client, slow_body.",
+            "per_client, slow_body, tunnel_idle (an upgraded connection silent for "
+            "tunnel_timeout).",
             labels=["listener", "kind", "reason"],
         )
         for key in sorted(rt.listeners):

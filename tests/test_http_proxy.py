@@ -537,6 +537,33 @@ async def test_raw_upgrade_tunnels_bytes_exactly(backend, proxy):
     assert await client.at_eof() == b""
 
 
+async def test_a_silent_tunnel_closes_after_tunnel_timeout(backend, proxy):
+    """Bytes either way keep an upgraded connection open; silence for tunnel_timeout closes
+    it (HAProxy's `timeout tunnel`), counted as reason tunnel_idle."""
+    b = await backend("a", upgrade_echo("x-echo"))
+    port = free_port()
+    rt = await proxy(snapshot(service("web", [b], listen=port, tunnel_timeout=0.6)))
+    client = await Client.open(port)
+    await client.send(build_request("GET", "/t", [("Connection", "Upgrade"),
+                                                   ("Upgrade", "x-echo")]))
+    assert (await within(client.read_head())).status == 101
+    # traffic for three times the timeout: the tunnel stays up
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while loop.time() - start < 1.8:
+        await client.send(b"ping")
+        assert await within(client.reader.readexactly(4)) == b"ping"
+        await asyncio.sleep(0.15)
+    listener = rt.listeners[f"127.0.0.1:{port}"]
+    assert listener.refused.get("tunnel_idle", 0) == 0
+    # then silence: closed within the timeout plus a sweep or two
+    quiet = loop.time()
+    assert await within(client.at_eof(), 3) == b""
+    waited = loop.time() - quiet
+    assert 0.5 <= waited <= 0.6 + 0.6, waited
+    assert listener.refused["tunnel_idle"] == 1
+
+
 # -- routing on an entrypoint ----------------------------------------------------------
 
 

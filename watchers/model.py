@@ -69,6 +69,7 @@ class Policy:
     connect_timeout: float = 2.0
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
+    tunnel_timeout: float = 3600.0  # an upgraded (WebSocket) connection silent this long closes
     response_timeout: float = 60.0
     max_inflight: int | None = None  # per-backend cap, scaled by weight / mean weight
     adaptive: bool = False  # the cap follows a gradient controller on observed latency

@@ -210,6 +210,7 @@ class ClientProtocol(asyncio.Protocol):
         "refusing",
         "transport",
         "tunnel",
+        "tunnel_timeout",
         "upgrade_buffer",
         "write_paused",
         "xff_ip",
@@ -229,6 +230,7 @@ class ClientProtocol(asyncio.Protocol):
         self.closed = False
         self.deadline = 0.0
         self.tunnel: asyncio.Transport | None = None  # set once a 101 switched protocols
+        self.tunnel_timeout = 0.0  # the service's tunnel_timeout, while tunnelling
         self.upgrade_buffer: list[bytes] | None = None
         self.xff_ip = b""
         self.fwd_for = b""
@@ -320,6 +322,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
+            self.deadline = self.loop.time() + self.tunnel_timeout
             self.tunnel.write(data)
             return
         if self.upgrade_buffer is not None:  # upgrade asked, the 101 not seen yet
@@ -800,10 +803,13 @@ class ClientProtocol(asyncio.Protocol):
         else:
             self.deadline = (now or self.loop.time()) + self.listener.idle_timeout_s
 
-    def start_tunnel(self, upstream_transport: asyncio.Transport) -> None:
-        """Switch to a byte-for-byte tunnel after a 101 (WebSocket and other upgrades)."""
+    def start_tunnel(self, upstream_transport: asyncio.Transport, timeout: float) -> None:
+        """Switch to a byte-for-byte tunnel after a 101 (WebSocket and other upgrades). Bytes
+        either way push `deadline` on by `timeout` (HAProxy's `timeout tunnel`); the sweeper
+        closes a tunnel silent that long."""
         self.tunnel = upstream_transport
-        self.deadline = 0.0
+        self.tunnel_timeout = timeout
+        self.deadline = self.loop.time() + timeout
         pending = self.upgrade_buffer or []
         self.upgrade_buffer = None
         for chunk in pending:
@@ -874,7 +880,10 @@ class ClientProtocol(asyncio.Protocol):
         self.deadline = 0.0
         if self.closed:
             return
-        if self.parsing is not None and self.active is None and not self.parsing.done:
+        if self.tunnel is not None:
+            refused = self.listener.refused
+            refused["tunnel_idle"] = refused.get("tunnel_idle", 0) + 1
+        elif self.parsing is not None and self.active is None and not self.parsing.done:
             self.listener.local_responses[408] = self.listener.local_responses.get(408, 0) + 1
             self.transport.write(local_response(408, "request head not received in time", False))
         self.transport.close()
@@ -1277,6 +1286,10 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
+            ex = self.ex  # kept while tunnelling
+            if ex is not None:
+                client = ex.client
+                client.deadline = client.loop.time() + client.tunnel_timeout
             self.tunnel.write(data)
             return
         self.got_bytes = True
@@ -1588,6 +1601,6 @@ class UpstreamProtocol(asyncio.Protocol):
         self.deadline = 0.0
         ex.done = True
         client.active = None
-        client.start_tunnel(self.transport)
+        client.start_tunnel(self.transport, ex.service.policy.tunnel_timeout)  # type: ignore[union-attr]
         if rest:
             client.transport.write(rest)
