@@ -254,7 +254,7 @@ class RuntimeCollector:
             "edgelb_listener_refused_total",
             "Connections (or requests) refused by a listener limit: reason=connections, "
             "per_client, slow_body, tunnel_idle (an upgraded connection silent for "
-            "tunnel_timeout).",
+            "tunnel_timeout), tls_handshake (a tcp-mode TLS handshake failed or timed out).",
             labels=["listener", "kind", "reason"],
         )
         for key in sorted(rt.listeners):

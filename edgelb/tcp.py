@@ -694,6 +694,15 @@ class TcpListener:
             sock.close()
             self._forget_ip(ip)
             return
+        if self.ssl is not None or service.policy.backend_tls is not None:
+            # TLS on either side: relayed through transports (edgelb.tcp_tls), which picks a
+            # backend after the client's handshake
+            from edgelb.tcp_tls import TlsConnection
+
+            tls_conn = TlsConnection(self, sock, service, ip)
+            self._conns.add(tls_conn)  # type: ignore[arg-type]
+            tls_conn.begin()
+            return
         pool = service.pool
         backend = pool.pick()
         conn = _Connection(self, sock, service)
