@@ -1,6 +1,6 @@
 """HTTPS side by side: edgelb and HAProxy terminating TLS in front of the same two nginx backends.
 
-    .venv/bin/python bench/https_bench.py          # ~2.5 minutes on 2 cores
+    .venv/bin/python bench/https_bench.py          # ~3 minutes on 2 cores (8 s runs)
 
 A self-signed EC P-256 certificate is made at run time with the `openssl` command into a private
 temp dir; both proxies serve it (HAProxy from one PEM holding certificate and key). Scenarios,
@@ -8,16 +8,24 @@ each run for every proxy in turn, round after round (edgelb, haproxy, edgelb, ..
 
 keepalive: `wrk -t1 -c64 --latency https://...`: handshakes amortised, the cost of TLS records
   on top of the HTTP path;
-close: `wrk -t1 -c16 -H "Connection: close" https://...`: one TLS handshake per request, so
+resumed: `wrk -t1 -c16 -H "Connection: close" https://...`: one TLS handshake per request, so
   req/s = handshakes/s. wrk resumes its previous session on each reconnect (TLS 1.3 PSK with
-  ECDHE: no certificate signature); HAProxy's stats socket is sampled during its runs to show
-  the share resumed, and the sanity check records whether each proxy resumes at all.
+  ECDHE: no certificate signature);
+full: the same load against a second instance of each proxy that cannot resume: edgelb with
+  `tls: {session_tickets: false}`, HAProxy with `no-tls-tickets` on the bind and
+  `tune.ssl.cachesize 0`. Every handshake is a full one (ECDHE and an ECDSA signature).
+
+The sanity check offers each proxy a saved session (the `ssl` module, as wrk's reconnects do) and
+records whether it resumed: it must in the first two scenarios and must not in the last; a
+mismatch is printed in the report's notes. HAProxy's stats socket is sampled during its
+handshake runs to show the share resumed (100% and 0% expected).
 
 Prints a markdown report (progress goes to stderr) and writes it with the raw figures to
 bench/results/https-<UTC stamp>.{md,json} and https-latest.{md,json}; wrk's output per run goes
 to bench/results/raw/. Every process started here leads its own process group and is stopped on
-exit, Ctrl-C and SIGTERM included. Knobs: BENCH_DURATION, BENCH_ROUNDS, BENCH_WARMUP,
-BENCH_RESULTS, BENCH_EDGELB_PYTHON as for bench.py, and HTTPS_PROXIES (edgelb,haproxy).
+exit, Ctrl-C and SIGTERM included. Knobs: BENCH_DURATION (default 8 s here), BENCH_ROUNDS,
+BENCH_WARMUP, BENCH_RESULTS, BENCH_EDGELB_PYTHON as for bench.py, HTTPS_PROXIES
+(edgelb,haproxy) and HTTPS_SCENARIOS (keepalive,resumed,full).
 Needs wrk, haproxy, nginx and openssl on PATH (bench/run.sh installs the first three).
 """
 
@@ -38,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +56,29 @@ from bench import Lab, ProcessSet, Server, Settings, free_port, log, median, ren
 
 PROXIES = ("edgelb", "haproxy")
 CERT_NAME = "bench"  # the certificate's DNS name (edgelb requires one); 127.0.0.1 is an IP SAN
-# (scenario, wrk connections, extra wrk arguments, title)
+DEFAULT_DURATION = 8  # seconds per run when BENCH_DURATION is unset: ~3 minutes in all
+CLOSE = ("-H", "Connection: close")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    name: str
+    conns: int  # wrk connections
+    extra: tuple[str, ...]  # extra wrk arguments
+    profile: str  # which proxy instances: "resume" (defaults) or "full" (no resumption)
+    title: str
+    short: str  # column heading of the summary
+
+
 SCENARIOS = (
-    ("keepalive", 64, (), "keep-alive (handshakes amortised)"),
-    ("close", 16, ("-H", "Connection: close"), "new handshake per request (Connection: close)"),
+    Scenario("keepalive", 64, (), "resume", "keep-alive (handshakes amortised)",
+             "keep-alive"),
+    Scenario("resumed", 16, CLOSE, "resume",
+             "resumed handshake per request (Connection: close, tickets on)", "resumed"),
+    Scenario("full", 16, CLOSE, "full",
+             "full handshake per request (Connection: close, no resumption)", "full"),
 )
+PROFILES = ("resume", "full")
 SANITY_REQUESTS = 20
 
 
@@ -132,19 +159,40 @@ def wait_ready_https(procs: ProcessSet, server: Server, ctx: ssl.SSLContext,
                        f"{timeout:.0f}s (last: {last}):\n{procs.log_tail(server.name)}")
 
 
-def start_proxy(lab: Lab, proxy: str, certs: dict[str, Path], ctx: ssl.SSLContext) -> Server:
-    name = f"{proxy}-https"
+def _no_resumption(conf: Path, proxy: str) -> None:
+    """Turn the rendered config of `proxy` into its no-resumption variant (the "full" profile):
+    edgelb gets the top-level `tls: {session_tickets: false}`; HAProxy `no-tls-tickets` on the
+    bind and `tune.ssl.cachesize 0` (no session cache, so no stateful TLS 1.3 tickets either)."""
+    text = conf.read_text()
+    if proxy == "edgelb":
+        text += "tls: {session_tickets: false}\n"
+    else:
+        text, binds = re.subn(r"^(\s*bind .* ssl crt .*)$", r"\1 no-tls-tickets", text, flags=re.M)
+        text, globs = re.subn(r"^global$", "global\n    tune.ssl.cachesize 0", text, flags=re.M)
+        if (binds, globs) != (1, 1):
+            raise RuntimeError(f"{conf.name}: expected one `bind ... ssl crt` line and one "
+                               "`global` section to add no-tls-tickets and tune.ssl.cachesize")
+    conf.write_text(text)
+
+
+def start_proxy(lab: Lab, proxy: str, profile: str, certs: dict[str, Path],
+                ctx: ssl.SSLContext) -> Server:
+    name = f"{proxy}-https" if profile == "resume" else f"{proxy}-https-{profile}"
     port = free_port()
     a, b = (s.port for s in lab.backends)
     if proxy == "haproxy":
         conf = render("haproxy-https.cfg", lab.tmp / f"{name}.cfg", port=port, backend_a=a,
                       backend_b=b, maxconn=lab.maxconn["http"], pem=certs["pem"],
-                      stats_socket=lab.tmp / "haproxy-https.sock")
+                      stats_socket=stats_socket(lab, name))
+        if profile == "full":
+            _no_resumption(conf, proxy)
         proc = lab.procs.start(name, ["haproxy", "-db", "-f", str(conf)])
     else:
         conf = render("edgelb-https.yaml", lab.tmp / f"{name}.yaml", port=port,
                       admin_port=free_port(), backend_a=a, backend_b=b,
                       cert=certs["cert"], key=certs["key"])
+        if profile == "full":
+            _no_resumption(conf, proxy)
         proc = lab.procs.start(
             name, [lab.cfg.python, "-m", "edgelb", "run", "-c", str(conf)], cwd=bench.REPO)
     server = Server(name, port, proc)
@@ -152,9 +200,13 @@ def start_proxy(lab: Lab, proxy: str, certs: dict[str, Path], ctx: ssl.SSLContex
     return server
 
 
+def stats_socket(lab: Lab, name: str) -> Path:
+    return lab.tmp / f"{name}.sock"
+
+
 def sanity(port: int, ctx: ssl.SSLContext) -> dict[str, Any]:
     """SANITY_REQUESTS on fresh TLS connections (certificate verified): all 200 'hello';
-    which backends answered and what TLS was negotiated."""
+    which backends answered, what TLS was negotiated, and whether a saved session resumes."""
     seen: dict[str, int] = {}
     tls: dict[str, Any] = {}
     for _ in range(SANITY_REQUESTS):
@@ -167,6 +219,81 @@ def sanity(port: int, ctx: ssl.SSLContext) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- measuring
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of process `pid` (all its threads) so far; None once it is gone.
+    Per request, this is the proxy's own cost, whatever else shares the cores."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15)
+
+
+class OtherLoad:
+    """CPU the machine spent on processes this bench did not start, over a span: user + nice +
+    system time of /proc/stat minus that of our own processes (the proxies' and backends'
+    sessions, wrk, this script). Interrupt time is left out on both sides. A share of a core
+    well above zero says something else competed with the run (its req/s is then low);
+    `top()` names the foreign processes still alive at the end that used the most."""
+
+    def __init__(self, sessions: Iterable[int]) -> None:
+        self.sessions = set(sessions)
+        self.start = time.monotonic()
+        self.total0 = self._total()
+        self.procs0 = self._procs()
+        self.ours0 = self._ours(self.procs0)
+        self.procs1: dict[int, tuple[str, int, float]] = {}
+
+    @staticmethod
+    def _total() -> float:
+        user, nice, system = (int(x) for x in Path("/proc/stat").read_text().split()[1:4])
+        return (user + nice + system) / _TICK
+
+    @staticmethod
+    def _procs() -> dict[int, tuple[str, int, float]]:
+        """pid -> (name, session id, CPU seconds) of every process now."""
+        out = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                head, tail = Path(entry.path, "stat").read_text().rsplit(")", 1)
+            except (OSError, ValueError):
+                continue
+            fields = tail.split()
+            out[int(entry.name)] = (head.split("(", 1)[-1], int(fields[3]),  # field 6: session
+                                    (int(fields[11]) + int(fields[12])) / _TICK)
+        return out
+
+    def _ours(self, procs: dict[int, tuple[str, int, float]]) -> float:
+        used = sum(cpu for _, sid, cpu in procs.values() if sid in self.sessions)
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once reaped
+        return used + own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def cores(self) -> float:
+        """Average number of cores busy with other work since the start (>= 0)."""
+        total = self._total()
+        self.procs1 = self._procs()
+        other = (total - self.total0) - (self._ours(self.procs1) - self.ours0)
+        return max(0.0, other / max(1e-3, time.monotonic() - self.start))
+
+    def top(self, n: int = 3) -> list[str]:
+        """The foreign processes that used the most CPU in the span, as "name pid: seconds"."""
+        used = []
+        for pid, (name, sid, cpu) in self.procs1.items():
+            if sid in self.sessions or pid == os.getpid():
+                continue
+            before = self.procs0.get(pid)
+            delta = cpu - (before[2] if before and before[0] == name else 0.0)
+            if delta >= 0.05:
+                used.append((delta, f"{name} {pid}: {delta:.1f}s"))
+        return [text for _, text in sorted(used, reverse=True)[:n]]
 
 
 def run_wrk(cfg: Settings, url: str, conns: int, seconds: int, extra: tuple[str, ...],
@@ -239,55 +366,79 @@ class ReuseSampler:
                 "reuse_pct_median": median([float(r) for _, r in self.samples])}
 
 
-def resumes(port: int, ctx: ssl.SSLContext) -> bool | None:
-    """Whether a second connection resumes the session (ticket) of a first one, as wrk's
-    reconnects try to. None when no session was offered."""
-    session = None
-    for attempt in range(2):
-        with socket.create_connection(("127.0.0.1", port), timeout=2.0) as raw, \
-                ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls:
-            tls.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-            while tls.recv(65536):  # to the end, so TLS 1.3 tickets have arrived
-                pass
-            if attempt:
-                return tls.session_reused
-            session = tls.session
-            if session is None:
-                return None
-    return None
+def resumes(port: int, ctx: ssl.SSLContext, tries: int = 3) -> bool | None:
+    """Whether a new connection resumes the session of the one before, as wrk's reconnects try
+    to (`tries` pairs: True if any resumed). None when no session was offered."""
+    reused = False
+    for _ in range(tries):
+        session = None
+        for attempt in range(2):
+            with socket.create_connection(("127.0.0.1", port), timeout=2.0) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                while tls.recv(65536):  # to the end, so TLS 1.3 tickets have arrived
+                    pass
+                if attempt:
+                    reused = reused or tls.session_reused
+                session = tls.session
+                if session is None:
+                    return None
+    return reused
 
 
-def alternate(cfg: Settings, lab: Lab, servers: dict[str, Server], scenario: str, conns: int,
-              extra: tuple[str, ...], notes: list[str]) -> list[dict[str, Any]]:
+def alternate(cfg: Settings, lab: Lab, servers: dict[str, Server], sc: Scenario,
+              notes: list[str]) -> list[dict[str, Any]]:
     """Warm every proxy up, then run them in turn for cfg.rounds rounds (as bench.alternate)."""
     for s in servers.values():
         if cfg.warmup:
-            run_wrk(cfg, f"https://127.0.0.1:{s.port}/", conns, cfg.warmup, extra, None)
+            run_wrk(cfg, f"https://127.0.0.1:{s.port}/", sc.conns, cfg.warmup, sc.extra, None)
     rounds = []
     for rnd in range(1, cfg.rounds + 1):
         row: dict[str, Any] = {}
         for p, s in servers.items():
             if s.proc.poll() is not None:
-                notes.append(f"{p} died in the https {scenario} scenario: "
+                notes.append(f"{p} died in the https {sc.name} scenario: "
                              f"{lab.procs.log_tail(s.name, 3)}")
                 continue
             url = f"https://127.0.0.1:{s.port}/"
-            raw = f"https-{scenario}-{p}-r{rnd}"
-            if p == "haproxy" and scenario == "close":
-                with ReuseSampler(lab.tmp / "haproxy-https.sock", cfg.duration) as rs:
-                    r = run_wrk(cfg, url, conns, cfg.duration, extra, raw)
+            raw = f"https-{sc.name}-{p}-r{rnd}"
+            cpu0 = cpu_seconds(s.proc.pid)
+            other = OtherLoad(lab.procs.live)
+            if p == "haproxy" and sc.extra == CLOSE:
+                with ReuseSampler(stats_socket(lab, s.name), cfg.duration) as rs:
+                    r = run_wrk(cfg, url, sc.conns, cfg.duration, sc.extra, raw)
                 r["haproxy_reuse"] = rs.summary()
             else:
-                r = run_wrk(cfg, url, conns, cfg.duration, extra, raw)
+                r = run_wrk(cfg, url, sc.conns, cfg.duration, sc.extra, raw)
+            cpu1 = cpu_seconds(s.proc.pid)
+            r["cpu_s"] = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+            r["cpu_us"] = (r["cpu_s"] / r["requests"] * 1e6
+                           if r["cpu_s"] is not None and r["requests"] else None)
+            r["other_cores"] = other.cores()
+            r["other_top"] = other.top()
             row[p] = r
-            log(f"  {scenario} round {rnd} {p}: {r['rps']:.0f} req/s "
+            log(f"  {sc.name} round {rnd} {p}: {r['rps']:.0f} req/s "
                 f"p50 {r['p50_us'] / 1000:.2f} ms p99 {r['p99_us'] / 1000:.2f} ms "
-                f"errors {r['errors']}")
+                f"errors {r['errors']} CPU {bench.fmt(r['cpu_us'], '.1f')} us/req, "
+                f"other work {r['other_cores']:.2f} cores {r['other_top']}")
         rounds.append(row)
     return rounds
 
 
-def run(cfg: Settings, proxies: list[str], notes: list[str]) -> dict[str, Any]:
+def check_resumption(out: dict[str, Any], notes: list[str]) -> None:
+    """The profiles must do what they claim: every proxy resumes with "resume", none with
+    "full". A mismatch goes to the notes (the figures of that scenario then mean something
+    else than their title says)."""
+    for profile, sanity_of in out["sanity"].items():
+        want = profile == "resume"
+        for p, s in sanity_of.items():
+            if s.get("resumes") is not want:
+                notes.append(f"SANITY: {p} with the {profile!r} profile resumes a session: "
+                             f"{s.get('resumes')} (expected {want})")
+
+
+def run(cfg: Settings, proxies: list[str], scenarios: list[Scenario],
+        notes: list[str]) -> dict[str, Any]:
     procs = ProcessSet(cfg.tmp)
     lab = Lab(cfg, procs)
     out: dict[str, Any] = {"sanity": {}, "scenarios": {}}
@@ -295,23 +446,30 @@ def run(cfg: Settings, proxies: list[str], notes: list[str]) -> dict[str, Any]:
         certs = make_certificate(cfg.tmp)
         ctx = client_context(certs["cert"])
         lab.start_backends()
-        servers: dict[str, Server] = {}
-        for p in proxies:
-            try:
-                servers[p] = start_proxy(lab, p, certs, ctx)
-            except Exception as exc:  # reported, not fatal, as in bench.start_all
-                text = [x.strip() for x in str(exc).splitlines() if x.strip()]
-                notes.append(f"{p} (https): did not start: {text[0] if text else exc}")
-                log(f"  {p} (https) unavailable: {exc}")
-        for p, s in servers.items():
-            out["sanity"][p] = sanity(s.port, ctx)
-            log(f"  {p} sanity: {out['sanity'][p]}")
-        for scenario, conns, extra, _ in SCENARIOS:
-            log(f"HTTPS {scenario}: wrk -t1 -c{conns} -d{cfg.duration}s {' '.join(extra)} "
+        servers: dict[str, dict[str, Server]] = {}
+        for profile in PROFILES:
+            if not any(sc.profile == profile for sc in scenarios):
+                continue
+            servers[profile] = {}
+            for p in proxies:
+                try:
+                    servers[profile][p] = start_proxy(lab, p, profile, certs, ctx)
+                except Exception as exc:  # reported, not fatal, as in bench.start_all
+                    text = [x.strip() for x in str(exc).splitlines() if x.strip()]
+                    notes.append(f"{p} (https, {profile}): did not start: "
+                                 f"{text[0] if text else exc}")
+                    log(f"  {p} (https, {profile}) unavailable: {exc}")
+            out["sanity"][profile] = {}
+            for p, s in servers[profile].items():
+                out["sanity"][profile][p] = sanity(s.port, ctx)
+                log(f"  {p} ({profile}) sanity: {out['sanity'][profile][p]}")
+        check_resumption(out, notes)
+        for sc in scenarios:
+            log(f"HTTPS {sc.name}: wrk -t1 -c{sc.conns} -d{cfg.duration}s {' '.join(sc.extra)} "
                 f"x {cfg.rounds} rounds")
-            out["scenarios"][scenario] = {
-                "conns": conns, "extra": list(extra),
-                "rounds": alternate(cfg, lab, servers, scenario, conns, extra, notes)}
+            out["scenarios"][sc.name] = {
+                "conns": sc.conns, "extra": list(sc.extra), "profile": sc.profile,
+                "rounds": alternate(cfg, lab, servers[sc.profile], sc, notes)}
     finally:
         procs.stop_all()
     return out
@@ -322,6 +480,62 @@ def run(cfg: Settings, proxies: list[str], notes: list[str]) -> dict[str, Any]:
 
 def _ms(us: float | None) -> str:
     return "n/a" if us is None else f"{us / 1000:.2f}"
+
+
+def _medians(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
+    return {p: {k: median([row[p][k] for row in rounds if p in row and row[p].get(k) is not None])
+                for k in ("rps", "p50_us", "p99_us", "cpu_us")} for p in names}
+
+
+def _per_round(rounds: list[dict[str, Any]], p: str, q: str) -> str:
+    """p/q req/s of each round where both ran, e.g. "0.78, 0.73, 0.74"."""
+    return ", ".join(f"{row[p]['rps'] / row[q]['rps']:.2f}" for row in rounds
+                     if p in row and q in row and row[q]["rps"])
+
+
+def side_by_side(proxies: list[str], res: dict[str, Any]) -> list[str]:
+    """One table: each proxy's median req/s per scenario, edgelb/HAProxy, and full/resumed."""
+    ran = [sc for sc in SCENARIOS if sc.name in res.get("scenarios", {})]
+    if not ran:
+        return []
+    rounds = {sc.name: res["scenarios"][sc.name]["rounds"] for sc in ran}
+    names = [p for p in proxies if any(p in row for r in rounds.values() for row in r)]
+    med = {sc.name: _medians(rounds[sc.name], names) for sc in ran}
+    lines = ["## Side by side (median req/s)", "",
+             "| proxy | " + " | ".join(sc.short for sc in ran) + " |",
+             "|---|" + "---:|" * len(ran)]
+    for p in names:
+        cells = [bench.fmt(med[sc.name].get(p, {}).get("rps")) for sc in ran]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    if "edgelb" in names and "haproxy" in names:
+        cells = []
+        for sc in ran:
+            m = med[sc.name]
+            edgelb, haproxy = (m.get(p, {}).get("rps") for p in ("edgelb", "haproxy"))
+            per = _per_round(rounds[sc.name], "edgelb", "haproxy")
+            cells.append(f"**{bench.ratio(edgelb, haproxy)}** ({per})")
+        lines.append("| edgelb / HAProxy (per round) | " + " | ".join(cells) + " |")
+    lines += ["", "The proxy's own CPU per request (user + system, from /proc, median of the "
+              "rounds): it depends far less than req/s on what else runs on the cores.", "",
+              "| proxy | " + " | ".join(f"{sc.short} CPU us/req" for sc in ran) + " |",
+              "|---|" + "---:|" * len(ran)]
+    for p in names:
+        cells = [bench.fmt(med[sc.name].get(p, {}).get("cpu_us"), ".1f") for sc in ran]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    if "edgelb" in names and "haproxy" in names:
+        cells = [bench.ratio(med[sc.name].get("edgelb", {}).get("cpu_us"),
+                             med[sc.name].get("haproxy", {}).get("cpu_us")) for sc in ran]
+        lines.append("| edgelb / HAProxy | " + " | ".join(cells) + " |")
+    lines.append("")
+    if "resumed" in med and "full" in med:
+        for p in names:
+            full, resumed = (med[k].get(p, {}) for k in ("full", "resumed"))
+            rate = bench.ratio(full.get("rps"), resumed.get("rps"))
+            cpu = bench.ratio(full.get("cpu_us"), resumed.get("cpu_us"))
+            lines.append(f"- {p}: full handshakes at {rate} the rate of resumed ones, {cpu} "
+                         "their CPU per request")
+        lines.append("")
+    return lines
 
 
 def report(cfg: Settings, proxies: list[str], info: dict[str, str], res: dict[str, Any],
@@ -337,47 +551,70 @@ def report(cfg: Settings, proxies: list[str], info: dict[str, str], res: dict[st
         f"- {cfg.duration}s per run, {cfg.rounds} rounds, warm-up {cfg.warmup}s per proxy and "
         "scenario; self-signed EC P-256 certificate; backends: two nginx, one worker each; "
         "all on 127.0.0.1; ratios are to HAProxy in the same run",
+        "- profiles: `resume` = each proxy's defaults (tickets on); `full` = edgelb "
+        "`tls: {session_tickets: false}`, HAProxy `no-tls-tickets` + `tune.ssl.cachesize 0`",
     ]
-    for p, s in res.get("sanity", {}).items():
-        t = s["tls"]
-        lines.append(f"- {p} negotiated {t.get('version')} {t.get('cipher')} "
-                     f"ALPN {t.get('alpn')}; resumes a session: {s.get('resumes')}; "
-                     f"sanity backends {dict(sorted(s['backends'].items()))}")
+    for profile, sanity_of in res.get("sanity", {}).items():
+        for p, s in sanity_of.items():
+            t = s["tls"]
+            lines.append(f"- {p} ({profile}) negotiated {t.get('version')} {t.get('cipher')} "
+                         f"ALPN {t.get('alpn')}; a saved session resumed: {s.get('resumes')}; "
+                         f"sanity backends {dict(sorted(s['backends'].items()))}")
+    others = [row[p]["other_cores"] for sc in res.get("scenarios", {}).values()
+              for row in sc["rounds"] for p in row if row[p].get("other_cores") is not None]
+    if others:
+        lines.append(f"- other work on the machine during the runs: {median(others):.2f} cores "
+                     f"(median), {max(others):.2f} at most (of {info['nproc']}); see each "
+                     "scenario")
     lines.append("")
-    for scenario, conns, extra, title in SCENARIOS:
-        sc = res.get("scenarios", {}).get(scenario)
+    lines += side_by_side(proxies, res)
+    for scd in SCENARIOS:
+        sc = res.get("scenarios", {}).get(scd.name)
         if not sc:
             continue
         rounds: list[dict[str, Any]] = sc["rounds"]
         names = [p for p in proxies if any(p in row for row in rounds)]
-        med = {p: {k: median([row[p][k] for row in rounds if p in row])
-                   for k in ("rps", "p50_us", "p99_us")} for p in names}
+        med = _medians(rounds, names)
         hap = med.get("haproxy", {}).get("rps")
-        unit = "handshakes/s = req/s" if scenario == "close" else "req/s"
-        header = f' -H "{extra[1]}"' if extra else ""
+        unit = "handshakes/s = req/s" if scd.extra == CLOSE else "req/s"
+        header = f' -H "{scd.extra[1]}"' if scd.extra else ""
         lines += [
-            f"## HTTPS {title}",
+            f"## HTTPS {scd.title}",
             "",
-            f"`wrk -t1 -c{conns} -d{cfg.duration}s{header} --latency https://...`",
+            f"`wrk -t1 -c{scd.conns} -d{cfg.duration}s{header} --latency https://...` "
+            f"({scd.profile} profile)",
             "",
-            f"| proxy | {unit} (median) | p50 ms | p99 ms | errors (all rounds) | vs HAProxy |",
-            "|---|---:|---:|---:|---:|---:|",
+            f"| proxy | {unit} (median) | p50 ms | p99 ms | CPU us/req | errors (all rounds) "
+            "| vs HAProxy |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for p in names:
             m = med[p]
             errs = sum(row[p]["errors"] for row in rounds if p in row)
             lines.append(f"| {p} | {bench.fmt(m['rps'])} | {_ms(m['p50_us'])} | "
-                         f"{_ms(m['p99_us'])} | {errs} | {bench.ratio(m['rps'], hap)} |")
+                         f"{_ms(m['p99_us'])} | {bench.fmt(m['cpu_us'], '.1f')} | {errs} | "
+                         f"{bench.ratio(m['rps'], hap)} |")
         lines += ["", bench._rounds_table(rounds, names, "rps", "req/s"), ""]
+        other = "; ".join(
+            f"{p} " + ", ".join(bench.fmt(row[p].get("other_cores"), ".2f") for row in rounds
+                                if p in row) for p in names)
+        seen = sorted({t.split(" ", 1)[0] for row in rounds for p in names if p in row
+                       if (row[p].get("other_cores") or 0) >= 0.1
+                       for t in row[p].get("other_top", [])})
+        busiest = f" Busiest of them: {', '.join(seen)}." if seen else ""
+        lines += [f"Cores busy with other work during each run (processes this bench did not "
+                  f"start), per round: {other}.{busiest}", ""]
         shares = [row["haproxy"]["haproxy_reuse"]["reuse_pct_median"] for row in rounds
                   if "haproxy_reuse" in row.get("haproxy", {})]
         if any(x is not None for x in shares):
+            what = ("wrk keeps each connection's TLS session across its reconnects, so these "
+                    "are TLS 1.3 resumptions (PSK with ECDHE: no certificate signature)"
+                    if scd.profile == "resume" else
+                    "wrk offers its session as before; 0% means every handshake was a full one")
             lines += ["Handshakes that resumed a session at HAProxy (SslFrontendSessionReuse_pct "
                       "over its stats socket, median of 1 s samples), per round: "
                       + ", ".join(f"{x:.0f}%" if x is not None else "n/a" for x in shares)
-                      + ". wrk keeps each connection's TLS session across its reconnects, so "
-                      "these are TLS 1.3 resumptions (PSK with ECDHE: no certificate "
-                      "signature), not full handshakes.", ""]
+                      + f". {what}.", ""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
@@ -407,9 +644,14 @@ def main() -> int:
         raise SystemExit(f"missing {', '.join(missing)}: install them (bench/run.sh installs "
                          "haproxy, nginx and wrk; openssl is Debian's openssl package)")
     proxies = bench.env_list("HTTPS_PROXIES", PROXIES, PROXIES)
+    names = tuple(sc.name for sc in SCENARIOS)
+    wanted = bench.env_list("HTTPS_SCENARIOS", names, names)
+    scenarios = [sc for sc in SCENARIOS if sc.name in wanted]
     tmp = Path(tempfile.mkdtemp(prefix="edgelb-https-bench-"))
     try:
         cfg = dataclasses.replace(Settings.from_env(), tmp=tmp)
+        if not os.environ.get("BENCH_DURATION"):
+            cfg.duration = DEFAULT_DURATION
         if "BENCH_EDGELB_PYTHON" not in os.environ:
             venv = bench.REPO / ".venv" / "bin" / "python"
             cfg.python = str(venv) if venv.exists() else sys.executable
@@ -417,7 +659,7 @@ def main() -> int:
         started = time.monotonic()
         info = version_info(cfg)
         notes: list[str] = []
-        res = run(cfg, proxies, notes)
+        res = run(cfg, proxies, scenarios, notes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     info["load_end"] = bench.loadavg()

@@ -140,13 +140,17 @@ def listener_status(key: str, listener: Any) -> dict[str, Any]:
         target = svc.name
     else:
         target = getattr(listener, "name", None)
-    return {
+    out = {
         "address": key,
         "kind": listener.kind,
         "target": target,
         "accepted": listener.accepted,
         "connections": listener.connections,
     }
+    sni_status = getattr(listener, "sni_status", None)
+    if sni_status is not None and getattr(listener, "ssl", None) is not None:
+        out["sni"] = sni_status()  # TLS entrypoints: the passthrough table, peek outcomes
+    return out
 
 
 def watcher_status(runtime: Any) -> list[dict[str, Any]]:

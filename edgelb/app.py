@@ -11,6 +11,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from edgelb import tls
 from edgelb.config import Config, ConfigError, load_config, not_implemented, parse_config
 from edgelb.runtime import EntrypointSpec, Runtime, SnapshotError
 from watchers.model import Policy
@@ -116,6 +117,10 @@ class App:
             if self.config is not None and config.kubernetes != self.config.kubernetes:
                 log.warning("watchers.kubernetes changed; it takes effect on restart")
             eps = [EntrypointSpec(e.name, e.listen, e.tls) for e in config.entrypoints]
+            # `tls:` before the listeners: contexts made in this step carry it from the start;
+            # live ones change in place (the next handshake sees it); undone if the step fails
+            previous_tls = tls.current_options()
+            tls.configure(config.tls)
             try:  # both record the outcome themselves
                 if self.config is None or self.config.entrypoints != config.entrypoints or (
                     self.config.defaults != config.defaults
@@ -125,6 +130,7 @@ class App:
                 else:
                     await runtime.apply(config.snapshot)
             except SnapshotError:
+                tls.configure(previous_tls)
                 return
             runtime.grace = config.shutdown.grace
             defaults_changed = self.config is not None and self.config.defaults != config.defaults

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 
 import balancers
+from edgelb.tls import Options as TLSOptions
 from watchers.model import (
     OUTLIER_KINDS,
     Address,
@@ -105,6 +106,7 @@ class Config:
     marathon: MarathonWatcherConfig | None = None
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    tls: TLSOptions = field(default_factory=TLSOptions)  # every TLS listener (edgelb.tls)
     instance: InstanceConfig = field(default_factory=InstanceConfig)
 
 
@@ -367,7 +369,7 @@ _INVALID = object()  # marks a value that failed validation (None may be a valid
 # Sections
 
 TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "watchers", "shutdown", "instance",
-            "limits")
+            "limits", "tls")
 HEALTH_KEYS = ("path", "interval", "timeout", "rise", "fall", "type", "method", "status",
                "host")
 OUTLIER_KEYS = ("failures", "kinds", "ejection", "max_ejection", "max_ejected")
@@ -377,7 +379,7 @@ POLICY_KEYS = (
     "max_inflight", "queue_timeout", "max_idle", "health_check", "slow_start",
     "hash_key", "sticky", "zone_aware", "zone_threshold", "subset",
     "adaptive", "queue_size", "outlier", "panic_threshold", "retries", "retry_budget",
-    "max_body", "redirect_to_https", "hsts", "sources", "auth", "backend_tls",
+    "max_body", "redirect_to_https", "hsts", "sources", "auth", "backend_tls", "tunnel_timeout",
 )
 _METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _STATUS_RANGE = re.compile(r"^([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?$")
@@ -951,6 +953,11 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
             for prefix, ppath in paths or [("/", "")]:
                 where = " and ".join(p for p in (hpath, ppath) if p)
                 routes.append((Route(host=host, path=prefix, service=label), where))
+    if passthrough and policy_fields.get("backend_tls", defaults.backend_tls) is not None:
+        c.error(_join(path, "backend_tls"), "a passthrough service relays the client's own TLS "
+                "undecrypted; it cannot also speak TLS to its backends (set backend_tls: null "
+                "here, or drop tls: passthrough)")
+        ok = False
     svc = None
     if ok and backends is not None and name is not None:
         policy = dataclasses.replace(defaults, **policy_fields)
@@ -1120,6 +1127,37 @@ def _limits(c: _Checker, value: Any) -> LimitsConfig:
     return LimitsConfig(**fields)
 
 
+TLS_KEYS = ("session_tickets", "min_version")
+_TLS_VERSIONS = {"1.2": "1.2", "1.3": "1.3", 1.2: "1.2", 1.3: "1.3",
+                 "tlsv1.2": "1.2", "tlsv1.3": "1.3"}
+
+
+def _tls_options(c: _Checker, value: Any) -> TLSOptions:
+    """The top-level `tls:` block: options of every TLS listener (not certificates)."""
+    if value is None:
+        return TLSOptions()
+    m = c.mapping(value, "tls", 'a mapping like {session_tickets: true, min_version: "1.2"}')
+    if m is None:
+        return TLSOptions()
+    c.keys(m, "tls", TLS_KEYS)
+    fields: dict[str, Any] = {}
+    if "session_tickets" in m:
+        on = c.boolean(m["session_tickets"], "tls.session_tickets")
+        if on is not None:
+            fields["session_tickets"] = on
+    if "min_version" in m:
+        raw = m["min_version"]
+        # a plain YAML 1.2 is a number: accepted as the string it looks like
+        key = raw.lower() if isinstance(raw, str) else raw if isinstance(raw, float) else None
+        version = _TLS_VERSIONS.get(key) if key is not None else None
+        if version is None:
+            c.error("tls.min_version", f'expected "1.2" or "1.3", got {_kind(raw)} (TLS 1.0 and '
+                    "1.1 are deprecated by RFC 8996 and not offered)")
+        else:
+            fields["min_version"] = version
+    return TLSOptions(**fields)
+
+
 def _env_int(c: _Checker, name: str, default: int) -> int:
     raw = os.environ.get(name, "")
     if not raw:
@@ -1182,6 +1220,11 @@ def _check_routes(c: _Checker, entrypoints: tuple[Entrypoint, ...],
         names = ", ".join(f"{d.path} ({d.label})" for d in routed)
         c.error("entrypoints", f"none defined, but {names} route by hosts/paths; add e.g. "
                 "entrypoints: {http: {listen: 0.0.0.0:80}}, or expose them with listen")
+    elif not any(e.tls is not None for e in entrypoints):
+        for d in routed:
+            if d.service is not None and d.service.tls_passthrough:
+                c.error(_join(d.path, "tls"), f"{d.label!r} passes TLS through by SNI name on "
+                        "TLS entrypoints, and no entrypoint has tls; add tls to one")
     taken: dict[tuple[str, str], tuple[str, str]] = {}
     routes: list[Route] = []
     for d in routed:
@@ -1269,6 +1312,7 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     kubernetes, marathon = _watchers(c, top.get("watchers"))
     shutdown = _shutdown(c, top.get("shutdown"))
     limits = _limits(c, top.get("limits"))
+    tls_options = _tls_options(c, top.get("tls"))
     instance = _instance(c, top.get("instance"))
     _check_ports(c, admin, admin_set, entrypoints, drafts)
     routes = _check_routes(c, entrypoints, drafts)
@@ -1281,7 +1325,7 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     )
     return Config(admin=admin, entrypoints=entrypoints, defaults=defaults, snapshot=snapshot,
                   kubernetes=kubernetes, marathon=marathon, shutdown=shutdown,
-                  instance=instance, limits=limits)
+                  instance=instance, limits=limits, tls=tls_options)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

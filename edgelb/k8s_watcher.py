@@ -170,6 +170,7 @@ class KubernetesWatcher:
             zone=self.zone() or self.node_zone,
             pod_weights=self.config.pod_weights,
             read_policy=policy_from_annotations,
+            sni_routing=any(ep.tls is not None for ep in self.runtime.entrypoints),
         )
         problems = list(translation.problems)
         self._certificates(translation, problems)

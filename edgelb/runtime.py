@@ -25,6 +25,7 @@ from edgelb.health import HealthChecker, Target
 from edgelb.http.listener import HttpListener
 from edgelb.http.router import Router
 from edgelb.pool import ServiceState
+from edgelb.sni import SniTable
 from edgelb.tls import Certificate, CertificateStore, TLSConfigError, load_files
 from watchers.model import Address, Policy, Route, Service, Snapshot
 
@@ -197,20 +198,35 @@ class Runtime:
                 services.append(svc)
             routes.extend(snap.routes)
         names = {s.name: s for s in services}
+        passthrough: dict[str, str] = {}  # SNI host -> service
         for r in routes:
             target = names.get(r.service)
             if target is None:
                 errors.append(f"route {r.host or '*'}{r.path}: no service named {r.service!r}")
+            elif target.tls_passthrough and target.mode == "tcp":
+                where = f"service {r.service}: tls: passthrough"
+                if not r.host:
+                    errors.append(f"{where}: routed by SNI name, so it needs hosts; add hosts")
+                elif r.path != "/" or r.exact:
+                    errors.append(f"{where}: routed by SNI name only; drop the path {r.path}")
+                elif passthrough.setdefault(r.host.lower(), r.service) != r.service:
+                    errors.append(f"{where}: host {r.host} is already passed through to "
+                                  f"service {passthrough[r.host.lower()]}; give it one service")
             elif target.mode != "http":
                 errors.append(f"route {r.host or '*'}{r.path}: service {r.service} is not http")
         if routes and not self.entrypoints:
             errors.append("host/path routes need an entrypoint; add one under `entrypoints:`")
+        elif passthrough and not any(ep.tls is not None for ep in self.entrypoints):
+            hosts = ", ".join(sorted(passthrough))
+            errors.append(f"TLS passthrough hosts ({hosts}) are routed by the SNI name on TLS "
+                          "entrypoints, and none has tls; add tls to an entrypoint")
         if errors:
             raise SnapshotError(errors)
         return services, routes
 
     async def _reconcile(self, snapshots: dict[str, Snapshot]) -> None:
         services, routes = self._validate(snapshots)
+        router, sni_table = _split_routes(routes, {s.name: s for s in services})
         self._load_entrypoint_certs()
         self._load_service_certs(services)
         # What should listen where: key -> (kind, service or entrypoint name, address)
@@ -234,6 +250,8 @@ class Runtime:
                 old.stop_accepting()
                 replaced.append(old)
             listener = self._make_listener(kind, name, addr)
+            if kind == "entrypoint-tls":
+                listener.sni_table = sni_table  # start() serves or peeks accordingly
             try:
                 await listener.start()
             except OSError as e:
@@ -261,7 +279,7 @@ class Runtime:
         states.clear()
         states.update(by_name)
         self.routes = tuple(routes)
-        self.router = Router(routes)
+        self.router = router
         for key, listener in list(self.listeners.items()):
             if key not in wanted or key in fresh:
                 if key not in fresh:
@@ -275,6 +293,8 @@ class Runtime:
                 listener.router = self.router
                 listener.services = states
                 listener.defaults = self.defaults
+                if kind == "entrypoint-tls":
+                    listener.set_passthrough(sni_table)
             else:
                 listener.service = states[name]
             listener.set_limits(self.limits)
@@ -447,6 +467,10 @@ class Runtime:
             if clients:
                 for c in [c for c in clients if c.deadline and c.deadline <= now]:
                     c.expire(now)
+            relay = getattr(listener, "relay", None)  # a TLS entrypoint's passthrough
+            if relay is not None and relay.clients:
+                for c in [c for c in relay.clients if c.deadline and c.deadline <= now]:
+                    c.expire(now)
         for u in [u for u in self.upstreams if u.deadline and u.deadline <= now]:
             u.expire(now)
         for state in self.services.values():
@@ -477,6 +501,35 @@ class Runtime:
         await self.health.close()
         for task in list(self._closers):
             task.cancel()
+
+
+def _split_routes(routes: Iterable[Route], services: dict[str, Service]
+                  ) -> tuple[Router, SniTable]:
+    """The HTTP router and the TLS entrypoints' SNI table. Routes to passthrough services go
+    to the table only. A host that is both passed through and routed as https is passed
+    through on TLS entrypoints (as ingress-nginx does); its https routes serve plain-HTTP
+    entrypoints, and requests that reach a TLS entrypoint with another SNI name. An exact
+    https host takes precedence over a passthrough wildcard (exact names first, as routing)."""
+    http: list[Route] = []
+    exact: dict[str, str] = {}
+    wildcard: dict[str, str] = {}
+    terminated: set[str] = set()
+    for r in routes:
+        svc = services.get(r.service)
+        if svc is not None and svc.tls_passthrough and svc.mode == "tcp":
+            host = r.host.lower().rstrip(".")
+            if host.startswith("*."):
+                wildcard[host[1:]] = r.service
+            else:
+                exact[host] = r.service
+        else:
+            http.append(r)
+            if r.host and not r.host.startswith("*."):
+                terminated.add(r.host.lower().rstrip("."))
+    if wildcard:
+        for host in terminated:
+            exact.setdefault(host, "")
+    return Router(http), SniTable(exact, wildcard)
 
 
 async def _restart(listener: Any) -> None:

@@ -17,8 +17,18 @@ Defaults of every context (documented choices):
 - TLS 1.2 ciphers: ECDHE key exchange with AEAD only (AES-GCM, ChaCha20-Poly1305), server
   order; TLS 1.3 suites are OpenSSL's (all AEAD);
 - no compression (CRIME), no renegotiation (a client-driven CPU cost, and unneeded);
-- session tickets stay on (`OP_NO_TICKET` is not set): resumption saves a full handshake;
+- session tickets on (`OP_NO_TICKET` not set, OpenSSL's 2 TLS 1.3 tickets per handshake):
+  resumption saves a full handshake;
 - ALPN offers only `http/1.1`, the one protocol the data path speaks.
+
+The config's top-level `tls:` block (`session_tickets`, `min_version`) is process-wide, like the
+process it configures: `configure()` records it and sets it on every live server context this
+module made (weakly tracked) and on every one made later. The attributes involved (minimum
+version, options, `num_tickets`) are copied into each connection when its handshake starts, so
+a change applies to the next handshake and leaves handshakes in progress alone. Only the
+listener's context matters for them: switching to a certificate's context on SNI keeps the
+connection's version bounds, options and ticket count; certificates' contexts get the same
+values anyway, so no context edgelb made disagrees with the config.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import os
 import re
 import ssl
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,8 +208,65 @@ def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
     return ctx
 
 
+# ---------------------------------------------------------------------------------------------
+# Process-wide options (the config's `tls:` block)
+
+MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+DEFAULT_TICKETS = 2  # OpenSSL's number of TLS 1.3 tickets per full handshake
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What `tls:` sets on every server context: `session_tickets` false issues no ticket at
+    all (TLS 1.3: `num_tickets = 0`, so not even stateful ones; TLS 1.2: `OP_NO_TICKET`);
+    `min_version` is "1.2" or "1.3"."""
+
+    session_tickets: bool = True
+    min_version: str = "1.2"
+
+
+_options = Options()
+_live: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
+
+
+def apply_options(ctx: ssl.SSLContext, options: Options) -> None:
+    """Set `options` on a server context; safe on a context that is serving."""
+    ctx.minimum_version = MIN_VERSIONS[options.min_version]
+    if options.session_tickets:
+        ctx.options &= ~ssl.OP_NO_TICKET
+        ctx.num_tickets = DEFAULT_TICKETS
+    else:
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
+
+
+def configure(options: Options) -> int:
+    """Make `options` the process's TLS options, on every live server context and every one
+    made from now on. Returns how many live contexts were changed."""
+    global _options
+    if options.min_version not in MIN_VERSIONS:  # before anything changes
+        raise ValueError(f"tls min_version {options.min_version!r}: use one of "
+                         f"{', '.join(MIN_VERSIONS)}")
+    changed, _options = options != _options, options
+    contexts = list(_live)
+    for ctx in contexts:
+        apply_options(ctx, options)
+    if changed:
+        log.info("tls: session tickets %s, TLS %s minimum, on %d server context(s)",
+                 "on" if options.session_tickets else "off", options.min_version, len(contexts))
+    return len(contexts)
+
+
+def current_options() -> Options:
+    return _options
+
+
 def new_server_context() -> ssl.SSLContext:
-    return harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    """A hardened server context carrying the current options, tracked for `configure()`."""
+    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    apply_options(ctx, _options)
+    _live.add(ctx)
+    return ctx
 
 
 @contextlib.contextmanager

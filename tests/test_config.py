@@ -295,7 +295,7 @@ def test_unknown_key_suggests_nearest(text: str, path: str, suggestion: str) -> 
 def test_unknown_key_without_close_match_lists_valid_keys() -> None:
     err = one_error("zzz: 1\n", "zzz")
     assert ("valid keys: admin, defaults, entrypoints, instance, limits, services, shutdown, "
-            "watchers") in err
+            "tls, watchers") in err
 
 
 # --------------------------------------------------------------------------- all errors at once
@@ -510,6 +510,7 @@ def test_every_policy_key_in_defaults() -> None:
           header_timeout: 2s
           idle_timeout: 3s
           response_timeout: 4s
+          tunnel_timeout: 5m
           max_inflight: 5
           queue_timeout: 0
           max_idle: 0
@@ -517,7 +518,7 @@ def test_every_policy_key_in_defaults() -> None:
     """)
     assert c.defaults == Policy(
         balance="round-robin", connect_timeout=1.0, header_timeout=2.0, idle_timeout=3.0,
-        response_timeout=4.0, max_inflight=5, queue_timeout=0.0, max_idle=0,
+        response_timeout=4.0, tunnel_timeout=300.0, max_inflight=5, queue_timeout=0.0, max_idle=0,
         health_check=HealthCheck(path="/ping"),
     )
 
@@ -1033,3 +1034,69 @@ def test_policy_from_annotations_names_each_bad_annotation_and_keeps_the_base() 
                             "edgelb.io/max-inflight?") for e in errs)
     assert any(e.startswith("edgelb.io/retries: at most 5") for e in errs)
     assert any(e.startswith("edgelb.io/health-check (type): expected http or tcp") for e in errs)
+
+
+def test_passthrough_and_backend_tls_exclude_each_other() -> None:
+    err = one_error("""
+        services:
+          - name: db
+            mode: tcp
+            listen: 5432
+            tls: passthrough
+            backend_tls: true
+            backends: [{address: 127.0.0.1:5433}]
+    """, "services[0].backend_tls")
+    assert "passthrough" in err
+    err = one_error("""
+        defaults: {backend_tls: true}
+        services:
+          - name: db
+            mode: tcp
+            listen: 5432
+            tls: passthrough
+            backends: [{address: 127.0.0.1:5433}]
+    """, "services[0].backend_tls")
+    assert "backend_tls: null" in err
+    c = cfg("""
+        defaults: {backend_tls: true}
+        services:
+          - name: db
+            mode: tcp
+            listen: 5432
+            tls: passthrough
+            backend_tls: null
+            backends: [{address: 127.0.0.1:5433}]
+    """)
+    assert c.snapshot.services[0].tls_passthrough
+    assert c.snapshot.services[0].policy.backend_tls is None
+
+
+def test_tls_on_a_tcp_port_and_passthrough_rules() -> None:
+    err = one_error("""
+        entrypoints: {https: {listen: 18443, tls: {}}}
+        services:
+          - name: web
+            hosts: [a.example.com]
+            tls: passthrough
+            backends: [{address: 127.0.0.1:5433}]
+    """, "services[0].tls")
+    assert "mode: tcp" in err
+    errs = errors("""
+        entrypoints: {https: {listen: 18443, tls: {}}}
+        services:
+          - name: db
+            mode: tcp
+            hosts: [a.example.com]
+            tls: {cert: c.pem, key: k.pem}
+            backends: [{address: 127.0.0.1:5433}]
+    """)
+    assert any(e.startswith("services[0].tls: ") and "listen port" in e for e in errs), errs
+    err = one_error("""
+        entrypoints: {https: {listen: 18443, tls: {}}}
+        services:
+          - name: db
+            mode: tcp
+            hosts: [a.example.com]
+            backends: [{address: 127.0.0.1:5433}]
+    """, "services[0].hosts")
+    assert "passthrough" in err

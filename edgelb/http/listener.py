@@ -1,13 +1,26 @@
-"""An HTTP listener: a static port of one service, or a shared entrypoint routing by host/path."""
+"""An HTTP listener: a static port of one service, or a shared entrypoint routing by host/path.
+
+A TLS entrypoint may also pass TLS through undecrypted, by the SNI name of the ClientHello
+(`set_passthrough`). While its table is empty it serves exactly as any other listener, through
+`loop.create_server` (uvloop accepts and handshakes in C). While the table names something, the
+listener accepts on its own socket instead: each new connection is peeked at (MSG_PEEK, nothing
+consumed) until its ClientHello is whole, then either adopted by `relay`, an unbound
+`TcpListener` that splices the raw bytes to the passthrough service's backends, or handed to
+TLS termination (`loop.connect_accepted_socket`), which reads the ClientHello from the start.
+Both modes share one listening socket: the server is given a duplicate of it, so switching
+between them at a reconcile never rebinds the port.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl as ssl_module
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from edgelb import sni
 from edgelb.config import LimitsConfig
 from edgelb.http.proxy import ClientProtocol, UpstreamProtocol
 from edgelb.http.router import Router
@@ -19,6 +32,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgelb.http")
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to finish its TLS handshake
+BACKLOG = 1024
+ACCEPT_BATCH = 64  # connections accepted per readiness callback (own accept loop)
+ACCEPT_PAUSE = 0.1  # seconds to stop accepting when out of file descriptors
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# Peeked ClientHello bytes land here (one buffer per process: a peek is parsed at once).
+_PEEK_BUF = bytearray(sni.MAX_HELLO)
+_PEEK_VIEW = memoryview(_PEEK_BUF)
 
 
 class HttpListener:
@@ -65,6 +85,18 @@ class HttpListener:
         self._server: asyncio.AbstractServer | None = None
         self._host_header = str(address).encode()
         self.header_timeout_s = self.idle_timeout_s = 0.0
+        # TLS passthrough by SNI (TLS entrypoints only; see the module docstring)
+        self.sni_table = sni.SniTable()
+        self.relay: Any = None  # edgelb.tcp.TcpListener relaying passed-through connections
+        self.handshake_timeout = HANDSHAKE_TIMEOUT
+        self.sni_outcomes: dict[str, int] = {}  # passthrough, terminated, timeout, closed
+        self._socks: list[socket.socket] = []  # listening sockets owned here (TLS entrypoint)
+        self._servers: list[asyncio.AbstractServer] = []  # serving duplicates of _socks
+        self._own = False  # accepting on _socks here (the table names something)
+        self._peeking: set[_Peek] = set()
+        self._handshakes: set[asyncio.Task[Any]] = set()
+        self._resume: asyncio.TimerHandle | None = None
+        self._switch: asyncio.Task[None] | None = None
         self.refresh()
 
     def set_limits(self, limits: LimitsConfig) -> None:
@@ -80,7 +112,8 @@ class HttpListener:
 
     @property
     def connections(self) -> int:
-        return len(self.clients)
+        relay = self.relay
+        return len(self.clients) + len(self._peeking) + (relay.connections if relay else 0)
 
     def policy(self) -> Policy:
         service = self.service
@@ -96,6 +129,9 @@ class HttpListener:
         return self.services.get(name)
 
     async def start(self) -> None:
+        if self.ssl is not None and self.service is None:
+            await self._start_tls_entrypoint()
+            return
         host = self.address.host
         try:
             self._server = await self.loop.create_server(
@@ -127,22 +163,307 @@ class HttpListener:
             client.closing = True
 
     def stop_accepting(self) -> None:
-        """Stop accepting; idle keep-alive clients are closed, busy ones after their response."""
+        """Stop accepting; idle keep-alive clients are closed, busy ones after their response.
+        Passed-through connections, and those still sending their ClientHello, go on."""
         self.closing = True
         if self._server is not None:
             self._server.close()
+        self._close_sockets()
         for client in list(self.clients):
             client.drain()
 
     async def wait_closed(self, timeout: float) -> None:
         loop = self.loop
         deadline = loop.time() + timeout
-        while self.clients and loop.time() < deadline:
+        while (self.clients or self._peeking or self._handshakes
+               or (self.relay is not None and self.relay.connections)) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         self.abort()
 
     def abort(self) -> None:
         if self._server is not None:
             self._server.close()
+        self._close_sockets()
         for client in list(self.clients):
             client.transport.abort()
+        for peek in list(self._peeking):
+            self._drop(peek, "closed")
+        for task in list(self._handshakes):
+            task.cancel()
+        if self.relay is not None:
+            self.relay.abort()
+
+    # -- TLS entrypoints: terminate, or pass through by SNI ---------------------------------
+
+    def set_passthrough(self, table: sni.SniTable) -> None:
+        """The names this entrypoint passes through from now on (the runtime calls it at every
+        reconcile). Switches between serving and peeking without rebinding."""
+        self.sni_table = table
+        if not self._socks or self.closing:
+            return  # applied by start()
+        if table:
+            if not self._own:
+                self._accept_here()
+        elif self._own and self._switch is None:
+            self._switch = self.loop.create_task(self._back_to_serving())
+
+    def sni_status(self) -> dict[str, Any]:
+        """The passthrough table and what became of peeked connections (admin status)."""
+        return {"passthrough": self.sni_table.summary(), "outcomes": dict(self.sni_outcomes)}
+
+    async def _start_tls_entrypoint(self) -> None:
+        self._socks = await self._bind()
+        if self.sni_table:
+            self._accept_here()
+            return
+        try:
+            self._servers = await self._serve()
+        except OSError:
+            self._close_sockets()
+            raise
+
+    async def _bind(self) -> list[socket.socket]:
+        """Listening sockets for the address (every address family for "" or "*")."""
+        host: str | None = self.address.host
+        host = None if host in ("", "*") else host
+        where = f"cannot listen on {self.address} for {self.name}"
+        try:
+            infos = await self.loop.getaddrinfo(host, self.address.port, type=socket.SOCK_STREAM,
+                                                flags=socket.AI_PASSIVE)
+        except OSError as e:
+            raise OSError(e.errno, f"{where}: {e}") from e
+        socks: list[socket.socket] = []
+        try:
+            for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
+                sock = socket.socket(family, type_, proto)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
+                sock.listen(BACKLOG)
+                sock.setblocking(False)
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
+        except OSError as e:
+            for sock in socks:
+                sock.close()
+            raise OSError(e.errno, f"{where}: {e.strerror}") from e
+        return socks
+
+    async def _serve(self) -> list[asyncio.AbstractServer]:
+        """Servers (uvloop's accept and handshake) on duplicates of the listening sockets:
+        closing one later leaves the socket listening for `_accept_here`."""
+        servers: list[asyncio.AbstractServer] = []
+        try:
+            for sock in self._socks:
+                servers.append(await self.loop.create_server(
+                    lambda: ClientProtocol(self), sock=sock.dup(), backlog=BACKLOG,
+                    ssl=self.ssl, ssl_handshake_timeout=self.handshake_timeout))
+        except BaseException:  # OSError, or cancelled by a close meanwhile
+            for server in servers:
+                server.close()
+            raise
+        return servers
+
+    def _accept_here(self) -> None:
+        for sock in self._socks:
+            self.loop.add_reader(sock.fileno(), self._on_accept, sock)
+        self._own = True
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+
+    def _stop_accepting_here(self) -> None:
+        if self._own:
+            for sock in self._socks:
+                self.loop.remove_reader(sock.fileno())
+        self._own = False
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+
+    async def _back_to_serving(self) -> None:
+        """The table became empty: hand accepting back to the servers (they take over once
+        they are up; until then, and if the table fills again meanwhile, nothing changes)."""
+        socks = self._socks
+        try:
+            try:
+                servers = await self._serve()
+            except OSError as e:
+                log.warning("entrypoint %s: cannot serve TLS on %s again (%s); keeps peeking",
+                            self.name, self.address, e)
+                return
+            if self.sni_table or self.closing or not self._own or socks is not self._socks:
+                for server in servers:
+                    server.close()
+                return
+            self._stop_accepting_here()
+            self._servers = servers
+        finally:
+            self._switch = None
+
+    def _close_sockets(self) -> None:
+        self._stop_accepting_here()
+        if self._switch is not None:
+            self._switch.cancel()
+            self._switch = None
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+        socks, self._socks = self._socks, []
+        for sock in socks:
+            sock.close()
+
+    def _on_accept(self, lsock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                if e.errno in _RESOURCE_ERRNOS:
+                    log.warning("entrypoint %s: cannot accept (%s); pausing accepts for %.1fs; "
+                                "raise the open files limit (ulimit -n) if this repeats",
+                                self.name, e.strerror, ACCEPT_PAUSE)
+                    self._stop_accepting_here()
+                    self._resume = self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+                else:
+                    log.error("entrypoint %s: accept failed: %s", self.name, e)
+                return
+            self._accepted(sock, str(peer[0]) if peer else "")
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if not self.closing and self._socks and not self._own:
+            self._accept_here()
+
+    def _accepted(self, sock: socket.socket, ip: str) -> None:
+        """A new connection: refuse it over a limit, else peek at its ClientHello."""
+        ipb = ip.encode()
+        limits = self.limits
+        relay = self.relay
+        n = self.per_client.get(ipb, 0) + 1 + (relay.per_client.get(ip, 0) if relay else 0)
+        per_client = limits.connections_per_client
+        if self.connections >= limits.connections or (per_client and n > per_client):
+            reason = "per_client" if per_client and n > per_client else "connections"
+            self.refused[reason] = self.refused.get(reason, 0) + 1
+            sock.close()
+            return
+        try:
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return
+        self.per_client[ipb] = self.per_client.get(ipb, 0) + 1
+        loop = self.loop
+        peek = _Peek(sock, ip, ipb, loop.time() + self.handshake_timeout)
+        self._peeking.add(peek)
+        peek.timer = loop.call_at(peek.deadline, self._drop, peek, "timeout")
+        self._peek(peek)  # the ClientHello is often there already
+        if peek in self._peeking:
+            loop.add_reader(peek.fd, self._peek, peek)
+            peek.reading = True
+
+    def _peek(self, peek: _Peek) -> None:
+        try:
+            n = peek.sock.recv_into(_PEEK_BUF, sni.MAX_HELLO, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(peek, "closed")
+            return
+        if n <= peek.seen:  # readable with nothing new: closed before the hello was whole
+            self._drop(peek, "closed")
+            return
+        peek.seen = n
+        result = sni.parse(_PEEK_VIEW[:n])
+        if type(result) is int and result > 0:
+            try:  # do not wake up until the rest of the record is here
+                peek.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, result)
+                peek.lowat = True
+            except OSError:
+                pass
+            return
+        self._end_peek(peek)
+        name = self.sni_table.lookup(result) if type(result) is str else None
+        state = self.services.get(name) if name is not None else None
+        if state is not None:
+            self._count("passthrough")
+            self.accepted += 1
+            self._relay().adopt(peek.sock, peek.ip, state)
+            return
+        self._count("terminated")
+        timeout = max(0.1, peek.deadline - self.loop.time())
+        task = self.loop.create_task(self._terminate(peek.sock, timeout))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _terminate(self, sock: socket.socket, timeout: float) -> None:
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: ClientProtocol(self), sock, ssl=self.ssl, ssl_handshake_timeout=timeout)
+        except Exception as e:  # refused, timed out, reset: the client's problem
+            log.debug("entrypoint %s: TLS handshake failed: %r", self.name, e)
+
+    def _end_peek(self, peek: _Peek) -> bool:
+        """Stop peeking (False if already stopped); the socket is left as it was accepted."""
+        if peek not in self._peeking:
+            return False
+        self._peeking.discard(peek)
+        if peek.reading:
+            self.loop.remove_reader(peek.fd)
+        if peek.timer is not None:
+            peek.timer.cancel()
+        if peek.lowat:
+            try:
+                peek.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            except OSError:
+                pass
+        n = self.per_client.get(peek.ipb, 1) - 1
+        if n > 0:
+            self.per_client[peek.ipb] = n
+        else:
+            self.per_client.pop(peek.ipb, None)
+        return True
+
+    def _drop(self, peek: _Peek, outcome: str) -> None:
+        if self._end_peek(peek):
+            self._count(outcome)
+            peek.sock.close()
+
+    def _count(self, outcome: str) -> None:
+        self.sni_outcomes[outcome] = self.sni_outcomes.get(outcome, 0) + 1
+
+    def _relay(self) -> Any:
+        relay = self.relay
+        if relay is None:
+            from edgelb.pool import ServiceState
+            from edgelb.tcp import TcpListener
+            from watchers.model import Service
+
+            relay = self.relay = TcpListener(
+                self.address, ServiceState(Service(name=f"{self.name}-passthrough", mode="tcp")),
+                loop=self.loop)
+        return relay
+
+
+class _Peek:
+    """A connection of a TLS entrypoint whose ClientHello is being waited for."""
+
+    __slots__ = ("deadline", "fd", "ip", "ipb", "lowat", "reading", "seen", "sock", "timer")
+
+    def __init__(self, sock: socket.socket, ip: str, ipb: bytes, deadline: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.ip = ip
+        self.ipb = ipb
+        self.deadline = deadline
+        self.seen = 0  # bytes peeked last time
+        self.lowat = False  # SO_RCVLOWAT was raised
+        self.reading = False  # registered with the loop
+        self.timer: asyncio.TimerHandle | None = None

@@ -23,6 +23,11 @@ the controller:
 - With `zone` set, topology hints are honoured as kube-proxy does: when every ready endpoint has
   `hints.forZones` and some name our zone, only those ready endpoints are used.
 - A `spec.tls` entry without hosts gives the default certificate, under the SNI pattern "".
+- `edgelb.io/ssl-passthrough: "true"` on an Ingress (ingress-nginx's ssl-passthrough): each
+  rule host becomes a tcp service whose TLS connections the TLS entrypoints relay undecrypted
+  by SNI name, to the backend of the rule's `/` path (else its first path); the rule makes no
+  HTTP routes. Rules without a host, and the default backend, cannot be passed through (there
+  is no name to match): the former are problems, the latter stays an HTTP route.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ PORT_ANNOTATION = "edgelb.io/port"
 MODE_ANNOTATION = "edgelb.io/mode"
 TARGET_PORT_ANNOTATION = "edgelb.io/target-port"
 WEIGHT_ANNOTATION = "edgelb.io/weight"
+PASSTHROUGH_ANNOTATION = "edgelb.io/ssl-passthrough"
 LEGACY_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
 DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -112,16 +118,19 @@ def translate(
     zone: str = "",
     pod_weights: bool = False,
     read_policy: PolicyReader | None = None,
+    sni_routing: bool = True,
 ) -> Translation:
     """The Snapshot (source "kubernetes") for `state`, with every problem found on the way.
 
     `read_policy` reads `edgelb.io/<key>` annotations into a Policy; the caller passes
     `edgelb.config.policy_from_annotations` (watchers do not import edgelb at import time);
-    when omitted, that function is imported on first use."""
+    when omitted, that function is imported on first use. `sni_routing`: the proxy has a TLS
+    entrypoint to route passthrough hosts by SNI; without one, a passthrough Ingress is a
+    problem of its own rather than a snapshot the runtime would reject whole."""
     if read_policy is None:
         read_policy = _default_reader()
     return _Translator(state, ingress_class, controller, defaults, zone, pod_weights,
-                       read_policy).run()
+                       read_policy, sni_routing).run()
 
 
 def _default_reader() -> PolicyReader:
@@ -232,8 +241,9 @@ class _Ref:
 class _Translator:
     def __init__(self, state: ClusterState, ingress_class: str, controller: str,
                  defaults: Policy, zone: str, pod_weights: bool,
-                 read_policy: PolicyReader) -> None:
+                 read_policy: PolicyReader, sni_routing: bool = True) -> None:
         self.state = state
+        self.sni_routing = sni_routing
         self.ingress_class = ingress_class
         self.controller = controller
         self.defaults = defaults
@@ -246,6 +256,7 @@ class _Translator:
         self.routes: list[Route] = []
         self.tls: dict[str, tuple[str, str]] = {}
         self._tls_owner: dict[str, Key] = {}
+        self._passthrough_owner: dict[str, Key] = {}  # passed-through host -> its Ingress
         self._policies: dict[Key, tuple[Policy, list[str]]] = {}
         self._weights: dict[Key, float] = {}
         self._slices: dict[Key, list[tuple[Key, Obj]]] = {}
@@ -320,6 +331,7 @@ class _Translator:
         if not _list(rules) and spec.get("defaultBackend") is None:
             self.problem("Ingress", key, "has neither spec.rules nor spec.defaultBackend; "
                                          "nothing to route")
+        passthrough = self.passthrough_wanted(key, ing)
         for i, rule in enumerate(_list(rules)):
             where = f"spec.rules[{i}]"
             if not isinstance(rule, dict):
@@ -334,8 +346,62 @@ class _Translator:
                 self.problem("Ingress", key, f"{where} ({shown}) has no http paths; skipped "
                                              "(add http.paths with a path and a backend)")
                 continue
+            if passthrough:
+                self.passthrough_rule(key, host, paths, where)
+                continue
             for j, item in enumerate(paths):
                 self.ingress_path(key, host, item, f"{where}.http.paths[{j}]", claims)
+
+    # -- TLS passthrough --------------------------------------------------------------------------
+
+    def passthrough_wanted(self, key: Key, ing: Obj) -> bool:
+        raw = _annotations(ing).get(PASSTHROUGH_ANNOTATION)
+        if raw is None:
+            return False
+        value = _str(raw).strip().lower()
+        if value in ("true", "false"):
+            return value == "true"
+        self.problem("Ingress", key, f'{PASSTHROUGH_ANNOTATION}: {raw!r} is not "true" or '
+                                     '"false"; TLS is terminated as without it')
+        return False
+
+    def passthrough_rule(self, key: Key, host: str, paths: list[Any], where: str) -> None:
+        """One rule of a passthrough Ingress: its host's TLS goes to the backend of its `/`
+        path (else its first), undecrypted."""
+        if not host:
+            self.problem("Ingress", key, f"{where}: {PASSTHROUGH_ANNOTATION} routes TLS by its "
+                                         "SNI name, and this rule has no host; skipped")
+            return
+        if not self.sni_routing:
+            self.problem("Ingress", key, f"{where}: {PASSTHROUGH_ANNOTATION} needs a TLS "
+                                         "entrypoint on the proxy to route by SNI name (e.g. "
+                                         "entrypoints: {https: {listen: 0.0.0.0:8443, tls: {}}}); "
+                                         "skipped")
+            return
+        items = [(j, item) for j, item in enumerate(paths) if isinstance(item, dict)]
+        if not items:
+            self.problem("Ingress", key, f"{where}: no path with a backend; skipped")
+            return
+        j, item = next(((j, i) for j, i in items if i.get("path") in (None, "", "/")), items[0])
+        ref = self.backend_ref(key, item.get("backend"), f"{where}.http.paths[{j}].backend")
+        if ref is None:
+            return
+        owner = self._passthrough_owner.get(host)
+        if owner is not None:
+            by = ("an earlier rule of this Ingress" if owner == key
+                  else f"the older Ingress {owner[0]}/{owner[1]}")
+            self.problem("Ingress", key, f'{where}: host "{host}" is already passed through '
+                                         f"by {by}; ignored")
+            return
+        self._passthrough_owner[host] = key
+        name = f"{ref.name}@{host}"
+        self.routes.append(Route(host=host, path="/", service=name))
+        self.services[name] = self.passthrough_service(ref, key, name)
+
+    def passthrough_service(self, ref: _Ref, ingress: Key, name: str) -> Service:
+        svc = self.route_service(ref, ingress)
+        return Service(name=name, mode="tcp", backends=svc.backends, policy=svc.policy,
+                       tls_passthrough=True)
 
     def host(self, key: Key, value: Any, where: str) -> str | None:
         if value is None or value == "":
