@@ -290,7 +290,7 @@ class OtherLoad:
             if sid in self.sessions or pid == os.getpid():
                 continue
             before = self.procs0.get(pid)
-            delta = cpu - (before[2] if before and before[0] == name else 0.0)
+            delta = cpu - (before[2] if before else 0.0)  # kworkers rename themselves
             if delta >= 0.05:
                 used.append((delta, f"{name} {pid}: {delta:.1f}s"))
         return [text for _, text in sorted(used, reverse=True)[:n]]

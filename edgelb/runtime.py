@@ -26,7 +26,7 @@ from edgelb.http.listener import HttpListener
 from edgelb.http.router import Router
 from edgelb.pool import ServiceState
 from edgelb.sni import SniTable
-from edgelb.tls import Certificate, CertificateStore, TLSConfigError, load_files
+from edgelb.tls import ALPN, Certificate, CertificateStore, TLSConfigError, load_files
 from watchers.model import Address, Policy, Route, Service, Snapshot
 
 log = logging.getLogger("edgelb.runtime")
@@ -338,7 +338,8 @@ class Runtime:
             if svc.tls is None or svc.listen is None:
                 continue
             try:
-                wanted[svc.name] = load_files(*svc.tls)
+                # tcp: no ALPN (the relayed protocol, e.g. h2 or a database's, is not ours)
+                wanted[svc.name] = load_files(*svc.tls, alpn=ALPN if svc.mode == "http" else ())
             except TLSConfigError as e:
                 errors.append(f"service {svc.name}: tls: {e}")
         if errors:

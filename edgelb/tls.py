@@ -44,7 +44,7 @@ import re
 import ssl
 import tempfile
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,8 +315,13 @@ def _names(raw: list[str], source: str) -> tuple[str, ...]:
 
 
 def load_pem(cert_pem: bytes, key_pem: bytes, source: str, *,
-             cert_label: str = "the certificate", key_label: str = "the key") -> Certificate:
+             cert_label: str = "the certificate", key_label: str = "the key",
+             alpn: Sequence[str] = ALPN) -> Certificate:
     """Check and load a PEM certificate chain (leaf first) and its unencrypted private key.
+
+    `alpn`: the protocols its context offers. OpenSSL negotiates ALPN with the context the SNI
+    callback selected, so a certificate served on a tcp port is loaded with `alpn=()`: the
+    relayed protocol is the backend's to choose, and no ALPN beats a wrong `http/1.1`.
 
     Raises TLSConfigError naming `source` (and the labels, e.g. a file or a Secret key). An
     expired certificate is loaded with a warning: serving it beats refusing the whole set.
@@ -355,6 +360,8 @@ def load_pem(cert_pem: bytes, key_pem: bytes, source: str, *,
         raise err(f"{key_label} is encrypted; give it without a passphrase (e.g. "
                   "`openssl pkey -in KEY -out KEY.plain`)")
     ctx = new_server_context()
+    if tuple(alpn) != ALPN:
+        ctx.set_alpn_protocols(list(alpn))  # empty: the server acknowledges no protocol
     try:
         with _as_path(cert_pem) as cert_path, _as_path(key_pem) as key_path:
             ctx.load_cert_chain(cert_path, key_path, password=_no_password)
@@ -375,7 +382,7 @@ def load_pem(cert_pem: bytes, key_pem: bytes, source: str, *,
     return cert
 
 
-def load_files(cert_path: str, key_path: str) -> Certificate:
+def load_files(cert_path: str, key_path: str, alpn: Sequence[str] = ALPN) -> Certificate:
     """A certificate chain file and its key file (may be the same file)."""
     data = []
     for what, path in (("certificate", cert_path), ("key", key_path)):
@@ -387,7 +394,7 @@ def load_files(cert_path: str, key_path: str) -> Certificate:
                                  f"the path of the TLS {what} in the config") from None
     source = cert_path if cert_path == key_path else f"{cert_path} (key {key_path})"
     return load_pem(data[0], data[1], source, cert_label=f"certificate file {cert_path}",
-                    key_label=f"key file {key_path}")
+                    key_label=f"key file {key_path}", alpn=alpn)
 
 
 def load_secret(secret: Mapping[str, Any]) -> Certificate:

@@ -249,6 +249,30 @@ async def test_tls_client_plain_backend_relays_plaintext_and_counts(tmp_path: Pa
         await backend.stop()
 
 
+async def test_a_tcp_tls_port_negotiates_no_alpn(tmp_path: Path) -> None:
+    """The relayed protocol is the backend's: a client offering h2 must not be told
+    http/1.1 (an http static port still says http/1.1)."""
+    backend = await Recorder().start()
+    try:
+        async with tcp_proxy(tmp_path, [backend.port]) as p:
+            ctx = client_ctx()
+            ctx.set_alpn_protocols(["h2", "http/1.1"])
+            _, writer = await within(asyncio.open_connection(HOST, p.port, ssl=ctx,
+                                                             server_hostname=NAME))
+            assert writer.get_extra_info("ssl_object").selected_alpn_protocol() is None
+            writer.close()
+            http = Service("web", listen=Address(HOST, free_port()), tls=p.service.spec.tls,
+                           backends=(Backend(HOST, backend.port),))
+            await p.rt.apply(Snapshot("file", (p.service.spec, http)))
+            assert http.listen is not None
+            _, writer = await within(asyncio.open_connection(HOST, http.listen.port, ssl=ctx,
+                                                             server_hostname=NAME))
+            assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+            writer.close()
+    finally:
+        await backend.stop()
+
+
 async def test_plain_both_sides_keeps_the_splice_relay(tmp_path: Path) -> None:
     backend = await Recorder().start()
     try:
