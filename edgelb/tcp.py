@@ -28,6 +28,7 @@ import struct
 import sys
 from typing import Any
 
+from edgelb.accept import ACCEPT_PAUSE, accept_batch
 from edgelb.config import LimitsConfig
 from edgelb.pool import BackendState, ServiceState
 from watchers.model import Address
@@ -45,13 +46,10 @@ BIG_CHUNKS_HELD = 64  # held pipes beyond which reads use SMALL_CHUNK
 PIPE_POOL_KEEP = 16  # empty pipes kept for reuse
 COPY_CHUNK = 256 * 1024  # scratch buffer of the copying path
 READ_BUDGET = 4  # chunks moved per readiness callback before yielding to other connections
-ACCEPT_BATCH = 64  # connections accepted per readiness callback
-ACCEPT_PAUSE = 0.1  # seconds to stop accepting when out of file descriptors
 BACKLOG = 1024
 
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # close() sends RST instead of FIN
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class _PipePool:
@@ -335,7 +333,83 @@ class _CopyPump(_Pump):
         self.pending = 0
 
 
-class _Connection:
+class _Relay:
+    """What the splice relay (`_Connection`) and the TLS relay (`edgelb.tcp_tls`) share: waiting
+    in the pool's queue for a slot, and one retry elsewhere after a failed connect. Subclasses
+    have `service`, `closed`, `wait_until`, `start(backend)`, `_drop_attempt()`, `close()`."""
+
+    __slots__ = ()
+    service: ServiceState
+    closed: bool
+    retried: bool
+    wait_until: float
+
+    def start(self, backend: BackendState) -> None:
+        raise NotImplementedError
+
+    def close(self, reset: bool = False) -> None:
+        raise NotImplementedError
+
+    def _drop_attempt(self) -> None:
+        raise NotImplementedError
+
+    def dispatch(self, now: float) -> None:
+        """To a backend now, else into the pool's queue (when every backend is at its cap),
+        else shed."""
+        pool = self.service.pool
+        backend = pool.pick()
+        if backend is not None:
+            self.start(backend)
+        elif not pool.at_capacity():
+            self.shed("no_backend")
+        elif not pool.enqueue(self, now):
+            self.shed("queue_full")
+        # else: it waits for a free slot, or is closed at queue_timeout
+
+    # -- waiting for a slot (a waiter of edgelb.pool.Pool) ---------------------------------
+
+    def resume(self) -> bool:
+        if self.closed:
+            return True
+        backend = self.service.pool.pick()
+        if backend is None:
+            return False
+        self.wait_until = 0.0
+        self.start(backend)
+        return True
+
+    def shed(self, reason: str) -> None:
+        if self.closed:
+            return
+        pool = self.service.pool
+        backend = pool.pick_spare()  # in panic: an unhealthy backend rather than nothing
+        if backend is not None:
+            pool.panic_routed += 1
+            self.wait_until = 0.0
+            self.start(backend)
+            return
+        shed = self.service.shed
+        shed[reason] = shed.get(reason, 0) + 1
+        self.wait_until = 0.0
+        self.close()
+
+    def _retry_elsewhere(self, backend: BackendState, now: float) -> None:
+        """A connect to `backend` failed (refused, timed out, a failed TLS handshake): count
+        it, then try one other backend, or give up."""
+        backend.failures += 1
+        self.service.pool.failure(backend, "connect", now)
+        self._drop_attempt()
+        if not self.retried:
+            self.retried = True
+            other = self.service.pool.pick_other(backend)
+            if other is not None:
+                self.start(other)
+                return
+        self.service.shed["connect_failed"] = self.service.shed.get("connect_failed", 0) + 1
+        self.close()
+
+
+class _Connection(_Relay):
     """A client connection: connect to a backend (one retry elsewhere), then relay."""
 
     __slots__ = (
@@ -374,33 +448,6 @@ class _Connection:
         self.deadline = 0.0  # idle_timeout after the last byte either way (runtime's sweeper)
         self.wait_until = 0.0  # while queued for a free backend slot (edgelb.pool.Pool)
         self.peer_ip = ""
-
-    # -- waiting for a slot (a waiter of edgelb.pool.Pool) ---------------------------------
-
-    def resume(self) -> bool:
-        if self.closed:
-            return True
-        backend = self.service.pool.pick()
-        if backend is None:
-            return False
-        self.wait_until = 0.0
-        self.start(backend)
-        return True
-
-    def shed(self, reason: str) -> None:
-        if self.closed:
-            return
-        pool = self.service.pool
-        backend = pool.pick_spare()  # in panic: an unhealthy backend rather than nothing
-        if backend is not None:
-            pool.panic_routed += 1
-            self.wait_until = 0.0
-            self.start(backend)
-            return
-        shed = self.service.shed
-        shed[reason] = shed.get(reason, 0) + 1
-        self.wait_until = 0.0
-        self.close()
 
     # -- connecting ---------------------------------------------------------------------
 
@@ -466,17 +513,7 @@ class _Connection:
             return
         backend = self.backend
         assert backend is not None
-        backend.failures += 1
-        self.service.pool.failure(backend, "connect", self.loop.time())
-        self._drop_attempt()
-        if not self.retried:
-            self.retried = True
-            other = self.service.pool.pick_other(backend)
-            if other is not None:
-                self.start(other)
-                return
-        self.service.shed["connect_failed"] = self.service.shed.get("connect_failed", 0) + 1
-        self.close()
+        self._retry_elsewhere(backend, self.loop.time())
 
     def _drop_attempt(self) -> None:
         """Undo one connection attempt: timer, resolver, socket and the backend's count."""
@@ -628,42 +665,27 @@ class TcpListener:
         self.loop.add_reader(sock.fileno(), self._on_accept)
 
     def _on_accept(self) -> None:
-        lsock = self._sock
-        if lsock is None:
+        if self._sock is not None:
+            accept_batch(self._sock, f"tcp listener {self.address}", self._pause_accepting,
+                         self._accepted)
+
+    def _pause_accepting(self) -> None:
+        if self._sock is not None:
+            self.loop.remove_reader(self._sock.fileno())
+            self._resume = self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+
+    def _accepted(self, sock: socket.socket, ip: str) -> None:
+        self.accepted += 1
+        limits = self.limits
+        n = self.per_client.get(ip, 0) + 1
+        per_client = limits.connections_per_client
+        if len(self._conns) >= limits.connections or (per_client and n > per_client):
+            reason = "per_client" if per_client and n > per_client else "connections"
+            self.refused[reason] = self.refused.get(reason, 0) + 1
+            sock.close()
             return
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, peer = lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as e:
-                if e.errno in _RESOURCE_ERRNOS:
-                    log.warning(
-                        "tcp listener %s: cannot accept (%s); pausing accepts for %.1fs; "
-                        "raise the open files limit (ulimit -n) if this repeats",
-                        self.address,
-                        e.strerror,
-                        ACCEPT_PAUSE,
-                    )
-                    self.loop.remove_reader(lsock.fileno())
-                    self._resume = self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
-                else:
-                    log.error("tcp listener %s: accept failed: %s", self.address, e)
-                return
-            self.accepted += 1
-            ip = peer[0] if peer else ""
-            limits = self.limits
-            n = self.per_client.get(ip, 0) + 1
-            per_client = limits.connections_per_client
-            if len(self._conns) >= limits.connections or (per_client and n > per_client):
-                reason = "per_client" if per_client and n > per_client else "connections"
-                self.refused[reason] = self.refused.get(reason, 0) + 1
-                sock.close()
-                continue
-            self.per_client[ip] = n
-            self._handle(sock, ip)
+        self.per_client[ip] = n
+        self._handle(sock, ip)
 
     def _resume_accepting(self) -> None:
         self._resume = None
@@ -703,17 +725,10 @@ class TcpListener:
             self._conns.add(tls_conn)  # type: ignore[arg-type]
             tls_conn.begin()
             return
-        pool = service.pool
-        backend = pool.pick()
         conn = _Connection(self, sock, service)
         conn.peer_ip = ip
         self._conns.add(conn)
-        if backend is not None:
-            conn.start(backend)
-        elif not pool.at_capacity():
-            conn.shed("no_backend")
-        elif not pool.enqueue(conn, self.loop.time()):
-            conn.shed("queue_full")
+        conn.dispatch(self.loop.time())
         # else: it waits for a free slot, or is closed at queue_timeout
 
     def _forget(self, conn: _Connection) -> None:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgelb.backend_tls import client_context, server_hostname
 from edgelb.http.listener import HANDSHAKE_TIMEOUT
+from edgelb.tcp import _Relay
 
 if TYPE_CHECKING:
     from edgelb.pool import BackendState, ServiceState
@@ -123,7 +124,7 @@ class _Side(asyncio.Protocol):
         self.conn.side_lost(self)
 
 
-class TlsConnection:
+class TlsConnection(_Relay):
     """A tcp-mode client connection relayed through asyncio transports (see the module
     docstring). Offers the interface of `edgelb.tcp._Connection` that the listener, the pool's
     queue and the runtime's sweeper use."""
@@ -201,42 +202,7 @@ class TlsConnection:
         self.task = None
         if self.closed:  # the client went away right after its handshake
             return
-        pool = self.service.pool
-        backend = pool.pick()
-        if backend is not None:
-            self.start(backend)
-        elif not pool.at_capacity():
-            self.shed("no_backend")
-        elif not pool.enqueue(self, self.loop.time()):
-            self.shed("queue_full")
-        # else: it waits for a free slot, or is closed at queue_timeout
-
-    # -- waiting for a slot (a waiter of edgelb.pool.Pool) ---------------------------------
-
-    def resume(self) -> bool:
-        if self.closed:
-            return True
-        backend = self.service.pool.pick()
-        if backend is None:
-            return False
-        self.wait_until = 0.0
-        self.start(backend)
-        return True
-
-    def shed(self, reason: str) -> None:
-        if self.closed:
-            return
-        pool = self.service.pool
-        backend = pool.pick_spare()  # in panic: an unhealthy backend rather than nothing
-        if backend is not None:
-            pool.panic_routed += 1
-            self.wait_until = 0.0
-            self.start(backend)
-            return
-        shed = self.service.shed
-        shed[reason] = shed.get(reason, 0) + 1
-        self.wait_until = 0.0
-        self.close()
+        self.dispatch(self.loop.time())
 
     # -- the backend side ---------------------------------------------------------------
 
@@ -285,17 +251,7 @@ class TlsConnection:
         self.task = None
         if self.closed:
             return
-        backend.failures += 1
-        self.service.pool.failure(backend, "connect", self.loop.time())
-        self._drop_attempt()
-        if not self.retried:
-            self.retried = True
-            other = self.service.pool.pick_other(backend)
-            if other is not None:
-                self.start(other)
-                return
-        self.service.shed["connect_failed"] = self.service.shed.get("connect_failed", 0) + 1
-        self.close()
+        self._retry_elsewhere(backend, self.loop.time())
 
     def _drop_attempt(self) -> None:
         """Undo one connection attempt: its transport (if any) and the backend's slot."""

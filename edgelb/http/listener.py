@@ -14,13 +14,13 @@ between them at a reconcile never rebinds the port.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 import ssl as ssl_module
 from typing import TYPE_CHECKING, Any
 
 from edgelb import sni
+from edgelb.accept import ACCEPT_PAUSE, accept_batch
 from edgelb.config import LimitsConfig
 from edgelb.http.proxy import ClientProtocol, UpstreamProtocol
 from edgelb.http.router import Router
@@ -33,9 +33,6 @@ log = logging.getLogger("edgelb.http")
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to finish its TLS handshake
 BACKLOG = 1024
-ACCEPT_BATCH = 64  # connections accepted per readiness callback (own accept loop)
-ACCEPT_PAUSE = 0.1  # seconds to stop accepting when out of file descriptors
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # Peeked ClientHello bytes land here (one buffer per process: a peek is parsed at once).
 _PEEK_BUF = bytearray(sni.MAX_HELLO)
 _PEEK_VIEW = memoryview(_PEEK_BUF)
@@ -318,24 +315,11 @@ class HttpListener:
             sock.close()
 
     def _on_accept(self, lsock: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, peer = lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as e:
-                if e.errno in _RESOURCE_ERRNOS:
-                    log.warning("entrypoint %s: cannot accept (%s); pausing accepts for %.1fs; "
-                                "raise the open files limit (ulimit -n) if this repeats",
-                                self.name, e.strerror, ACCEPT_PAUSE)
-                    self._stop_accepting_here()
-                    self._resume = self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
-                else:
-                    log.error("entrypoint %s: accept failed: %s", self.name, e)
-                return
-            self._accepted(sock, str(peer[0]) if peer else "")
+        accept_batch(lsock, f"entrypoint {self.name}", self._pause_accepting, self._accepted)
+
+    def _pause_accepting(self) -> None:
+        self._stop_accepting_here()
+        self._resume = self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
         self._resume = None
