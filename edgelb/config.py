@@ -1391,11 +1391,21 @@ def summarize(config: Config) -> str:
     services = config.snapshot.services
     lines.append(f"services: {len(services)}")
     for s in services:
-        lines.append(f"  {s.name} ({s.mode})")
+        tls = []
+        if s.tls_passthrough:
+            tls.append("TLS passed through")
+        elif s.tls is not None:
+            tls.append("TLS terminated")
+        if s.policy.backend_tls is not None:
+            tls.append("TLS to backends")
+        lines.append(f"  {s.name} ({', '.join([s.mode, *tls])})")
         if s.listen is not None:
             lines.append(f"    listen {s.listen}")
         routes = [r for r in config.snapshot.routes if r.service == s.name]
-        if routes:
+        if routes and s.tls_passthrough:
+            lines.append(f"    SNI names {', '.join(r.host for r in routes)} "
+                         "(on the TLS entrypoints)")
+        elif routes:
             shown = ", ".join(f"{r.host}{r.path}" if r.host else f"{r.path} (any host)"
                               for r in routes)
             lines.append(f"    routes {shown}")
@@ -1417,6 +1427,10 @@ def summarize(config: Config) -> str:
     if config.marathon is not None:
         lines.append(f"watcher marathon: {', '.join(config.marathon.urls)} "
                      f"(group {config.marathon.group})")
+    if config.tls != TLSOptions():
+        t = config.tls
+        lines.append(f"tls: session tickets {'on' if t.session_tickets else 'off'}, "
+                     f"TLS {t.min_version} and later")
     sd = config.shutdown
     lines.append(f"shutdown: delay {_fmt_seconds(sd.delay)}, grace {_fmt_seconds(sd.grace)}")
     return "\n".join(lines)

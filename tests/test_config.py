@@ -832,6 +832,27 @@ def test_summarize_mentions_everything() -> None:
         assert fragment in text, (fragment, text)
 
 
+def test_summarize_says_where_tls_ends() -> None:
+    c = cfg("""
+        entrypoints: {https: {listen: 8443, tls: {}}}
+        tls: {session_tickets: false, min_version: "1.3"}
+        services:
+          - name: vault
+            mode: tcp
+            tls: passthrough
+            hosts: [vault.example.com, "*.db.example.com"]
+            backends: [{address: 127.0.0.1:9001}]
+          - {name: redis, mode: tcp, listen: 16380, backend_tls: true, backends: []}
+    """)
+    text = summarize(c)
+    for fragment in ["vault (tcp, TLS passed through)",
+                     "SNI names vault.example.com, *.db.example.com",
+                     "redis (tcp, TLS to backends)",
+                     "tls: session tickets off, TLS 1.3 and later"]:
+        assert fragment in text, (fragment, text)
+    assert "tls:" not in summarize(cfg(svc()))  # the defaults go unmentioned
+
+
 def test_check_command_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(svc())
