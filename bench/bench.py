@@ -764,6 +764,9 @@ def summarize(cfg: Settings, info: dict[str, str], res: dict[str, Any],
                          f"{fmt(d['p50_us'] / 1000, '.2f')} | {fmt(d['p99_us'] / 1000, '.2f')} | "
                          f"{d['errors']} | {ratio(d['rps'], hap)} |")
         lines += ["", _rounds_table(h["rounds"], names, "rps", "req/s"), ""]
+        paired = _paired_ratios(h["rounds"], names, "rps")
+        if paired:
+            lines += [paired, ""]
         if h.get("sanity"):
             seen = "; ".join(f"{p}: {dict(sorted(v.items()))}" for p, v in h["sanity"].items())
             lines += [f"Backends answering 20 sanity requests on fresh connections: {seen}", ""]
@@ -890,6 +893,23 @@ def _rounds_table(rounds: list[dict[str, Any]], names: list[str], key: str, unit
             cells += [ratio(row.get(p, {}).get(key), h) for p in others]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _paired_ratios(rounds: list[dict], names: list[str], key: str) -> str:
+    """The per-round ratios to HAProxy, summarised: each round pairs runs made seconds apart,
+    so their median is steadier than the ratio of medians when the machine drifts."""
+    parts = []
+    for p in names:
+        if p == "haproxy":
+            continue
+        rs = [row[p][key] / row["haproxy"][key] for row in rounds
+              if p in row and "haproxy" in row and row["haproxy"][key]]
+        if rs:
+            parts.append(f"{p} median {statistics.median(rs):.2f}x "
+                         f"(min {min(rs):.2f}x, max {max(rs):.2f}x)")
+    if not parts:
+        return ""
+    return "Per-round ratios to HAProxy: " + "; ".join(parts) + "."
 
 
 # ---------------------------------------------------------------- main
