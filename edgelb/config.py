@@ -380,6 +380,7 @@ POLICY_KEYS = (
     "hash_key", "sticky", "zone_aware", "zone_threshold", "subset",
     "adaptive", "queue_size", "outlier", "panic_threshold", "retries", "retry_budget",
     "max_body", "redirect_to_https", "hsts", "sources", "auth", "backend_tls", "tunnel_timeout",
+    "proxy_protocol",
 )
 _METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _STATUS_RANGE = re.compile(r"^([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?$")
@@ -657,6 +658,13 @@ def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, A
                 c.errors.extend(errs)
             else:
                 out[key] = v
+        elif key == "proxy_protocol":
+            version = _proxy_protocol(value)
+            if version is None:
+                c.error(kpath, f"expected 1 or v1, 2 or v2, or false (none), got "
+                        f"{_kind(value)}; the PROXY protocol version backends expect")
+            else:
+                out[key] = version
         elif key == "panic_threshold":
             share = _share(c, value, kpath, "0.5 or 50%")
             if share is not None:
@@ -685,6 +693,17 @@ def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, A
                 if isinstance(n, int):
                     out[key] = n
     return out
+
+
+def _proxy_protocol(value: Any) -> int | None:
+    """`proxy_protocol`: false/null/0 -> 0 (none), 1/v1 -> 1, 2/v2 -> 2; None if invalid."""
+    if value is None or value is False:
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1, 2):
+        return value
+    if isinstance(value, str):
+        return {"0": 0, "1": 1, "v1": 1, "2": 2, "v2": 2}.get(value.strip().lower())
+    return None
 
 
 def _defaults(c: _Checker, value: Any) -> Policy:
@@ -953,6 +972,11 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
             for prefix, ppath in paths or [("/", "")]:
                 where = " and ".join(p for p in (hpath, ppath) if p)
                 routes.append((Route(host=host, path=prefix, service=label), where))
+    if mode == "http" and policy_fields.get("proxy_protocol"):
+        c.error(_join(path, "proxy_protocol"), "the PROXY protocol is for mode: tcp; an http "
+                "service tells its backends the client's address in X-Forwarded-For and "
+                "Forwarded already (drop proxy_protocol, or set mode: tcp)")
+        ok = False
     if passthrough and policy_fields.get("backend_tls", defaults.backend_tls) is not None:
         c.error(_join(path, "backend_tls"), "a passthrough service relays the client's own TLS "
                 "undecrypted; it cannot also speak TLS to its backends (set backend_tls: null "
@@ -1368,6 +1392,8 @@ def _fmt_policy(p: Policy, mode: str) -> str:
     if mode == "http":
         parts.append(f"response {_fmt_seconds(p.response_timeout)}")
     parts.append(f"idle {_fmt_seconds(p.idle_timeout)}")
+    if mode == "tcp" and p.proxy_protocol:
+        parts.append(f"PROXY protocol v{p.proxy_protocol} to backends")
     if p.health_check is not None:
         hc = p.health_check
         what = f"{hc.method} {hc.path}" if hc.kind == "http" else "tcp connect"

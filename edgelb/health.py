@@ -32,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -57,6 +59,10 @@ class Target:
     address: Address
     check: HealthCheck
     assume_healthy: bool = True  # the verdict before any check; see the module docstring
+    # a check speaks to the backend as the traffic does: TLS when the service has backend_tls
+    # (edgelb.backend_tls.BackendTLS), a PROXY protocol header first when it sends one
+    tls: Any = None
+    proxy_protocol: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +160,9 @@ class HealthChecker:
             old = self._targets.get(key)
             if old is None:
                 self._start(key, target, target.assume_healthy)
-            elif old.target.address != target.address or old.target.check != target.check:
+            elif (old.target.address, old.target.check, old.target.tls,
+                  old.target.proxy_protocol) != (target.address, target.check, target.tls,
+                                                 target.proxy_protocol):
                 self._stop(old)
                 self._start(key, target, old.healthy, totals=old)
 
@@ -228,7 +236,8 @@ class HealthChecker:
             if delay > 0:
                 await asyncio.sleep(delay)
             start = loop.time()
-            result = await probe(checked.target.address, check)
+            target = checked.target
+            result = await probe(target.address, check, target.tls, target.proxy_protocol)
             if self._targets.get(checked.key) is not checked:
                 return  # stopped while its check ran (by a sync() inside on_change)
             if checked.record(result):
@@ -247,8 +256,14 @@ class HealthChecker:
 # -- one check -----------------------------------------------------------------------------
 
 
-async def probe(address: Address, check: HealthCheck) -> Result:
-    """Run one check of `address`. Never raises (except on cancellation)."""
+async def probe(address: Address, check: HealthCheck, tls: Any = None,
+                proxy_protocol: int = 0) -> Result:
+    """Run one check of `address`. Never raises (except on cancellation).
+
+    With `tls` (a BackendTLS) the check connects over TLS, verified as the traffic is: a tcp
+    check passes on a completed handshake, an http check sends its request inside. With
+    `proxy_protocol` a LOCAL header (v2; UNKNOWN in v1) goes first, before any TLS, as the
+    backend expects on every connection (HAProxy's check-send-proxy)."""
     if check.kind not in ("http", "tcp"):
         return Result(False, f"unknown check kind {check.kind!r} (use http or tcp)")
     loop = asyncio.get_running_loop()
@@ -256,10 +271,12 @@ async def probe(address: Address, check: HealthCheck) -> Result:
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(check.timeout):
-            reader, writer = await asyncio.open_connection(
-                address.host, address.port, limit=STATUS_LINE_LIMIT)
+            # an http check offers http/1.1 as the proxied requests do; a tcp one offers nothing
+            alpn = ("http/1.1",) if check.kind == "http" else ()
+            reader, writer = await _connect(address, tls, proxy_protocol, alpn)
             if check.kind == "tcp":
-                return Result(True, f"TCP connect in {_ms(loop.time() - began)}")
+                what = "TLS handshake" if tls is not None else "TCP connect"
+                return Result(True, f"{what} in {_ms(loop.time() - began)}")
             writer.write(_request(address, check))
             line = await reader.readuntil(b"\n")
         code = _status_code(line)
@@ -272,6 +289,9 @@ async def probe(address: Address, check: HealthCheck) -> Result:
         return Result(False, f"HTTP {code} in {took} (expected {lo}-{hi})")
     except TimeoutError:
         return Result(False, f"timeout after {check.timeout:g}s")
+    except ssl.SSLError as e:
+        why = getattr(e, "verify_message", None) or e.reason or e
+        return Result(False, f"TLS handshake failed: {why}")
     except ConnectionRefusedError:
         return Result(False, "connect refused")
     except asyncio.IncompleteReadError:
@@ -288,6 +308,34 @@ async def probe(address: Address, check: HealthCheck) -> Result:
         if writer is not None:
             # Close without a graceful shutdown: the body (if any) is not wanted.
             writer.transport.abort()
+
+
+async def _connect(address: Address, tls: Any, proxy_protocol: int, alpn: tuple[str, ...]
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    extra: dict[str, Any] = {}
+    if tls is not None:
+        from edgelb.backend_tls import client_context, server_hostname
+
+        extra = {"ssl": client_context(tls, alpn=alpn),
+                 "server_hostname": server_hostname(tls, address.host)}
+    if not proxy_protocol:
+        return await asyncio.open_connection(address.host, address.port,
+                                             limit=STATUS_LINE_LIMIT, **extra)
+    # the header must come before the TLS ClientHello: connect, send it, then go on
+    from edgelb.proxy_protocol import local
+
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, sockaddr)
+        await loop.sock_sendall(sock, local(proxy_protocol))
+        return await asyncio.open_connection(sock=sock, limit=STATUS_LINE_LIMIT, **extra)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _request(address: Address, check: HealthCheck) -> bytes:

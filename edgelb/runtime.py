@@ -398,7 +398,9 @@ class Runtime:
                 if fresh and self.health.healthy(name, b.key) is None:
                     b.check_ok = False
                     changed = True
-                targets[key] = Target(b.spec.address, check, assume_healthy=not fresh)
+                targets[key] = Target(b.spec.address, check, assume_healthy=not fresh,
+                                      tls=state.policy.backend_tls,
+                                      proxy_protocol=state.policy.proxy_protocol)
             if changed:
                 pool.refresh()
         if not self.draining:  # once shutting down, the checker closes

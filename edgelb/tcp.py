@@ -28,6 +28,7 @@ import struct
 import sys
 from typing import Any
 
+from edgelb import proxy_protocol
 from edgelb.accept import ACCEPT_PAUSE, accept_batch
 from edgelb.config import LimitsConfig
 from edgelb.pool import BackendState, ServiceState
@@ -419,6 +420,7 @@ class _Connection(_Relay):
         "connected",
         "deadline",
         "down",
+        "header_rest",
         "listener",
         "loop",
         "peer_ip",
@@ -448,6 +450,7 @@ class _Connection(_Relay):
         self.deadline = 0.0  # idle_timeout after the last byte either way (runtime's sweeper)
         self.wait_until = 0.0  # while queued for a free backend slot (edgelb.pool.Pool)
         self.peer_ip = ""
+        self.header_rest: memoryview | None = None  # PROXY header bytes still to send
 
     # -- connecting ---------------------------------------------------------------------
 
@@ -544,8 +547,48 @@ class _Connection(_Relay):
         pump = _SplicePump if self.listener.splice else _CopyPump
         self.up = pump(self, self.client, self.upstream, True)
         self.down = pump(self, self.upstream, self.client, False)
-        self.up.start()
-        self.down.start()
+        version = self.service.policy.proxy_protocol
+        if version:
+            self._send_header(proxy_protocol.for_socket(version, self.client))
+        else:
+            self.up.start()
+        if not self.closed:
+            self.down.start()
+
+    # -- the PROXY protocol header (policy.proxy_protocol) ---------------------------------
+
+    def _send_header(self, header: bytes) -> None:
+        """Send the header, then start relaying the client's bytes: the client's reader is
+        only added once the whole header is out, so nothing can overtake or split it."""
+        up, upstream = self.up, self.upstream
+        assert up is not None and upstream is not None
+        if self._push_header(memoryview(header)):
+            up.start()
+        elif not self.closed:
+            self.loop.add_writer(upstream.fileno(), self._header_writable)
+
+    def _header_writable(self) -> None:
+        assert self.header_rest is not None and self.upstream is not None
+        if self._push_header(self.header_rest):
+            self.loop.remove_writer(self.upstream.fileno())
+            self.up.start()  # type: ignore[union-attr]
+
+    def _push_header(self, rest: memoryview) -> bool:
+        """True once the header is all sent; False to wait for the backend to take more (or
+        after closing on an error: the backend is gone)."""
+        send = self.upstream.send  # type: ignore[union-attr]
+        try:
+            while rest:
+                try:
+                    rest = rest[send(rest):]
+                except (BlockingIOError, InterruptedError):
+                    self.header_rest = rest
+                    return False
+        except OSError:
+            self.fail()
+            return False
+        self.header_rest = None
+        return True
 
     # -- relaying and closing -----------------------------------------------------------
 

@@ -34,6 +34,7 @@ import ssl
 import struct
 from typing import TYPE_CHECKING, Any
 
+from edgelb import proxy_protocol
 from edgelb.backend_tls import client_context, server_hostname
 from edgelb.http.listener import HANDSHAKE_TIMEOUT
 from edgelb.tcp import _Relay
@@ -139,6 +140,7 @@ class TlsConnection(_Relay):
         "listener",
         "loop",
         "peer_ip",
+        "proxy_header",
         "retried",
         "service",
         "sock",
@@ -164,6 +166,7 @@ class TlsConnection(_Relay):
         self.finished = False  # both sides gone, everything released
         self.deadline = 0.0  # idle_timeout after the last byte either way (runtime's sweeper)
         self.wait_until = 0.0  # while queued for a free backend slot (edgelb.pool.Pool)
+        self.proxy_header = b""  # the PROXY protocol header, once made (policy.proxy_protocol)
 
     # -- the client side ----------------------------------------------------------------
 
@@ -221,9 +224,16 @@ class TlsConnection(_Relay):
                      "server_hostname": server_hostname(tls, spec.host),
                      "ssl_shutdown_timeout": SHUTDOWN_TIMEOUT}
         timeout = self.service.policy.connect_timeout
+        header = self._proxy_header()
         try:
             async with asyncio.timeout(timeout):
-                await self.loop.create_connection(lambda: side, spec.host, spec.port, **extra)
+                if header and tls is not None:
+                    # the header goes before the ClientHello, in the clear: send it on our own
+                    # socket, then hand that socket to the TLS transport
+                    sock = await self._dial(spec.host, spec.port, header)
+                    await self.loop.create_connection(lambda: side, sock=sock, **extra)
+                else:
+                    await self.loop.create_connection(lambda: side, spec.host, spec.port, **extra)
         except ssl.SSLError as e:
             why = getattr(e, "verify_message", None) or e.reason or e
             self._warn_tls(backend, f"failed the TLS handshake ({why})")
@@ -236,7 +246,41 @@ class TlsConnection(_Relay):
             log.debug("tcp %s: backend %s: %s", self.service.name, backend.key, e)
             self._connect_failed(backend)
         else:
+            if header and tls is None:
+                side.transport.write(header)  # ahead of every relayed byte
             self._connected(side)
+
+    def _proxy_header(self) -> bytes:
+        """The PROXY protocol header for this client (b"" when the policy sends none); the
+        client's addresses are read once, from the accepted socket."""
+        version = self.service.policy.proxy_protocol
+        if not version:
+            return b""
+        if not self.proxy_header:
+            self.proxy_header = proxy_protocol.for_socket(version, self.sock)
+        return self.proxy_header
+
+    async def _dial(self, host: str, port: int, header: bytes) -> socket.socket:
+        """A socket connected to the backend with `header` sent on it. Addresses are tried in
+        order, as create_connection does; the caller's timeout bounds the whole."""
+        infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        error: OSError = OSError(f"cannot resolve {host}")
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await self.loop.sock_connect(sock, addr)
+                await self.loop.sock_sendall(sock, header)
+            except OSError as e:
+                sock.close()
+                error = e
+                continue
+            except BaseException:  # cancelled (the connect timeout, the client went away)
+                sock.close()
+                raise
+            return sock
+        raise error
 
     def _warn_tls(self, backend: BackendState, detail: str) -> None:
         """A refused certificate is a configuration problem: say so, once in a while."""

@@ -95,6 +95,7 @@ class Policy:
     sources: Any = None  # client addresses allowed/denied (403, or a closed connection)
     auth: Any = None  # basic auth users (401 with a challenge)
     backend_tls: Any = None  # speak TLS to the backends
+    proxy_protocol: int = 0  # tcp mode: PROXY protocol header version to backends; 0 = none
 
 
 @dataclass(frozen=True, slots=True)
