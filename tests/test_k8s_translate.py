@@ -876,3 +876,20 @@ def test_translate_never_raises_on_mangled_objects(data: st.DataObject) -> None:
     for s in t.snapshot.services:
         for b in s.backends:
             assert 1 <= b.port <= 65535 and b.weight > 0
+
+
+def test_proxy_protocol_annotation_reaches_tcp_and_is_reported_on_http() -> None:
+    ann = {"edgelb.io/proxy-protocol": "2", "edgelb.io/port": "15432",
+           "edgelb.io/mode": "tcp", "edgelb.io/max-inflight": "7"}
+    t = tr(service("db", annotations=ann), DB_SLICE)
+    [svc] = t.snapshot.services
+    assert (svc.mode, svc.policy.proxy_protocol) == ("tcp", 2)
+    assert t.problems == []
+    # routed by an Ingress (http): the rest of the policy applies, the PROXY header does not
+    t = tr(ingress("ing", rule("a.com", path("/", "web"))),
+           service("web", annotations={"edgelb.io/proxy-protocol": "1",
+                                       "edgelb.io/max-inflight": "9"}))
+    [svc] = t.snapshot.services
+    assert svc.policy.proxy_protocol == 0 and svc.policy.max_inflight == 9
+    p = one_problem(t, "proxy-protocol")
+    assert (p.kind, p.name) == ("Service", "web") and "tcp mode" in p.message

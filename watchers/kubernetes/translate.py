@@ -36,7 +36,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from watchers.model import Address, Backend, Policy, Route, Service, Snapshot
@@ -515,7 +515,18 @@ class _Translator:
         port = self.service_port(ingress, "Ingress", skey, svc, ref.port,
                                  f"backend {ref.namespace}/{ref.service}:{ref.port}")
         backends = () if port is None else self.backends(skey, svc, port)
-        return Service(name=ref.name, mode="http", backends=backends, policy=policy)
+        return Service(name=ref.name, mode="http", backends=backends,
+                       policy=self.http_policy(skey, policy))
+
+    def http_policy(self, skey: Key, policy: Policy) -> Policy:
+        """An http service sends no PROXY protocol (X-Forwarded-For and Forwarded carry the
+        client's address): an annotation asking for it is reported and left out."""
+        if policy.proxy_protocol == self.defaults.proxy_protocol:
+            return policy
+        self.problem("Service", skey, f"{PREFIX}proxy-protocol applies to tcp mode; ignored "
+                                      "for http, where X-Forwarded-For and Forwarded carry the "
+                                      "client's address")
+        return replace(policy, proxy_protocol=self.defaults.proxy_protocol)
 
     def service_port(self, who: Key, kind: str, skey: Key, svc: Obj, want: int | str,
                      where: str) -> Obj | None:
@@ -757,6 +768,8 @@ class _Translator:
             proto = _str(port.get("appProtocol")).lower()
             mode = "http" if proto in HTTP_APP_PROTOCOLS else "tcp"
         name = f"{key[0]}/{key[1]}"
+        if mode == "http":
+            policy = self.http_policy(key, policy)
         self.services[name] = Service(name=name, mode=mode, listen=Address(LISTEN_HOST, number),
                                       backends=self.backends(key, svc, port), policy=policy)
 
