@@ -47,6 +47,9 @@ class Entrypoint:
     name: str
     listen: Address
     tls: tuple[str, str] | None = None  # (cert file, key file), stored as given
+    # a PROXY header first on every connection (or from trusted peers): an
+    # edgelb.proxy_protocol.AcceptPolicy, None = off
+    accept_proxy_protocol: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,7 +390,8 @@ _STATUS_RANGE = re.compile(r"^([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?$")
 _HOST_HEADER = re.compile(r"^[A-Za-z0-9.:\[\]_-]+$")
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # an RFC 9110 token: a header or cookie name
 _HASH_KEY = re.compile(rf"^(source|header:{_TOKEN}|cookie:{_TOKEN})$")
-SERVICE_KEYS = ("name", "listen", "mode", "hosts", "paths", "backends", "tls", *POLICY_KEYS)
+SERVICE_KEYS = ("name", "listen", "mode", "hosts", "paths", "backends", "tls",
+                "accept_proxy_protocol", *POLICY_KEYS)
 BACKEND_KEYS = ("address", "weight", "zone")
 MODES = ("http", "tcp")
 NOT_IN_DEFAULTS = {
@@ -743,7 +747,7 @@ def _entrypoints(c: _Checker, value: Any) -> tuple[Entrypoint, ...]:
         e = c.mapping(spec, path, "a mapping like {listen: 0.0.0.0:80}")
         if e is None:
             continue
-        c.keys(e, path, ("listen", "tls"))
+        c.keys(e, path, ("listen", "tls", "accept_proxy_protocol"))
         if "listen" not in e:
             c.missing(path, "listen", "listen is required; e.g. listen: 0.0.0.0:80")
             continue
@@ -768,9 +772,24 @@ def _entrypoints(c: _Checker, value: Any) -> tuple[Entrypoint, ...]:
                         files.append(c.string(t[key], _join(tpath, key)))
                 if len(files) == 2 and None not in files:
                     tls = (files[0], files[1])
-        if listen is not None:
-            out.append(Entrypoint(name=name, listen=listen, tls=tls))
+        accept = _accept_proxy(c, e, path)
+        if listen is not None and accept is not False:
+            out.append(Entrypoint(name=name, listen=listen, tls=tls,
+                                  accept_proxy_protocol=accept))
     return tuple(out)
+
+
+def _accept_proxy(c: _Checker, m: dict, path: str) -> Any:
+    """`accept_proxy_protocol` of an entrypoint or a service: an AcceptPolicy, None (off) or
+    False (invalid, reported)."""
+    from edgelb.proxy_protocol import parse_accept
+
+    policy, errors = parse_accept(m.get("accept_proxy_protocol"),
+                                  _join(path, "accept_proxy_protocol"))
+    if errors:
+        c.errors.extend(errors)
+        return False
+    return policy
 
 
 def _host(c: _Checker, value: Any, path: str) -> str | None:
@@ -982,11 +1001,18 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
                 "undecrypted; it cannot also speak TLS to its backends (set backend_tls: null "
                 "here, or drop tls: passthrough)")
         ok = False
+    accept = _accept_proxy(c, m, path)
+    ok &= accept is not False
+    if accept is not None and accept is not False and m.get("listen") is None:
+        c.error(_join(path, "accept_proxy_protocol"), "only a service with listen (a static "
+                "port) reads PROXY headers itself; for routed hosts set accept_proxy_protocol "
+                "on the entrypoint")
+        ok = False
     svc = None
     if ok and backends is not None and name is not None:
         policy = dataclasses.replace(defaults, **policy_fields)
         svc = Service(name=name, mode=mode, listen=listen, backends=backends, policy=policy,
-                      tls=tls, tls_passthrough=passthrough)
+                      tls=tls, tls_passthrough=passthrough, accept_proxy_protocol=accept)
     return _ServiceDraft(path=path, label=label, listen=listen, routes=routes, routed=routed,
                          service=svc)
 
@@ -1408,12 +1434,20 @@ def _fmt_policy(p: Policy, mode: str) -> str:
     return ", ".join(parts)
 
 
+def _fmt_accept(policy: Any) -> str:
+    if policy is None:
+        return ""
+    if policy.trusted is None:
+        return ", PROXY header required"
+    return f", PROXY header from {', '.join(policy.cidrs)}"
+
+
 def summarize(config: Config) -> str:
     """A human summary: listeners, services with their exposure, policy and backends."""
     lines = [f"admin: {config.admin}"]
     for e in config.entrypoints:
         tls = " (tls)" if e.tls else ""
-        lines.append(f"entrypoint {e.name}: {e.listen}{tls}")
+        lines.append(f"entrypoint {e.name}: {e.listen}{tls}{_fmt_accept(e.accept_proxy_protocol)}")
     services = config.snapshot.services
     lines.append(f"services: {len(services)}")
     for s in services:
@@ -1426,7 +1460,7 @@ def summarize(config: Config) -> str:
             tls.append("TLS to backends")
         lines.append(f"  {s.name} ({', '.join([s.mode, *tls])})")
         if s.listen is not None:
-            lines.append(f"    listen {s.listen}")
+            lines.append(f"    listen {s.listen}{_fmt_accept(s.accept_proxy_protocol)}")
         routes = [r for r in config.snapshot.routes if r.service == s.name]
         if routes and s.tls_passthrough:
             lines.append(f"    SNI names {', '.join(r.host for r in routes)} "

@@ -47,6 +47,7 @@ class EntrypointSpec:
     name: str
     listen: Address
     tls: tuple[str, str] | None = None  # (cert file, key file); ("", "") = watchers' only
+    accept_proxy_protocol: Any = None  # edgelb.proxy_protocol.AcceptPolicy, None = off
 
 
 def _listener_kind(listener: Any) -> str:
@@ -239,6 +240,10 @@ class Runtime:
                 kind = svc.mode + "-tls" if svc.tls is not None else svc.mode
                 wanted[str(svc.listen)] = (kind, svc.name, svc.listen)
 
+        # accept_proxy_protocol of each listener, set before a new one starts accepting
+        accepts = {("entrypoint", ep.name): ep.accept_proxy_protocol for ep in self.entrypoints}
+        accepts.update((("service", s.name), s.accept_proxy_protocol) for s in services)
+
         # Bind what is new. A listener whose kind changes is stopped first, to free its port.
         fresh: dict[str, Any] = {}
         replaced: list[Any] = []
@@ -250,6 +255,8 @@ class Runtime:
                 old.stop_accepting()
                 replaced.append(old)
             listener = self._make_listener(kind, name, addr)
+            listener.set_accept_proxy(accepts.get(
+                ("entrypoint" if kind.startswith("entrypoint") else "service", name)))
             if kind == "entrypoint-tls":
                 listener.sni_table = sni_table  # start() serves or peeks accordingly
             try:
@@ -289,6 +296,8 @@ class Runtime:
         self.listeners.update(fresh)
         for key, (kind, name, _addr) in wanted.items():
             listener = self.listeners[key]
+            listener.set_accept_proxy(accepts.get(
+                ("entrypoint" if kind.startswith("entrypoint") else "service", name)))
             if kind.startswith("entrypoint"):
                 listener.router = self.router
                 listener.services = states

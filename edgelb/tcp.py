@@ -424,8 +424,10 @@ class _Connection(_Relay):
         "listener",
         "loop",
         "peer_ip",
+        "proxied",
         "resolver",
         "retried",
+        "screen",
         "service",
         "timer",
         "up",
@@ -451,6 +453,10 @@ class _Connection(_Relay):
         self.wait_until = 0.0  # while queued for a free backend slot (edgelb.pool.Pool)
         self.peer_ip = ""
         self.header_rest: memoryview | None = None  # PROXY header bytes still to send
+        self.proxied: tuple[str, int] | None = None  # the client a PROXY header named
+        # accept_proxy_protocol, an untrusted peer: its first bytes must not be a PROXY header
+        # (True: check before relaying; a SocketHeader while checking)
+        self.screen: Any = False
 
     # -- connecting ---------------------------------------------------------------------
 
@@ -549,9 +555,9 @@ class _Connection(_Relay):
         self.down = pump(self, self.upstream, self.client, False)
         version = self.service.policy.proxy_protocol
         if version:
-            self._send_header(proxy_protocol.for_socket(version, self.client))
+            self._send_header(proxy_protocol.for_socket(version, self.client, self.proxied))
         else:
-            self.up.start()
+            self._start_up()
         if not self.closed:
             self.down.start()
 
@@ -563,7 +569,7 @@ class _Connection(_Relay):
         up, upstream = self.up, self.upstream
         assert up is not None and upstream is not None
         if self._push_header(memoryview(header)):
-            up.start()
+            self._start_up()
         elif not self.closed:
             self.loop.add_writer(upstream.fileno(), self._header_writable)
 
@@ -571,7 +577,7 @@ class _Connection(_Relay):
         assert self.header_rest is not None and self.upstream is not None
         if self._push_header(self.header_rest):
             self.loop.remove_writer(self.upstream.fileno())
-            self.up.start()  # type: ignore[union-attr]
+            self._start_up()
 
     def _push_header(self, rest: memoryview) -> bool:
         """True once the header is all sent; False to wait for the backend to take more (or
@@ -589,6 +595,28 @@ class _Connection(_Relay):
             return False
         self.header_rest = None
         return True
+
+    def _start_up(self) -> None:
+        """Relay the client's bytes; first, for an untrusted peer of a listener that accepts
+        PROXY headers, make sure they do not start with one (no timeout: the backend may be
+        the one to speak first)."""
+        if self.screen is True:
+            self.screen = proxy_protocol.SocketHeader(self.loop, self.client, False, None,
+                                                      self._screened)
+            return
+        self.up.start()  # type: ignore[union-attr]
+
+    def _screened(self, result: Any) -> None:
+        self.screen = False
+        if self.closed:
+            return
+        if result is False:
+            self.up.start()  # type: ignore[union-attr]
+            return
+        if result != "closed":
+            refused = self.listener.refused
+            refused["proxy_protocol"] = refused.get("proxy_protocol", 0) + 1
+        self.close()
 
     # -- relaying and closing -----------------------------------------------------------
 
@@ -611,6 +639,8 @@ class _Connection(_Relay):
         if self.closed:
             return
         self.closed = True
+        if self.screen not in (True, False):
+            self.screen.cancel()
         if self.up is not None:
             self.up.close()
         if self.down is not None:
@@ -663,6 +693,13 @@ class TcpListener:
         self.limits = LimitsConfig()  # set by the runtime
         self.per_client: dict[str, int] = {}  # open connections per client address
         self.refused: dict[str, int] = {}  # connections refused by a limit, by reason
+        # accept_proxy_protocol (edgelb.proxy_protocol.AcceptPolicy), None = off
+        self.accept_proxy: Any = None
+        self.proxy_timeout = proxy_protocol.HEADER_TIMEOUT  # at most; tests shorten it
+        self._headers: dict[socket.socket, Any] = {}  # accepted, reading a PROXY header
+
+    def set_accept_proxy(self, policy: Any) -> None:
+        self.accept_proxy = policy
 
     def set_limits(self, limits: LimitsConfig) -> None:
         self.limits = limits
@@ -719,6 +756,15 @@ class TcpListener:
 
     def _accepted(self, sock: socket.socket, ip: str) -> None:
         self.accepted += 1
+        accept = self.accept_proxy
+        if accept is not None:
+            self._read_header(sock, ip, accept.required(ip))
+            return
+        self._admit(sock, ip)
+
+    def _admit(self, sock: socket.socket, ip: str, proxied: tuple[str, int] | None = None,
+               screen: bool = False) -> None:
+        """Over a limit: closed (counted); else handled. `ip` is the client's address."""
         limits = self.limits
         n = self.per_client.get(ip, 0) + 1
         per_client = limits.connections_per_client
@@ -728,22 +774,61 @@ class TcpListener:
             sock.close()
             return
         self.per_client[ip] = n
-        self._handle(sock, ip)
+        self._handle(sock, ip, proxied=proxied, screen=screen)
+
+    # -- accept_proxy_protocol: a PROXY header before the client's bytes ------------------
+
+    def _read_header(self, sock: socket.socket, ip: str, required: bool) -> None:
+        if not required and self.ssl is None:
+            # an untrusted peer: relayed as itself, its first bytes checked by the relay
+            # (it may be the backend that speaks first)
+            self._admit(sock, ip, screen=True)
+            return
+        if len(self._conns) + len(self._headers) >= self.limits.connections:
+            self.refused["connections"] = self.refused.get("connections", 0) + 1
+            sock.close()
+            return
+        try:
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return
+        self._headers[sock] = None
+        timeout = min(self.proxy_timeout, self.service.policy.header_timeout or
+                      proxy_protocol.HEADER_TIMEOUT)
+        reader = proxy_protocol.SocketHeader(
+            self.loop, sock, required, timeout,
+            lambda result: self._header_done(sock, ip, result))
+        if sock in self._headers:
+            self._headers[sock] = reader
+
+    def _header_done(self, sock: socket.socket, ip: str, result: Any) -> None:
+        self._headers.pop(sock, None)
+        if isinstance(result, proxy_protocol.Header):
+            self._admit(sock, result.ip or ip, proxied=result.peer)
+        elif result is False:
+            self._admit(sock, ip)
+        else:
+            log.debug("tcp listener %s: peer %s: PROXY header refused: %s", self.address, ip,
+                      result)
+            self.refused["proxy_protocol"] = self.refused.get("proxy_protocol", 0) + 1
+            sock.close()
 
     def _resume_accepting(self) -> None:
         self._resume = None
         if self._sock is not None:
             self.loop.add_reader(self._sock.fileno(), self._on_accept)
 
-    def adopt(self, sock: socket.socket, ip: str, service: ServiceState) -> None:
+    def adopt(self, sock: socket.socket, ip: str, service: ServiceState,
+              proxied: tuple[str, int] | None = None) -> None:
         """Relay a connection accepted elsewhere (a TLS entrypoint passing a ClientHello
         through by SNI) to `service`, counted among this listener's connections. The caller
         has counted `ip` in nothing; limits are the accepting listener's business."""
         self.per_client[ip] = self.per_client.get(ip, 0) + 1
-        self._handle(sock, ip, service)
+        self._handle(sock, ip, service, proxied=proxied)
 
-    def _handle(self, sock: socket.socket, ip: str = "", service: ServiceState | None = None
-                ) -> None:
+    def _handle(self, sock: socket.socket, ip: str = "", service: ServiceState | None = None,
+                proxied: tuple[str, int] | None = None, screen: bool = False) -> None:
         service = service or self.service
         service.tcp_connections += 1
         try:
@@ -765,11 +850,14 @@ class TcpListener:
             from edgelb.tcp_tls import TlsConnection
 
             tls_conn = TlsConnection(self, sock, service, ip)
+            tls_conn.proxied = proxied
             self._conns.add(tls_conn)  # type: ignore[arg-type]
             tls_conn.begin()
             return
         conn = _Connection(self, sock, service)
         conn.peer_ip = ip
+        conn.proxied = proxied
+        conn.screen = screen
         self._conns.add(conn)
         conn.dispatch(self.loop.time())
         # else: it waits for a free slot, or is closed at queue_timeout
@@ -799,6 +887,11 @@ class TcpListener:
         if sock is not None:
             self.loop.remove_reader(sock.fileno())
             sock.close()
+        headers, self._headers = self._headers, {}
+        for client, reader in headers.items():  # no byte of theirs was relayed yet
+            if reader is not None:
+                reader.cancel()
+            client.close()
 
     async def wait_closed(self, timeout: float) -> None:
         """Wait until the open connections end; reset what remains after `timeout` seconds."""

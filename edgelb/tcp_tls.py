@@ -140,6 +140,7 @@ class TlsConnection(_Relay):
         "listener",
         "loop",
         "peer_ip",
+        "proxied",
         "proxy_header",
         "retried",
         "service",
@@ -167,6 +168,7 @@ class TlsConnection(_Relay):
         self.deadline = 0.0  # idle_timeout after the last byte either way (runtime's sweeper)
         self.wait_until = 0.0  # while queued for a free backend slot (edgelb.pool.Pool)
         self.proxy_header = b""  # the PROXY protocol header, once made (policy.proxy_protocol)
+        self.proxied: tuple[str, int] | None = None  # the client a received PROXY header named
 
     # -- the client side ----------------------------------------------------------------
 
@@ -257,7 +259,7 @@ class TlsConnection(_Relay):
         if not version:
             return b""
         if not self.proxy_header:
-            self.proxy_header = proxy_protocol.for_socket(version, self.sock)
+            self.proxy_header = proxy_protocol.for_socket(version, self.sock, self.proxied)
         return self.proxy_header
 
     async def _dial(self, host: str, port: int, header: bytes) -> socket.socket:

@@ -144,6 +144,9 @@ class Service:
     # tcp only: TLS passes through undecrypted; with routes (hosts), the TLS entrypoints send
     # a connection here by the SNI name of its ClientHello
     tls_passthrough: bool = False
+    # static port only: read a PROXY header first (edgelb.proxy_protocol.AcceptPolicy), or
+    # None (off)
+    accept_proxy_protocol: Any = None
 
 
 @dataclass(frozen=True, slots=True)

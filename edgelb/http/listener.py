@@ -19,7 +19,7 @@ import socket
 import ssl as ssl_module
 from typing import TYPE_CHECKING, Any
 
-from edgelb import sni
+from edgelb import proxy_protocol, sni
 from edgelb.accept import ACCEPT_PAUSE, accept_batch
 from edgelb.config import LimitsConfig
 from edgelb.http.proxy import ClientProtocol, UpstreamProtocol
@@ -94,6 +94,11 @@ class HttpListener:
         self._handshakes: set[asyncio.Task[Any]] = set()
         self._resume: asyncio.TimerHandle | None = None
         self._switch: asyncio.Task[None] | None = None
+        # accept_proxy_protocol (edgelb.proxy_protocol.AcceptPolicy), None = off; connections
+        # whose header (or first bytes) are awaited, as protocols or raw sockets
+        self.accept_proxy: Any = None
+        self.proxy_timeout = proxy_protocol.HEADER_TIMEOUT  # at most; tests shorten it
+        self.proxy_pending: set[Any] = set()
         self.refresh()
 
     def set_limits(self, limits: LimitsConfig) -> None:
@@ -110,7 +115,31 @@ class HttpListener:
     @property
     def connections(self) -> int:
         relay = self.relay
-        return len(self.clients) + len(self._peeking) + (relay.connections if relay else 0)
+        return (len(self.clients) + len(self._peeking) + len(self.proxy_pending)
+                + (relay.connections if relay else 0))
+
+    # -- accept_proxy_protocol ----------------------------------------------------------------
+
+    def set_accept_proxy(self, policy: Any) -> None:
+        """Read a PROXY header first from now on (policy), or not (None). A TLS listener
+        reads it on its own accept loop, before the TLS bytes."""
+        self.accept_proxy = policy
+        if self.ssl is not None:
+            self.set_passthrough(self.sni_table)
+
+    def header_timeout(self) -> float:
+        return min(self.proxy_timeout, self.header_timeout_s or proxy_protocol.HEADER_TIMEOUT)
+
+    def _new_protocol(self) -> asyncio.Protocol:
+        """The protocol of a connection accepted by a server (once per connection)."""
+        accept = self.accept_proxy
+        if accept is None:
+            return ClientProtocol(self)
+        return _HeaderProtocol(self, accept)
+
+    def refuse_proxy(self, ip: str, why: str) -> None:
+        log.debug("%s %s: peer %s: PROXY header refused: %s", self.kind, self.name, ip, why)
+        self.refused["proxy_protocol"] = self.refused.get("proxy_protocol", 0) + 1
 
     def policy(self) -> Policy:
         service = self.service
@@ -126,13 +155,13 @@ class HttpListener:
         return self.services.get(name)
 
     async def start(self) -> None:
-        if self.ssl is not None and self.service is None:
+        if self.ssl is not None:
             await self._start_tls_entrypoint()
             return
         host = self.address.host
         try:
             self._server = await self.loop.create_server(
-                lambda: ClientProtocol(self),
+                self._new_protocol,
                 host=None if host in ("", "*") else host,
                 port=self.address.port,
                 reuse_address=True,
@@ -166,6 +195,7 @@ class HttpListener:
         if self._server is not None:
             self._server.close()
         self._close_sockets()
+        self._drop_pending()  # nothing of theirs was served yet
         for client in list(self.clients):
             client.drain()
 
@@ -183,12 +213,18 @@ class HttpListener:
         self._close_sockets()
         for client in list(self.clients):
             client.transport.abort()
+        self._drop_pending()
         for peek in list(self._peeking):
             self._drop(peek, "closed")
         for task in list(self._handshakes):
             task.cancel()
         if self.relay is not None:
             self.relay.abort()
+
+    def _drop_pending(self) -> None:
+        for pending in list(self.proxy_pending):
+            pending.abort()
+        self.proxy_pending.clear()
 
     # -- TLS entrypoints: terminate, or pass through by SNI ---------------------------------
 
@@ -198,7 +234,7 @@ class HttpListener:
         self.sni_table = table
         if not self._socks or self.closing:
             return  # applied by start()
-        if table:
+        if table or self.accept_proxy is not None:
             if not self._own:
                 self._accept_here()
         elif self._own and self._switch is None:
@@ -210,7 +246,7 @@ class HttpListener:
 
     async def _start_tls_entrypoint(self) -> None:
         self._socks = await self._bind()
-        if self.sni_table:
+        if self.sni_table or self.accept_proxy is not None:
             self._accept_here()
             return
         try:
@@ -257,7 +293,7 @@ class HttpListener:
         try:
             for sock in self._socks:
                 servers.append(await self.loop.create_server(
-                    lambda: ClientProtocol(self), sock=sock.dup(), backlog=BACKLOG,
+                    self._new_protocol, sock=sock.dup(), backlog=BACKLOG,
                     ssl=self.ssl, ssl_handshake_timeout=self.handshake_timeout))
         except BaseException:  # OSError, or cancelled by a close meanwhile
             for server in servers:
@@ -293,7 +329,8 @@ class HttpListener:
                 log.warning("entrypoint %s: cannot serve TLS on %s again (%s); keeps peeking",
                             self.name, self.address, e)
                 return
-            if self.sni_table or self.closing or not self._own or socks is not self._socks:
+            if (self.sni_table or self.accept_proxy is not None or self.closing or not self._own
+                    or socks is not self._socks):
                 for server in servers:
                     server.close()
                 return
@@ -327,7 +364,44 @@ class HttpListener:
             self._accept_here()
 
     def _accepted(self, sock: socket.socket, ip: str) -> None:
-        """A new connection: refuse it over a limit, else peek at its ClientHello."""
+        """A new connection: its PROXY header first (accept_proxy_protocol), then `_admit`."""
+        accept = self.accept_proxy
+        if accept is None:
+            self._admit(sock, ip)
+            return
+        if self.connections >= self.limits.connections:
+            self.refused["connections"] = self.refused.get("connections", 0) + 1
+            sock.close()
+            return
+        try:
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return
+        pending = _PendingSocket(sock)
+        self.proxy_pending.add(pending)
+        # a TLS client speaks first: an untrusted peer's first bytes are checked here too
+        pending.reader = proxy_protocol.SocketHeader(
+            self.loop, sock, accept.required(ip), self.header_timeout(),
+            lambda result: self._header_done(pending, ip, result))
+        if pending not in self.proxy_pending:
+            pending.reader = None
+
+    def _header_done(self, pending: _PendingSocket, ip: str, result: Any) -> None:
+        self.proxy_pending.discard(pending)
+        pending.reader = None
+        if isinstance(result, proxy_protocol.Header):
+            self._admit(pending.sock, result.ip or ip, result.peer)
+        elif result is False:
+            self._admit(pending.sock, ip)
+        else:
+            self.refuse_proxy(ip, result)
+            pending.sock.close()
+
+    def _admit(self, sock: socket.socket, ip: str, proxied: tuple[str, int] | None = None
+               ) -> None:
+        """Refuse the connection over a limit, else peek at its ClientHello. `ip` is the
+        client's (`proxied`: the address and port a PROXY header gave)."""
         ipb = ip.encode()
         limits = self.limits
         relay = self.relay
@@ -346,6 +420,7 @@ class HttpListener:
         self.per_client[ipb] = self.per_client.get(ipb, 0) + 1
         loop = self.loop
         peek = _Peek(sock, ip, ipb, loop.time() + self.handshake_timeout)
+        peek.proxied = proxied
         self._peeking.add(peek)
         peek.timer = loop.call_at(peek.deadline, self._drop, peek, "timeout")
         self._peek(peek)  # the ClientHello is often there already
@@ -379,18 +454,21 @@ class HttpListener:
         if state is not None:
             self._count("passthrough")
             self.accepted += 1
-            self._relay().adopt(peek.sock, peek.ip, state)
+            self._relay().adopt(peek.sock, peek.ip, state, peek.proxied)
             return
         self._count("terminated")
         timeout = max(0.1, peek.deadline - self.loop.time())
-        task = self.loop.create_task(self._terminate(peek.sock, timeout))
+        task = self.loop.create_task(self._terminate(peek.sock, timeout, peek.proxied))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
-    async def _terminate(self, sock: socket.socket, timeout: float) -> None:
+    async def _terminate(self, sock: socket.socket, timeout: float,
+                         proxied: tuple[str, int] | None = None) -> None:
+        factory: Any = (lambda: ClientProtocol(self)) if proxied is None else (
+            lambda: _ProxiedClient(self, proxied))
         try:
             await self.loop.connect_accepted_socket(
-                lambda: ClientProtocol(self), sock, ssl=self.ssl, ssl_handshake_timeout=timeout)
+                factory, sock, ssl=self.ssl, ssl_handshake_timeout=timeout)
         except Exception as e:  # refused, timed out, reset: the client's problem
             log.debug("entrypoint %s: TLS handshake failed: %r", self.name, e)
 
@@ -439,7 +517,8 @@ class HttpListener:
 class _Peek:
     """A connection of a TLS entrypoint whose ClientHello is being waited for."""
 
-    __slots__ = ("deadline", "fd", "ip", "ipb", "lowat", "reading", "seen", "sock", "timer")
+    __slots__ = ("deadline", "fd", "ip", "ipb", "lowat", "proxied", "reading", "seen", "sock",
+                 "timer")
 
     def __init__(self, sock: socket.socket, ip: str, ipb: bytes, deadline: float) -> None:
         self.sock = sock
@@ -451,3 +530,115 @@ class _Peek:
         self.lowat = False  # SO_RCVLOWAT was raised
         self.reading = False  # registered with the loop
         self.timer: asyncio.TimerHandle | None = None
+        self.proxied: tuple[str, int] | None = None  # the client a PROXY header named
+
+
+class _PendingSocket:
+    """An accepted socket of a TLS listener whose PROXY header is awaited."""
+
+    __slots__ = ("reader", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader: Any = None
+
+    def abort(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        self.sock.close()
+
+
+class _ProxiedClient(ClientProtocol):
+    """A client connection whose address came in a PROXY header (TLS listeners)."""
+
+    __slots__ = ("proxied",)
+
+    def __init__(self, listener: HttpListener, proxied: tuple[str, int]) -> None:
+        super().__init__(listener)
+        self.proxied = proxied
+
+    def connection_made(self, transport, peer: tuple | None = None) -> None:
+        super().connection_made(transport, peer or self.proxied)
+
+
+class _HeaderProtocol(asyncio.Protocol):
+    """The first protocol of a connection to a plain listener with accept_proxy_protocol: reads
+    the PROXY header (or, from an untrusted peer, makes sure the first bytes are not one), then
+    hands the transport to a ClientProtocol with the rest of the bytes. Used once per
+    connection, only while the option is on; the request path is ClientProtocol's alone."""
+
+    __slots__ = ("buf", "ip", "listener", "policy", "required", "timer", "transport")
+
+    def __init__(self, listener: HttpListener, policy: Any) -> None:
+        self.listener = listener
+        self.policy = policy
+        self.buf = b""
+        self.ip = ""
+        self.required = True
+        self.timer: asyncio.TimerHandle | None = None
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        listener = self.listener
+        peer = transport.get_extra_info("peername")
+        self.ip = str(peer[0]) if peer else ""
+        if listener.connections >= listener.limits.connections:
+            listener.refused["connections"] = listener.refused.get("connections", 0) + 1
+            transport.abort()
+            return
+        self.required = self.policy.required(self.ip)
+        listener.proxy_pending.add(self)
+        self.timer = listener.loop.call_later(listener.header_timeout(), self._refuse, "timeout")
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf = self.buf + data
+        if self.required:
+            result = proxy_protocol.parse(buf)
+            if result is None:
+                return
+            if isinstance(result, str):
+                self._refuse(result)
+                return
+            self._hand_off(result.peer, buf[result.length:])
+            return
+        found = proxy_protocol.screen(buf)
+        if found is None:
+            return
+        if found:
+            self._refuse("a header from an untrusted peer")
+        else:
+            self._hand_off(None, buf)
+
+    def eof_received(self) -> bool:
+        self._refuse("closed before the header")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+
+    def abort(self) -> None:
+        self._end()
+        self.transport.abort()
+
+    def _end(self) -> bool:
+        timer, self.timer = self.timer, None
+        if timer is None:
+            return False
+        timer.cancel()
+        self.listener.proxy_pending.discard(self)
+        return True
+
+    def _refuse(self, why: str) -> None:
+        if self._end():
+            self.listener.refuse_proxy(self.ip, why)
+            self.transport.abort()
+
+    def _hand_off(self, peer: tuple | None, rest: bytes) -> None:
+        self._end()
+        client = ClientProtocol(self.listener)
+        transport = self.transport
+        transport.set_protocol(client)
+        client.connection_made(transport, peer)
+        if rest and not client.closed:
+            client.data_received(rest)

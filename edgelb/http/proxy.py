@@ -241,11 +241,13 @@ class ClientProtocol(asyncio.Protocol):
 
     # -- connection events -------------------------------------------------------------
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport, peer: tuple | None = None) -> None:
+        """`peer`: the client a PROXY header named (accept_proxy_protocol), else the
+        transport's peer."""
         self.transport = transport
         listener = self.listener
         listener.accepted += 1
-        ip, self.fwd_for = forwarded_for(transport.get_extra_info("peername"))
+        ip, self.fwd_for = forwarded_for(peer or transport.get_extra_info("peername"))
         self.xff_ip = ip
         limits = listener.limits
         n = listener.per_client.get(ip, 0) + 1
