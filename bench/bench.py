@@ -948,8 +948,49 @@ def _on_signal(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def backends_main(argv: list[str], doc: str | None, parse_spec: Callable[[str], Any],
+                  serve: Callable[[list[Any]], Any]) -> int:
+    """The command line of a backend script: one spec (with a `name`) per argument, then
+    `serve(specs)` until a signal, on uvloop when it is installed."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(doc, file=sys.stderr)
+        return 2
+    specs = [parse_spec(a) for a in argv]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"backend names must differ, got {names}")
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+
+        asyncio.run(serve(specs))
+    else:
+        uvloop.run(serve(specs))
+    return 0
+
+
+def stop_on_signals(*signums: int) -> None:
+    """Turn these signals into KeyboardInterrupt, so `finally` blocks stop every child."""
+    for signum in signums:
+        signal.signal(signum, _on_signal)
+
+
+def raise_nofile() -> int:
+    """Lift the soft open-file limit to the hard one (children inherit it: load generators
+    and HAProxy, whose maxconn is sized from it); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def main() -> int:
-    signal.signal(signal.SIGTERM, _on_signal)
+    stop_on_signals(signal.SIGTERM)
     # 5 rounds: on a shared 2-core machine one round of the HTTP scenario can land anywhere
     # between 0.7x and 1.0x of the next; the median of 5 moves much less than that of 3
     cfg = Settings.from_env(rounds=5)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
+from bench import backends_main  # this script's folder is on sys.path when it runs
 from edgelb.demo import BackendSpec, DemoBackend, start_demo_backends, stop_demo_backends
 
 
@@ -68,20 +69,7 @@ async def serve(specs: list[BackendSpec]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__, file=sys.stderr)
-        return 2
-    specs = [parse_spec(a) for a in argv]
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"backend names must differ, got {names}")
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(specs))
-    else:
-        uvloop.run(serve(specs))
-    return 0
+    return backends_main(argv, __doc__, parse_spec, serve)
 
 
 if __name__ == "__main__":

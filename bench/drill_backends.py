@@ -40,6 +40,8 @@ from typing import cast
 
 import httptools
 
+from bench import backends_main  # this script's folder is on sys.path when it runs
+
 MODES = ("ok", "kill", "hang", "error")
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
@@ -369,20 +371,7 @@ async def serve(specs: list[DrillSpec]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__, file=sys.stderr)
-        return 2
-    specs = [parse_spec(a) for a in argv]
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"backend names must differ, got {names}")
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(specs))
-    else:
-        uvloop.run(serve(specs))
-    return 0
+    return backends_main(argv, __doc__, parse_spec, serve)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from typing import Any, cast
 
 import httptools
 
+from bench import raise_nofile  # this script's folder is on sys.path when it runs
+
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 TICK = 0.001  # the pacer wakes at most this often and sends every request due by then
 _now = time.perf_counter  # uvloop's loop.time() moves in whole milliseconds
@@ -370,18 +372,6 @@ class LoadGen:
             "cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 2),
             "phases": [p.result() for p in self.phases],
         }
-
-
-def raise_nofile() -> int:
-    """Lift the soft open-file limit to the hard one; returns the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 def main(argv: list[str]) -> int:

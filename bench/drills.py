@@ -107,16 +107,6 @@ class Settings:
         )
 
 
-def raise_nofile() -> None:
-    """Children inherit the limit: the load generator and HAProxy need many fds."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-
-
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -547,18 +537,13 @@ def _overload_section(cfg: Settings, o: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- main
 
 
-def _on_signal(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str]) -> int:
     which = argv[0] if argv else "all"
     if which in ("-h", "--help") or which not in (*DRILLS, "all") or len(argv) > 1:
         print(__doc__, file=sys.stderr)
         return 0 if which in ("-h", "--help") else 2
-    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background job ignores it
-        signal.signal(sig, _on_signal)
-    raise_nofile()
+    bench.stop_on_signals(signal.SIGTERM, signal.SIGINT)  # SIGINT too: a background job ignores it
+    bench.raise_nofile()
     cfg = Settings.from_env()
     drills = list(DRILLS) if which == "all" else [which]
     cfg.results.mkdir(parents=True, exist_ok=True)

@@ -85,16 +85,6 @@ SANITY_REQUESTS = 20
 # ---------------------------------------------------------------- setup
 
 
-def raise_nofile() -> None:
-    """Lift the soft fd limit to the hard one (Lab sizes HAProxy's maxconn from it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-
-
 def make_certificate(tmp: Path) -> dict[str, Path]:
     """A self-signed EC P-256 certificate for CERT_NAME and 127.0.0.1, valid 2 days.
     Returns the paths: cert, key, and pem (both in one file, for HAProxy)."""
@@ -631,14 +621,9 @@ def version_info(cfg: Settings) -> dict[str, str]:
 # ---------------------------------------------------------------- main
 
 
-def _on_signal(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> int:
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _on_signal)
-    raise_nofile()
+    bench.stop_on_signals(signal.SIGTERM, signal.SIGINT)
+    bench.raise_nofile()
     missing = [t for t in ("wrk", "haproxy", "nginx", "openssl") if not shutil.which(t)]
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: install them (bench/run.sh installs "
