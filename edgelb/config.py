@@ -87,6 +87,15 @@ class LimitsConfig:
     headers: int = 100  # header fields in a request head (431 beyond)
     min_body_rate: int = 0  # bytes/s a request body must keep up after 10 s; 0 = no minimum
 
+    def refusal(self, open_connections: int, from_client: int) -> str | None:
+        """Why a new connection must be refused ("connections", "per_client"), or None.
+        `open_connections`: the listener's before it; `from_client`: its client's with it."""
+        if self.connections_per_client and from_client > self.connections_per_client:
+            return "per_client"
+        if open_connections >= self.connections:
+            return "connections"
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class InstanceConfig:

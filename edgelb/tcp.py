@@ -765,11 +765,9 @@ class TcpListener:
     def _admit(self, sock: socket.socket, ip: str, proxied: tuple[str, int] | None = None,
                screen: bool = False) -> None:
         """Over a limit: closed (counted); else handled. `ip` is the client's address."""
-        limits = self.limits
         n = self.per_client.get(ip, 0) + 1
-        per_client = limits.connections_per_client
-        if len(self._conns) >= limits.connections or (per_client and n > per_client):
-            reason = "per_client" if per_client and n > per_client else "connections"
+        reason = self.limits.refusal(len(self._conns), n)
+        if reason is not None:
             self.refused[reason] = self.refused.get(reason, 0) + 1
             sock.close()
             return

@@ -403,12 +403,10 @@ class HttpListener:
         """Refuse the connection over a limit, else peek at its ClientHello. `ip` is the
         client's (`proxied`: the address and port a PROXY header gave)."""
         ipb = ip.encode()
-        limits = self.limits
         relay = self.relay
         n = self.per_client.get(ipb, 0) + 1 + (relay.per_client.get(ip, 0) if relay else 0)
-        per_client = limits.connections_per_client
-        if self.connections >= limits.connections or (per_client and n > per_client):
-            reason = "per_client" if per_client and n > per_client else "connections"
+        reason = self.limits.refusal(self.connections, n)
+        if reason is not None:
             self.refused[reason] = self.refused.get(reason, 0) + 1
             sock.close()
             return

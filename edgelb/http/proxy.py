@@ -249,12 +249,10 @@ class ClientProtocol(asyncio.Protocol):
         listener.accepted += 1
         ip, self.fwd_for = forwarded_for(peer or transport.get_extra_info("peername"))
         self.xff_ip = ip
-        limits = listener.limits
         n = listener.per_client.get(ip, 0) + 1
-        per_client = limits.connections_per_client
-        if len(listener.clients) >= limits.connections or (per_client and n > per_client):
+        reason = listener.limits.refusal(len(listener.clients), n)
+        if reason is not None:
             # over a listener limit: closed at once (counted), before it costs anything more
-            reason = "per_client" if per_client and n > per_client else "connections"
             listener.refused[reason] = listener.refused.get(reason, 0) + 1
             self.closed = True
             transport.abort()
