@@ -522,8 +522,14 @@ async def tls_exchange(port: int, prefix: bytes, name: str, request: bytes) -> t
     sock = socket.create_connection((HOST, port))
     sock.sendall(prefix)
     sock.setblocking(False)
-    reader, writer = await within(asyncio.open_connection(
-        sock=sock, ssl=tlskit.client_context(), server_hostname=name))
+    try:
+        reader, writer = await within(asyncio.open_connection(
+            sock=sock, ssl=tlskit.client_context(), server_hostname=name))
+    except BaseException:
+        # the loop took the descriptor and closes it itself; closing it again from this
+        # object (at garbage collection) could close a number reused by a later socket
+        sock.detach()
+        raise
     serial = tlskit.peer(writer.get_extra_info("ssl_object"))[0]
     writer.write(request)
     try:
