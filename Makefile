@@ -4,6 +4,7 @@
 #   make test                lint, then the whole pytest suite
 #   make test PYTEST_ARGS='tests/test_demo_backends.py -x'
 #   make lint                ruff check + hadolint on the Dockerfile
+#   make compiled            compile the data path in place with mypyc (run, test, bench do it)
 #   make bench               bench/run.sh (side-by-side benchmarks, not tests)
 #   make clean               build artifacts and caches (keeps .venv)
 #   make distclean           clean, and remove .venv too
@@ -22,37 +23,53 @@ PYTHON ?= $(shell for p in /usr/bin/python3 python3; do \
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The data path's modules compiled in place with mypyc (edgelb/compiled.py lists them): built
+# again whenever they, or the modules whose types they use, change. If no C compiler works,
+# setup.py leaves them pure Python and says so.
+COMPILED := $(VENV)/.compiled
+COMPILED_INPUTS := setup.py $(wildcard edgelb/*.py edgelb/http/*.py balancers/*.py watchers/*.py)
 PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test lint bench clean distclean venv
+.PHONY: run test lint bench clean distclean venv compiled
 
-# Reinstalled whenever pyproject.toml changes; editable so the tree under edit is what runs.
+# Reinstalled whenever pyproject.toml changes; editable so the tree under edit is what runs
+# (installed uncompiled: $(COMPILED) builds the C modules into the tree).
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); python3 -m venv $(VENV); } || { \
 	  echo "error: '$(PYTHON) -m venv $(VENV)' failed; on Debian run: apt-get install python3-venv" >&2; \
 	  exit 1; }
-	$(BIN)/pip install -e '.[test]'
+	EDGELB_COMPILE=0 $(BIN)/pip install -e '.[test]'
+	@touch $@
+
+$(COMPILED): $(STAMP) $(COMPILED_INPUTS)
+	$(BIN)/python setup.py -q build_ext --inplace
+	@# up to date now even where mypyc found nothing to rebuild (tests/conftest.py checks)
+	@find edgelb -name '*.so' -exec touch {} +
+	$(BIN)/python -c 'from edgelb.compiled import describe; print("edgelb:", describe())'
 	@touch $@
 
 venv: $(STAMP)
 
-run: $(STAMP)
+compiled: $(COMPILED)
+
+run: $(COMPILED)
 	$(BIN)/edgelb demo
 
-test: lint
+test: lint $(COMPILED)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 
-bench: $(STAMP)
+bench: $(COMPILED)
 	bash bench/run.sh
 
 clean:
-	rm -rf build dist .pytest_cache .ruff_cache .hypothesis
+	rm -rf build dist .pytest_cache .ruff_cache .hypothesis .mypy_cache $(COMPILED)
+	find edgelb -name '*.so' -delete
 	find . -path ./$(VENV) -prune -o \
 	  \( -name __pycache__ -o -name '*.egg-info' \) -type d -prune -exec rm -rf {} +
 

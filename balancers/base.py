@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 
 class Candidate(Protocol):
@@ -26,8 +26,9 @@ class Candidate(Protocol):
 class Balancer:
     """Base of every policy. Subclasses set `name` and implement `pick`."""
 
-    name = ""
-    keyed = False  # True when pick() wants a key (the caller then finds one in the request)
+    # class attributes, read from the classes too (balancers.POLICIES)
+    name: ClassVar[str] = ""
+    keyed: ClassVar[bool] = False  # True when pick() wants a key (the caller then finds one)
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng

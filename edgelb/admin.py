@@ -18,7 +18,7 @@ import jinja2
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from edgelb import __version__
+from edgelb import __version__, compiled
 from edgelb.metrics import make_registry
 from edgelb.pool import BackendState, ServiceState
 from watchers.model import Address
@@ -181,6 +181,7 @@ def status(runtime: Any) -> dict[str, Any]:
     not_ready = readiness(runtime)
     return {
         "version": __version__,
+        "build": compiled.describe(),  # whether the data path runs compiled (mypyc)
         "started_at": runtime.started_at,
         "uptime": max(0.0, time.time() - runtime.started_at),
         "ready": not not_ready,

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from edgelb import tls
+from edgelb import __version__, compiled, tls
 from edgelb.config import Config, ConfigError, load_config, not_implemented, parse_config
 from edgelb.runtime import EntrypointSpec, Runtime, SnapshotError
 from watchers.model import Policy
@@ -205,7 +205,8 @@ async def _main(
     loop.add_signal_handler(signal.SIGHUP, app.reload)
     if banner:
         print(banner, flush=True)
-    log.info("edgelb running with %s", config_path)
+    log.info("edgelb running with %s (version %s, %s)", config_path, __version__,
+             compiled.describe())
     await stop.wait()
     log.info("shutting down: draining open connections")
     await app.stop()

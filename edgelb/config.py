@@ -1455,19 +1455,19 @@ def summarize(config: Config) -> str:
     """A human summary: listeners, services with their exposure, policy and backends."""
     lines = [f"admin: {config.admin}"]
     for e in config.entrypoints:
-        tls = " (tls)" if e.tls else ""
-        lines.append(f"entrypoint {e.name}: {e.listen}{tls}{_fmt_accept(e.accept_proxy_protocol)}")
+        mark = " (tls)" if e.tls else ""
+        lines.append(f"entrypoint {e.name}: {e.listen}{mark}{_fmt_accept(e.accept_proxy_protocol)}")
     services = config.snapshot.services
     lines.append(f"services: {len(services)}")
     for s in services:
-        tls = []
+        ends: list[str] = []
         if s.tls_passthrough:
-            tls.append("TLS passed through")
+            ends.append("TLS passed through")
         elif s.tls is not None:
-            tls.append("TLS terminated")
+            ends.append("TLS terminated")
         if s.policy.backend_tls is not None:
-            tls.append("TLS to backends")
-        lines.append(f"  {s.name} ({', '.join([s.mode, *tls])})")
+            ends.append("TLS to backends")
+        lines.append(f"  {s.name} ({', '.join([s.mode, *ends])})")
         if s.listen is not None:
             lines.append(f"    listen {s.listen}{_fmt_accept(s.accept_proxy_protocol)}")
         routes = [r for r in config.snapshot.routes if r.service == s.name]

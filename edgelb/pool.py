@@ -340,11 +340,11 @@ class Pool:
         candidates: list[BackendState] = []
         spare: list[BackendState] = []
         for b in self.backends:
-            ok = b.check_ok and not b.ejected_until
+            fine = b.check_ok and not b.ejected_until
             ejected += b.ejected_until > 0
-            b.usable = b.weight > 0 and not b.draining and b.healthy and (panic or ok)
+            b.usable = b.weight > 0 and not b.draining and b.healthy and (panic or fine)
             b.eligible = b.usable and (b.cap <= 0 or b.inflight < b.cap)
-            if panic and capped and not ok:
+            if panic and capped and not fine:
                 if b.usable:
                     spare.append(b)
                 continue

@@ -14,11 +14,21 @@ import pytest
 import uvloop
 from httpkit import HttpBackend, free_port, start_runtime
 
+from edgelb import compiled
 from edgelb.runtime import Runtime
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "uvloop: run this async test on a uvloop event loop")
+    old = compiled.stale()
+    if old:
+        pytest.exit(f"compiled modules older than their source: {', '.join(old)}; "
+                    "run `make compiled` (or `make test`), or `make clean` for pure Python",
+                    returncode=2)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"edgelb: {compiled.describe()}"
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

@@ -11,6 +11,7 @@ checks where every module was loaded from anyway.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -22,8 +23,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ["pyproject.toml", "README.md", "LICENSE", "edgelb", "watchers", "balancers", "templates"]
-IGNORE = shutil.ignore_patterns("__pycache__", "*.py[co]", "*.egg-info")
+SHIPPED = ["pyproject.toml", "setup.py", "README.md", "LICENSE", "edgelb", "watchers", "balancers",
+           "templates"]
+IGNORE = shutil.ignore_patterns("__pycache__", "*.py[co]", "*.egg-info", "*.so")
 
 # Runs inside the installed venv, cwd outside the source tree; prints one JSON document.
 PROBE = r"""
@@ -80,8 +82,12 @@ if importlib.util.find_spec("edgelb.admin") is not None:
         admin.load_template()  # the app's own lookup and compile, from the installed copy
         loaded = admin.__file__
 
+from edgelb import compiled
+
+built = {m: importlib.import_module(m).__file__ for m in compiled.MODULES}
 print(json.dumps({"files": files, "templates_root": str(root), "rendered": rendered,
-                  "admin_template": loaded, "prefix": sys.prefix}))
+                  "admin_template": loaded, "prefix": sys.prefix, "compiled": built,
+                  "build": compiled.describe()}))
 """
 
 
@@ -92,14 +98,14 @@ def source_version() -> str:
     return match.group(1)
 
 
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+def run(cmd: list[str], cwd: Path,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_and_install(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
     """A venv outside the source tree with only the built wheel installed; returns its root."""
     setuptools_version = metadata.version("setuptools")
     if int(setuptools_version.split(".")[0]) < 68 or not _has("wheel"):
@@ -121,7 +127,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(
         [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
          "--no-index", "-q", "-w", str(dist)],
-        cwd=tmp,
+        cwd=tmp, env={**os.environ, **env},
     )
     (wheel,) = dist.glob("edgelb-*.whl")
 
@@ -142,6 +148,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_and_install(tmp_path_factory, {"EDGELB_COMPILE": "1"})
+
+
 def _has(dist: str) -> bool:
     try:
         metadata.version(dist)
@@ -150,7 +161,7 @@ def _has(dist: str) -> bool:
     return True
 
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(240)  # the first test builds the wheel: mypyc and a C compiler
 
 
 def test_console_script_prints_the_version(installed: Path) -> None:
@@ -177,8 +188,36 @@ def test_installed_copy_ships_the_packages_and_templates(installed: Path) -> Non
         assert Path(report["admin_template"]).resolve().is_relative_to(prefix)
 
 
+def test_the_wheel_carries_the_data_path_compiled(installed: Path) -> None:
+    """setup.py compiles edgelb/compiled.py's modules with mypyc (mypy and a C compiler are
+    in the test environment), and the installed copy loads them as C extensions."""
+    probe = installed.parent / "probe.py"
+    probe.write_text(PROBE)
+    proc = run([str(installed / "bin" / "python"), str(probe)], cwd=installed.parent)
+    report = json.loads(proc.stdout)
+    prefix = Path(report["prefix"]).resolve()
+    for module, file in report["compiled"].items():
+        assert Path(file).resolve().is_relative_to(prefix), f"{module} loaded from {file}"
+        assert file.endswith(".so"), f"{module} is not compiled: {file}"
+    assert report["build"] == "data path compiled with mypyc"
+
+
 def test_installed_copy_renders_the_kubernetes_manifests(installed: Path) -> None:
     proc = run([str(installed / "bin" / "edgelb"), "manifests", "--kind", "daemonset"],
                cwd=installed.parent)
     assert "kind: DaemonSet" in proc.stdout
     assert "kind: IngressClass" in proc.stdout
+
+
+def test_without_compiling_the_wheel_is_pure_python_and_runs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """EDGELB_COMPILE=0 (or no C compiler): the same modules ship as plain Python."""
+    venv = build_and_install(tmp_path_factory, {"EDGELB_COMPILE": "0"})
+    probe = venv.parent / "probe.py"
+    probe.write_text(PROBE)
+    report = json.loads(run([str(venv / "bin" / "python"), str(probe)], cwd=venv.parent).stdout)
+    assert report["build"] == "pure Python"
+    assert all(f.endswith(".py") for f in report["compiled"].values()), report["compiled"]
+    proc = run([str(venv / "bin" / "edgelb"), "--version"], cwd=venv.parent)
+    assert proc.stdout.strip() == f"edgelb {source_version()}"

@@ -462,8 +462,9 @@ class HttpListener:
 
     async def _terminate(self, sock: socket.socket, timeout: float,
                          proxied: tuple[str, int] | None = None) -> None:
-        factory: Any = (lambda: ClientProtocol(self)) if proxied is None else (
-            lambda: _ProxiedClient(self, proxied))
+        def factory() -> ClientProtocol:
+            return ClientProtocol(self, proxied)
+
         try:
             await self.loop.connect_accepted_socket(
                 factory, sock, ssl=self.ssl, ssl_handshake_timeout=timeout)
@@ -544,19 +545,6 @@ class _PendingSocket:
         if self.reader is not None:
             self.reader.cancel()
         self.sock.close()
-
-
-class _ProxiedClient(ClientProtocol):
-    """A client connection whose address came in a PROXY header (TLS listeners)."""
-
-    __slots__ = ("proxied",)
-
-    def __init__(self, listener: HttpListener, proxied: tuple[str, int]) -> None:
-        super().__init__(listener)
-        self.proxied = proxied
-
-    def connection_made(self, transport, peer: tuple | None = None) -> None:
-        super().connection_made(transport, peer or self.proxied)
 
 
 class _HeaderProtocol(asyncio.Protocol):

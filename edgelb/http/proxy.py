@@ -17,7 +17,7 @@ import ssl
 from bisect import bisect_left
 from collections import deque
 from math import exp
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -38,6 +38,9 @@ from edgelb.http.response_head import (
 from edgelb.pool import DURATION_BUCKETS
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from balancers.base import Candidate
     from edgelb.http.listener import HttpListener
     from edgelb.pool import BackendState, ServiceState
 
@@ -97,9 +100,9 @@ class Exchange:
         "backend",
         "bad",
         "body_buffer",
-        "body_n",  # body bytes so far, counted only under limits.min_body_rate (unset otherwise)
+        "body_n",  # body bytes so far, counted only under limits.min_body_rate
         "body_sent",
-        "body_t0",  # when the body began, the same
+        "body_t0",  # when the body began (0: not yet), the same
         "buffered",
         "chunked",
         "client",
@@ -114,7 +117,7 @@ class Exchange:
         "lines",
         "method",
         "queued",
-        "received",  # body bytes so far, counted only under max_body (unset otherwise)
+        "received",  # body bytes so far, counted only under max_body
         "req_trailers",
         "request_complete",
         "response_started",
@@ -173,6 +176,9 @@ class Exchange:
         self.set_cookie = b""  # a sticky backend id to hand the client with the response
         self.wait_until = 0.0  # while queued for a free backend slot: when it gives up
         self.bad: tuple[int, str] | None = None  # refused: (status, why), answered in turn
+        self.body_t0 = 0.0
+        self.body_n = 0
+        self.received = 0
         self.queued = 0.0  # seconds it waited for a slot (not the backend's latency)
 
     # A queued exchange is a waiter of its pool (edgelb.pool.Pool.enqueue).
@@ -189,7 +195,7 @@ class Exchange:
             client.shed(self, reason)
 
 
-class ClientProtocol(asyncio.Protocol):
+class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
     """One downstream (client) connection."""
 
     __slots__ = (
@@ -207,6 +213,7 @@ class ClientProtocol(asyncio.Protocol):
         "parsing",
         "paused",
         "pipeline",
+        "proxied",
         "refusing",
         "transport",
         "tunnel",
@@ -216,11 +223,13 @@ class ClientProtocol(asyncio.Protocol):
         "xff_ip",
     )
 
-    def __init__(self, listener: HttpListener) -> None:
+    def __init__(self, listener: HttpListener, proxied: tuple | None = None) -> None:
+        """`proxied`: the client a PROXY header named, when it came before the TLS handshake."""
         self.listener = listener
+        self.proxied = proxied
         self.loop = listener.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.parser = None
+        self.parser: Any = None  # an httptools.HttpRequestParser, once a request began
         self.parsing: Exchange | None = None  # receiving parser callbacks
         self.active: Exchange | None = None  # being served
         self.pipeline: deque[Exchange] | None = None
@@ -247,7 +256,8 @@ class ClientProtocol(asyncio.Protocol):
         self.transport = transport
         listener = self.listener
         listener.accepted += 1
-        ip, self.fwd_for = forwarded_for(peer or transport.get_extra_info("peername"))
+        ip, self.fwd_for = forwarded_for(
+            peer or self.proxied or transport.get_extra_info("peername"))
         self.xff_ip = ip
         n = listener.per_client.get(ip, 0) + 1
         reason = listener.limits.refusal(len(listener.clients), n)
@@ -290,6 +300,10 @@ class ClientProtocol(asyncio.Protocol):
                 _end_retry(ex)
         elif self.tunnel is not None:
             self.tunnel.close()
+
+    def eof_received(self) -> bool | None:
+        """The client shut its side: the transport closes (asyncio.Protocol's default)."""
+        return None
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -476,7 +490,7 @@ class ClientProtocol(asyncio.Protocol):
         if service is not None:  # None while a pipelined request waits for its turn
             service.bytes_in += len(body)
             if service.special and service.policy.max_body is not None:
-                received = ex.received = getattr(ex, "received", 0) + len(body)  # type: ignore[union-attr]
+                received = ex.received = ex.received + len(body)  # type: ignore[union-attr]
                 if received > service.policy.max_body:
                     self._fail_connection(413, f"the body is over the "
                                           f"{service.policy.max_body} bytes service "
@@ -506,7 +520,7 @@ class ClientProtocol(asyncio.Protocol):
         """limits.min_body_rate: after a 10 s grace, a body must average at least that many
         bytes per second (a slowloris on the body); else 408 and close."""
         now = self.loop.time()
-        t0 = getattr(ex, "body_t0", 0.0)
+        t0 = ex.body_t0
         if not t0:
             ex.body_t0 = now
             ex.body_n = n
@@ -573,7 +587,7 @@ class ClientProtocol(asyncio.Protocol):
         if pool.keyed:  # sticky cookie or a hashing policy: a key from the request
             backend = self._keyed_pick(ex, service)
         else:
-            backend = pool.balancer.pick(pool.candidates)
+            backend = pool.balancer.pick(pool.candidates)  # type: ignore[assignment]
         if backend is None:
             if not pool.at_capacity():
                 self.shed(ex, "no_backend")
@@ -626,7 +640,7 @@ class ClientProtocol(asyncio.Protocol):
         if pool.keyed:
             backend = self._keyed_pick(ex, service)  # type: ignore[arg-type]
         else:
-            backend = pool.balancer.pick(pool.candidates)
+            backend = pool.balancer.pick(pool.candidates)  # type: ignore[assignment]
         if backend is None:
             return False
         ex.wait_until = 0.0
@@ -637,8 +651,8 @@ class ClientProtocol(asyncio.Protocol):
     def shed(self, ex: Exchange, reason: str) -> None:
         """Answer 503 at once: no backend, the wait queue is full, or the wait timed out;
         in panic mode an unhealthy backend under its cap takes it instead."""
-        service = ex.service
-        pool = service.pool  # type: ignore[union-attr]
+        service: ServiceState = ex.service  # type: ignore[assignment]
+        pool = service.pool
         if pool.spare:
             backend = pool.pick_spare()
             if backend is not None:
@@ -648,16 +662,16 @@ class ClientProtocol(asyncio.Protocol):
                     ex.wait_until = 0.0
                 self._send(ex, backend)
                 return
-        service.shed[reason] = service.shed.get(reason, 0) + 1  # type: ignore[union-attr]
+        service.shed[reason] = service.shed.get(reason, 0) + 1
         ex.wait_until = 0.0
         if reason == "no_backend":
-            detail = f"no backend available for service {service.name}"  # type: ignore[union-attr]
+            detail = f"no backend available for service {service.name}"
         elif reason == "queue_full":
             detail = f"every backend of service {service.name} is at its limit and the " \
-                     "queue is full"  # type: ignore[union-attr]
+                     "queue is full"
         else:
             detail = f"every backend of service {service.name} stayed at its limit for " \
-                     f"{service.policy.queue_timeout:g}s"  # type: ignore[union-attr]
+                     f"{service.policy.queue_timeout:g}s"
         self._local(ex, 503, detail, service, RETRY_AFTER)
 
     def _keyed_pick(self, ex: Exchange, service: ServiceState) -> BackendState | None:
@@ -669,7 +683,7 @@ class ClientProtocol(asyncio.Protocol):
                 backend = pool.by_sticky.get(sid)
                 if backend is not None and backend.eligible:
                     return backend
-        candidates = pool.candidates
+        candidates: Sequence[Candidate] = pool.candidates
         if pool.zone:  # zone-aware: in-zone backends while the zone has room
             candidates = prefer_zone(candidates, pool.zone, pool.zone_threshold)
         key = None
@@ -681,7 +695,7 @@ class ClientProtocol(asyncio.Protocol):
                 key = _cookie(ex.lines, spec[7:].encode())
             else:
                 key = _header(ex.lines, spec[7:].encode())
-        backend = pool.balancer.pick(candidates, key)
+        backend = pool.balancer.pick(candidates, key)  # type: ignore[assignment]
         if backend is not None and policy.sticky:
             ex.set_cookie = backend.sticky_id
         return backend
@@ -1087,7 +1101,7 @@ async def _connect(ex: Exchange, backend: BackendState) -> None:
     try:
         _, up = await asyncio.wait_for(
             loop.create_connection(
-                lambda: UpstreamProtocol(backend, service, client.listener),  # type: ignore[arg-type]
+                lambda: UpstreamProtocol(backend, service, client.listener),  # type: ignore[arg-type,type-var]
                 spec.host,
                 spec.port,
                 **extra,
@@ -1119,9 +1133,10 @@ class _Callbacks:
         self.on_headers_complete = on_headers_complete
         self.on_body = on_body
         self.on_message_complete = on_message_complete
+        self.on_header: Any = None  # set only to read trailers
 
 
-class UpstreamProtocol(asyncio.Protocol):
+class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
     """One connection to a backend, serving one exchange at a time, kept alive in between."""
 
     __slots__ = (
@@ -1274,6 +1289,11 @@ class UpstreamProtocol(asyncio.Protocol):
             timeout = self.service.policy.response_timeout
             ex.client.upstream_failed(ex, "timeout", f"did not answer in {timeout:g}s", False)
 
+    def eof_received(self) -> bool | None:
+        """The backend shut its side: the transport closes (asyncio.Protocol's default);
+        connection_lost then ends a read-until-close response."""
+        return None
+
     def pause_writing(self) -> None:
         ex = self.ex  # also set while tunnelling
         if ex is not None:
@@ -1401,7 +1421,7 @@ class UpstreamProtocol(asyncio.Protocol):
         ex = self.ex
         if ex is None:
             return
-        hbuf = self.hbuf
+        hbuf: bytes = self.hbuf  # type: ignore[assignment]  # set while a head is read
         end = hbuf.find(b"\r\n\r\n")
         status = self.parser.get_status_code()
         if status >= 502 and status <= 503 and self._retry_answer(ex, status):
