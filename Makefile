@@ -43,7 +43,25 @@ $(STAMP): pyproject.toml
 	EDGELB_COMPILE=0 $(BIN)/pip install -e '.[test]'
 	@touch $@
 
+# mypyc needs a C compiler and the Python headers: on Debian (gcc, python3-dev) they are
+# installed when missing and root (or sudo) may; otherwise the build stays pure Python.
 $(COMPILED): $(STAMP) $(COMPILED_INPUTS)
+	@if ! { command -v cc >/dev/null && $(BIN)/python -c 'import os, sysconfig, sys; \
+	    sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; }; \
+	then \
+	  if command -v apt-get >/dev/null; then \
+	    if [ "$$(id -u)" -eq 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; \
+	    else sudo=false; fi; \
+	    echo "make: installing gcc and python3-dev to compile the data path (mypyc)"; \
+	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends \
+	      gcc libc6-dev python3-dev >/dev/null 2>&1 \
+	    || { $$sudo apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive \
+	         $$sudo apt-get install -y -q --no-install-recommends gcc libc6-dev python3-dev \
+	         >/dev/null 2>&1; } \
+	    || echo "make: could not install gcc/python3-dev; the data path stays pure Python" >&2; \
+	  else echo "make: no C compiler or Python headers; the data path stays pure Python" >&2; \
+	  fi; \
+	fi
 	$(BIN)/python setup.py -q build_ext --inplace
 	@# up to date now even where mypyc found nothing to rebuild (tests/conftest.py checks)
 	@find edgelb -name '*.so' -exec touch {} +

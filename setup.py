@@ -31,6 +31,14 @@ class OptionalBuildExt(build_ext):
     every built file is removed rather than leave a stub whose library is missing.
     """
 
+    def copy_file(self, infile, outfile, *args, **kwargs):  # type: ignore[override]
+        """`build_ext --inplace` (the Makefile) replaces a library a running edgelb may have
+        mapped: unlink it first, so the process keeps the old file instead of crashing on a
+        rewritten one."""
+        if str(outfile).endswith((".so", ".pyd")):
+            Path(outfile).unlink(missing_ok=True)
+        return super().copy_file(infile, outfile, *args, **kwargs)
+
     def run(self) -> None:
         try:
             super().run()

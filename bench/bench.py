@@ -697,7 +697,9 @@ def version_info(cfg: Settings) -> dict[str, str]:
         "wrk": first_line(["wrk", "-v"]),
         "python": first_line([cfg.python, "-VV"]),
         "edgelb": first_line([cfg.python, "-m", "edgelb", "--version"], cwd=REPO)
-        + f" (git {rev}{', uncommitted changes' if dirty else ''})",
+        + f" (git {rev}{', uncommitted changes' if dirty else ''}; "
+        + first_line([cfg.python, "-c", "from edgelb.compiled import describe; print(describe())"],
+                     cwd=REPO) + ")",
     }
 
 

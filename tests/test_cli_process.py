@@ -40,7 +40,12 @@ async def start(path) -> asyncio.subprocess.Process:
             if b"edgelb running with" in line:
                 return
 
-    await within(running(), 20)
+    try:
+        await within(running(), 20)
+    except BaseException:
+        proc.kill()  # never leave a process behind a failed start
+        await proc.wait()
+        raise
     return proc
 
 

@@ -93,7 +93,11 @@ class Edgelb:
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
         )
         edgelb = cls(proc)
-        await within(edgelb.running.wait(), 20)
+        try:
+            await within(edgelb.running.wait(), 20)
+        except BaseException:
+            await edgelb.close()  # never leave a process behind a failed start
+            raise
         if not any(b"edgelb running with" in line for line in edgelb.log):
             await edgelb.close()
             raise AssertionError(f"edgelb exited before it was running:\n{edgelb.stderr()}")
