@@ -534,7 +534,7 @@ class Pool:
 
 def _subset(specs: tuple[Backend, ...], size: int, instance: InstanceConfig) -> tuple[Backend, ...]:
     """The backends this replica balances over (balancers.subset: the same size for all)."""
-    keys = list(dict.fromkeys(s.key for s in specs))
+    keys = list(dict.fromkeys([s.key for s in specs]))
     if size > 0 and size >= len(keys):
         return specs
     chosen = set(subset(keys, instance.replica, instance.replicas, size if size > 0 else None))

@@ -108,9 +108,9 @@ def run(cmd: list[str], cwd: Path,
 def build_and_install(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
     """A venv outside the source tree with only the built wheel installed; returns its root."""
     setuptools_version = metadata.version("setuptools")
-    if int(setuptools_version.split(".")[0]) < 68 or not _has("wheel"):
+    if int(setuptools_version.split(".")[0]) < 77 or not _has("wheel"):
         pytest.fail(
-            f"setuptools>=68 and wheel are needed to build offline (found setuptools "
+            f"setuptools>=77 and wheel are needed to build offline (found setuptools "
             f"{setuptools_version}); run `make venv` (installs the '.[test]' extra)"
         )
     tmp = tmp_path_factory.mktemp("packaging")
