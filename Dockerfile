@@ -17,14 +17,15 @@ RUN groupadd --system --gid 10001 edgelb \
 
 # .dockerignore keeps the build context to the packaging inputs; a regular (not editable)
 # install, so the wheel itself must carry edgelb, watchers, balancers and templates. The build
-# compiles the data path with mypyc (setup.py), so a C compiler is installed for that step
-# and removed in the same layer; the latest Debian security fixes are wanted, hence unpinned.
+# compiles the data path with mypyc (setup.py; EDGELB_COMPILE=1: compiled or the build fails),
+# so a C compiler is installed for that step and removed in the same layer; the latest Debian
+# security fixes are wanted, hence unpinned.
 WORKDIR /usr/src/edgelb
 COPY . .
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && pip install --no-cache-dir . \
+    && EDGELB_COMPILE=1 pip install --no-cache-dir . \
     && python -I -c "from edgelb.compiled import describe; print('edgelb:', describe())" \
     && apt-get purge -y --auto-remove gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* /usr/src/edgelb

@@ -44,10 +44,13 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # mypyc needs a C compiler and the Python headers: on Debian (gcc, python3-dev) they are
-# installed when missing and root (or sudo) may; otherwise the build stays pure Python.
+# installed when missing and root (or sudo) may. With them, a failed compile fails the target
+# (EDGELB_COMPILE=1: a type error must be seen); without them, the build stays pure Python.
+HAVE_CC = command -v cc >/dev/null && $(BIN)/python -c 'import os, sysconfig, sys; \
+  sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
+
 $(COMPILED): $(STAMP) $(COMPILED_INPUTS)
-	@if ! { command -v cc >/dev/null && $(BIN)/python -c 'import os, sysconfig, sys; \
-	    sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; }; \
+	@if ! { $(HAVE_CC); }; \
 	then \
 	  if command -v apt-get >/dev/null; then \
 	    if [ "$$(id -u)" -eq 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; \
@@ -62,7 +65,9 @@ $(COMPILED): $(STAMP) $(COMPILED_INPUTS)
 	  else echo "make: no C compiler or Python headers; the data path stays pure Python" >&2; \
 	  fi; \
 	fi
-	$(BIN)/python setup.py -q build_ext --inplace
+	@if $(HAVE_CC); then mode=1; else mode=; fi; \
+	  echo "EDGELB_COMPILE=$$mode $(BIN)/python setup.py -q build_ext --inplace"; \
+	  EDGELB_COMPILE=$$mode $(BIN)/python setup.py -q build_ext --inplace
 	@# up to date now even where mypyc found nothing to rebuild (tests/conftest.py checks)
 	@find edgelb -name '*.so' -exec touch {} +
 	$(BIN)/python -c 'from edgelb.compiled import describe; print("edgelb:", describe())'

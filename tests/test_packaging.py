@@ -105,6 +105,18 @@ def run(cmd: list[str], cwd: Path,
     return proc
 
 
+def copy_inputs(src: Path) -> Path:
+    """The packaging inputs (what .dockerignore lets in) copied to `src`."""
+    src.mkdir()
+    for name in SHIPPED:
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=IGNORE)
+        elif path.exists():
+            shutil.copy2(path, src / name)
+    return src
+
+
 def build_and_install(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
     """A venv outside the source tree with only the built wheel installed; returns its root."""
     setuptools_version = metadata.version("setuptools")
@@ -114,14 +126,7 @@ def build_and_install(tmp_path_factory: pytest.TempPathFactory, env: dict[str, s
             f"{setuptools_version}); run `make venv` (installs the '.[test]' extra)"
         )
     tmp = tmp_path_factory.mktemp("packaging")
-    src = tmp / "src"
-    src.mkdir()
-    for name in SHIPPED:
-        path = ROOT / name
-        if path.is_dir():
-            shutil.copytree(path, src / name, ignore=IGNORE)
-        elif path.exists():
-            shutil.copy2(path, src / name)
+    src = copy_inputs(tmp / "src")
 
     dist = tmp / "dist"
     run(
@@ -228,3 +233,28 @@ def test_without_compiling_the_wheel_is_pure_python_and_runs(
     assert all(f.endswith(".py") for f in report["compiled"].values()), report["compiled"]
     proc = run([str(venv / "bin" / "edgelb"), "--version"], cwd=venv.parent)
     assert proc.stdout.strip() == f"edgelb {source_version()}"
+
+
+@pytest.mark.skipif(not _can_compile(), reason="no C compiler or Python headers")
+def test_a_type_error_fails_a_strict_build_and_leaves_a_default_one_pure(tmp_path: Path) -> None:
+    """EDGELB_COMPILE=1 (Makefile, Dockerfile) turns a type error in a compiled module into a
+    failed build naming it; a plain build warns and ships the modules as plain Python."""
+    src = copy_inputs(tmp_path / "src")
+    with (src / "edgelb" / "http" / "headers.py").open("a") as f:
+        f.write('\n\ndef _broken() -> int:\n    return "not an int"\n')
+    cmd = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+           "--no-index", "-v", "-w"]
+    strict = subprocess.run([*cmd, str(tmp_path / "strict")], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=180, env={**os.environ, "EDGELB_COMPILE": "1"})
+    assert strict.returncode != 0
+    assert "headers.py" in strict.stdout + strict.stderr
+    assert "Incompatible return value type" in strict.stdout + strict.stderr
+    assert not list((tmp_path / "strict").glob("*.whl"))
+
+    env = {k: v for k, v in os.environ.items() if k != "EDGELB_COMPILE"}
+    plain = subprocess.run([*cmd, str(tmp_path / "plain")], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=180, env=env)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert "edgelb setup: mypyc failed" in plain.stdout + plain.stderr
+    (wheel,) = (tmp_path / "plain").glob("edgelb-*.whl")
+    assert wheel.name.endswith("-py3-none-any.whl")  # no C extension inside
