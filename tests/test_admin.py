@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgelb import compiled
 from edgelb.admin import AdminServer
 from edgelb.pool import DURATION_BUCKETS, ServiceState
 from watchers.model import Address, Backend, Policy, Route, Service
@@ -334,6 +335,7 @@ async def test_status_json_schema(
         assert r.content_type == "application/json"
         doc = await r.json()
     assert doc["version"]
+    assert doc["build"] == compiled.describe()  # what the running process loaded
     assert 4 <= doc["uptime"] < 600
     assert doc["ready"] is False and doc["draining"] is False
     assert [s["name"] for s in doc["services"]] == ["db", "web"]
