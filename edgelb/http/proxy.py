@@ -1360,7 +1360,7 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         entry = fast_heads.get(data[: end + 2])
         if entry is None:
             return False
-        head, length, close = entry
+        head, length, close, status = entry
         start = end + 4
         if len(data) - start != length or self.interim or ex.method == b"HEAD" or (
             ex.version != "1.1" or not ex.keep_alive or ex.te_trailers or ex.set_cookie
@@ -1368,7 +1368,7 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         ):
             return False
         self.hbuf = None
-        ex.status = int(data[9:12])
+        ex.status = status
         ex.response_started = True
         self.service.bytes_out += len(head) + length
         if length <= 16384:

@@ -54,9 +54,9 @@ def rewrite_response_head_cached(raw: bytes) -> _Rewrite:
 # Heads that httptools has already accepted, for the fast path of the upstream protocol: a
 # Content-Length response (status 200-499, not 204/304) whose head and whole body arrive in
 # one read is relayed without feeding the parser. raw head (as the key of _cache) ->
-# (the head for an HTTP/1.1 keep-alive client, body length, the backend asked to close).
+# (the head for an HTTP/1.1 keep-alive client, body length, the backend asked to close, status).
 _CL_VALUE = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*([0-9]{1,15})[ \t]*(?=\r\n)")
-fast_heads: dict[bytes, tuple[bytes, int, bool]] = {}
+fast_heads: dict[bytes, tuple[bytes, int, bool, int]] = {}
 
 
 def remember_fast(raw: bytes, status: int, rewrite: _Rewrite) -> None:
@@ -72,7 +72,7 @@ def remember_fast(raw: bytes, status: int, rewrite: _Rewrite) -> None:
         return
     if len(fast_heads) >= _CACHE_SIZE:
         fast_heads.clear()
-    fast_heads[raw] = (plain, int(values[0]), close)
+    fast_heads[raw] = (plain, int(values[0]), close, status)
 
 
 def split_response_head(
