@@ -43,3 +43,19 @@ def accept_batch(
                 log.error("%s: accept failed: %s", what, e)
             return
         accepted(sock, str(peer[0]) if peer else "")
+
+
+def refuse(refused: dict[str, int], reason: str, sock: socket.socket) -> None:
+    """Close an accepted connection a listener turns away, counted under `reason`."""
+    refused[reason] = refused.get(reason, 0) + 1
+    sock.close()
+
+
+def nonblocking(sock: socket.socket) -> bool:
+    """Make an accepted socket non-blocking; False (and closed) when the client is gone."""
+    try:
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        return False
+    return True

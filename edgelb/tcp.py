@@ -29,7 +29,7 @@ import sys
 from typing import Any
 
 from edgelb import proxy_protocol
-from edgelb.accept import ACCEPT_PAUSE, accept_batch
+from edgelb.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
 from edgelb.config import LimitsConfig
 from edgelb.pool import BackendState, ServiceState
 from watchers.model import Address
@@ -768,8 +768,7 @@ class TcpListener:
         n = self.per_client.get(ip, 0) + 1
         reason = self.limits.refusal(len(self._conns), n)
         if reason is not None:
-            self.refused[reason] = self.refused.get(reason, 0) + 1
-            sock.close()
+            refuse(self.refused, reason, sock)
             return
         self.per_client[ip] = n
         self._handle(sock, ip, proxied=proxied, screen=screen)
@@ -783,13 +782,9 @@ class TcpListener:
             self._admit(sock, ip, screen=True)
             return
         if len(self._conns) + len(self._headers) >= self.limits.connections:
-            self.refused["connections"] = self.refused.get("connections", 0) + 1
-            sock.close()
+            refuse(self.refused, "connections", sock)
             return
-        try:
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
+        if not nonblocking(sock):
             return
         self._headers[sock] = None
         timeout = min(self.proxy_timeout, self.service.policy.header_timeout or
@@ -809,8 +804,7 @@ class TcpListener:
         else:
             log.debug("tcp listener %s: peer %s: PROXY header refused: %s", self.address, ip,
                       result)
-            self.refused["proxy_protocol"] = self.refused.get("proxy_protocol", 0) + 1
-            sock.close()
+            refuse(self.refused, "proxy_protocol", sock)
 
     def _resume_accepting(self) -> None:
         self._resume = None

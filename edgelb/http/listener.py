@@ -20,7 +20,7 @@ import ssl as ssl_module
 from typing import TYPE_CHECKING, Any
 
 from edgelb import proxy_protocol, sni
-from edgelb.accept import ACCEPT_PAUSE, accept_batch
+from edgelb.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
 from edgelb.config import LimitsConfig
 from edgelb.http.proxy import ClientProtocol, UpstreamProtocol
 from edgelb.http.router import Router
@@ -370,13 +370,9 @@ class HttpListener:
             self._admit(sock, ip)
             return
         if self.connections >= self.limits.connections:
-            self.refused["connections"] = self.refused.get("connections", 0) + 1
-            sock.close()
+            refuse(self.refused, "connections", sock)
             return
-        try:
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
+        if not nonblocking(sock):
             return
         pending = _PendingSocket(sock)
         self.proxy_pending.add(pending)
@@ -407,13 +403,9 @@ class HttpListener:
         n = self.per_client.get(ipb, 0) + 1 + (relay.per_client.get(ip, 0) if relay else 0)
         reason = self.limits.refusal(self.connections, n)
         if reason is not None:
-            self.refused[reason] = self.refused.get(reason, 0) + 1
-            sock.close()
+            refuse(self.refused, reason, sock)
             return
-        try:
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
+        if not nonblocking(sock):
             return
         self.per_client[ipb] = self.per_client.get(ipb, 0) + 1
         loop = self.loop
