@@ -336,14 +336,36 @@ class _CopyPump(_Pump):
 
 class _Relay:
     """What the splice relay (`_Connection`) and the TLS relay (`edgelb.tcp_tls`) share: waiting
-    in the pool's queue for a slot, and one retry elsewhere after a failed connect. Subclasses
-    have `service`, `closed`, `wait_until`, `start(backend)`, `_drop_attempt()`, `close()`."""
+    in the pool's queue for a slot, and one retry elsewhere after a failed connect, and the
+    state that goes with a client connection either way. Subclasses add `start(backend)`,
+    `_drop_attempt()` and `close()`."""
 
-    __slots__ = ()
-    service: ServiceState
-    closed: bool
-    retried: bool
-    wait_until: float
+    __slots__ = (
+        "backend",
+        "closed",
+        "connected",
+        "deadline",
+        "listener",
+        "loop",
+        "peer_ip",
+        "proxied",
+        "retried",
+        "service",
+        "wait_until",
+    )
+
+    def __init__(self, listener: TcpListener, service: ServiceState, peer_ip: str = "") -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.service = service
+        self.peer_ip = peer_ip
+        self.backend: BackendState | None = None
+        self.retried = False
+        self.connected = False
+        self.closed = False  # closing or closed: nothing more is relayed
+        self.deadline = 0.0  # idle_timeout after the last byte either way (runtime's sweeper)
+        self.wait_until = 0.0  # while queued for a free backend slot (edgelb.pool.Pool)
+        self.proxied: tuple[str, int] | None = None  # the client a PROXY header named
 
     def start(self, backend: BackendState) -> None:
         raise NotImplementedError
@@ -413,47 +435,17 @@ class _Relay:
 class _Connection(_Relay):
     """A client connection: connect to a backend (one retry elsewhere), then relay."""
 
-    __slots__ = (
-        "backend",
-        "client",
-        "closed",
-        "connected",
-        "deadline",
-        "down",
-        "header_rest",
-        "listener",
-        "loop",
-        "peer_ip",
-        "proxied",
-        "resolver",
-        "retried",
-        "screen",
-        "service",
-        "timer",
-        "up",
-        "upstream",
-        "wait_until",
-    )
+    __slots__ = ("client", "down", "header_rest", "resolver", "screen", "timer", "up", "upstream")
 
     def __init__(self, listener: TcpListener, client: socket.socket, service: ServiceState):
-        self.listener = listener
-        self.loop = listener.loop
+        super().__init__(listener, service)
         self.client = client
-        self.service = service
-        self.backend: BackendState | None = None
         self.upstream: socket.socket | None = None
         self.up: _Pump | None = None
         self.down: _Pump | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.resolver: asyncio.Task[Any] | None = None
-        self.retried = False
-        self.connected = False
-        self.closed = False
-        self.deadline = 0.0  # idle_timeout after the last byte either way (runtime's sweeper)
-        self.wait_until = 0.0  # while queued for a free backend slot (edgelb.pool.Pool)
-        self.peer_ip = ""
         self.header_rest: memoryview | None = None  # PROXY header bytes still to send
-        self.proxied: tuple[str, int] | None = None  # the client a PROXY header named
         # accept_proxy_protocol, an untrusted peer: its first bytes must not be a PROXY header
         # (True: check before relaying; a SocketHeader while checking)
         self.screen: Any = False

@@ -130,45 +130,17 @@ class TlsConnection(_Relay):
     docstring). Offers the interface of `edgelb.tcp._Connection` that the listener, the pool's
     queue and the runtime's sweeper use."""
 
-    __slots__ = (
-        "backend",
-        "client",
-        "closed",
-        "connected",
-        "deadline",
-        "finished",
-        "listener",
-        "loop",
-        "peer_ip",
-        "proxied",
-        "proxy_header",
-        "retried",
-        "service",
-        "sock",
-        "task",
-        "upstream",
-        "wait_until",
-    )
+    __slots__ = ("client", "finished", "proxy_header", "sock", "task", "upstream")
 
     def __init__(self, listener: TcpListener, sock: socket.socket, service: ServiceState,
                  ip: str = "") -> None:
-        self.listener = listener
-        self.loop = listener.loop
+        super().__init__(listener, service, ip)
         self.sock = sock
-        self.service = service
-        self.peer_ip = ip
-        self.backend: BackendState | None = None
         self.client: _Side | None = None
         self.upstream: _Side | None = None
         self.task: asyncio.Task[None] | None = None  # the client's handshake, or a connect
-        self.retried = False
-        self.connected = False
-        self.closed = False  # closing or closed: nothing more is relayed
         self.finished = False  # both sides gone, everything released
-        self.deadline = 0.0  # idle_timeout after the last byte either way (runtime's sweeper)
-        self.wait_until = 0.0  # while queued for a free backend slot (edgelb.pool.Pool)
         self.proxy_header = b""  # the PROXY protocol header, once made (policy.proxy_protocol)
-        self.proxied: tuple[str, int] | None = None  # the client a received PROXY header named
 
     # -- the client side ----------------------------------------------------------------
 
