@@ -295,6 +295,17 @@ class _Checker:
         self.error(path, f"expected {what}, got {_kind(value)}")
         return None
 
+    def section(self, value: Any, path: str, what: str, valid: Iterable[str],
+                why: dict[str, str] | None = None) -> dict | None:
+        """An optional mapping with known keys: None when absent or not a mapping (then
+        reported); unknown keys are reported and the mapping is returned anyway."""
+        if value is None:
+            return None
+        m = self.mapping(value, path, what)
+        if m is not None:
+            self.keys(m, path, valid, why)
+        return m
+
     def keys(self, value: dict, path: str, valid: Iterable[str],
              why: dict[str, str] | None = None) -> None:
         valid = list(valid)
@@ -720,23 +731,15 @@ def _proxy_protocol(value: Any) -> int | None:
 
 
 def _defaults(c: _Checker, value: Any) -> Policy:
-    if value is None:
-        return Policy()
-    m = c.mapping(value, "defaults")
+    m = c.section(value, "defaults", "a mapping", POLICY_KEYS, why=NOT_IN_DEFAULTS)
     if m is None:
         return Policy()
-    c.keys(m, "defaults", POLICY_KEYS, why=NOT_IN_DEFAULTS)
     return dataclasses.replace(Policy(), **_policy_fields(c, m, "defaults", Policy()))
 
 
 def _admin(c: _Checker, value: Any) -> Address:
-    if value is None:
-        return DEFAULT_ADMIN
-    m = c.mapping(value, "admin", "a mapping like {listen: 127.0.0.1:9090}")
-    if m is None:
-        return DEFAULT_ADMIN
-    c.keys(m, "admin", ("listen",))
-    if "listen" not in m:
+    m = c.section(value, "admin", "a mapping like {listen: 127.0.0.1:9090}", ("listen",))
+    if m is None or "listen" not in m:
         return DEFAULT_ADMIN
     return c.address(m["listen"], "admin.listen", "127.0.0.1") or DEFAULT_ADMIN
 
@@ -1052,13 +1055,11 @@ def _services(c: _Checker, value: Any, defaults: Policy) -> list[_ServiceDraft]:
 
 def _kubernetes(c: _Checker, value: Any) -> KubernetesWatcherConfig | None:
     path = "watchers.kubernetes"
-    if value is None:
-        return None
-    m = c.mapping(value, path, "a mapping like {enabled: true, ingress_class: edgelb}")
+    m = c.section(value, path, "a mapping like {enabled: true, ingress_class: edgelb}",
+                  ("enabled", "kubeconfig", "ingress_class", "namespaces", "pod_weights",
+                   "publish_service", "publish_address", "leader_election"))
     if m is None:
         return None
-    c.keys(m, path, ("enabled", "kubeconfig", "ingress_class", "namespaces", "pod_weights",
-                     "publish_service", "publish_address", "leader_election"))
     # A section that is present is on unless it says `enabled: false`.
     fields: dict[str, Any] = {"enabled": True}
     if "enabled" in m:
@@ -1102,12 +1103,10 @@ def _kubernetes(c: _Checker, value: Any) -> KubernetesWatcherConfig | None:
 
 def _marathon(c: _Checker, value: Any) -> MarathonWatcherConfig | None:
     path = "watchers.marathon"
-    if value is None:
-        return None
-    m = c.mapping(value, path, "a mapping like {urls: [http://marathon:8080], group: external}")
+    m = c.section(value, path, "a mapping like {urls: [http://marathon:8080], group: external}",
+                  ("urls", "group"))
     if m is None:
         return None
-    c.keys(m, path, ("urls", "group"))
     ok = True
     urls: list[str] = []
     upath = _join(path, "urls")
@@ -1139,22 +1138,17 @@ def _marathon(c: _Checker, value: Any) -> MarathonWatcherConfig | None:
 
 def _watchers(c: _Checker, value: Any) -> tuple[KubernetesWatcherConfig | None,
                                                 MarathonWatcherConfig | None]:
-    if value is None:
-        return None, None
-    m = c.mapping(value, "watchers", "a mapping with kubernetes and/or marathon")
+    m = c.section(value, "watchers", "a mapping with kubernetes and/or marathon",
+                  ("kubernetes", "marathon"))
     if m is None:
         return None, None
-    c.keys(m, "watchers", ("kubernetes", "marathon"))
     return _kubernetes(c, m.get("kubernetes")), _marathon(c, m.get("marathon"))
 
 
 def _shutdown(c: _Checker, value: Any) -> ShutdownConfig:
-    if value is None:
-        return ShutdownConfig()
-    m = c.mapping(value, "shutdown", "a mapping like {delay: 5s, grace: 30s}")
+    m = c.section(value, "shutdown", "a mapping like {delay: 5s, grace: 30s}", ("delay", "grace"))
     if m is None:
         return ShutdownConfig()
-    c.keys(m, "shutdown", ("delay", "grace"))
     fields = {}
     for key in ("delay", "grace"):
         if key in m:
@@ -1165,13 +1159,10 @@ def _shutdown(c: _Checker, value: Any) -> ShutdownConfig:
 
 
 def _limits(c: _Checker, value: Any) -> LimitsConfig:
-    if value is None:
-        return LimitsConfig()
-    m = c.mapping(value, "limits", "a mapping like {connections: 20000, headers: 100}")
+    keys = ("connections", "connections_per_client", "headers", "min_body_rate")
+    m = c.section(value, "limits", "a mapping like {connections: 20000, headers: 100}", keys)
     if m is None:
         return LimitsConfig()
-    keys = ("connections", "connections_per_client", "headers", "min_body_rate")
-    c.keys(m, "limits", keys)
     fields: dict[str, Any] = {}
     for key in keys[:3]:
         if key in m:
@@ -1193,12 +1184,10 @@ _TLS_VERSIONS = {"1.2": "1.2", "1.3": "1.3", 1.2: "1.2", 1.3: "1.3",
 
 def _tls_options(c: _Checker, value: Any) -> TLSOptions:
     """The top-level `tls:` block: options of every TLS listener (not certificates)."""
-    if value is None:
-        return TLSOptions()
-    m = c.mapping(value, "tls", 'a mapping like {session_tickets: true, min_version: "1.2"}')
+    m = c.section(value, "tls", 'a mapping like {session_tickets: true, min_version: "1.2"}',
+                  TLS_KEYS)
     if m is None:
         return TLSOptions()
-    c.keys(m, "tls", TLS_KEYS)
     fields: dict[str, Any] = {}
     if "session_tickets" in m:
         on = c.boolean(m["session_tickets"], "tls.session_tickets")
