@@ -109,6 +109,12 @@ class Recorder:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
+    async def __aenter__(self) -> Recorder:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     @property
     def accepted(self) -> int:
         return len(self.received)
@@ -218,8 +224,7 @@ async def tcp_proxy(tmp_path: Path, ports: list[int], *, client_tls: bool = True
 
 
 async def test_tls_client_plain_backend_relays_plaintext_and_counts(tmp_path: Path) -> None:
-    backend = await Recorder().start()
-    try:
+    async with Recorder() as backend:
         async with tcp_proxy(tmp_path, [backend.port], serial=4242) as p:
             assert p.listener.kind == "tcp" and p.listener.ssl is not None
             reader, writer = await tls_connect(p.port)
@@ -245,15 +250,12 @@ async def test_tls_client_plain_backend_relays_plaintext_and_counts(tmp_path: Pa
             assert b.connections_total == 1 and p.service.tcp_connections == 1
             assert_released(p.service)
             assert p.listener.refused == {}
-    finally:
-        await backend.stop()
 
 
 async def test_a_tcp_tls_port_negotiates_no_alpn(tmp_path: Path) -> None:
     """The relayed protocol is the backend's: a client offering h2 must not be told
     http/1.1 (an http static port still says http/1.1)."""
-    backend = await Recorder().start()
-    try:
+    async with Recorder() as backend:
         async with tcp_proxy(tmp_path, [backend.port]) as p:
             ctx = client_ctx()
             ctx.set_alpn_protocols(["h2", "http/1.1"])
@@ -269,13 +271,10 @@ async def test_a_tcp_tls_port_negotiates_no_alpn(tmp_path: Path) -> None:
                                                              server_hostname=NAME))
             assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
             writer.close()
-    finally:
-        await backend.stop()
 
 
 async def test_plain_both_sides_keeps_the_splice_relay(tmp_path: Path) -> None:
-    backend = await Recorder().start()
-    try:
+    async with Recorder() as backend:
         async with tcp_proxy(tmp_path, [backend.port], client_tls=False) as p:
             reader, writer = await asyncio.open_connection(HOST, p.port)
             writer.write(b"plain")
@@ -284,8 +283,6 @@ async def test_plain_both_sides_keeps_the_splice_relay(tmp_path: Path) -> None:
             assert type(conn) is _Connection
             writer.close()
             await eventually(lambda: p.listener.connections == 0)
-    finally:
-        await backend.stop()
 
 
 async def test_tcp_tls_service_from_a_config_file(tmp_path: Path) -> None:
@@ -319,8 +316,7 @@ async def test_tcp_tls_service_from_a_config_file(tmp_path: Path) -> None:
 async def test_a_new_certificate_is_served_to_new_connections_only(tmp_path: Path) -> None:
     """The listener keeps its context; a swapped certificate applies from the next handshake
     (here by re-applying the service with new files, as a config change would)."""
-    backend = await Recorder().start()
-    try:
+    async with Recorder() as backend:
         async with tcp_proxy(tmp_path, [backend.port], serial=1) as p:
             listener = p.listener
             r1, w1 = await tls_connect(p.port)
@@ -338,8 +334,6 @@ async def test_a_new_certificate_is_served_to_new_connections_only(tmp_path: Pat
                 assert await within(r.readexactly(3)) == msg
             w1.close()
             w2.close()
-    finally:
-        await backend.stop()
 
 
 # -- (b) volume and flow control ---------------------------------------------------------------
@@ -521,8 +515,7 @@ async def test_backend_tls_by_ip_address_without_sni(tmp_path: Path) -> None:
     (tmp_path / "ip.key").write_bytes(key_pem)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(tmp_path / "ip.crt", tmp_path / "ip.key")
-    backend = await Recorder(ctx).start()
-    try:
+    async with Recorder(ctx) as backend:
         async with tcp_proxy(tmp_path, [backend.port], client_tls=False,
                              backend_tls=BackendTLS(ca=ca_file(tmp_path))) as p:
             reader, writer = await asyncio.open_connection(HOST, p.port)
@@ -530,8 +523,6 @@ async def test_backend_tls_by_ip_address_without_sni(tmp_path: Path) -> None:
             assert await within(reader.readexactly(2)) == b"ip"
             assert backend.sni == [None]  # an IP is verified, not sent as SNI
             writer.close()
-    finally:
-        await backend.stop()
 
 
 async def test_wrong_ca_is_a_connect_failure_retried_on_another_backend(tmp_path: Path) -> None:
@@ -634,8 +625,7 @@ async def test_a_silent_client_is_closed_at_the_handshake_timeout_without_a_back
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tcp_tls, "HANDSHAKE_TIMEOUT", 0.3)
-    backend = await Recorder().start()
-    try:
+    async with Recorder() as backend:
         async with tcp_proxy(tmp_path, [backend.port]) as p:
             t0 = time.monotonic()
             reader, writer = await asyncio.open_connection(HOST, p.port)
@@ -647,13 +637,10 @@ async def test_a_silent_client_is_closed_at_the_handshake_timeout_without_a_back
             assert backend.accepted == 0
             assert p.service.pool.backends[0].connections_total == 0
             assert_released(p.service)
-    finally:
-        await backend.stop()
 
 
 async def test_garbage_and_untrusting_clients_never_reach_a_backend(tmp_path: Path) -> None:
-    backend = await Recorder().start()
-    try:
+    async with Recorder() as backend:
         async with tcp_proxy(tmp_path, [backend.port]) as p:
             reader, writer = await asyncio.open_connection(HOST, p.port)
             writer.write(b"GET / HTTP/1.1\r\nHost: db\r\n\r\n")  # not a ClientHello
@@ -671,8 +658,6 @@ async def test_garbage_and_untrusting_clients_never_reach_a_backend(tmp_path: Pa
             w.write(b"ok")
             assert await within(r.readexactly(2)) == b"ok"
             w.close()
-    finally:
-        await backend.stop()
 
 
 # -- (f) half-close --------------------------------------------------------------------------------
@@ -724,8 +709,7 @@ async def test_a_tls_backend_ending_its_stream_ends_the_client_after_its_bytes(
 async def test_close_notify_from_a_tls_client_ends_the_plain_backend_cleanly(
     tmp_path: Path
 ) -> None:
-    backend = await Recorder(echo=False).start()
-    try:
+    async with Recorder(echo=False) as backend:
         async with tcp_proxy(tmp_path, [backend.port]) as p:
             _, writer = await tls_connect(p.port)
             writer.write(b"last words")
@@ -735,8 +719,6 @@ async def test_close_notify_from_a_tls_client_ends_the_plain_backend_cleanly(
             assert backend.received == [bytearray(b"last words")]
             await eventually(lambda: p.listener.connections == 0)
             assert_released(p.service)
-    finally:
-        await backend.stop()
 
 
 async def test_a_tls_client_ending_with_a_bare_fin_under_backpressure_loses_nothing(
@@ -797,8 +779,7 @@ async def test_no_backend_sheds_after_the_handshake(tmp_path: Path) -> None:
 
 
 async def test_queued_connection_waits_for_a_free_slot(tmp_path: Path) -> None:
-    backend = await Recorder().start()
-    try:
+    async with Recorder() as backend:
         async with tcp_proxy(tmp_path, [backend.port], max_inflight=1, queue_size=4,
                              queue_timeout=5.0) as p:
             r1, w1 = await tls_connect(p.port)
@@ -814,13 +795,10 @@ async def test_queued_connection_waits_for_a_free_slot(tmp_path: Path) -> None:
             w2.close()
             await eventually(lambda: p.listener.connections == 0)
             assert_released(p.service)
-    finally:
-        await backend.stop()
 
 
 async def test_idle_tls_connection_is_closed_after_idle_timeout(tmp_path: Path) -> None:
-    backend = await Recorder().start()
-    try:
+    async with Recorder() as backend:
         async with tcp_proxy(tmp_path, [backend.port], idle_timeout=0.5, sweeper=True) as p:
             reader, writer = await tls_connect(p.port)
             for i in range(4):  # 0.9 s of traffic every 0.3 s: longer than the timeout
@@ -834,8 +812,6 @@ async def test_idle_tls_connection_is_closed_after_idle_timeout(tmp_path: Path) 
             writer.close()
             await eventually(lambda: p.listener.connections == 0)
             assert_released(p.service)
-    finally:
-        await backend.stop()
 
 
 # -- (g) shutdown ----------------------------------------------------------------------------------
@@ -880,8 +856,7 @@ async def test_wait_closed_resets_tls_connections_after_the_grace_not_before(
 
 
 async def test_wait_closed_returns_when_the_last_tls_connection_ends(tmp_path: Path) -> None:
-    backend = await Recorder().start()
-    try:
+    async with Recorder() as backend:
         async with tcp_proxy(tmp_path, [backend.port]) as p:
             listener = p.listener
             reader, writer = await tls_connect(p.port)
@@ -893,8 +868,6 @@ async def test_wait_closed_returns_when_the_last_tls_connection_ends(tmp_path: P
             await within(listener.wait_closed(10), 12)
             assert time.monotonic() - t0 < 5
             assert listener.connections == 0
-    finally:
-        await backend.stop()
 
 
 # -- the stock asyncio loop ------------------------------------------------------------------------
