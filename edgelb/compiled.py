@@ -3,8 +3,8 @@
 The per-request Python of the proxy (about a quarter of its CPU per request, the rest being
 the kernel's) runs roughly a quarter faster compiled: bench/micro_http.py measures it. The
 same sources stay plain Python, so a build without a C compiler (or `EDGELB_COMPILE=0`)
-ships them as they are and only runs slower. setup.py and the Makefile read MODULES from
-here, so this file imports nothing.
+ships them as they are and only runs slower. setup.py reads MODULES from here without
+importing the package, so this file imports nothing of edgelb.
 
 What compiling asks of these modules: they type-check under mypy (pyproject.toml,
 [tool.mypy]); their classes are native (fixed attributes, attribute types checked at run
@@ -14,7 +14,8 @@ asyncio.Protocol (an event loop only calls their methods).
 
 from __future__ import annotations
 
-import sys
+import functools
+import importlib
 from pathlib import Path
 
 MODULES = (
@@ -32,16 +33,13 @@ MODULES = (
 
 
 def is_compiled(module: str) -> bool:
-    """True when `module` (imported already, or importable) was loaded from a C extension."""
-    mod = sys.modules.get(module)
-    if mod is None:
-        __import__(module)
-        mod = sys.modules[module]
-    return str(getattr(mod, "__file__", "")).endswith((".so", ".pyd"))
+    """True when `module` (imported here if it was not yet) was loaded from a C extension."""
+    return str(importlib.import_module(module).__file__).endswith((".so", ".pyd"))
 
 
+@functools.cache  # what a process loaded does not change
 def describe() -> str:
-    """'compiled with mypyc', 'pure Python', or which part is compiled."""
+    """'data path compiled with mypyc', 'pure Python', or which part is compiled."""
     done = [m for m in MODULES if is_compiled(m)]
     if len(done) == len(MODULES):
         return "data path compiled with mypyc"
