@@ -41,7 +41,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A tcp backend that sends back every byte it reads."""
     try:
         while data := await reader.read(CHUNK):
             writer.write(data)
@@ -54,7 +55,7 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 async def tcp_echo_server() -> tuple[asyncio.AbstractServer, int]:
     """A TCP echo server on 127.0.0.1 (a tcp-mode backend); (server, port). Close it after."""
-    server = await asyncio.start_server(_echo, HOST, 0)
+    server = await asyncio.start_server(echo_handler, HOST, 0)
     return server, server.sockets[0].getsockname()[1]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from httpkit import echo_handler
 
 import edgelb.tcp as tcp
 from edgelb.pool import ServiceState
@@ -73,17 +74,6 @@ async def proxy(service: ServiceState, splice: bool = True):
 async def connect(listener: TcpListener) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     assert listener.bound is not None
     return await asyncio.open_connection("127.0.0.1", listener.bound.port)
-
-
-async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
 
 
 @asynccontextmanager
