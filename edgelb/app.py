@@ -116,7 +116,7 @@ class App:
                 log.warning("admin.listen changed to %s; it takes effect on restart", config.admin)
             if self.config is not None and config.kubernetes != self.config.kubernetes:
                 log.warning("watchers.kubernetes changed; it takes effect on restart")
-            eps = [EntrypointSpec(e.name, e.listen, e.tls, e.accept_proxy_protocol)
+            eps = [EntrypointSpec(e.name, e.listen, e.tls, e.accept_proxy_protocol, e.path_rules)
                    for e in config.entrypoints]
             # `tls:` before the listeners: contexts made in this step carry it from the start;
             # live ones change in place (the next handshake sees it); undone if the step fails

@@ -29,6 +29,7 @@ from watchers.model import (
     Backend,
     HealthCheck,
     Outlier,
+    PathRules,
     Policy,
     RetryBudget,
     Route,
@@ -50,6 +51,7 @@ class Entrypoint:
     # a PROXY header first on every connection (or from trusted peers): an
     # edgelb.proxy_protocol.AcceptPolicy, None = off
     accept_proxy_protocol: Any = None
+    path_rules: PathRules = field(default_factory=PathRules)  # merge_slashes, encoded_slashes
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,8 +412,10 @@ _STATUS_RANGE = re.compile(r"^([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?$")
 _HOST_HEADER = re.compile(r"^[A-Za-z0-9.:\[\]_-]+$")
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # an RFC 9110 token: a header or cookie name
 _HASH_KEY = re.compile(rf"^(source|header:{_TOKEN}|cookie:{_TOKEN})$")
+PATH_RULE_KEYS = ("merge_slashes", "encoded_slashes")  # a listener's: entrypoint or static port
+ENCODED_SLASHES = ("reject", "keep")
 SERVICE_KEYS = ("name", "listen", "mode", "hosts", "paths", "backends", "tls",
-                "accept_proxy_protocol", *POLICY_KEYS)
+                "accept_proxy_protocol", *PATH_RULE_KEYS, *POLICY_KEYS)
 BACKEND_KEYS = ("address", "weight", "zone")
 MODES = ("http", "tcp")
 NOT_IN_DEFAULTS = {
@@ -759,7 +763,7 @@ def _entrypoints(c: _Checker, value: Any) -> tuple[Entrypoint, ...]:
         e = c.mapping(spec, path, "a mapping like {listen: 0.0.0.0:80}")
         if e is None:
             continue
-        c.keys(e, path, ("listen", "tls", "accept_proxy_protocol"))
+        c.keys(e, path, ("listen", "tls", "accept_proxy_protocol", *PATH_RULE_KEYS))
         if "listen" not in e:
             c.missing(path, "listen", "listen is required; e.g. listen: 0.0.0.0:80")
             continue
@@ -785,10 +789,32 @@ def _entrypoints(c: _Checker, value: Any) -> tuple[Entrypoint, ...]:
                 if len(files) == 2 and None not in files:
                     tls = (files[0], files[1])
         accept = _accept_proxy(c, e, path)
-        if listen is not None and accept is not False:
+        rules = _path_rules(c, e, path)
+        if listen is not None and accept is not False and rules is not None:
             out.append(Entrypoint(name=name, listen=listen, tls=tls,
-                                  accept_proxy_protocol=accept))
+                                  accept_proxy_protocol=accept, path_rules=rules))
     return tuple(out)
+
+
+def _path_rules(c: _Checker, m: dict, path: str) -> PathRules | None:
+    """`merge_slashes` and `encoded_slashes` of an entrypoint or a static port (None: invalid,
+    reported)."""
+    ok = True
+    merge = True
+    if "merge_slashes" in m:
+        b = c.boolean(m["merge_slashes"], _join(path, "merge_slashes"))
+        ok &= b is not None
+        merge = bool(b) if b is not None else True
+    encoded = "reject"
+    if "encoded_slashes" in m:
+        value = m["encoded_slashes"]
+        if value not in ENCODED_SLASHES:
+            c.error(_join(path, "encoded_slashes"), f"expected reject (answer 400, the default) "
+                    f"or keep (pass %2F and %5C on encoded), got {value!r}")
+            ok = False
+        else:
+            encoded = value
+    return PathRules(merge_slashes=merge, encoded_slashes=encoded) if ok else None
 
 
 def _accept_proxy(c: _Checker, m: dict, path: str) -> Any:
@@ -1020,11 +1046,20 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
                 "port) reads PROXY headers itself; for routed hosts set accept_proxy_protocol "
                 "on the entrypoint")
         ok = False
+    rules = _path_rules(c, m, path)
+    ok &= rules is not None
+    for key in PATH_RULE_KEYS:
+        if key in m and m.get("listen") is None:
+            c.error(_join(path, key), f"{key} is a listener's: it applies on a service's own "
+                    f"listen port; for routed hosts set {key} on the entrypoint, whose paths "
+                    "are normalised before routing")
+            ok = False
     svc = None
     if ok and backends is not None and name is not None:
         policy = dataclasses.replace(defaults, **policy_fields)
         svc = Service(name=name, mode=mode, listen=listen, backends=backends, policy=policy,
-                      tls=tls, tls_passthrough=passthrough, accept_proxy_protocol=accept)
+                      tls=tls, tls_passthrough=passthrough, accept_proxy_protocol=accept,
+                      path_rules=rules or PathRules())
     return _ServiceDraft(path=path, label=label, listen=listen, routes=routes, routed=routed,
                          service=svc)
 

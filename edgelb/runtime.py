@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import balancers
@@ -27,7 +27,7 @@ from edgelb.http.router import Router
 from edgelb.pool import ServiceState
 from edgelb.sni import SniTable
 from edgelb.tls import ALPN, Certificate, CertificateStore, TLSConfigError, load_files
-from watchers.model import Address, Policy, Route, Service, Snapshot
+from watchers.model import Address, PathRules, Policy, Route, Service, Snapshot
 
 log = logging.getLogger("edgelb.runtime")
 
@@ -48,6 +48,7 @@ class EntrypointSpec:
     listen: Address
     tls: tuple[str, str] | None = None  # (cert file, key file); ("", "") = watchers' only
     accept_proxy_protocol: Any = None  # edgelb.proxy_protocol.AcceptPolicy, None = off
+    path_rules: PathRules = field(default_factory=PathRules)
 
 
 def _listener_kind(listener: Any) -> str:
@@ -243,6 +244,8 @@ class Runtime:
         # accept_proxy_protocol of each listener, set before a new one starts accepting
         accepts = {("entrypoint", ep.name): ep.accept_proxy_protocol for ep in self.entrypoints}
         accepts.update((("service", s.name), s.accept_proxy_protocol) for s in services)
+        path_rules = {("entrypoint", ep.name): ep.path_rules for ep in self.entrypoints}
+        path_rules.update((("service", s.name), s.path_rules) for s in services)
 
         # Bind what is new. A listener whose kind changes is stopped first, to free its port.
         fresh: dict[str, Any] = {}
@@ -307,6 +310,11 @@ class Runtime:
             else:
                 listener.service = states[name]
             listener.set_limits(self.limits)
+            set_path_rules = getattr(listener, "set_path_rules", None)  # http listeners
+            if set_path_rules is not None:
+                set_path_rules(path_rules.get(
+                    ("entrypoint" if kind.startswith("entrypoint") else "service", name),
+                    PathRules()))
             refresh = getattr(listener, "refresh", None)
             if refresh is not None:
                 refresh()

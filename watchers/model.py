@@ -99,6 +99,15 @@ class Policy:
 
 
 @dataclass(frozen=True, slots=True)
+class PathRules:
+    """How a listener normalises request paths (edgelb/http/target.py): the listener's, not a
+    routed service's, since routing reads the normalised path."""
+
+    merge_slashes: bool = True  # `//a` is `/a`
+    encoded_slashes: str = "reject"  # %2F and %5C: reject (400) | keep (passed on encoded)
+
+
+@dataclass(frozen=True, slots=True)
 class Backend:
     """One replica of a service. `key` identifies it across snapshots."""
 
@@ -147,6 +156,7 @@ class Service:
     # static port only: read a PROXY header first (edgelb.proxy_protocol.AcceptPolicy), or
     # None (off)
     accept_proxy_protocol: Any = None
+    path_rules: PathRules = PathRules()  # static port only: see PathRules
 
 
 @dataclass(frozen=True, slots=True)

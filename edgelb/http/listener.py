@@ -24,7 +24,7 @@ from edgelb.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
 from edgelb.config import LimitsConfig
 from edgelb.http.proxy import ClientProtocol, UpstreamProtocol
 from edgelb.http.router import Router
-from watchers.model import Address, Policy
+from watchers.model import Address, PathRules, Policy
 
 if TYPE_CHECKING:
     from edgelb.pool import ServiceState
@@ -74,6 +74,8 @@ class HttpListener:
         self.limits = LimitsConfig()  # set by the runtime
         self.max_headers = self.limits.headers
         self.min_body_rate = 0
+        self.merge_slashes = True  # see set_path_rules
+        self.keep_encoded_slashes = False
         self.per_client: dict[bytes, int] = {}  # open connections per client address
         self.refused: dict[str, int] = {}  # connections or requests refused by a limit
         self.scheme = b"https" if ssl is not None else b"http"
@@ -100,6 +102,11 @@ class HttpListener:
         self.proxy_timeout = proxy_protocol.HEADER_TIMEOUT  # at most; tests shorten it
         self.proxy_pending: set[Any] = set()
         self.refresh()
+
+    def set_path_rules(self, rules: PathRules) -> None:
+        """merge_slashes and encoded_slashes (edgelb/http/target.py) for the next request."""
+        self.merge_slashes = rules.merge_slashes
+        self.keep_encoded_slashes = rules.encoded_slashes == "keep"
 
     def set_limits(self, limits: LimitsConfig) -> None:
         self.limits = limits

@@ -35,6 +35,7 @@ from edgelb.http.response_head import (
     rewrite_response_head,
     rewrite_response_head_cached,
 )
+from edgelb.http.target import SUSPECT, normalise
 from edgelb.pool import DURATION_BUCKETS
 
 if TYPE_CHECKING:
@@ -467,6 +468,16 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         url = ex.url  # type: ignore[union-attr]
         if url[0] != 47 or 35 in url:  # "/" and "#": anything but plain origin-form is checked
             _check_target(ex)  # type: ignore[arg-type]
+            if url[0] != 47 and url != b"*":
+                _absolute_form(ex)  # type: ignore[arg-type]
+                url = ex.url  # type: ignore[union-attr]
+        if SUSPECT.search(url) is not None:
+            # routed, checked and forwarded as the backend will read it (edgelb/http/target.py)
+            listener = self.listener
+            normal = normalise(url, listener.merge_slashes, listener.keep_encoded_slashes)
+            if isinstance(normal, str):
+                raise _Refuse(400, normal)
+            ex.url = normal  # type: ignore[union-attr]
         if sum(map(len, lines)) > MAX_HEAD:  # a head that came whole in one read
             raise _Refuse(431, "request head too large")
         # the parser marks an upgrade only for an Upgrade header or a CONNECT
@@ -566,8 +577,6 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             self.active = None
             self._fail_connection(status, detail)
             return
-        if ex.url[0] != 47 and ex.url != b"*":  # 47 is "/": not origin-form
-            _absolute_form(ex)
         listener = self.listener
         service = listener.service
         if service is None:

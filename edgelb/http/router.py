@@ -3,7 +3,8 @@
 Hosts: exact names first, then `*.example.com` wildcards (exactly one label), then rules
 without a host. Within a host, the longest matching path wins, an exact path before a prefix
 of the same length; prefixes match element-wise (`/foo` matches `/foo` and `/foo/bar`, never
-`/foobar`) and a trailing slash in a prefix is ignored.
+`/foobar`) and a trailing slash in a prefix is ignored. Paths arrive normalised
+(edgelb/http/target.py), and `;parameters` end an element (`/foo;x=1` is `/foo`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ def _normalise_prefix(path: str) -> str:
 
 
 def path_matches(path: str, rule_path: str, exact: bool) -> bool:
-    if exact:
-        return path == rule_path
-    if rule_path == "/":
+    """`;` ends a path element as `/` does: `/admin;jsessionid=1` is `/admin` to Tomcat and
+    Spring, so it must meet `/admin`'s rules, never fall through to `/`'s."""
+    if rule_path == "/" and not exact:
         return True
     if not path.startswith(rule_path):
         return False
-    return len(path) == len(rule_path) or path[len(rule_path)] == "/"
+    n = len(rule_path)
+    if len(path) == n or path[n] == ";":
+        return True
+    return not exact and path[n] == "/"
 
 
 class Router:
