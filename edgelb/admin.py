@@ -75,6 +75,8 @@ def backend_status(b: BackendState, check: dict[str, Any] | None = None) -> dict
         "requests": b.requests,
         "responses": _codes(b.responses),
         "failures": b.failures,
+        "last_error": b.last_error or None,  # the detail a client's 502/504 does not show
+        "unsolicited": b.unsolicited,
         "ejections": b.ejections,
         "connections": {
             "idle": len(b.idle),

@@ -169,6 +169,11 @@ class RuntimeCollector:
         opened = counter(
             "edgelb_backend_connections_total", "Upstream connections opened to the backend."
         )
+        unsolicited = counter(
+            "edgelb_backend_unsolicited_total",
+            "Upstream connections closed because the backend sent bytes no request asked for "
+            "(after a complete response); they never reach a client.",
+        )
         upstream = GaugeMetricFamily(
             "edgelb_upstream_connections",
             'Upstream connections to the backend: state="open" all, "idle" kept alive unused.',
@@ -194,13 +199,14 @@ class RuntimeCollector:
                 sent.add_metric(lv, b.requests)
                 failures.add_metric(lv, b.failures)
                 opened.add_metric(lv, b.connections_total)
+                unsolicited.add_metric(lv, b.unsolicited)
                 upstream.add_metric([*lv, "idle"], len(b.idle))
                 upstream.add_metric([*lv, "open"], b.open_connections)
                 bbytes.add_metric([*lv, "in"], b.bytes_in)
                 bbytes.add_metric([*lv, "out"], b.bytes_out)
         yield from (inflight, healthy, eligible, ejected, cap, draining, weight, latency)
         yield ejections
-        yield from (sent, failures, opened, upstream, bbytes)
+        yield from (sent, failures, opened, unsolicited, upstream, bbytes)
 
     # -- runtime-wide -------------------------------------------------------------------
 

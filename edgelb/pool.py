@@ -53,6 +53,8 @@ class BackendState:
         "idle",
         "inflight",
         "key",
+        "last_error",
+        "last_error_t",
         "latency",
         "latency_t",
         "limiter",
@@ -64,6 +66,7 @@ class BackendState:
         "spec",
         "static_cap",
         "sticky_id",
+        "unsolicited",
         "usable",
         "weight",
         "zone",
@@ -100,6 +103,10 @@ class BackendState:
         self.responses: dict[int, int] = defaultdict(int)  # status code -> count
         self.failures = 0  # connect errors, resets, timeouts
         self.connections_total = 0  # upstream connections opened to it
+        # connections closed for bytes that answered no request (after a whole response)
+        self.unsolicited = 0
+        self.last_error = ""  # why the last request failed on it (status.json, the log)
+        self.last_error_t = 0.0  # when that was logged
         self.open_connections = 0
         self.bytes_in = 0  # from the backend
         self.bytes_out = 0  # to the backend

@@ -374,6 +374,8 @@ async def test_status_json_schema(
         "requests": 8,
         "responses": {"200": 7},
         "failures": 0,
+        "last_error": None,
+        "unsolicited": 0,
         "ejections": 0,
         "connections": {"idle": 0, "open": 0, "total": 0},
         "bytes": {"in": 50, "out": 60},

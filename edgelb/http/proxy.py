@@ -50,12 +50,16 @@ log = logging.getLogger("edgelb.http")
 BUFFER_LIMIT = 256 * 1024  # request body held while an upstream connection is being opened
 MAX_HEAD = 64 * 1024  # a request head still incomplete after this much more data: 431
 MAX_TARGET = 16 * 1024  # the request target: 431 beyond (HAProxy's whole buffer is 16 KiB)
+# bytes of a chunked body that are not body (chunk lines, extensions, trailers) in a row:
+# a head's limit plus one read's worth, since the count starts again at each piece of body
+MAX_TRAILING = MAX_HEAD + 64 * 1024
 BODY_RATE_GRACE = 10.0  # seconds before limits.min_body_rate applies to a request body
 
 # reasons for pausing a client's reading
 PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
 PAUSE_PIPELINE = 2  # a pipelined request waits behind the active one
 PAUSE_BUFFER = 4  # body buffered while connecting
+PAUSE_UPGRADE = 8  # an upgrade waits for its 101: bytes after it are the new protocol's
 
 _join = b"".join
 _COLON = b": "
@@ -78,6 +82,7 @@ _REQ_SPECIAL = frozenset(
         b"forwarded",
         b"via",
         b"expect",
+        b"proxy-authorization",
     }
 )
 _RESP_SPECIAL = frozenset(
@@ -127,6 +132,7 @@ class Exchange:
         "set_cookie",
         "start",
         "status",
+        "tail",  # chunked body: bytes read since the last body bytes (framing, trailers)
         "te_trailers",
         "trailers",
         "until_close",
@@ -181,6 +187,7 @@ class Exchange:
         self.body_n = 0
         self.received = 0
         self.queued = 0.0  # seconds it waited for a slot (not the backend's latency)
+        self.tail = 0
 
     # A queued exchange is a waiter of its pool (edgelb.pool.Pool.enqueue).
     def resume(self) -> bool:
@@ -341,7 +348,10 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             self.tunnel.write(data)
             return
         if self.upgrade_buffer is not None:  # upgrade asked, the 101 not seen yet
+            # reading is paused meanwhile; what was already read is bounded all the same
             self.upgrade_buffer.append(data)
+            if sum(map(len, self.upgrade_buffer)) > BUFFER_LIMIT:
+                self._fail_connection(400, "too much data sent before the upgrade was accepted")
             return
         if self.refusing:
             return  # a refused request ends what this connection may send
@@ -349,6 +359,13 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         if parser is None:
             parser = self.parser = httptools.HttpRequestParser(self)
         before = self.parsing
+        if before is not None and before.chunked and before.method:
+            # Chunk framing and trailers are not body: bounded like a head (the parser would
+            # gather a trailer of any size). on_body starts the count again.
+            before.tail += len(data)
+            if before.tail > MAX_TRAILING:
+                self._refuse(431, "request trailers or chunk extensions too large")
+                return
         try:
             parser.feed_data(data)
             parsing = self.parsing
@@ -365,6 +382,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
                         self._fail_connection(431, "request head too large")
         except httptools.HttpParserUpgrade as e:
             self.upgrade_buffer = [data[e.args[0] :]]
+            self._pause(PAUSE_UPGRADE)  # until the 101 (start_tunnel) or the end
         except httptools.HttpParserCallbackError as e:
             refused = e.__context__
             if isinstance(refused, _Refuse):
@@ -427,9 +445,15 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
         if ex.method:  # type: ignore[union-attr]  # after the head: a chunked trailer
-            if ex.req_trailers is None:  # type: ignore[union-attr]
-                ex.req_trailers = []  # type: ignore[union-attr]
-            ex.req_trailers.append(b"%s: %s\r\n" % (name, value))  # type: ignore[union-attr]
+            trailers = ex.req_trailers  # type: ignore[union-attr]
+            if trailers is None:
+                trailers = ex.req_trailers = []  # type: ignore[union-attr]
+            trailers.append(b"%s: %s\r\n" % (name, value))
+            # bounded as the head is: limits.headers fields, MAX_HEAD bytes
+            if len(trailers) > self.listener.max_headers:
+                raise _Refuse(431, "too many trailer fields")
+            if sum(map(len, trailers)) > MAX_HEAD:
+                raise _Refuse(431, "request trailers too large")
             return
         lname = name.lower()
         if lname not in _REQ_SPECIAL:
@@ -495,6 +519,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
+        ex.tail = 0  # type: ignore[union-attr]
         if ex.done:  # type: ignore[union-attr]
             return
         service = ex.service  # type: ignore[union-attr]
@@ -746,7 +771,9 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
                 return
         status = 504 if kind == "timeout" else 502
         backend.responses[status] += 1
-        self._local(ex, status, f"backend {backend.key} {detail}", service)
+        _note_error(backend, service, detail, self.loop.time())
+        # the client is told what kind of failure, never the backend's internal address
+        self._local(ex, status, _GATEWAY_TIMEOUT if status == 504 else _BAD_GATEWAY, service)
 
     def retry_target(self, ex: Exchange, service: ServiceState, failed: BackendState,
                      kind: str, safe: bool) -> BackendState | None:
@@ -838,6 +865,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         for chunk in pending:
             if chunk:
                 upstream_transport.write(chunk)
+        self._resume(PAUSE_UPGRADE)
 
     def _request_head(self, ex: Exchange) -> bytes:
         lines = ex.lines
@@ -1004,8 +1032,9 @@ def _special_request_header(ex: Exchange, lname: bytes, name: bytes, value: byte
         ex.via = ex.via + b", " + value if ex.via else value
     elif lname == b"expect":
         ex.lines.append(b"%s: %s\r\n" % (name, value))
-    # keep-alive, proxy-connection, x-forwarded-proto and x-forwarded-host are dropped:
-    # the first two are hop-by-hop, the last two are set by the proxy itself.
+    # keep-alive, proxy-connection, proxy-authorization, x-forwarded-proto and
+    # x-forwarded-host are dropped: the first three are hop-by-hop (credentials for this
+    # proxy, never for a backend), the last two are set by the proxy itself.
 
 
 def _absolute_form(ex: Exchange) -> None:
@@ -1062,6 +1091,18 @@ def _last_chunk(trailers: list[bytes] | None) -> bytes:
 
 
 RETRY_AFTER = b"retry-after: 1\r\n"  # on a 503 the proxy sheds itself
+_BAD_GATEWAY = "the backend failed before answering"
+_GATEWAY_TIMEOUT = "the backend did not answer in time"
+ERROR_LOG_INTERVAL = 10.0  # seconds: a backend's same failure is logged again after this
+
+
+def _note_error(backend: BackendState, service: ServiceState, detail: str, now: float) -> None:
+    """Keep why a backend failed a request (/status.json `last_error`), and log it: at once
+    when the reason changes, else at most every ERROR_LOG_INTERVAL."""
+    if detail != backend.last_error or now - backend.last_error_t >= ERROR_LOG_INTERVAL:
+        backend.last_error_t = now
+        log.warning("service %s: backend %s %s", service.name, backend.key, detail)
+    backend.last_error = detail
 
 
 def _count_failure(backend: BackendState, service: ServiceState, kind: str, status: int,
@@ -1136,12 +1177,15 @@ async def _connect(ex: Exchange, backend: BackendState) -> None:
 class _Callbacks:
     """The callbacks a response parser calls (httptools looks them up once, by name)."""
 
-    __slots__ = ("on_body", "on_header", "on_headers_complete", "on_message_complete")
+    __slots__ = ("on_body", "on_header", "on_headers_complete", "on_message_begin",
+                 "on_message_complete")
 
-    def __init__(self, on_headers_complete, on_body, on_message_complete) -> None:
+    def __init__(self, on_headers_complete, on_body, on_message_complete,
+                 on_message_begin) -> None:
         self.on_headers_complete = on_headers_complete
         self.on_body = on_body
         self.on_message_complete = on_message_complete
+        self.on_message_begin = on_message_begin
         self.on_header: Any = None  # set only to read trailers
 
 
@@ -1153,15 +1197,20 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         "closed",
         "deadline",
         "ex",
+        "feeding",
+        "finished",
         "got_bytes",
         "hbuf",
         "head_out",
         "in_trailers",
         "interim",
+        "junk",
         "listener",
+        "park_later",
         "parser",
         "parser_trailers",
         "reused",
+        "trailer_bytes",
         "service",
         "transport",
         "tunnel",
@@ -1188,6 +1237,13 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         self.upstream_close = False
         self.tunnel: asyncio.Transport | None = None
         self.head_out = b""  # a response head held back to go out with the first body bytes
+        # Upstream hygiene: a response completed while the parser is being fed is parked
+        # (made reusable) only after the read, and only if nothing followed it (`junk`).
+        self.feeding = False
+        self.park_later = False
+        self.finished: Exchange | None = None  # its client goes on once parking is settled
+        self.junk = False
+        self.trailer_bytes = 0  # of the response being read (bounded like a head)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -1203,6 +1259,7 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         self.got_bytes = False
         self.hbuf = b""
         self.in_trailers = False
+        self.trailer_bytes = 0
         if ex.te_trailers != self.parser_trailers:
             self.parser = self._new_parser(ex.te_trailers)
         client = ex.client
@@ -1325,7 +1382,7 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         self.backend.bytes_in += len(data)
         ex = self.ex
         if ex is None:
-            self.transport.close()  # bytes from an idle backend connection: not ours
+            self._unsolicited()  # bytes from an idle backend connection: no request's answer
             return
         hbuf = self.hbuf
         if hbuf is not None:  # a head is expected: keep its raw bytes for on_headers_complete
@@ -1339,17 +1396,36 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
                 self.hbuf = hbuf
             else:
                 self.hbuf = data
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
+            self.feeding = False
             self._switch_protocols(data[e.args[0] :])
             return
-        except httptools.HttpParserCallbackError:
+        except httptools.HttpParserCallbackError as e:
+            self.feeding = False
+            if self.park_later:
+                self.junk = True
+                self._settle()
+                return
+            if isinstance(e.__context__, _Refuse):  # a limit on the response's trailers
+                self._bad_response(e.__context__.detail)
+                return
             log.exception("internal error while relaying a response")
             self._bad_response("internal error")
             return
         except httptools.HttpParserError as e:
+            self.feeding = False
+            if self.ex is None:  # what followed a complete response is not one
+                self.junk = True
+                self._settle()
+                return
             self._bad_response(f"sent a malformed response ({e})")
+            return
+        self.feeding = False
+        if self.park_later or self.junk:
+            self._settle()
             return
         head = self.head_out
         if head:  # the head came without body bytes in this read: send it now
@@ -1414,17 +1490,55 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         parser has no per-header callback at all.
         """
         self.parser_trailers = trailers
-        cb = _Callbacks(self.on_headers_complete, self.on_body, self.on_message_complete)
+        cb = _Callbacks(self.on_headers_complete, self.on_body, self.on_message_complete,
+                        self.on_message_begin)
         if trailers:
             cb.on_header = self.on_trailer
         return httptools.HttpResponseParser(cb)
+
+    def on_message_begin(self) -> None:
+        if self.ex is None:  # a response begins that no request is waiting for
+            self.junk = True
+
+    def _settle(self) -> None:
+        """After a read in which a response completed: the connection is parked for reuse
+        only if nothing followed the response in that read (else closed, `_unsolicited`);
+        then the client goes on, so that its next pipelined request may take this very
+        connection."""
+        ex = self.finished
+        self.finished = None
+        later = self.park_later
+        self.park_later = False
+        if self.junk:
+            self._unsolicited()
+        elif later:
+            self.park()
+        if ex is not None and not ex.done:
+            ex.client.response_done(ex)
+
+    def _unsolicited(self) -> None:
+        """The backend sent bytes that answer no request (after a whole response, or while
+        the connection was idle): they are dropped, never parsed as the next request's
+        answer, and the connection is closed and counted."""
+        self.park_later = False
+        transport = self.transport
+        if self.closed or transport.is_closing():
+            return
+        self.backend.unsolicited += 1
+        log.debug("backend %s of service %s sent bytes after a complete response; closing "
+                  "that connection", self.backend.key, self.service.name)
+        transport.close()
 
     def on_trailer(self, name: bytes, value: bytes) -> None:
         ex = self.ex
         if self.in_trailers and ex is not None and ex.client_chunked:
             if ex.trailers is None:
                 ex.trailers = []
-            ex.trailers.append(b"%s: %s\r\n" % (name, value))
+            line = b"%s: %s\r\n" % (name, value)
+            ex.trailers.append(line)
+            size = self.trailer_bytes = self.trailer_bytes + len(line)
+            if size > MAX_HEAD or len(ex.trailers) > self.listener.max_headers:
+                raise _Refuse(502, "sent trailers over the head limits")
 
     def on_headers_complete(self) -> None:
         ex = self.ex
@@ -1498,7 +1612,10 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         self.head_out = head  # written with the body, or by _complete, or after this read
         if bodiless:
             # The response parser cannot be told that a HEAD response has no body: finish
-            # here and give the connection a fresh parser for its next response.
+            # here and give the connection a fresh parser for its next response. Bytes after
+            # the head (a body sent anyway) answer nothing: the connection is not reused.
+            if len(hbuf) > end + 4:
+                self.junk = True
             self.parser = self._new_parser(self.parser_trailers)
             self._complete(ex, reusable=not ex.until_close and not self.upstream_close)
 
@@ -1601,17 +1718,18 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             service.pool.release_slow(backend, k)
         if client.paused & PAUSE_UPSTREAM:
             client._resume(PAUSE_UPSTREAM)
-        if reusable and ex.request_complete and not self.closed:
+        if reusable and ex.request_complete and not self.closed and not self.junk:
             if client.write_paused:
                 self.transport.resume_reading()
-            policy = service.policy
-            idle = backend.idle
-            if backend.draining or len(idle) >= policy.max_idle:  # park(), inlined
-                self.transport.close()
-            else:
-                self.reused = True
-                self.deadline = now + policy.idle_timeout
-                idle.append(self)
+            if self.feeding:
+                # parked (and the client goes on) once the parser has seen the rest of this
+                # read: a response followed by more bytes must not be reused (_settle)
+                self.park_later = True
+                self.finished = ex
+                return
+            self.park(now)
+        elif self.junk:
+            self._unsolicited()
         elif not self.closed:
             self.transport.close()
         if not ex.done:

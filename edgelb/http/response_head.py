@@ -13,7 +13,7 @@ from edgelb.http.headers import CONNECTION_OPTIONS
 
 _SPECIAL = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|te|transfer-encoding|upgrade|trailer"
-    rb"|content-length)[ \t]*:"
+    rb"|content-length|proxy-authenticate)[ \t]*:"
 )
 
 
