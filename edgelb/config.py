@@ -1475,12 +1475,23 @@ def _fmt_accept(policy: Any) -> str:
     return f", PROXY header from {', '.join(policy.cidrs)}"
 
 
+def _fmt_paths(rules: PathRules) -> str:
+    """The path rules that differ from the safe defaults (edgelb/http/target.py)."""
+    out = ""
+    if rules.encoded_slashes == "keep":
+        out += ", %2F and %5C passed on encoded"
+    if not rules.merge_slashes:
+        out += ", // kept"
+    return out
+
+
 def summarize(config: Config) -> str:
     """A human summary: listeners, services with their exposure, policy and backends."""
     lines = [f"admin: {config.admin}"]
     for e in config.entrypoints:
         mark = " (tls)" if e.tls else ""
-        lines.append(f"entrypoint {e.name}: {e.listen}{mark}{_fmt_accept(e.accept_proxy_protocol)}")
+        lines.append(f"entrypoint {e.name}: {e.listen}{mark}{_fmt_accept(e.accept_proxy_protocol)}"
+                     f"{_fmt_paths(e.path_rules)}")
     services = config.snapshot.services
     lines.append(f"services: {len(services)}")
     for s in services:
@@ -1493,7 +1504,8 @@ def summarize(config: Config) -> str:
             ends.append("TLS to backends")
         lines.append(f"  {s.name} ({', '.join([s.mode, *ends])})")
         if s.listen is not None:
-            lines.append(f"    listen {s.listen}{_fmt_accept(s.accept_proxy_protocol)}")
+            lines.append(f"    listen {s.listen}{_fmt_accept(s.accept_proxy_protocol)}"
+                         f"{_fmt_paths(s.path_rules)}")
         routes = [r for r in config.snapshot.routes if r.service == s.name]
         if routes and s.tls_passthrough:
             lines.append(f"    SNI names {', '.join(r.host for r in routes)} "

@@ -261,3 +261,42 @@ def test_needs_normalising_is_false_only_where_nothing_would_change() -> None:
         assert normalise(t) == t
     for t in (b"//a", b"/a/./b", b"/%41", b"/a\\b", b"/.."):
         assert needs_normalising(t)
+
+
+# -- the config keys ---------------------------------------------------------------------------
+
+
+def test_path_rules_are_read_from_entrypoints_and_static_ports() -> None:
+    from edgelb.config import ConfigError, parse_config
+    from watchers.model import PathRules
+
+    c = parse_config(
+        "entrypoints:\n"
+        "  web: {listen: 127.0.0.1:8080}\n"
+        "  reg: {listen: 127.0.0.1:5000, encoded_slashes: keep, merge_slashes: false}\n"
+        "services:\n"
+        "  - {name: raw, listen: 127.0.0.1:9000, encoded_slashes: keep, backends: []}\n")
+    eps = {e.name: e.path_rules for e in c.entrypoints}
+    assert eps == {"web": PathRules(), "reg": PathRules(False, "keep")}
+    assert c.snapshot.services[0].path_rules == PathRules(True, "keep")
+    for text, path in [
+        ("entrypoints: {web: {listen: 8080, encoded_slashes: decode}}",
+         "entrypoints.web.encoded_slashes"),
+        ("entrypoints: {web: {listen: 8080, merge_slashes: maybe}}",
+         "entrypoints.web.merge_slashes"),
+        ("services: [{name: s, paths: [/], merge_slashes: false, backends: []}]",
+         "services[0].merge_slashes"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            parse_config(text + "\n")
+        assert any(e.startswith(path + ": ") for e in info.value.errors), info.value.errors
+
+
+def test_check_says_where_paths_are_passed_on_raw() -> None:
+    from edgelb.config import parse_config, summarize
+
+    text = summarize(parse_config(
+        "entrypoints: {reg: {listen: 127.0.0.1:5000, encoded_slashes: keep, "
+        "merge_slashes: false}, web: {listen: 127.0.0.1:80}}\n"))
+    assert "entrypoint reg: 127.0.0.1:5000, %2F and %5C passed on encoded, // kept" in text
+    assert "entrypoint web: 127.0.0.1:80\n" in text + "\n"
