@@ -14,9 +14,12 @@ from pathlib import Path
 from edgelb import __version__, compiled, tls
 from edgelb.config import Config, ConfigError, load_config, not_implemented, parse_config
 from edgelb.runtime import EntrypointSpec, Runtime, SnapshotError
+from edgelb.tasks import describe, spawn, supervise
 from watchers.model import Policy
 
 log = logging.getLogger("edgelb")
+
+FILE_LOOP = "file watcher loop"
 
 
 def _install_uvloop() -> None:
@@ -39,6 +42,8 @@ class App:
         self.watcher = None
         self.kubernetes = None  # edgelb.k8s_watcher.KubernetesWatcher when enabled
         self._watcher_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # every background task of ours, until it ends
+        self._file_loop_error: str | None = None  # the file watcher's loop raised: restarting
         self._apply_lock = asyncio.Lock()
         self.stopped = asyncio.Event()
         self.applied = asyncio.Event()  # set after every successful apply (tests await it)
@@ -80,7 +85,9 @@ class App:
             on_error=self._on_config_error,
             interval=0.25,
         )
-        self._watcher_task = loop.create_task(self.watcher.run())
+        self._watcher_task = spawn(
+            supervise(FILE_LOOP, self.watcher.run, on_down=self._file_loop_down, logger=log),
+            name=FILE_LOOP, held=self._tasks, loop=loop)
 
     def _defaults(self) -> Policy:
         return self.config.defaults if self.config is not None else Policy()
@@ -89,12 +96,31 @@ class App:
         return self.config.instance.zone if self.config is not None else ""
 
     def _on_config(self, config: Config) -> None:
+        self._file_loop_back()
         if config == self.config:
             return  # e.g. the watcher's first read of the file start() already applied
-        asyncio.get_running_loop().create_task(self._apply(config))
+        spawn(self._apply(config), name="apply the config file", held=self._tasks)
+
+    def _file_loop_down(self, exc: BaseException) -> None:
+        """The file watcher's loop raised and waits to restart (edgelb.tasks.supervise): the
+        watcher is down and says why; the applied config keeps serving, /readyz unchanged."""
+        assert self.runtime is not None
+        self._file_loop_error = f"{FILE_LOOP} failed ({describe(exc)}); restarting it"
+        self.runtime.watcher_up["file"] = False
+        self.runtime.last_errors["file"] = self._file_loop_error
+
+    def _file_loop_back(self) -> None:
+        """The restarted file watcher read the file again (good or bad content): it is up."""
+        error, self._file_loop_error = self._file_loop_error, None
+        if error is None or self.runtime is None:
+            return
+        self.runtime.watcher_up["file"] = True
+        if self.runtime.last_errors.get("file") == error:
+            del self.runtime.last_errors["file"]
 
     def _on_config_error(self, error: Exception) -> None:
         assert self.runtime is not None
+        self._file_loop_back()
         text = "; ".join(error.errors) if isinstance(error, ConfigError) else str(error)
         log.error("config %s rejected, the last good one keeps serving: %s", self.config_path, text)
         self.runtime.record("file", False, text)
@@ -167,6 +193,7 @@ class App:
             self.watcher.stop()
         if self._watcher_task is not None:
             self._watcher_task.cancel()
+            await asyncio.gather(self._watcher_task, return_exceptions=True)
         if self.kubernetes is not None:
             await self.kubernetes.stop()
         await runtime.shutdown(config.shutdown.grace if config else 30.0)

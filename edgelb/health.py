@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from edgelb.tasks import log_failure
 from watchers.model import Address, HealthCheck
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,7 @@ class HealthChecker:
             checked.last_check = totals.last_check
         loop = self._loop or asyncio.get_running_loop()
         checked.task = loop.create_task(self._run(checked), name=f"{TASK_PREFIX}{key[0]}/{key[1]}")
+        checked.task.add_done_callback(log_failure)  # held here; a bug in it is not silent
         self._targets[key] = checked
 
     @staticmethod

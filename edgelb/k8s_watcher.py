@@ -7,6 +7,16 @@ of reach the reflectors keep their caches, so the last snapshot keeps serving (s
 serving); `edgelb_watcher_up{watcher="kubernetes"}` drops to 0 and
 `edgelb_watcher_last_event_age_seconds` grows. /readyz waits for the first full sync.
 
+Every loop (the reflectors, the translate loop, the health watch, the leader election) runs
+supervised (edgelb.tasks): one that raises is logged, the watcher is marked down
+(`edgelb_watcher_up` 0, the error in /status.json) and the loop restarts after a backoff
+(0.1 s doubling to 30 s, jittered) while the last good snapshot keeps serving; nothing is
+removed. A restarted translate loop translates the caches at once, and the watcher is up again
+once that translation has been applied (and every watch is connected). /readyz is not changed
+by this: a replica that synced once stays ready on its stale-but-good routes, since a flaky
+API server would otherwise pull every replica out of its Service at the same moment; before the
+first sync it is not ready anyway.
+
 One replica (leader election on a Lease, when `leader_election` is on) writes the Ingresses'
 `status.loadBalancer` with `publish_address`, or the address of `publish_service`. Problems
 found in objects are logged once each and posted as Warning Events on the object.
@@ -20,11 +30,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any
 
 from edgelb.config import KubernetesWatcherConfig, policy_from_annotations
 from edgelb.runtime import Runtime, SnapshotError
+from edgelb.tasks import DEFAULT_BACKOFF, Backoff, describe, spawn, supervise
 from edgelb.tls import Certificate, TLSConfigError, load_secret
 from watchers.kubernetes.reflector import (
     ENDPOINTSLICES,
@@ -45,6 +57,7 @@ NAME = "kubernetes"
 DEBOUNCE = 0.05  # seconds: coalesce a burst of events into one apply
 ZONE_LABEL = "topology.kubernetes.io/zone"
 LEADER_LEASE = "edgelb-leader"
+TRANSLATE_LOOP = "kubernetes translate loop"
 
 
 class KubernetesWatcher:
@@ -59,6 +72,7 @@ class KubernetesWatcher:
         environ: Mapping[str, str] | None = None,
         read_timeout: float = 60.0,
         api: Any = None,
+        backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
         self.config = config
         self.runtime = runtime
@@ -68,12 +82,14 @@ class KubernetesWatcher:
         self.read_timeout = read_timeout
         self.api = api  # an ApiClient; made from the credentials at start() when None
         self._own_api = api is None
+        self.backoff = backoff  # between restarts of a loop that raised
         self.reflectors: dict[str, Reflector] = {}
         self.node_zone = ""
         self.translation: Translation | None = None
         self.applies = 0
         self._dirty = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()  # every task of ours, until it ends
+        self.down: dict[str, str] = {}  # supervised loop that raised -> its error, until back
         self._reported: set[Problem] = set()
         self._certs: dict[tuple[str, str], tuple[str, Certificate]] = {}  # Secret -> (rv, cert)
         self._leader: Any = None
@@ -110,18 +126,18 @@ class KubernetesWatcher:
             )
         self.runtime.register_watcher(NAME)
         self.runtime.watcher_up[NAME] = False
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(r.run(), name=f"reflector {k}")
-                       for k, r in self.reflectors.items()]
-        self._tasks.append(loop.create_task(self._loop(), name="kubernetes translate"))
-        self._tasks.append(loop.create_task(self._watch_health(), name="kubernetes health"))
-        self._start_leader(loop)
+        for k, r in self.reflectors.items():
+            self._supervise(f"kubernetes reflector {k}", r.run)
+        # restarted, the translate loop translates at once; it is up once that applied
+        self._supervise(TRANSLATE_LOOP, self._loop, on_up=self._dirty.set)
+        self._supervise("kubernetes health watch", self._watch_health)
+        self._start_leader()
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._leader is not None:
             try:
                 await asyncio.wait_for(self._leader.release(), 2.0)
@@ -137,6 +153,38 @@ class KubernetesWatcher:
     @property
     def synced(self) -> bool:
         return bool(self.reflectors) and all(r.synced.is_set() for r in self.reflectors.values())
+
+    # -- supervision ---------------------------------------------------------------------------
+
+    def _supervise(self, name: str, factory: Callable[[], Awaitable[None]],
+                   on_up: Callable[[], Any] | None = None) -> None:
+        """Run `factory()` under supervision (see the module docstring). By default a loop
+        counts as back when it restarts; `on_up` replaces that (the translate loop is back
+        once a translation applied)."""
+        spawn(supervise(name, factory, on_down=partial(self._loop_down, name),
+                        on_up=on_up or partial(self._loop_back, name),
+                        backoff=self.backoff, logger=log),
+              name=name, held=self._tasks)
+
+    def _loop_down(self, name: str, exc: BaseException) -> None:
+        """A loop raised and waits to restart: the watcher is down, the error shown."""
+        error = f"{name} failed ({describe(exc)}); restarting it"
+        self.down[name] = error
+        self.runtime.last_errors[NAME] = error
+        self.runtime.watcher_up[NAME] = False
+
+    def _loop_back(self, name: str) -> None:
+        error = self.down.pop(name, None)
+        if error is not None and self.runtime.last_errors.get(NAME) == error:
+            del self.runtime.last_errors[NAME]
+        self._show_health()
+
+    def _show_health(self) -> None:
+        """edgelb_watcher_up and the error of a loop that is still down, as things are now."""
+        if self.runtime.watcher_synced.get(NAME):
+            self.runtime.watcher_up[NAME] = self._up()
+        if self.down and NAME not in self.runtime.last_errors:
+            self.runtime.last_errors[NAME] = next(iter(self.down.values()))
 
     # -- the translate loop ------------------------------------------------------------------
 
@@ -182,7 +230,10 @@ class KubernetesWatcher:
             log.error("the cluster's snapshot was rejected: %s", e)
             return
         finally:
+            # translated and applied (or rejected): the translate loop works again
+            self.down.pop(TRANSLATE_LOOP, None)
             self.runtime.watcher_up[NAME] = self._up()
+            self._show_health()
         self.translation = translation
         self.applies += 1
         await self._publish_status()
@@ -237,15 +288,16 @@ class KubernetesWatcher:
         return ""
 
     def _up(self) -> bool:
-        return bool(self.reflectors) and all(r.up for r in self.reflectors.values())
+        """Every watch connected and no loop down."""
+        return (bool(self.reflectors) and not self.down
+                and all(r.up for r in self.reflectors.values()))
 
     async def _watch_health(self) -> None:
         """Keep edgelb_watcher_up current while nothing changes (e.g. the API is down)."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(1.0)
-            if self.runtime.watcher_synced.get(NAME):
-                self.runtime.watcher_up[NAME] = self._up()
+            self._show_health()
             if self._status is not None and self._status.needs_retry:
                 self._dirty.set()  # a status write failed: try again
             last = max((r.last_event for r in self.reflectors.values()), default=0.0)
@@ -268,7 +320,7 @@ class KubernetesWatcher:
     def _identity(self) -> str:
         return self.environ.get("POD_NAME") or socket.gethostname()
 
-    def _start_leader(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _start_leader(self) -> None:
         try:
             from watchers.kubernetes.events import EventRecorder
             from watchers.kubernetes.leader import LeaderElector
@@ -286,7 +338,7 @@ class KubernetesWatcher:
             self.api, namespace, f"{LEADER_LEASE}-{self.config.ingress_class}",
             self._identity(), on_change=self._on_leader,
         )
-        self._tasks.append(loop.create_task(self._leader.run(), name="kubernetes leader"))
+        self._supervise("kubernetes leader election", self._leader.run)
 
     def _on_leader(self, leader: bool) -> None:
         log.warning("kubernetes: this replica %s the leader (Ingress status)",
@@ -328,9 +380,8 @@ class KubernetesWatcher:
             p.kind, (obj or {}).get("apiVersion", _API_VERSIONS.get(p.kind, "v1")),
             p.namespace, p.name, meta.get("uid", ""), "EdgelbConfig", p.message,
         )
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.append(task)
-        task.add_done_callback(lambda t: t in self._tasks and self._tasks.remove(t))
+        spawn(coro, name=f"kubernetes event on {p.kind} {p.namespace}/{p.name}",
+              held=self._tasks)
 
     def _find(self, p: Problem) -> dict | None:
         kind = {"Service": "services", "Ingress": "ingresses", "Pod": "pods",

@@ -26,6 +26,7 @@ from edgelb.http.listener import HttpListener
 from edgelb.http.router import Router
 from edgelb.pool import ServiceState
 from edgelb.sni import SniTable
+from edgelb.tasks import spawn
 from edgelb.tls import ALPN, Certificate, CertificateStore, TLSConfigError, load_files
 from watchers.model import Address, PathRules, Policy, Route, Service, Snapshot
 
@@ -470,9 +471,8 @@ class Runtime:
         return self.services.get(name) or ServiceState(Service(name=name))
 
     def _close_later(self, listener: Any) -> None:
-        task = self.loop.create_task(listener.wait_closed(self.grace))
-        self._closers.add(task)
-        task.add_done_callback(self._closers.discard)
+        name = f"close listener {getattr(listener, 'address', '')}"
+        spawn(listener.wait_closed(self.grace), name=name, held=self._closers, loop=self.loop)
 
     # -- deadlines -----------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from edgelb import proxy_protocol
 from edgelb.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
 from edgelb.config import LimitsConfig
 from edgelb.pool import BackendState, ServiceState
+from edgelb.tasks import log_failure
 from watchers.model import Address
 
 log = logging.getLogger(__name__)
@@ -462,6 +463,7 @@ class _Connection(_Relay):
             self._connect(family, (host, port))
         else:
             self.resolver = self.loop.create_task(self._resolve(host, port))
+            self.resolver.add_done_callback(log_failure)
 
     async def _resolve(self, host: str, port: int) -> None:
         try:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from edgelb import proxy_protocol
 from edgelb.backend_tls import client_context, server_hostname
 from edgelb.http.listener import HANDSHAKE_TIMEOUT
+from edgelb.tasks import log_failure
 from edgelb.tcp import _Relay
 
 if TYPE_CHECKING:
@@ -156,6 +157,7 @@ class TlsConnection(_Relay):
         client = self.client
         if task.cancelled() and (client is None or client.transport is None):
             self.sock.close()
+        log_failure(task)
 
     async def _accept(self) -> None:
         ctx = self.listener.ssl
@@ -186,7 +188,8 @@ class TlsConnection(_Relay):
     def start(self, backend: BackendState) -> None:
         self.service.pool.acquire(backend)
         self.backend = backend
-        self.task = self.loop.create_task(self._connect(backend))
+        task = self.task = self.loop.create_task(self._connect(backend))
+        task.add_done_callback(log_failure)
 
     async def _connect(self, backend: BackendState) -> None:
         side = self.upstream = _Side(self, False)

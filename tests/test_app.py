@@ -7,8 +7,9 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
-from httpkit import HOST, Call, Client, HttpBackend, fetch, free_port, within
+from httpkit import HOST, Call, Client, HttpBackend, eventually, fetch, free_port, within
 
 from edgelb.app import App
 from edgelb.config import ConfigError
@@ -131,6 +132,45 @@ async def test_bad_edit_is_rejected_and_the_old_config_keeps_serving(backend, ru
     await within(app.applied.wait())
     assert "file" not in runtime.last_errors
     assert await served_by(setup.port) == "b"
+
+
+async def test_a_file_watcher_loop_that_raises_is_restarted_and_the_config_keeps_serving(
+    backend, running_app, caplog
+):
+    a, b = await backend("a"), await backend("b")
+    app, setup = await running_app([a])
+    runtime, watcher = app.runtime, app.watcher
+    assert runtime is not None and watcher is not None
+    assert runtime.watcher_up["file"] is True
+    real = watcher.poll
+    failures: list[int] = []
+    broken = True
+
+    async def poll(force: bool = False) -> bool:  # a bug in the loop, until `broken` is off
+        if broken:
+            failures.append(1)
+            raise RuntimeError("poll bug")
+        return await real(force)
+
+    watcher.poll = poll  # type: ignore[method-assign]
+    await eventually(lambda: len(failures) >= 2, what="the loop to be restarted (and fail again)")
+    assert runtime.watcher_up["file"] is False
+    assert "file watcher loop failed (RuntimeError: poll bug)" in runtime.last_errors["file"]
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://{HOST}:{setup.admin}/metrics") as r:
+            assert 'edgelb_watcher_up{watcher="file"} 0.0' in await r.text()
+        async with s.get(f"http://{HOST}:{setup.admin}/readyz") as r:
+            assert r.status == 200  # synced once: stays ready on the applied config
+    assert await served_by(setup.port) == "a"
+    logged = [r for r in caplog.records if "file watcher loop failed" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and logged[0].exc_info[0] is RuntimeError
+    setup.write([b])  # changed while the loop is down
+    broken = False
+    await eventually(lambda: runtime.watcher_up["file"], what="the watcher up after a restart")
+    await eventually(lambda: f"{HOST}:{b.port}" in runtime.services["web"].pool.by_key,
+                     what="the change made while down applied")
+    assert await served_by(setup.port) == "b"
+    assert "file" not in runtime.last_errors
 
 
 async def test_edit_with_a_busy_port_is_rejected(backend, running_app):

@@ -196,6 +196,145 @@ async def test_the_last_snapshot_keeps_serving_while_the_api_is_down(cluster: Cl
     await a.stop()
 
 
+async def serve_throughout(cluster: Cluster, host: str, stop: asyncio.Event
+                           ) -> list[tuple[int, bytes]]:
+    """Requests one after another until `stop`: what each got (a failure is (0, repr))."""
+    got: list[tuple[int, bytes]] = []
+    while not stop.is_set():
+        try:
+            got.append(await cluster.get(host))
+        except Exception as e:
+            got.append((0, repr(e).encode()))
+    return got
+
+
+async def watcher_json(cluster: Cluster) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://{HOST}:{cluster.admin}/status.json") as r:
+        doc = await r.json()
+    return next(w for w in doc["watchers"] if w["name"] == "kubernetes")
+
+
+async def test_a_translate_loop_that_raises_is_restarted_and_the_routes_keep_serving(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edgelb import k8s_watcher
+
+    a = await HttpBackend("a").start()
+    b = await HttpBackend("b").start()
+    fake = cluster.fake
+    for obj in (ingress_class(), service("web"), endpoint_slice("web", "web-a", a),
+                ingress("shop.example.com", "web")):
+        fake.put(obj)
+    runtime = cluster.app.runtime
+    assert runtime is not None
+    await eventually(lambda: "shop/web:http" in runtime.services
+                     and runtime.watcher_up.get("kubernetes", False), timeout=10,
+                     what="the route, watcher up")
+    real = k8s_watcher.translate
+    failures: list[int] = []
+    broken = True
+
+    def translate(*args: Any, **kw: Any) -> Any:  # a translator bug, until `broken` is off
+        if broken:
+            failures.append(1)
+            raise RuntimeError("translator bug")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(k8s_watcher, "translate", translate)
+    stop = asyncio.Event()
+    client = asyncio.create_task(serve_throughout(cluster, "shop.example.com", stop))
+    try:
+        fake.put(endpoint_slice("web", "web-b", b))  # a change: the loop raises on it
+        await eventually(lambda: len(failures) >= 2, timeout=5,
+                         what="the loop to be restarted (and to fail again)")
+        # down: said so, the last good routes still serve, still ready
+        assert runtime.watcher_up["kubernetes"] is False
+        _, metrics = await cluster.admin_get("/metrics")
+        assert 'edgelb_watcher_up{watcher="kubernetes"} 0.0' in metrics
+        status = await watcher_json(cluster)
+        assert "kubernetes translate loop failed (RuntimeError: translator bug)" in (
+            status["last_error"])
+        assert (await cluster.admin_get("/readyz"))[0] == 200
+        assert len(runtime.services["shop/web:http"].pool.backends) == 1  # nothing removed
+        logged = [r for r in caplog.records if "kubernetes translate loop failed" in
+                  r.getMessage()]
+        assert logged and logged[0].levelname == "ERROR"
+        assert logged[0].exc_info is not None and logged[0].exc_info[0] is RuntimeError
+        # fixed: the next restart translates what changed meanwhile, and the watcher is up
+        broken = False
+        await eventually(lambda: runtime.watcher_up["kubernetes"], timeout=5,
+                         what="edgelb_watcher_up back to 1 after the restart")
+        assert len(runtime.services["shop/web:http"].pool.backends) == 2
+        _, metrics = await cluster.admin_get("/metrics")
+        assert 'edgelb_watcher_up{watcher="kubernetes"} 1.0' in metrics
+        assert (await watcher_json(cluster))["last_error"] is None
+        # and updates go on
+        second = ingress("new.example.com", "web")
+        second["metadata"] = meta("new")
+        fake.put(second)
+        await eventually(lambda: any(r.host == "new.example.com" for r in runtime.routes),
+                         timeout=5, what="a change after the restart")
+        assert (await cluster.get("new.example.com"))[0] == 200
+    finally:
+        stop.set()
+        served = await within(client, 10)
+    assert len(served) > 5
+    assert {status for status, _ in served} == {200}, served[:5]
+    await a.stop()
+    await b.stop()
+
+
+class _Reflector:
+    """Stands for a connected, synced reflector (the watcher reads `up` and `synced`)."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.synced = asyncio.Event()
+        self.synced.set()
+        self.last_event = 0.0
+        self.cache: dict[Any, Any] = {}
+
+
+async def test_any_loop_of_the_watcher_that_raises_marks_it_down_until_it_restarts() -> None:
+    from edgelb.config import KubernetesWatcherConfig
+    from edgelb.k8s_watcher import KubernetesWatcher
+    from edgelb.runtime import Runtime
+    from edgelb.tasks import Backoff
+    from watchers.model import Policy
+
+    runtime = Runtime()
+    watcher = KubernetesWatcher(KubernetesWatcherConfig(enabled=True), runtime, Policy, str,
+                                api=object(), backoff=Backoff(initial=0.3, jitter=0.0))
+    watcher.reflectors["services"] = _Reflector()  # type: ignore[assignment]
+    runtime.register_watcher("kubernetes")
+    runtime.watcher_synced["kubernetes"] = runtime.watcher_up["kubernetes"] = True
+    runs = 0
+    release = asyncio.Event()
+
+    async def reflector_run() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise RuntimeError("a bug in the reflector")
+        await release.wait()
+
+    watcher._supervise("kubernetes reflector services", reflector_run)
+    try:
+        await eventually(lambda: bool(watcher.down), timeout=5, what="the loop marked down")
+        assert runtime.watcher_up["kubernetes"] is False
+        assert "kubernetes reflector services failed (RuntimeError: a bug in the reflector)" in (
+            runtime.last_errors["kubernetes"])
+        watcher._show_health()  # what the health watch does every second: still down
+        assert runtime.watcher_up["kubernetes"] is False
+        await eventually(lambda: runs == 2 and runtime.watcher_up["kubernetes"], timeout=5,
+                         what="the restart, and the watcher up again")
+        assert watcher.down == {} and "kubernetes" not in runtime.last_errors
+    finally:
+        await within(watcher.stop())
+    assert runs == 2 and not watcher._tasks  # stopped: cancelled, not restarted
+
+
 async def test_not_ready_until_the_first_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                               ) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)

@@ -402,6 +402,36 @@ async def test_a_failing_on_change_does_not_stop_the_reflector(fake, start) -> N
     assert refl.errors == 0
 
 
+async def test_a_scope_loop_that_fails_ends_run_with_its_error_and_a_new_run_resyncs(
+    fake, api
+) -> None:
+    """A bug in one scope's loop is not silent: run() stops the other scopes and raises it (the
+    Kubernetes watcher then restarts the reflector); the cache is kept and a new run lists."""
+    put_all(fake, objs("Service", ["a"], namespace="one") + objs("Service", ["b"], namespace="two"))
+    refl = Reflector(api, SERVICES, Changes(), namespaces=("one", "two"))
+    real = refl._follow
+    broken = asyncio.Event()
+
+    async def follow(ns: str) -> None:
+        if ns == "two" and not broken.is_set():
+            await fake.wait_for(lambda: fake.open_watches == 1, what="scope one watching")
+            broken.set()
+            raise RuntimeError("a bug in the loop")
+        await real(ns)
+
+    refl._follow = follow  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="a bug in the loop"):
+        await asyncio.wait_for(refl.run(), STEP)
+    await fake.wait_for(lambda: fake.open_watches == 0, what="the other scope's watch closed")
+    assert ("one", "a") in refl.cache and not refl.up
+    fake.put(objs("Service", ["c"], namespace="two")[0])
+    task = asyncio.create_task(refl.run())  # what the supervisor does
+    await eventually(lambda: ("two", "c") in refl.cache and refl.up, timeout=STEP,
+                     what="the new run to list both scopes and watch")
+    await asyncio.wait_for(refl.stop(), STEP)
+    assert task.done() and task.result() is None
+
+
 async def test_token_auth_and_401(fake, tmp_path) -> None:
     fake.token = "s3cret"
     fake.put(objs("Service", ["a"])[0])

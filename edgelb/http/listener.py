@@ -24,6 +24,7 @@ from edgelb.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
 from edgelb.config import LimitsConfig
 from edgelb.http.proxy import ClientProtocol, UpstreamProtocol
 from edgelb.http.router import Router
+from edgelb.tasks import log_failure
 from watchers.model import Address, PathRules, Policy
 
 if TYPE_CHECKING:
@@ -246,6 +247,7 @@ class HttpListener:
                 self._accept_here()
         elif self._own and self._switch is None:
             self._switch = self.loop.create_task(self._back_to_serving())
+            self._switch.add_done_callback(log_failure)
 
     def sni_status(self) -> dict[str, Any]:
         """The passthrough table and what became of peeked connections (admin status)."""

@@ -287,14 +287,22 @@ class Reflector:
         return all(self._up.values())
 
     async def run(self) -> None:
-        """List and watch until stopped or cancelled; only CancelledError comes out."""
+        """List and watch until stopped or cancelled.
+
+        Errors of the API server are retried inside. Should a scope's loop itself fail (a bug),
+        the other scopes are stopped and `run()` raises that exception, so that its owner
+        notices and can run it again (a new run lists again; the cache is kept meanwhile)."""
         if self._stopping:
             return
         self._done.clear()
         self._tasks = [asyncio.create_task(self._follow(ns), name=f"reflector {self._what(ns)}")
                        for ns in self.scopes]
         try:
-            await asyncio.wait(self._tasks)
+            done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
+            errors = [e for t in done if not t.cancelled() and (e := t.exception()) is not None]
+            if errors:
+                await self._cancel_tasks()
+                raise errors[0]
         except asyncio.CancelledError:
             await self._cancel_tasks()
             raise
