@@ -481,7 +481,15 @@ class Runtime:
             self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def _sweep(self) -> None:
-        now = self.loop.time()
+        """Deadlines (timeouts) and ejection/slow-start ticks; always scheduled again, so that
+        one failing expiry cannot end timeouts for good."""
+        try:
+            self._sweep_once(self.loop.time())
+        except Exception:
+            log.exception("internal error in the deadline sweeper; it goes on")
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _sweep_once(self, now: float) -> None:
         for listener in list(self.listeners.values()):
             clients = getattr(listener, "clients", None)
             if clients:
@@ -499,7 +507,6 @@ class Runtime:
                 pool.sweep(now, state.policy.slow_start)
             if pool.ramping:
                 pool.ramp(now, state.policy.slow_start)
-        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # -- shutdown ------------------------------------------------------------------------
 

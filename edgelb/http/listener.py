@@ -75,6 +75,7 @@ class HttpListener:
         self.limits = LimitsConfig()  # set by the runtime
         self.max_headers = self.limits.headers
         self.min_body_rate = 0
+        self.connecting: set[asyncio.Task[Any]] = set()  # upstream connects in progress
         self.merge_slashes = True  # see set_path_rules
         self.keep_encoded_slashes = False
         self.per_client: dict[bytes, int] = {}  # open connections per client address

@@ -37,6 +37,7 @@ from edgelb.http.response_head import (
 )
 from edgelb.http.target import SUSPECT, normalise
 from edgelb.pool import DURATION_BUCKETS
+from edgelb.tasks import log_failure
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -746,7 +747,12 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             if not up.closed:
                 up.attach(ex)
                 return
-        self.loop.create_task(_connect(ex, backend))
+        # a new connection: the one task per request that needs one, held by the listener
+        task = self.loop.create_task(_connect(ex, backend))
+        connecting = self.listener.connecting
+        connecting.add(task)
+        task.add_done_callback(connecting.discard)
+        task.add_done_callback(log_failure)
 
     def upstream_failed(self, ex: Exchange, kind: str, detail: str, safe: bool) -> None:
         """The backend failed before a response reached the client: retry it elsewhere when
