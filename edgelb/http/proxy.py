@@ -1733,7 +1733,14 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
                 self.park_later = True
                 self.finished = ex
                 return
-            self.park(now)
+            policy = service.policy
+            idle = backend.idle
+            if backend.draining or len(idle) >= policy.max_idle:  # park(), inlined
+                self.transport.close()
+            else:
+                self.reused = True
+                self.deadline = now + policy.idle_timeout
+                idle.append(self)
         elif self.junk:
             self._unsolicited()
         elif not self.closed:
