@@ -131,14 +131,15 @@ class Runtime:
         self.instance = InstanceConfig()  # this replica's zone and ordinal (set by the app)
         self.limits = LimitsConfig()  # per-listener limits (set by the app)
         self.health = HealthChecker(self._on_health, rng=self.rng, loop=self.loop)
-        # TLS: one certificate store per TLS entrypoint; certificates from files (per
-        # entrypoint) and from watchers (by source: certificates, host pins, default)
-        # (views by name of the stores, which belong to their listeners: `listener_stores`)
+        # TLS: every TLS listener has its own certificate store (`listener_stores`, by listener
+        # key); `tls_stores` (entrypoints) and `service_tls` (static ports) name them. The
+        # certificates come from files (per entrypoint, per static port: `_pairs`) and from
+        # watchers (by source: certificates, host pins, default)
         self.tls_stores: dict[str, CertificateStore] = {}
         self.file_certs: dict[str, Certificate] = {}
         self.service_tls: dict[str, CertificateStore] = {}  # static ports with TLS, by service
         self.watcher_certs: dict[str, tuple[list[Certificate], dict[str, Certificate]]] = {}
-        self.listener_stores: dict[str, CertificateStore] = {}  # TLS listener key -> its store
+        self.listener_stores: dict[str, CertificateStore] = {}
         self._pairs: dict[PairKey, Certificate] = {}  # the certificates from files in use
         self.last_reload_ok: dict[str, bool] = {}  # whether each source's last snapshot applied
 
@@ -401,10 +402,11 @@ class Runtime:
                  ) -> Certificate | None:
             key = (cert_file, key_file, alpn)
             if key not in pairs and key not in failed:
-                in_use = self._pairs.get(key)
+                cert = self._pairs.get(key)
                 try:
-                    pairs[key] = in_use if in_use is not None and not reload_files else (
-                        load_files(cert_file, key_file, alpn, reuse=in_use))
+                    if cert is None or reload_files:
+                        cert = load_files(cert_file, key_file, alpn, reuse=cert)
+                    pairs[key] = cert
                 except TLSConfigError as e:
                     failed[key] = str(e)
             if key in failed:
