@@ -560,3 +560,19 @@ def test_backend_tls_contexts_are_rebuilt_when_their_files_change(
     assert client_context(spec) is not first
     assert client_context(other) is unrelated
     backend_tls.clear_cache()
+
+
+def test_setting_the_same_certificates_again_is_not_a_swap() -> None:
+    """Every apply re-installs the certificates in use: unchanged ones must not be swapped."""
+    cert_pem, key_pem = pair(1001)
+    cert = tls.load_pem(cert_pem, key_pem, "x")
+    same_bytes = tls.load_pem(cert_pem, key_pem, "x")
+    store = tls.CertificateStore()
+    store.set([cert], cert)
+    store.set([cert], cert)
+    assert store.swaps == 1
+    store.set([same_bytes], same_bytes)  # another object: a swap (the runtime reuses objects)
+    assert store.swaps == 2
+    store.set([same_bytes], same_bytes, hosts={"api.example.com": same_bytes})
+    assert store.swaps == 3
+    assert store.match("api.example.com") is same_bytes
