@@ -200,6 +200,10 @@ class Setup:
             services,
         ]).encode())
 
+    def put(self, cert: bytes, key: bytes) -> None:
+        self.cert.write_bytes(cert)
+        self.key.write_bytes(key)
+
     @property
     def ports(self) -> list[int]:
         return [self.https, self.static]
@@ -254,11 +258,12 @@ async def test_rotation_under_load_reaches_new_handshakes_within_2s_and_fails_no
         kubelet_swap(secret, "2026_12_07_01_00_00.1", {"tls.crt": cert1, "tls.key": key1})
         setup.cert, setup.key = secret / "tls.crt", secret / "tls.key"
     else:
-        setup.cert.write_bytes(cert1)
-        setup.key.write_bytes(key1)
+        setup.put(cert1, key1)
     setup.write()
     async with running_app(setup) as app, Load(setup.ports) as load:
         await eventually(lambda: load.served(1001), what="the first certificate served")
+        assert app.runtime is not None
+        listeners = dict(app.runtime.listeners)
         loop = asyncio.get_running_loop()
         since = loop.time()
         if how == "kubelet":
@@ -267,18 +272,15 @@ async def test_rotation_under_load_reaches_new_handshakes_within_2s_and_fails_no
             replace(setup.key, key2)
             replace(setup.cert, cert2)
         await load.switch(1002, since)
-        assert app.runtime is not None
-        listeners = dict(app.runtime.listeners)
+        assert app.runtime.listeners == listeners  # nothing was rebound
+        assert file_error(app) is None
     assert not load.failures, load.failures[:5]
     assert len(load.hits) >= 20
-    assert file_error(app) is None
-    assert app.runtime.listeners == listeners  # nothing was rebound
 
 
 async def test_an_in_place_write_is_applied(tmp_path: Path, backend) -> None:
     setup = Setup(tmp_path, await backend("web"))
-    setup.cert.write_bytes(pair(1001)[0])
-    setup.key.write_bytes(pair(1001)[1])
+    setup.put(*pair(1001))
     setup.write()
     async with running_app(setup):
         assert await serial_of(setup.https) == 1001
@@ -294,8 +296,7 @@ async def test_an_in_place_write_is_applied(tmp_path: Path, backend) -> None:
 
 async def test_sighup_rereads_the_certificate_files(tmp_path: Path, backend) -> None:
     setup = Setup(tmp_path, await backend("web"))
-    setup.cert.write_bytes(pair(1001)[0])
-    setup.key.write_bytes(pair(1001)[1])
+    setup.put(*pair(1001))
     setup.write()
     async with running_app(setup) as app:
         watcher = app.watcher
@@ -321,8 +322,7 @@ async def test_a_bad_pair_keeps_the_old_one_and_is_reported_until_a_good_one_arr
     tmp_path: Path, backend
 ) -> None:
     setup = Setup(tmp_path, await backend("web"))
-    setup.cert.write_bytes(pair(1001)[0])
-    setup.key.write_bytes(pair(1001)[1])
+    setup.put(*pair(1001))
     setup.write()
     async with running_app(setup) as app:
         runtime = app.runtime
@@ -371,8 +371,7 @@ async def test_a_bad_pair_keeps_the_old_one_and_is_reported_until_a_good_one_arr
 async def test_a_file_put_back_as_it_was_clears_the_report(tmp_path: Path, backend) -> None:
     setup = Setup(tmp_path, await backend("web"))
     cert, key = pair(1001)
-    setup.cert.write_bytes(cert)
-    setup.key.write_bytes(key)
+    setup.put(cert, key)
     setup.write()
     async with running_app(setup) as app:
         generation = app.generation
@@ -392,8 +391,7 @@ async def test_a_rejected_config_changes_no_certificate_option_limit_or_instance
     tmp_path: Path, backend
 ) -> None:
     setup = Setup(tmp_path, await backend("web"))
-    setup.cert.write_bytes(pair(1001)[0])
-    setup.key.write_bytes(pair(1001)[1])
+    setup.put(*pair(1001))
     setup.write(top="limits: {connections: 1000}\ninstance: {zone: zone-a}")
     async with running_app(setup) as app:
         runtime = app.runtime
@@ -404,12 +402,10 @@ async def test_a_rejected_config_changes_no_certificate_option_limit_or_instance
         held.bind((HOST, 0))
         held.listen()
         try:
-            # new files for the same names, new options, limits, instance and grace: and a
-            # port that cannot be bound
-            new_cert, new_key = tmp_path / "new.crt", tmp_path / "new.key"
-            new_cert.write_bytes(pair(1002, key=2)[0])
-            new_key.write_bytes(pair(1002, key=2)[1])
-            setup.cert, setup.key = new_cert, new_key
+            # other certificate files, new options, limits, instance and grace: and a port
+            # that cannot be bound
+            setup.cert, setup.key = tmp_path / "new.crt", tmp_path / "new.key"
+            setup.put(*pair(1002, key=2))
             busy = held.getsockname()[1]
             setup.write(top='tls: {session_tickets: false, min_version: "1.3"}\n'
                             "limits: {connections: 5}\ninstance: {zone: zone-b}",
@@ -439,8 +435,7 @@ async def test_a_renamed_entrypoint_keeps_its_listener_and_its_rotations(
     """The listener is kept across a rename of its entrypoint; the certificates it serves must
     still follow the files (the store it reads stays the one the runtime maintains)."""
     setup = Setup(tmp_path, await backend("web"))
-    setup.cert.write_bytes(pair(1001)[0])
-    setup.key.write_bytes(pair(1001)[1])
+    setup.put(*pair(1001))
     setup.write()
     async with running_app(setup) as app:
         runtime = app.runtime
@@ -466,8 +461,7 @@ async def test_the_expiry_metric_and_status_name_every_loaded_certificate(
 ) -> None:
     setup = Setup(tmp_path, await backend("web"))
     cert, key = pair(1001, days=30)
-    setup.cert.write_bytes(cert)
-    setup.key.write_bytes(key)
+    setup.put(cert, key)
     other_cert, other_key = tlskit.ca().issue(["db.example.com"], serial=77)
     (tmp_path / "db.crt").write_bytes(other_cert)
     (tmp_path / "db.key").write_bytes(other_key)
