@@ -181,6 +181,7 @@ def status(runtime: Any) -> dict[str, Any]:
     """The whole /status.json document (also what the HTML page renders)."""
     routes = tuple(runtime.routes)
     not_ready = readiness(runtime)
+    certificates = getattr(runtime, "certificate_status", None)
     return {
         "version": __version__,
         "build": compiled.describe(),  # whether the data path runs compiled (mypyc)
@@ -198,6 +199,8 @@ def status(runtime: Any) -> dict[str, Any]:
             {"host": r.host, "path": r.path, "exact": r.exact, "service": r.service} for r in routes
         ],
         "watchers": watcher_status(runtime),
+        # every loaded certificate: names, expiry, serial, source, where it is served
+        "certificates": certificates() if certificates is not None else [],
         "local_responses": _codes(runtime.local_responses),
     }
 

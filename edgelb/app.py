@@ -1,5 +1,15 @@
 """The process: load the config, start the runtime, the admin endpoint and the watchers, and
-run until SIGTERM/SIGINT (graceful drain). SIGHUP re-reads the config file at once."""
+run until SIGTERM/SIGINT (graceful drain). SIGHUP re-reads the config file at once.
+
+Certificate rotation: the file watcher watches, besides the config, every certificate, key and
+CA file the config names (the loader reads them through `FileWatcher.read`), and the loaded
+Config carries their digests (`Config.tls_files`), so a rewritten, renamed or symlink-swapped
+file makes a Config that differs from the one applied and is applied like an edit: within a
+poll or two, or at once on SIGHUP. Applying it re-reads the certificate pairs (unchanged ones
+are kept as they are); a pair that does not load rejects it whole, so the old certificate
+keeps serving and the failure is reported as any rejected config is (log, /status.json,
+`edgelb_config_reloads_total{watcher="file",result="error"}`).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +21,16 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from edgelb import __version__, compiled, tls
-from edgelb.config import Config, ConfigError, load_config, not_implemented, parse_config
-from edgelb.runtime import EntrypointSpec, Runtime, SnapshotError
+from edgelb import __version__, backend_tls, compiled
+from edgelb.config import (
+    Config,
+    ConfigError,
+    load_config,
+    not_implemented,
+    parse_config,
+    with_tls_files,
+)
+from edgelb.runtime import EntrypointSpec, Runtime, Settings, SnapshotError
 from edgelb.tasks import describe, spawn, supervise
 from watchers.model import Policy
 
@@ -53,11 +70,10 @@ class App:
         from edgelb.admin import AdminServer
         from watchers.file import FileWatcher
 
-        config = load_config(self.config_path)  # ConfigError propagates: nothing starts
+        # ConfigError propagates: nothing starts
+        config = with_tls_files(load_config(self.config_path), _read)
         loop = asyncio.get_running_loop()
         runtime = Runtime(loop=loop, reserved=[config.admin])
-        runtime.grace = config.shutdown.grace
-        runtime.instance = config.instance
         runtime.register_watcher("file")
         self.runtime = runtime
         await self._apply(config)
@@ -78,13 +94,17 @@ class App:
                 raise SystemExit(f"edgelb: watchers.kubernetes: {e}") from None
         self.admin = AdminServer(runtime, config.admin)
         await self.admin.start()
-        self.watcher = FileWatcher(
+        origin = str(self.config_path)
+        watcher: FileWatcher[Config] = FileWatcher(
             self.config_path,
-            load=lambda data: parse_config(data, origin=str(self.config_path)),
+            # the TLS files are read through the watcher, which watches them from then on
+            load=lambda data: with_tls_files(parse_config(data, origin=origin), watcher.read),
             emit=self._on_config,
             on_error=self._on_config_error,
             interval=0.25,
+            verify_every=4,  # contents re-checked every second, whatever stat says
         )
+        self.watcher = watcher
         self._watcher_task = spawn(
             supervise(FILE_LOOP, self.watcher.run, on_down=self._file_loop_down, logger=log),
             name=FILE_LOOP, held=self._tasks, loop=loop)
@@ -97,8 +117,7 @@ class App:
 
     def _on_config(self, config: Config) -> None:
         self._file_loop_back()
-        if config == self.config:
-            return  # e.g. the watcher's first read of the file start() already applied
+        # (a config equal to the applied one is recognised by _apply, under its lock)
         spawn(self._apply(config), name="apply the config file", held=self._tasks)
 
     def _file_loop_down(self, exc: BaseException) -> None:
@@ -126,40 +145,51 @@ class App:
         self.runtime.record("file", False, text)
 
     async def _apply(self, config: Config) -> None:
+        """Apply a loaded config: everything it sets (routes, listeners, certificates, the
+        `tls:` options, instance, limits, shutdown grace) takes effect in one step, or, when
+        the runtime rejects it (e.g. a port that cannot be bound, a certificate that does not
+        load), nothing does."""
         runtime = self.runtime
         assert runtime is not None
-        _warn_not_enforced(config)
-        zone = config.instance.zone or (self.kubernetes.node_zone if self.kubernetes else "")
-        runtime.instance = dataclasses.replace(config.instance, zone=zone)
-        runtime.limits = config.limits
-        refused = not_implemented(config)
-        if refused:
-            log.error("config %s refused: %s", self.config_path, "; ".join(refused))
-            runtime.record("file", False, "; ".join(refused))
-            return
-        async with self._apply_lock:
+        async with self._apply_lock:  # in the order the configs came
+            if config == self.config:
+                # e.g. the watcher's first read of what start() applied, or an edit undone
+                if runtime.last_errors.get("file"):
+                    log.info("config %s and its files are back to what is serving",
+                             self.config_path)
+                    runtime.record("file", True)
+                return
+            _warn_not_enforced(config)
+            refused = not_implemented(config)
+            if refused:
+                log.error("config %s refused: %s", self.config_path, "; ".join(refused))
+                runtime.record("file", False, "; ".join(refused))
+                return
             if self.config is not None and config.admin != self.config.admin:
                 log.warning("admin.listen changed to %s; it takes effect on restart", config.admin)
             if self.config is not None and config.kubernetes != self.config.kubernetes:
                 log.warning("watchers.kubernetes changed; it takes effect on restart")
             eps = [EntrypointSpec(e.name, e.listen, e.tls, e.accept_proxy_protocol, e.path_rules)
                    for e in config.entrypoints]
-            # `tls:` before the listeners: contexts made in this step carry it from the start;
-            # live ones change in place (the next handshake sees it); undone if the step fails
-            previous_tls = tls.current_options()
-            tls.configure(config.tls)
-            try:  # both record the outcome themselves
+            zone = config.instance.zone or (self.kubernetes.node_zone if self.kubernetes else "")
+            settings = Settings(instance=dataclasses.replace(config.instance, zone=zone),
+                                limits=config.limits, grace=config.shutdown.grace,
+                                tls=config.tls)
+            try:  # both record the outcome themselves; the certificate files are the file's
                 if self.config is None or self.config.entrypoints != config.entrypoints or (
                     self.config.defaults != config.defaults
                 ):
                     # entrypoints and services in one step: an edit may move a port between them
-                    await runtime.set_entrypoints(eps, config.defaults, config.snapshot)
+                    await runtime.set_entrypoints(eps, config.defaults, config.snapshot,
+                                                  settings=settings, reload_files=True)
                 else:
-                    await runtime.apply(config.snapshot)
+                    await runtime.apply(config.snapshot, settings=settings, reload_files=True)
             except SnapshotError:
-                tls.configure(previous_tls)
                 return
-            runtime.grace = config.shutdown.grace
+            changed = _changed_files(self.config, config)
+            if changed:
+                log.info("TLS files changed: %s", ", ".join(changed))
+                backend_tls.files_changed(changed)
             defaults_changed = self.config is not None and self.config.defaults != config.defaults
             self.config = config
             self.generation += 1
@@ -200,6 +230,17 @@ class App:
         if self.admin is not None:
             await self.admin.stop()
         self.stopped.set()
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _changed_files(old: Config | None, new: Config) -> list[str]:
+    """The TLS files of `new` whose content differs from what `old` was applied with."""
+    before = dict(old.tls_files) if old is not None else {}
+    return [path for path, digest in new.tls_files if path in before and before[path] != digest]
 
 
 def _warn_not_enforced(config: Config) -> None:

@@ -17,6 +17,8 @@ Choices (documented here because they are not visible at the call sites):
   milliseconds. The files behind a cached context are looked at again at most every
   `RECHECK_SECONDS`; when one changed (a rotated CA or client certificate) a new context is
   built for the next connections. A rebuild that fails keeps the previous context and logs it.
+  The app's file watcher also watches these files and, once a changed config applies, marks
+  the contexts built from them (`files_changed`), so a rotation applies within its poll.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import asyncio
 import difflib
 import ipaddress
 import logging
+import math
 import os
 import re
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -325,6 +328,20 @@ def client_context(spec: BackendTLS, alpn: Sequence[str] = ALPN_HTTP) -> ssl.SSL
         del _cache[next(iter(_cache))]
     _cache[key] = _Entry(context, signature, now)
     return context
+
+
+def files_changed(paths: Iterable[str]) -> int:
+    """The file watcher saw these files change: contexts built from any of them are rebuilt
+    for the next connection (not at the next `RECHECK_SECONDS` check; a rebuild that fails
+    keeps the previous context, as there). Returns how many contexts were marked."""
+    changed = set(paths)
+    marked = 0
+    for (spec, _alpn), entry in _cache.items():
+        if changed.intersection(p for p in (spec.ca, spec.cert, spec.key) if p):
+            entry.checked = -math.inf
+            entry.signature = ()  # matches no real signature: rebuild
+            marked += 1
+    return marked
 
 
 def clear_cache() -> None:

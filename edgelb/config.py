@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import ipaddress
 import math
 import os
@@ -122,6 +123,9 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TLSOptions = field(default_factory=TLSOptions)  # every TLS listener (edgelb.tls)
     instance: InstanceConfig = field(default_factory=InstanceConfig)
+    # (path, SHA-256 hex or "" when unreadable) of every TLS file it names, set by
+    # `with_tls_files`: a rotated certificate makes a different Config (empty from parse_config)
+    tls_files: tuple[tuple[str, str], ...] = ()
 
 
 class ConfigError(Exception):
@@ -1565,6 +1569,38 @@ def _tls_file_errors(config: Config) -> list[str]:
             except TLSConfigError as err:
                 errors.append(f"services ({svc.name}).tls: {err}")
     return errors
+
+
+def tls_file_paths(config: Config) -> list[str]:
+    """Every certificate, key and CA file the config names: the entrypoints' and static ports'
+    `tls` pairs, and the `backend_tls` files of the defaults and of each service."""
+    paths: list[str] = []
+    for e in config.entrypoints:
+        if e.tls is not None:
+            paths.extend(e.tls)
+    policies = [config.defaults]
+    for svc in config.snapshot.services:
+        if svc.tls is not None:
+            paths.extend(svc.tls)
+        policies.append(svc.policy)
+    for policy in policies:
+        spec = policy.backend_tls
+        if spec is not None:
+            paths.extend(p for p in (spec.ca, spec.cert, spec.key) if p)
+    return list(dict.fromkeys(p for p in paths if p))
+
+
+def with_tls_files(config: Config, read: Callable[[str], bytes]) -> Config:
+    """`config` with the digest of each of its TLS files, read with `read` (e.g. a file
+    watcher's, which then watches them); a file that cannot be read gets "" (applying the config
+    reports why)."""
+    digests = []
+    for path in tls_file_paths(config):
+        try:
+            digests.append((path, hashlib.sha256(read(path)).hexdigest()))
+        except OSError:
+            digests.append((path, ""))
+    return dataclasses.replace(config, tls_files=tuple(digests))
 
 
 def check_command(path: str) -> int:

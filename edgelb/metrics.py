@@ -219,6 +219,14 @@ class RuntimeCollector:
         )
         for (watcher, result), count in sorted(rt.reloads.items()):
             reloads.add_metric([watcher, result], count)
+        last_ok = GaugeMetricFamily(
+            "edgelb_config_last_reload_successful",
+            "1 if the watcher's last snapshot was applied, 0 if it was rejected (the one before "
+            "keeps serving; /status.json says why).",
+            labels=["watcher"],
+        )
+        for watcher, ok in sorted(getattr(rt, "last_reload_ok", {}).items()):
+            last_ok.add_metric([watcher], 1.0 if ok else 0.0)
         up = GaugeMetricFamily(
             "edgelb_watcher_up", "1 if the watcher is connected to its source.", labels=["watcher"]
         )
@@ -269,7 +277,8 @@ class RuntimeCollector:
             accepted.add_metric([key, listener.kind], listener.accepted)
             for reason, n in sorted(getattr(listener, "refused", {}).items()):
                 refused.add_metric([key, listener.kind, reason], n)
-        yield from (reloads, up, synced, age, problems, open_conns, accepted, refused)
+        yield from (reloads, last_ok, up, synced, age, problems, open_conns, accepted, refused)
+        yield _certificate_expiry(rt)
         yield GaugeMetricFamily(
             "edgelb_draining", "1 while edgelb is shutting down.", value=1.0 if rt.draining else 0.0
         )
@@ -284,6 +293,19 @@ class RuntimeCollector:
         info = GaugeMetricFamily("edgelb_info", "The running edgelb version.", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield info
+
+
+def _certificate_expiry(rt: Any) -> Metric:
+    expiry = GaugeMetricFamily(
+        "edgelb_tls_certificate_expiry_timestamp_seconds",
+        "When each loaded certificate expires (notAfter), in seconds since the Unix epoch: "
+        "name is its first DNS name, source its files or Secret (as in /status.json).",
+        labels=["name", "source"],
+    )
+    status = getattr(rt, "certificate_status", None)
+    for cert in status() if status is not None else ():
+        expiry.add_metric([cert["name"], cert["source"]], cert["not_after_timestamp"])
+    return expiry
 
 
 def make_registry(runtime: Any, process: bool = True) -> CollectorRegistry:

@@ -7,6 +7,13 @@ loop: services updated in place (kept backends keep their counters and connectio
 ones drain), routing tables swapped, listeners pointed at their new service state, removed
 listeners stopped (their open connections finish). A snapshot that fails is rejected whole;
 the last good state keeps serving.
+
+Rejected means unchanged: certificates are loaded (from their files) before the first port is
+bound, into new objects; they, the file config's process-wide `Settings` (instance, limits,
+grace, TLS options) and the certificate stores of running listeners change only in that final
+step. Each TLS listener owns its certificate store for its whole life, so a listener that
+drains after an edit, or is kept under a renamed entrypoint or service, never reads a store
+the runtime has stopped maintaining.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import balancers
+from edgelb import tls
 from edgelb.config import InstanceConfig, LimitsConfig
 from edgelb.health import HealthChecker, Target
 from edgelb.http.listener import HttpListener
@@ -28,6 +36,7 @@ from edgelb.pool import ServiceState
 from edgelb.sni import SniTable
 from edgelb.tasks import spawn
 from edgelb.tls import ALPN, Certificate, CertificateStore, TLSConfigError, load_files
+from edgelb.tls import Options as TLSOptions
 from watchers.model import Address, PathRules, Policy, Route, Service, Snapshot
 
 log = logging.getLogger("edgelb.runtime")
@@ -41,6 +50,30 @@ class SnapshotError(Exception):
     def __init__(self, errors: list[str]) -> None:
         super().__init__("; ".join(errors))
         self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The file config's process-wide settings, applied with its snapshot: they take effect in
+    the step that applies it, and not at all when it is rejected."""
+
+    instance: InstanceConfig = field(default_factory=InstanceConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    grace: float = 30.0  # seconds a removed listener's connections get to finish
+    tls: TLSOptions = field(default_factory=TLSOptions)  # the `tls:` block: every TLS context
+
+
+# A certificate pair from files: (certificate file, key file, ALPN protocols of its context)
+PairKey = tuple[str, str, tuple[str, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Certificates:
+    """The certificates from files a reconcile will install (loaded, not yet serving)."""
+
+    pairs: dict[PairKey, Certificate]
+    entrypoints: dict[str, Certificate]  # entrypoint name -> its certificate files'
+    services: dict[str, Certificate]  # service name -> the certificate of its static port
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +133,17 @@ class Runtime:
         self.instance = InstanceConfig()  # this replica's zone and ordinal (set by the app)
         self.limits = LimitsConfig()  # per-listener limits (set by the app)
         self.health = HealthChecker(self._on_health, rng=self.rng, loop=self.loop)
-        # TLS: one certificate store per TLS entrypoint; certificates from files (per
-        # entrypoint) and from watchers (by source: certificates, host pins, default)
+        # TLS: every TLS listener has its own certificate store (`listener_stores`, by listener
+        # key); `tls_stores` (entrypoints) and `service_tls` (static ports) name them. The
+        # certificates come from files (per entrypoint, per static port: `_pairs`) and from
+        # watchers (by source: certificates, host pins, default)
         self.tls_stores: dict[str, CertificateStore] = {}
         self.file_certs: dict[str, Certificate] = {}
         self.service_tls: dict[str, CertificateStore] = {}  # static ports with TLS, by service
         self.watcher_certs: dict[str, tuple[list[Certificate], dict[str, Certificate]]] = {}
+        self.listener_stores: dict[str, CertificateStore] = {}
+        self._pairs: dict[PairKey, Certificate] = {}  # the certificates from files in use
+        self.last_reload_ok: dict[str, bool] = {}  # whether each source's last snapshot applied
 
     # -- watcher bookkeeping ------------------------------------------------------------
 
@@ -116,6 +154,7 @@ class Runtime:
     def record(self, watcher: str, ok: bool, error: str | None = None) -> None:
         key = (watcher, "ok" if ok else "error")
         self.reloads[key] = self.reloads.get(key, 0) + 1
+        self.last_reload_ok[watcher] = ok
         if ok:
             self.watcher_up[watcher] = True
             self.watcher_synced[watcher] = True
@@ -130,12 +169,16 @@ class Runtime:
         entrypoints: Iterable[EntrypointSpec],
         defaults: Policy,
         snapshot: Snapshot | None = None,
+        *,
+        settings: Settings | None = None,
+        reload_files: bool = False,
     ) -> None:
         """Change the shared entrypoints and the defaults used on them; then re-apply.
 
         With `snapshot`, that source's new snapshot lands in the same step, and the outcome is
         recorded for it as `apply` does: an edit that drops an entrypoint together with its
         routes, or moves a port between a service and an entrypoint, is valid only as a whole.
+        `settings` and `reload_files`: as for `apply`.
         """
         async with self._lock:
             old = (self.entrypoints, self.defaults)
@@ -145,22 +188,31 @@ class Runtime:
             if snapshot is not None:
                 snapshots[snapshot.source] = snapshot
             try:
-                await self._reconcile(snapshots)
+                await self._reconcile(snapshots, settings, reload_files)
             except SnapshotError as e:
                 self.entrypoints, self.defaults = old
                 if snapshot is not None:
                     self.record(snapshot.source, False, str(e))
+                    log.error("rejected the %s snapshot, the last good one keeps serving: %s",
+                              snapshot.source, e)
                 raise
             if snapshot is not None:
                 self.record(snapshot.source, True)
 
-    async def apply(self, snapshot: Snapshot) -> None:
-        """Apply one source's snapshot, or raise SnapshotError and keep the last good state."""
+    async def apply(self, snapshot: Snapshot, *, settings: Settings | None = None,
+                    reload_files: bool = False) -> None:
+        """Apply one source's snapshot, or raise SnapshotError and keep the last good state.
+
+        `settings` (the file config's) take effect with the snapshot, only if it applies.
+        `reload_files`: read every certificate file again (the file config's source does, as
+        it owns them); without it a pair already in use is kept as loaded, so another source's
+        snapshot never fails because a certificate file is being rewritten at that moment.
+        A pair not yet in use is always read."""
         async with self._lock:
             snapshots = dict(self.snapshots)
             snapshots[snapshot.source] = snapshot
             try:
-                await self._reconcile(snapshots)
+                await self._reconcile(snapshots, settings, reload_files)
             except SnapshotError as e:
                 self.record(snapshot.source, False, str(e))
                 log.error("rejected the %s snapshot, the last good one keeps serving: %s",
@@ -227,11 +279,15 @@ class Runtime:
             raise SnapshotError(errors)
         return services, routes
 
-    async def _reconcile(self, snapshots: dict[str, Snapshot]) -> None:
+    async def _reconcile(self, snapshots: dict[str, Snapshot], settings: Settings | None,
+                         reload_files: bool) -> None:
         services, routes = self._validate(snapshots)
+        if settings is not None and settings.tls.min_version not in tls.MIN_VERSIONS:
+            raise SnapshotError([f"tls.min_version: {settings.tls.min_version!r} is not one "
+                                 f"of {', '.join(tls.MIN_VERSIONS)}"])
         router, sni_table = _split_routes(routes, {s.name: s for s in services})
-        self._load_entrypoint_certs()
-        self._load_service_certs(services)
+        certs = self._load_certificates(services, reload_files)
+        limits = settings.limits if settings is not None else self.limits
         # What should listen where: key -> (kind, service or entrypoint name, address)
         wanted: dict[str, tuple[str, str, Address]] = {}
         for ep in self.entrypoints:
@@ -249,7 +305,9 @@ class Runtime:
         path_rules.update((("service", s.name), s.path_rules) for s in services)
 
         # Bind what is new. A listener whose kind changes is stopped first, to free its port.
+        # A new TLS listener gets a new store, filled before it accepts.
         fresh: dict[str, Any] = {}
+        fresh_stores: dict[str, CertificateStore] = {}
         replaced: list[Any] = []
         for key, (kind, name, addr) in wanted.items():
             old = self.listeners.get(key)
@@ -258,9 +316,11 @@ class Runtime:
             if old is not None:
                 old.stop_accepting()
                 replaced.append(old)
-            listener = self._make_listener(kind, name, addr)
+            store = self._new_store(kind, name, certs) if kind.endswith("-tls") else None
+            listener = self._make_listener(kind, name, addr, store)
             listener.set_accept_proxy(accepts.get(
                 ("entrypoint" if kind.startswith("entrypoint") else "service", name)))
+            listener.set_limits(limits)
             if kind == "entrypoint-tls":
                 listener.sni_table = sni_table  # start() serves or peeks accordingly
             try:
@@ -272,8 +332,12 @@ class Runtime:
                     await _restart(lst)
                 raise SnapshotError([str(e)]) from e
             fresh[key] = listener
+            if store is not None:
+                fresh_stores[key] = store
 
         # From here on, nothing awaits: the whole change lands in one step of the loop.
+        if settings is not None:
+            self._settle(settings)
         states = self.services
         known = {(name, key) for name, st in states.items() for key in st.pool.by_key}
         by_name: dict[str, ServiceState] = {}
@@ -295,9 +359,12 @@ class Runtime:
             if key not in wanted or key in fresh:
                 if key not in fresh:
                     listener.stop_accepting()
-                self._close_later(listener)
+                self._close_later(listener)  # its store goes with it
                 del self.listeners[key]
+                self.listener_stores.pop(key, None)
         self.listeners.update(fresh)
+        self.listener_stores.update(fresh_stores)
+        self._install_certificates(certs, services)
         for key, (kind, name, _addr) in wanted.items():
             listener = self.listeners[key]
             listener.set_accept_proxy(accepts.get(
@@ -322,51 +389,84 @@ class Runtime:
         self.snapshots = snapshots
         self._sync_health(known)
 
+    def _settle(self, settings: Settings) -> None:
+        """Make the file config's process-wide settings current (in the apply step)."""
+        self.instance = settings.instance
+        self.limits = settings.limits
+        self.grace = settings.grace
+        tls.configure(settings.tls)  # live contexts change in place: the next handshake
+
     # -- TLS certificates ------------------------------------------------------------------
 
-    def _load_entrypoint_certs(self) -> None:
-        """Load the certificate files of the TLS entrypoints (before anything changes: a file
-        that does not load rejects the change, naming it) and refresh every store."""
+    def _load_certificates(self, services: list[Service], reload_files: bool) -> _Certificates:
+        """Load the certificate files of the TLS entrypoints and static ports, before anything
+        changes: a pair that does not load rejects the change, naming it and the problem. A
+        pair in use is kept as it is unless `reload_files`, and then too if its files still
+        hold the same bytes (see `apply`)."""
         errors: list[str] = []
-        loaded: dict[str, Certificate] = {}
-        for ep in self.entrypoints:
-            if ep.tls is None:
-                continue
-            self.tls_stores.setdefault(ep.name, CertificateStore())
-            cert_file, key_file = ep.tls
-            if not cert_file:
-                continue  # certificates from watchers only
-            try:
-                loaded[ep.name] = load_files(cert_file, key_file)
-            except TLSConfigError as e:
-                errors.append(f"entrypoints.{ep.name}.tls: {e}")
-        if errors:
-            raise SnapshotError(errors)
-        self.file_certs = loaded
-        names = {ep.name for ep in self.entrypoints if ep.tls is not None}
-        for name in [n for n in self.tls_stores if n not in names]:
-            del self.tls_stores[name]
-        self._refresh_stores()
+        pairs: dict[PairKey, Certificate] = {}
+        failed: dict[PairKey, str] = {}
 
-    def _load_service_certs(self, services: list[Service]) -> None:
-        """TLS on static ports: each such service's certificate file, in its own store."""
-        errors: list[str] = []
-        wanted: dict[str, Certificate] = {}
+        def load(cert_file: str, key_file: str, alpn: tuple[str, ...], where: str
+                 ) -> Certificate | None:
+            key = (cert_file, key_file, alpn)
+            if key not in pairs and key not in failed:
+                cert = self._pairs.get(key)
+                try:
+                    if cert is None or reload_files:
+                        cert = load_files(cert_file, key_file, alpn, reuse=cert)
+                    pairs[key] = cert
+                except TLSConfigError as e:
+                    failed[key] = str(e)
+            if key in failed:
+                errors.append(f"{where}: {failed[key]}")
+                return None
+            return pairs[key]
+
+        entrypoints: dict[str, Certificate] = {}
+        for ep in self.entrypoints:
+            if ep.tls is not None and ep.tls[0]:  # ("", ""): certificates from watchers only
+                cert = load(ep.tls[0], ep.tls[1], ALPN, f"entrypoints.{ep.name}.tls")
+                if cert is not None:
+                    entrypoints[ep.name] = cert
+        by_service: dict[str, Certificate] = {}
         for svc in services:
             if svc.tls is None or svc.listen is None:
                 continue
-            try:
-                # tcp: no ALPN (the relayed protocol, e.g. h2 or a database's, is not ours)
-                wanted[svc.name] = load_files(*svc.tls, alpn=ALPN if svc.mode == "http" else ())
-            except TLSConfigError as e:
-                errors.append(f"service {svc.name}: tls: {e}")
+            # tcp: no ALPN (the relayed protocol, e.g. h2 or a database's, is not ours)
+            alpn = ALPN if svc.mode == "http" else ()
+            cert = load(svc.tls[0], svc.tls[1], alpn, f"service {svc.name}: tls")
+            if cert is not None:
+                by_service[svc.name] = cert
         if errors:
             raise SnapshotError(errors)
-        for name in [n for n in self.service_tls if n not in wanted]:
-            del self.service_tls[name]
-        for name, cert in wanted.items():
-            store = self.service_tls.setdefault(name, CertificateStore())
+        return _Certificates(pairs, entrypoints, by_service)
+
+    def _new_store(self, kind: str, name: str, certs: _Certificates) -> CertificateStore:
+        """The store of a new TLS listener, already holding what it will serve."""
+        store = CertificateStore()
+        if kind == "entrypoint-tls":
+            self._set_entrypoint_store(store, certs.entrypoints.get(name))
+        else:
+            cert = certs.services[name]
             store.set([cert], cert)
+        return store
+
+    def _install_certificates(self, certs: _Certificates, services: list[Service]) -> None:
+        """Point the by-name views at the listeners' stores and give each store its
+        certificates (the next handshake sees them; established connections keep theirs)."""
+        self._pairs = certs.pairs
+        self.file_certs = certs.entrypoints
+        self.tls_stores = {ep.name: self.listener_stores[str(ep.listen)]
+                           for ep in self.entrypoints if ep.tls is not None}
+        self.service_tls = {}
+        for svc in services:
+            cert = certs.services.get(svc.name)
+            if cert is not None and svc.listen is not None:
+                store = self.listener_stores[str(svc.listen)]
+                store.set([cert], cert)
+                self.service_tls[svc.name] = store
+        self._refresh_stores()
 
     def set_certificates(self, source: str, certs: list[Certificate],
                          hosts: dict[str, Certificate]) -> None:
@@ -377,19 +477,58 @@ class Runtime:
 
     def _refresh_stores(self) -> None:
         for name, store in self.tls_stores.items():
-            certs: list[Certificate] = []
-            hosts: dict[str, Certificate] = {}
-            default = self.file_certs.get(name)
-            for source_certs, source_hosts in self.watcher_certs.values():
-                certs.extend(source_certs)
-                for pattern, cert in source_hosts.items():
-                    if pattern:
-                        hosts.setdefault(pattern, cert)
-                    elif default is None:
-                        default = cert
-            if default is not None:
-                certs.insert(0, default)
-            store.set(certs, default, hosts=hosts)
+            self._set_entrypoint_store(store, self.file_certs.get(name))
+
+    def _set_entrypoint_store(self, store: CertificateStore, default: Certificate | None
+                              ) -> None:
+        """What a TLS entrypoint serves: its files' certificate (the default) and every
+        watcher's (a no-op when that is what the store holds)."""
+        certs: list[Certificate] = []
+        hosts: dict[str, Certificate] = {}
+        for source_certs, source_hosts in self.watcher_certs.values():
+            certs.extend(source_certs)
+            for pattern, cert in source_hosts.items():
+                if pattern:
+                    hosts.setdefault(pattern, cert)
+                elif default is None:
+                    default = cert
+        if default is not None:
+            certs.insert(0, default)
+        store.set(certs, default, hosts=hosts)
+
+    def certificate_status(self) -> list[dict[str, Any]]:
+        """Every certificate loaded (from files and from watchers) once, with the stores that
+        serve it: /status.json's `certificates` and the expiry metric's samples. `name` is its
+        first DNS name; (name, source) identifies it, and a pair loaded twice (an http and a
+        tcp port, which differ only in ALPN) is one entry."""
+        served: dict[tuple[str, str], tuple[Certificate, list[str]]] = {}
+
+        def add(cert: Certificate, where: str | None) -> None:
+            key = (cert.names[0], cert.source)
+            held = served.get(key)
+            if held is None or cert.not_after < held[0].not_after:  # the earlier expiry counts
+                held = (cert, held[1] if held is not None else [])
+                served[key] = held
+            if where is not None and where not in held[1]:
+                held[1].append(where)
+
+        for name, store in sorted(self.tls_stores.items()):
+            for cert in store.certificates():
+                add(cert, f"entrypoint {name}")
+        for name, store in sorted(self.service_tls.items()):
+            for cert in store.certificates():
+                add(cert, f"service {name}")
+        for source_certs, source_hosts in self.watcher_certs.values():
+            for cert in [*source_certs, *source_hosts.values()]:
+                add(cert, None)  # loaded, and served wherever a TLS entrypoint is
+        out = []
+        for (name, _source), (cert, where) in sorted(served.items()):
+            info = cert.info()
+            info["name"] = name
+            info["not_after_timestamp"] = cert.not_after.timestamp()
+            info["served_by"] = where
+            out.append(info)
+        return out
 
     # -- active health checks --------------------------------------------------------------
 
@@ -436,9 +575,10 @@ class Runtime:
                         self.health.status(service, key).get("last_result", "?"))
         state.pool.set_check(backend, healthy, self.loop.time(), state.policy.slow_start)  # type: ignore[union-attr]
 
-    def _make_listener(self, kind: str, name: str, addr: Address) -> Any:
+    def _make_listener(self, kind: str, name: str, addr: Address,
+                       store: CertificateStore | None = None) -> Any:
+        """A new listener; `store` is its certificate store when `kind` is a TLS one."""
         if kind in ("tcp", "tcp-tls"):
-            store = self.service_tls.get(name) if kind == "tcp-tls" else None
             return _tcp_listener_class()(
                 addr,
                 self._placeholder(name),
@@ -446,7 +586,6 @@ class Runtime:
                 ssl=store.server_context() if store is not None else None,
             )
         if kind.startswith("entrypoint"):
-            store = self.tls_stores.get(name) if kind == "entrypoint-tls" else None
             return HttpListener(
                 addr,
                 name=name,
@@ -456,7 +595,6 @@ class Runtime:
                 loop=self.loop,
                 ssl=store.server_context() if store is not None else None,
             )
-        store = self.service_tls.get(name) if kind == "http-tls" else None
         return HttpListener(
             addr,
             service=self._placeholder(name),

@@ -382,8 +382,13 @@ def load_pem(cert_pem: bytes, key_pem: bytes, source: str, *,
     return cert
 
 
-def load_files(cert_path: str, key_path: str, alpn: Sequence[str] = ALPN) -> Certificate:
-    """A certificate chain file and its key file (may be the same file)."""
+def load_files(cert_path: str, key_path: str, alpn: Sequence[str] = ALPN, *,
+               reuse: Certificate | None = None) -> Certificate:
+    """A certificate chain file and its key file (may be the same file).
+
+    `reuse`: the certificate loaded from these files before (with the same `alpn`); it is
+    returned as it is when the files still hold its bytes, so a re-read of unchanged files
+    makes no new context and changes nothing that is serving."""
     data = []
     for what, path in (("certificate", cert_path), ("key", key_path)):
         try:
@@ -392,6 +397,8 @@ def load_files(cert_path: str, key_path: str, alpn: Sequence[str] = ALPN) -> Cer
         except OSError as e:
             raise TLSConfigError(path, f"cannot read the {what} file: {e.strerror}; check "
                                  f"the path of the TLS {what} in the config") from None
+    if reuse is not None and (reuse.cert_pem, reuse.key_pem) == (data[0], data[1]):
+        return reuse
     source = cert_path if cert_path == key_path else f"{cert_path} (key {key_path})"
     return load_pem(data[0], data[1], source, cert_label=f"certificate file {cert_path}",
                     key_label=f"key file {key_path}", alpn=alpn)
@@ -456,6 +463,15 @@ def _index(certs: Iterable[Certificate], hosts: Mapping[str, Certificate] | None
     return exact, wildcard
 
 
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """`set()` arguments that name the same certificate objects (by identity) in the same
+    order, under the same host patterns."""
+    (certs, default, hosts), (certs2, default2, hosts2) = a, b
+    return (default is default2 and len(certs) == len(certs2) and len(hosts) == len(hosts2)
+            and all(x is y for x, y in zip(certs, certs2, strict=True))
+            and all(p == q and x is y for (p, x), (q, y) in zip(hosts, hosts2, strict=True)))
+
+
 class CertificateStore:
     """Certificates by server name, swapped as a whole; one server context selects from them.
 
@@ -467,6 +483,7 @@ class CertificateStore:
 
     def __init__(self) -> None:
         self._table = _Table({}, {}, None, ())
+        self._given: tuple[Any, ...] = ((), None, ())  # the arguments of the last set()
         self.handshakes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self.swaps = 0
         self._context = new_server_context()
@@ -474,12 +491,17 @@ class CertificateStore:
 
     def set(self, certs: Iterable[Certificate], default: Certificate | None = None, *,
             hosts: Mapping[str, Certificate] | None = None) -> None:
-        """Replace every certificate at once; the next handshake sees the new set.
+        """Replace every certificate at once; the next handshake sees the new set. Setting the
+        same certificate objects again changes nothing (no swap, no log line).
 
         `hosts` optionally pins names or `*.` patterns to a certificate regardless of its SANs
         (e.g. an Ingress host -> its Secret); it wins over the SAN index.
         """
         certs = tuple(certs)
+        given = (certs, default, tuple((hosts or {}).items()))
+        if _same(given, self._given):
+            return  # the same certificates (they are immutable): nothing to swap
+        self._given = given
         listed = certs + tuple((hosts or {}).values()) + ((default,) if default else ())
         unique = tuple({id(c): c for c in listed}.values())
         exact, wildcard = _index(certs, hosts)

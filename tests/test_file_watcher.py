@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -314,6 +315,115 @@ async def test_with_the_real_config_loader(tmp_path: Path) -> None:
     finally:
         w.stop()
         await asyncio.wait_for(task, WAIT)
+
+
+# -- files the loader reads besides the watched one (e.g. certificates a config names) -----------
+
+
+@asynccontextmanager
+async def with_depends(path: Path, rec: Recorder) -> AsyncIterator[CountingWatcher]:
+    """A watcher whose loader reads the file named by `path`'s content through `w.read()`:
+    the value is "<name>=<its content>" ("<name>=missing" when it cannot be read)."""
+
+    def load(data: bytes) -> str:
+        name = data.decode().strip()
+        try:
+            return f"{name}={w.read(path.parent / name).decode()}"
+        except OSError:
+            return f"{name}=missing"
+
+    w = CountingWatcher(path, load, rec.emit, rec.on_error, interval=FAST)
+    task = asyncio.create_task(w.run())
+    try:
+        yield w
+    finally:
+        w.stop()
+        await asyncio.wait_for(task, WAIT)
+
+
+def replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+async def test_a_file_the_loader_reads_is_watched_in_place_and_renamed(tmp_path: Path) -> None:
+    conf = tmp_path / "edge.yaml"
+    conf.write_text("tls.crt")
+    (tmp_path / "tls.crt").write_text("v1")
+    rec = Recorder()
+    async with with_depends(conf, rec) as w:
+        assert await rec.value() == "tls.crt=v1"
+        assert w.depends == (str(tmp_path / "tls.crt"),)
+        (tmp_path / "tls.crt").write_text("v2, in place")
+        assert await rec.value() == "tls.crt=v2, in place"
+        replace(tmp_path / "tls.crt", "v3")
+        assert await rec.value() == "tls.crt=v3"
+        (tmp_path / "tls.crt").write_text("v3")  # the same bytes again: nothing to do
+        await w.more_polls(10)  # past a periodic verification too
+        assert rec.values.empty() and rec.errors.empty()
+
+
+def kubelet_swap(directory: Path, stamp: str, files: dict[str, bytes]) -> None:
+    """Write `files` as kubelet updates a mounted Secret: a new timestamped directory, the
+    `..data` link swapped to it atomically, `name -> ..data/name` links, the old one removed."""
+    fresh = directory / f"..{stamp}"
+    fresh.mkdir()
+    for name, data in files.items():
+        (fresh / name).write_bytes(data)
+    old = os.readlink(directory / "..data") if (directory / "..data").is_symlink() else None
+    os.symlink(fresh.name, directory / "..data_tmp")
+    os.replace(directory / "..data_tmp", directory / "..data")
+    for name in files:
+        if not (directory / name).is_symlink():
+            os.symlink(f"..data/{name}", directory / name)
+    if old is not None:
+        shutil.rmtree(directory / old)
+
+
+async def test_a_kubelet_symlink_swap_of_a_dependency_is_seen(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    kubelet_swap(secret, "2026_12_07_01_00_00.1", {"tls.crt": b"v1"})
+    conf = tmp_path / "edge.yaml"
+    conf.write_text("secret/tls.crt")
+    rec = Recorder()
+    async with with_depends(conf, rec):
+        assert await rec.value() == "secret/tls.crt=v1"
+        kubelet_swap(secret, "2026_12_07_02_00_00.2", {"tls.crt": b"v2"})
+        assert await rec.value() == "secret/tls.crt=v2"
+
+
+async def test_a_missing_dependency_is_loaded_when_it_appears(tmp_path: Path) -> None:
+    conf = tmp_path / "edge.yaml"
+    conf.write_text("later.crt")
+    rec = Recorder()
+    async with with_depends(conf, rec) as w:
+        assert await rec.value() == "later.crt=missing"
+        await w.more_polls(3)
+        assert rec.values.empty(), "a file that stays missing is not a change"
+        replace(tmp_path / "later.crt", "here")
+        assert await rec.value() == "later.crt=here"
+        (tmp_path / "later.crt").unlink()
+        assert await rec.value() == "later.crt=missing"  # its loss is a change too
+
+
+async def test_the_watched_files_are_those_of_the_latest_load(tmp_path: Path) -> None:
+    conf = tmp_path / "edge.yaml"
+    conf.write_text("a.crt")
+    (tmp_path / "a.crt").write_text("a1")
+    (tmp_path / "b.crt").write_text("b1")
+    rec = Recorder()
+    async with with_depends(conf, rec) as w:
+        assert await rec.value() == "a.crt=a1"
+        replace(conf, "b.crt")
+        assert await rec.value() == "b.crt=b1"
+        assert w.depends == (str(tmp_path / "b.crt"),)
+        replace(tmp_path / "a.crt", "a2")  # no longer read: not watched
+        await w.more_polls(5)
+        assert rec.values.empty()
+        replace(tmp_path / "b.crt", "b2")
+        assert await rec.value() == "b.crt=b2"
 
 
 def test_watchers_file_does_not_import_edgelb() -> None:
