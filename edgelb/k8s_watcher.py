@@ -221,10 +221,13 @@ class KubernetesWatcher:
             sni_routing=any(ep.tls is not None for ep in self.runtime.entrypoints),
         )
         problems = list(translation.problems)
-        self._certificates(translation, problems)
+        certs, hosts = self._certificates(translation, problems)
         self._report(problems)
         try:
             await self.runtime.apply(translation.snapshot)
+            # the Secrets' certificates go with the snapshot that routes their hosts: in the
+            # same step when it is accepted, not at all when it is rejected
+            self.runtime.set_certificates(NAME, certs, hosts)
         except SnapshotError as e:
             # recorded and logged by the runtime; the last good snapshot keeps serving
             log.error("the cluster's snapshot was rejected: %s", e)
@@ -238,10 +241,11 @@ class KubernetesWatcher:
         self.applies += 1
         await self._publish_status()
 
-    def _certificates(self, translation: Translation, problems: list[Problem]) -> None:
-        """Load the Secrets the Ingresses name for TLS and hand them to the runtime (served
-        from the next handshake on). A Secret that does not load keeps its last good
-        certificate and is reported."""
+    def _certificates(self, translation: Translation, problems: list[Problem]
+                      ) -> tuple[list[Certificate], dict[str, Certificate]]:
+        """Load the Secrets the Ingresses name for TLS: the certificates and the host patterns
+        they serve, for the runtime once the snapshot is accepted. A Secret that does not load
+        keeps its last good certificate and is reported."""
         secrets = self.reflectors.get("secrets")
         cache = secrets.cache if secrets is not None else {}
         loaded: dict[tuple[str, str], Certificate] = {}
@@ -269,7 +273,7 @@ class KubernetesWatcher:
             hosts[pattern] = cert
         for key in [k for k in self._certs if k not in loaded]:
             del self._certs[key]
-        self.runtime.set_certificates(NAME, list(loaded.values()), hosts)
+        return list(loaded.values()), hosts
 
     def _cache(self, kind: str) -> dict:
         """A reflector's live cache (read it before the next await), or {}."""

@@ -172,3 +172,62 @@ async def test_tls_on_a_static_port(tmp_path: Path) -> None:
     finally:
         await app.stop()
         await backend.stop()
+
+
+async def test_a_rejected_cluster_snapshot_does_not_swap_its_certificates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Secret rotated in the same change as a static port that cannot be bound: the runtime
+    rejects the snapshot, and the rotated certificate is not served either (one snapshot, one
+    outcome); once the port is free the whole change lands."""
+    import socket
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    fake = FakeKubeAPI(bookmark_interval=0.2)
+    await fake.start()
+    shop = await HttpBackend("shop").start()
+    https = free_port()
+    path = tmp_path / "edgelb.yaml"
+    path.write_text(
+        f"admin: {{listen: {HOST}:{free_port()}}}\n"
+        f"entrypoints: {{https: {{listen: {HOST}:{https}, tls: {{}}}}}}\n"
+        f"watchers: {{kubernetes: {{kubeconfig: {fake.kubeconfig(tmp_path / 'kc')}}}}}\n"
+    )
+    ca = tlskit.ca()
+    fake.put(ingress_class())
+    cert, key = ca.issue(["shop.example.com"], serial=5001)
+    fake.put(tlskit.secret("shop", "shop-tls", cert, key))
+    fake.put(service("shop"))
+    fake.put(endpoint_slice("shop", "shop-1", shop))
+    fake.put(tls_ingress("shop.example.com", "shop", "shop-tls"))
+    held = socket.socket()
+    held.bind((HOST, 0))
+    held.listen()
+    busy = held.getsockname()[1]
+    app = App(path)
+    await within(app.start(), 10)
+    try:
+        runtime = app.runtime
+        assert runtime is not None
+        await eventually(lambda: len(runtime.tls_stores["https"].certificates()) == 1,
+                         timeout=10, what="the certificate")
+        assert (await within(https_get(https, "shop.example.com")))[2] == 5001
+        cert, key = ca.issue(["shop.example.com"], serial=5002)
+        fake.put(tlskit.secret("shop", "shop-tls", cert, key))
+        fake.put(service("static", {"edgelb.io/port": str(busy)}))
+        fake.put(endpoint_slice("static", "static-1", shop))
+        await eventually(lambda: "kubernetes" in runtime.last_errors, timeout=10,
+                         what="the snapshot rejected")
+        assert str(busy) in runtime.last_errors["kubernetes"]
+        assert (await within(https_get(https, "shop.example.com")))[2] == 5001
+        held.close()  # the port is free: a resync applies the whole change
+        fake.put(service("static", {"edgelb.io/port": str(busy), "edgelb.io/balance":
+                                    "round-robin"}))
+        await eventually(lambda: "kubernetes" not in runtime.last_errors, timeout=10,
+                         what="the change applied")
+        assert (await within(https_get(https, "shop.example.com")))[2] == 5002
+    finally:
+        held.close()
+        await app.stop()
+        await fake.stop()
+        await shop.stop()
