@@ -227,6 +227,13 @@ class RuntimeCollector:
         )
         for watcher, ok in sorted(getattr(rt, "last_reload_ok", {}).items()):
             last_ok.add_metric([watcher], 1.0 if ok else 0.0)
+        last_success = GaugeMetricFamily(
+            "edgelb_config_last_reload_success_timestamp_seconds",
+            "Unix time of the watcher's last applied snapshot.",
+            labels=["watcher"],
+        )
+        for watcher, when in sorted(getattr(rt, "last_reload_success", {}).items()):
+            last_success.add_metric([watcher], when)
         up = GaugeMetricFamily(
             "edgelb_watcher_up", "1 if the watcher is connected to its source.", labels=["watcher"]
         )
@@ -277,7 +284,8 @@ class RuntimeCollector:
             accepted.add_metric([key, listener.kind], listener.accepted)
             for reason, n in sorted(getattr(listener, "refused", {}).items()):
                 refused.add_metric([key, listener.kind, reason], n)
-        yield from (reloads, last_ok, up, synced, age, problems, open_conns, accepted, refused)
+        yield from (reloads, last_ok, last_success, up, synced, age, problems, open_conns,
+                    accepted, refused)
         yield _certificate_expiry(rt)
         yield GaugeMetricFamily(
             "edgelb_draining", "1 while edgelb is shutting down.", value=1.0 if rt.draining else 0.0

@@ -144,6 +144,7 @@ class Runtime:
         self.listener_stores: dict[str, CertificateStore] = {}
         self._pairs: dict[PairKey, Certificate] = {}  # the certificates from files in use
         self.last_reload_ok: dict[str, bool] = {}  # whether each source's last snapshot applied
+        self.last_reload_success: dict[str, float] = {}  # unix time of each one's last success
 
     # -- watcher bookkeeping ------------------------------------------------------------
 
@@ -156,6 +157,7 @@ class Runtime:
         self.reloads[key] = self.reloads.get(key, 0) + 1
         self.last_reload_ok[watcher] = ok
         if ok:
+            self.last_reload_success[watcher] = time.time()
             self.watcher_up[watcher] = True
             self.watcher_synced[watcher] = True
             self.last_errors.pop(watcher, None)

@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -327,8 +328,11 @@ async def test_a_bad_pair_keeps_the_old_one_and_is_reported_until_a_good_one_arr
     async with running_app(setup) as app:
         runtime = app.runtime
         assert runtime is not None
-        assert (await metrics(setup.admin))["edgelb_config_last_reload_successful"] == {
-            (("watcher", "file"),): 1.0}
+        first = await metrics(setup.admin)
+        assert first["edgelb_config_last_reload_successful"] == {(("watcher", "file"),): 1.0}
+        applied_at = first["edgelb_config_last_reload_success_timestamp_seconds"][
+            (("watcher", "file"),)]
+        assert abs(applied_at - time.time()) < 60
 
         # a certificate that is not PEM
         replace(setup.cert, b"this is not a certificate\n")
@@ -339,6 +343,9 @@ async def test_a_bad_pair_keeps_the_old_one_and_is_reported_until_a_good_one_arr
         assert await serial_of(setup.static) == 1001
         m = await metrics(setup.admin)
         assert m["edgelb_config_last_reload_successful"][(("watcher", "file"),)] == 0.0
+        # a rejected reload does not move the time of the last success
+        assert m["edgelb_config_last_reload_success_timestamp_seconds"][
+            (("watcher", "file"),)] == applied_at
         assert m["edgelb_config_reloads_total"][(("result", "error"), ("watcher", "file"))] >= 1
         watchers = {w["name"]: w for w in (await status_json(setup.admin))["watchers"]}
         assert str(setup.cert) in watchers["file"]["last_error"]
