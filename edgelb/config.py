@@ -120,6 +120,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TLSOptions = field(default_factory=TLSOptions)  # every TLS listener (edgelb.tls)
     instance: InstanceConfig = field(default_factory=InstanceConfig)
+    # accepted but worth fixing (e.g. a weak password hash): `check` prints them, `run` logs
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
 class ConfigError(Exception):
@@ -279,6 +281,7 @@ class _Checker:
 
     def __init__(self) -> None:
         self.errors: list[str] = []
+        self.warnings: list[str] = []
         self.suggested: set[tuple[str, str]] = set()  # (mapping path, key offered for a typo)
 
     def error(self, path: str, message: str) -> None:
@@ -682,6 +685,8 @@ def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, A
                 c.errors.extend(errs)
             else:
                 out[key] = v
+                if key == "auth" and v is not None:
+                    c.warnings.extend(v.warnings)  # weak hashes (apr1)
         elif key == "proxy_protocol":
             version = _proxy_protocol(value)
             if version is None:
@@ -1373,7 +1378,8 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     )
     return Config(admin=admin, entrypoints=entrypoints, defaults=defaults, snapshot=snapshot,
                   kubernetes=kubernetes, marathon=marathon, shutdown=shutdown,
-                  instance=instance, limits=limits, tls=tls_options)
+                  instance=instance, limits=limits, tls=tls_options,
+                  warnings=tuple(c.warnings))
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -1534,6 +1540,8 @@ def check_command(path: str) -> int:
             print(f"  {err}", file=sys.stderr)
         return 1
     print(f"{path}: OK")
+    for warning in config.warnings:
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     print(summarize(config))
     return 0
 
