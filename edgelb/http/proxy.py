@@ -56,7 +56,6 @@ BODY_RATE_GRACE = 10.0  # seconds before limits.min_body_rate applies to a reque
 PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
 PAUSE_PIPELINE = 2  # a pipelined request waits behind the active one
 PAUSE_BUFFER = 4  # body buffered while connecting
-PAUSE_AUTH = 8  # the credentials are being verified off the loop
 
 _join = b"".join
 _COLON = b": "
@@ -612,7 +611,12 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         """sources, redirect_to_https, max_body and auth; True when the proxy answered, or
         when the credentials are being verified off the loop (auth_verdict goes on). Auth
         comes last: a client is never asked for a password over plain http when it is to be
-        redirected to https, and a verification is the only step that may wait."""
+        redirected to https, and a verification is the only step that may wait.
+
+        While a verification is pending the client's reading goes on, as while a backend
+        connection opens: a body is buffered up to BUFFER_LIMIT, a pipelined request waits
+        its turn (both pause reading), and a client that leaves is seen at once (a paused
+        transport would not see it, and its request would reach the backend)."""
         policy = service.policy
         sources = policy.sources
         if sources is not None and not sources.permits(self.xff_ip):
@@ -644,7 +648,6 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             verdict: int = creds.admit(_header(ex.lines, b"authorization"), self.xff_ip,
                                        self.loop, ex.auth_verdict)
             if verdict == AUTH_PENDING:
-                self._pause(PAUSE_AUTH)  # nothing more is read until the verdict
                 return True
             return self._auth_refused(ex, service, creds, verdict)
         return False
@@ -652,7 +655,6 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
     def auth_verdict(self, ex: Exchange, verdict: int) -> None:
         """The credentials of the active exchange were verified off the loop: answer the
         refusal, or go on to a backend."""
-        self._resume(PAUSE_AUTH)
         service: ServiceState = ex.service  # type: ignore[assignment]
         creds = service.policy.auth
         if creds is None or not self._auth_refused(ex, service, creds, verdict):
