@@ -259,3 +259,28 @@ async def test_redirect_to_https_comes_before_asking_for_a_password(backend):
         r = await within(client.request("GET", "/x", host="shop.example"))
         assert r.status == 308 and r.get("location") == "https://shop.example/x"
         client.close()
+
+
+async def test_a_reload_with_the_same_users_keeps_the_cache_and_the_failure_counts(backend):
+    b = await backend("b")
+    port = free_port()
+    first = creds([ALICE_BCRYPT], max_failures=2)
+    async with running(snapshot(service("web", [b], listen=port, auth=first))) as rt:
+        client = await Client.open(port)
+        assert (await within(client.request("GET", "/", [basic("alice", PASSWORD)]))).status \
+            == 200
+        for guess in ("a", "b"):
+            r = await within(client.request("GET", "/", [basic("alice", guess)]))
+            assert r.status == 401
+        # a new config: new Credentials objects for the same users (a file reload, a watcher)
+        second = creds([ALICE_BCRYPT], max_failures=2, cache_ttl="10m")
+        await rt.apply(snapshot(service("web", [b], listen=port, auth=second)))
+        assert rt.services["web"].policy.auth is second
+        r = await within(client.request("GET", "/", [basic("alice", "c")]))
+        assert r.status == 429  # the two failures still count
+        other = await open_from(port, "127.0.0.2")
+        assert (await within(other.request("GET", "/", [basic("alice", PASSWORD)]))).status \
+            == 200
+        assert second.verifications == 0  # served from the cache the first one filled
+        client.close()
+        other.close()
