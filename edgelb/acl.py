@@ -839,15 +839,11 @@ class Credentials:
                 _remember(state.bad, authorization, now + ttl, self.cache_size)
 
     def _client(self, key: bytes, now: float) -> list[float]:
-        """The failure record of `key`, made if new (the table keeps MAX_CLIENTS: expired
-        records go first, then the oldest)."""
+        """The failure record of `key`, made if new. The table keeps MAX_CLIENTS records,
+        the oldest made out first (no scan: with many addresses each stays O(1))."""
         clients = self.state.clients
         record = clients.get(key)
         if record is None:
-            if len(clients) >= MAX_CLIENTS:
-                window = self.failure_window
-                for k in [k for k, r in clients.items() if now - r[0] >= window and not r[2]]:
-                    del clients[k]
             record = [now, 0, 0]
             _remember(clients, key, record, MAX_CLIENTS)
         return record
