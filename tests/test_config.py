@@ -889,6 +889,18 @@ def test_check_warns_that_an_apr1_hash_is_weak(tmp_path: Path,
     assert cfg(svc()).warnings == ()
 
 
+def test_run_logs_the_config_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    from edgelb.app import _warn_not_enforced  # what App._apply calls on every (re)load
+
+    c = cfg(svc("""
+        auth: {users: ["carol:$apr1$AaocIc/q$FvHse91XUyk4rVL9m4nyQ0"]}
+    """))
+    with caplog.at_level("WARNING", logger="edgelb"):
+        _warn_not_enforced(c)
+    assert [r.getMessage() for r in caplog.records] == [f"config: {c.warnings[0]}"]
+    assert "services[0].auth.users[0] (user 'carol'): apr1" in c.warnings[0]
+
+
 def run_check(path: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run(
