@@ -244,9 +244,12 @@ def _changed_files(old: Config | None, new: Config) -> list[str]:
 
 
 def _warn_not_enforced(config: Config) -> None:
-    """Say which accepted keys this version does not act on yet, rather than ignore them."""
+    """Say which accepted keys this version does not act on yet, rather than ignore them,
+    and what the config accepts but should fix (Config.warnings)."""
     if config.marathon is not None:
         log.warning("watchers.marathon is set, but this version has no Marathon watcher yet")
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
 
 
 async def _main(

@@ -126,6 +126,8 @@ class Config:
     # (path, SHA-256 hex or "" when unreadable) of every TLS file it names, set by
     # `with_tls_files`: a rotated certificate makes a different Config (empty from parse_config)
     tls_files: tuple[tuple[str, str], ...] = ()
+    # accepted but worth fixing (e.g. a weak password hash): `check` prints them, `run` logs
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
 class ConfigError(Exception):
@@ -285,6 +287,7 @@ class _Checker:
 
     def __init__(self) -> None:
         self.errors: list[str] = []
+        self.warnings: list[str] = []
         self.suggested: set[tuple[str, str]] = set()  # (mapping path, key offered for a typo)
 
     def error(self, path: str, message: str) -> None:
@@ -690,6 +693,8 @@ def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, A
                 c.errors.extend(errs)
             else:
                 out[key] = v
+                if key == "auth" and v is not None:
+                    c.warnings.extend(v.warnings)  # weak hashes (apr1)
         elif key == "proxy_protocol":
             version = _proxy_protocol(value)
             if version is None:
@@ -1412,7 +1417,8 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     )
     return Config(admin=admin, entrypoints=entrypoints, defaults=defaults, snapshot=snapshot,
                   kubernetes=kubernetes, marathon=marathon, shutdown=shutdown,
-                  instance=instance, limits=limits, tls=tls_options)
+                  instance=instance, limits=limits, tls=tls_options,
+                  warnings=tuple(c.warnings))
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -1617,6 +1623,8 @@ def check_command(path: str) -> int:
             print(f"  {err}", file=sys.stderr)
         return 1
     print(f"{path}: OK")
+    for warning in config.warnings:
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     print(summarize(config))
     return 0
 

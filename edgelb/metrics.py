@@ -22,6 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from edgelb import __version__
+from edgelb.acl import AUTH_RESULTS
 from edgelb.pool import DURATION_BUCKETS, ServiceState
 
 # The `le` labels of edgelb_request_duration_seconds, +Inf last.
@@ -104,7 +105,18 @@ class RuntimeCollector:
             "1 while too few backends are healthy and the service balances over all of them.",
             labels=["service"],
         )
+        auth = CounterMetricFamily(
+            "edgelb_auth_total",
+            'Basic auth verdicts: result="ok" (a password hash verified), "cached" (verified '
+            'earlier, no hash), "failed" (wrong user or password: 401), "missing" (no usable '
+            'credentials: 401), "throttled" (too many failures from the address: 429), '
+            '"busy" (too many hashes in flight: 503).',
+            labels=["service", "result"],
+        )
         for svc in services:
+            if svc.policy.auth is not None or any(svc.auth_results):
+                for result, count in zip(AUTH_RESULTS, svc.auth_results, strict=True):
+                    auth.add_metric([svc.name, result], count)
             name = svc.name
             retries.add_metric([name, "sent"], svc.retries_total)
             retries.add_metric([name, "denied"], svc.retries_denied)
@@ -123,7 +135,7 @@ class RuntimeCollector:
             nbytes.add_metric([name, "out"], svc.bytes_out)
         for code, count in sorted(global_local.items()):
             requests.add_metric(["", "", str(code)], count)
-        yield from (requests, duration, shed, tcp, nbytes, retries, waiting, panic)
+        yield from (requests, duration, shed, tcp, nbytes, retries, waiting, panic, auth)
 
     # -- per backend --------------------------------------------------------------------
 

@@ -552,6 +552,7 @@ class ServiceState:
     """A service's live state: its spec, its pool, and its counters."""
 
     __slots__ = (
+        "auth_results",
         "bytes_in",
         "bytes_out",
         "duration_buckets",
@@ -598,6 +599,8 @@ class ServiceState:
         self.retrying = 0  # requests now on a retry (each holds a share of the retry budget)
         self.retries_total = 0  # retries sent
         self.retries_denied = 0  # retries not sent because the budget was spent
+        # basic auth verdicts, indexed as edgelb.acl.AUTH_RESULTS (ok, cached, failed, ...)
+        self.auth_results = [0] * 6
         self._derive()
 
     def _derive(self) -> None:
@@ -620,6 +623,8 @@ class ServiceState:
     ) -> None:
         """A new spec for this service; `now` (the loop's clock) enables slow start."""
         self.spec = spec
+        if spec.policy.auth is not None and self.policy.auth is not None:
+            spec.policy.auth.adopt(self.policy.auth)  # same users: keep caches and throttle
         policy = self.policy = spec.policy
         self._derive()
         self.pool.update(

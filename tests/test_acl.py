@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import getpass
@@ -15,8 +16,16 @@ from hypothesis import strategies as st
 
 from edgelb import acl
 from edgelb.acl import (
+    AUTH_BUSY,
+    AUTH_CACHED,
+    AUTH_FAILED,
+    AUTH_MISSING,
+    AUTH_OK,
+    AUTH_PENDING,
+    AUTH_THROTTLED,
     Credentials,
     SourceFilter,
+    apr1_hash,
     challenge,
     parse_auth,
     parse_basic,
@@ -347,26 +356,63 @@ def test_a_second_check_does_not_hash_again():
     assert c.cached(h) == "bob"
 
 
-def test_failures_are_never_cached():
-    c = Credentials("shop", [f"alice:{ALICE}"])
+class Clock:
+    """A hand-moved clock for Credentials(clock=...)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_failure_is_remembered_briefly_and_then_hashed_again():
+    clock = Clock()
+    c = Credentials("shop", [f"alice:{ALICE}"], clock=clock)
     wrong = _basic("alice", "guess")
-    for n in range(1, 4):
+    assert c.check(wrong) is None and c.verifications == 1
+    for _ in range(3):  # the same wrong value again: refused without a hash
         assert c.check(wrong) is None
-        assert c.verifications == n
-    assert c.cached(wrong) is None and len(c._cache) == 0
+    assert c.verifications == 1 and c.cached(wrong) is None
+    clock.now += acl.NEGATIVE_TTL
+    assert c.check(wrong) is None and c.verifications == 2
     # an unknown user costs a hash too, so its answer takes as long as a wrong password's
-    assert c.check(_basic("mallory", "guess")) is None and c.verifications == 4
+    assert c.check(_basic("mallory", "guess")) is None and c.verifications == 3
     # refused before any hashing: bad format, empty password
     assert c.check(b"Basic !!") is None and c.check(_basic("alice", "")) is None
-    assert c.verifications == 4
+    assert c.verifications == 3
 
 
-def test_the_success_cache_is_bounded():
+def test_a_verified_value_is_let_through_for_cache_ttl_then_hashed_again():
+    clock = Clock()
+    c = Credentials("shop", [f"alice:{ALICE}"], cache_ttl=60, clock=clock)
+    h = _basic("alice", "Hello world!")
+    assert c.check(h) == "alice" and c.verifications == 1
+    clock.now += 59.9
+    assert c.cached(h) == "alice" and c.check(h) == "alice" and c.verifications == 1
+    clock.now += 0.1
+    assert c.cached(h) is None
+    assert c.check(h) == "alice" and c.verifications == 2
+
+
+def test_cache_ttl_0_hashes_every_time():
+    c = Credentials("shop", [f"alice:{ALICE}"], cache_ttl=0)
+    for n in range(1, 3):
+        assert c.check(_basic("alice", "Hello world!")) == "alice"
+        assert c.check(_basic("alice", "x")) is None
+        assert c.verifications == 2 * n
+
+
+def test_the_caches_are_bounded():
     c = Credentials("shop", [f"alice:{ALICE}"], cache_size=2)
     headers = [_basic("alice", "Hello world!", scheme=s) for s in ("Basic", "basic", "BASIC")]
     for h in headers:
         assert c.check(h) == "alice"
-        assert len(c._cache) <= 2
+        assert len(c.state.good) <= 2
+    assert c.cached(headers[-1]) == "alice" and c.cached(headers[0]) is None  # oldest went
+    for i in range(5):
+        assert c.check(_basic("alice", f"wrong{i}")) is None
+        assert len(c.state.bad) <= 2
 
 
 def test_challenge_line():
@@ -406,7 +452,8 @@ def test_plain_text_passwords_are_refused_with_how_to_hash():
 
 
 @pytest.mark.parametrize(("value", "expected"), [
-    ({"users": [f"alice:{ALICE}"], "relm": "x"}, "a.relm: unknown key; valid keys: realm, users"),
+    ({"users": [f"alice:{ALICE}"], "relm": "x"},
+     "a.relm: unknown key; valid keys: realm, users, cache_ttl, max_failures, failure_window"),
     ({"realm": "shop"}, "a: missing users"),
     ({"users": []}, "a.users: list at least one"),
     ({"users": "alice:x"}, "a.users: expected a list"),
@@ -417,7 +464,19 @@ def test_plain_text_passwords_are_refused_with_how_to_hash():
     ({"realm": "", "users": [f"alice:{ALICE}"]}, "a.realm: expected a non-empty printable"),
     ({"realm": "a\nb", "users": [f"alice:{ALICE}"]}, "a.realm: expected a non-empty printable"),
     ({"users": ["alice:$1$abc$def"]}, "MD5-crypt hashes ($1$...) are not supported"),
-    ({"users": ["alice:$2y$10$abcdefghijklmnopqrstuv"]}, "bcrypt hashes"),
+    ({"users": ["alice:$2y$10$abcdefghijklmnopqrstuv"]}, "a bcrypt hash has the form"),
+    ({"users": ["alice:$2x$05$" + "a" * 53]}, "bcrypt hashes of this variant ($2x$...)"),
+    ({"users": ["alice:$2y$13$" + "a" * 53]}, "bcrypt cost 13 is too slow"),
+    ({"users": ["alice:$2y$03$" + "a" * 53]}, "bcrypt cost 3 is outside 4..31"),
+    ({"users": ["alice:$apr1$abc$tooshort"]}, "an apr1 hash has the form"),
+    ({"users": ["alice:$apr1$toolongsalt$" + "a" * 22]}, "an apr1 hash has the form"),
+    ({"users": ["alice:{SHA}EfatjsUqKYSrqv18O1FlA3hcIHI="]}, "htpasswd SHA-1 (htpasswd -s)"),
+    ({"users": ["alice:Hveoka2frDcvk"]}, "DES crypt hash (htpasswd -d"),
+    ({"users": [f"alice:{ALICE}"], "cache_ttl": "soon"}, "a.cache_ttl: "),
+    ({"users": [f"alice:{ALICE}"], "cache_ttl": "2d"}, "a.cache_ttl: at most 1d"),
+    ({"users": [f"alice:{ALICE}"], "failure_window": 0}, "a.failure_window: must be above 0"),
+    ({"users": [f"alice:{ALICE}"], "max_failures": -1}, "a.max_failures: expected a whole"),
+    ({"users": [f"alice:{ALICE}"], "max_failures": True}, "a.max_failures: expected a whole"),
     ({"users": ["alice:$y$j9T$abc$def"]}, "yescrypt hashes"),
     ({"users": ["alice:$9$abc"]}, "unknown hash scheme"),
     ({"users": [f"alice:{ALICE[:-1]}"]}, "must be 86 characters"),
@@ -446,3 +505,211 @@ def test_credentials_constructor_refuses_bad_entries():
         Credentials("shop", ["alice:hunter2"])
     with pytest.raises(ValueError, match="realm"):
         Credentials("", [f"alice:{ALICE}"])
+
+
+# ---------------------------------------------------------------------------------------------
+# htpasswd hashes: apr1 and bcrypt
+
+# made with `openssl passwd -apr1 -salt SALT PASSWORD` and `htpasswd -nbm` (Apache 2.4)
+APR1_VECTORS = [
+    ("saltsalt", "password", "$apr1$saltsalt$yAAkm4libquA.ZWLHbSBq/"),
+    ("abc", "Hello world!", "$apr1$abc$T9e3aXgBW7UTQ.tuLuiz.1"),
+    ("12345678", "", "$apr1$12345678$sHuPAw7VA9xjRbJz7zKV7/"),
+    ("x", "a very long password that goes beyond sixteen bytes, surely, yes",
+     "$apr1$x$h69zagr7RyP/s0/WkurKg0"),
+    ("AaocIc/q", "Hello world!", "$apr1$AaocIc/q$FvHse91XUyk4rVL9m4nyQ0"),
+]
+# made with `htpasswd -nbB [-C cost] USER PASSWORD` (Apache 2.4): $2y$, cut at 72 bytes
+BCRYPT_VECTORS = [
+    ("Hello world!", "$2y$05$6.VsdPc354AvNACQS3mGdu9ZMT1gVAFO1t2xuK74tapMrxOERzDDe"),
+    ("s3cret:with colon", "$2y$04$H3B66.T6liFpQBCETK8aaevgrKiDBwiwBmGnLdcetwwP951odgIfO"),
+    ("p" * 80, "$2y$05$K4LboxdfWcnIDLP9om6H8OFh9aVSyQxoe/hwA0pRN01apn/dRrY/y"),
+]
+
+
+@pytest.mark.parametrize(("salt", "password", "expected"), APR1_VECTORS)
+def test_apr1_matches_openssl_and_htpasswd(salt, password, expected):
+    assert apr1_hash(password, salt) == expected
+    c = Credentials("r", [f"u:{expected}"])
+    # (an empty password never authenticates, whatever the hash says)
+    assert c.check(_basic("u", password)) == ("u" if password else None)
+    assert c.check(_basic("u", password + "x")) is None
+
+
+@pytest.mark.parametrize(("password", "stored"), BCRYPT_VECTORS)
+def test_htpasswd_bcrypt_hashes_verify(password, stored):
+    c = Credentials("r", [f"u:{stored}"])
+    assert c.check(_basic("u", password)) == "u"
+    assert c.check(_basic("u", "x" + password[1:])) is None
+
+
+def test_bcrypt_reads_72_bytes_like_htpasswd():
+    c = Credentials("r", [f"u:{BCRYPT_VECTORS[2][1]}"])  # "p" * 80
+    assert c.check(_basic("u", "p" * 72 + "anything")) == "u"
+    assert c.check(_basic("u", "p" * 71)) is None
+
+
+@pytest.mark.parametrize("prefix", [b"2a", b"2b"])
+def test_bcrypt_2a_and_2b_from_the_bcrypt_package(prefix):
+    import bcrypt
+
+    stored = bcrypt.hashpw(b"Hello world!", bcrypt.gensalt(4, prefix=prefix)).decode()
+    assert stored.startswith(f"${prefix.decode()}$04$")
+    c = Credentials("r", [f"u:{stored}"])
+    assert c.check(_basic("u", "Hello world!")) == "u"
+    assert c.check(_basic("u", "Hello world?")) is None
+    assert c.check(b"Basic " + base64.b64encode(b"u:Hello\0world!")) is None  # no exception
+
+
+def test_apr1_is_accepted_with_a_warning_naming_the_entry():
+    users = [f"alice:{ALICE}", f"carol:{APR1_VECTORS[4][2]}"]
+    c, errors = parse_auth({"users": users}, "services[0].auth")
+    assert errors == [] and c.weak == ("carol",)
+    assert len(c.warnings) == 1
+    w = c.warnings[0]
+    assert w.startswith("services[0].auth.users[1] (user 'carol'): apr1")
+    assert "weak" in w and "htpasswd -nB USER" in w
+    c, errors = parse_auth(f"shop:carol:{APR1_VECTORS[4][2]}", "labels.HAPROXY_0_AUTH")
+    assert errors == [] and c.warnings[0].startswith("labels.HAPROXY_0_AUTH (user 'carol')")
+    c, errors = parse_auth({"users": [f"alice:{ALICE}"]}, "a")
+    assert errors == [] and c.warnings == ()
+
+
+def test_auth_options_are_parsed_and_part_of_equality():
+    c, errors = parse_auth({"users": [f"alice:{ALICE}"], "cache_ttl": "1m",
+                            "max_failures": 0, "failure_window": "30s"}, "a")
+    assert errors == []
+    assert (c.cache_ttl, c.max_failures, c.failure_window) == (60.0, 0, 30.0)
+    d, _ = parse_auth({"users": [f"alice:{ALICE}"]}, "a")
+    assert (d.cache_ttl, d.max_failures, d.failure_window) == (
+        acl.CACHE_TTL, acl.MAX_FAILURES, acl.FAILURE_WINDOW)
+    assert c != d and c.users_key == d.users_key
+
+
+def test_a_reload_with_the_same_users_keeps_what_was_learnt():
+    old = Credentials("shop", [f"alice:{ALICE}"])
+    h = _basic("alice", "Hello world!")
+    assert old.check(h) == "alice"
+    same = Credentials("shop", [f"alice:{ALICE}"], cache_ttl=120)
+    same.adopt(old)
+    assert same.cached(h) == "alice"
+    other = Credentials("shop", [f"alice:{ALICE}", f"bob:{BOB}"])
+    other.adopt(old)
+    assert other.cached(h) is None
+
+
+def test_the_throttle_counts_ipv6_per_64_and_mapped_ipv4_as_ipv4():
+    key = acl._client_key
+    assert key(b"2001:db8:1:2::1") == key("2001:db8:1:2:ffff::9") != key(b"2001:db8:1:3::1")
+    assert key(b"::ffff:10.0.0.1") == key(b"10.0.0.1") == key("10.0.0.1") == b"10.0.0.1"
+    assert key(b"fe80::1%eth0") == key(b"fe80::2")
+    assert key(b"unknown") == b"unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# admit(): the data path's entry (a thread verifies; the verdict comes back on the loop)
+
+
+class Verdicts:
+    """Collects done(verdict) callbacks and lets a test await the next one."""
+
+    def __init__(self) -> None:
+        self.got: list[int] = []
+        self.event = asyncio.Event()
+
+    def __call__(self, verdict: int) -> None:
+        self.got.append(verdict)
+        self.event.set()
+
+    async def wait(self, n: int) -> list[int]:
+        while len(self.got) < n:
+            self.event.clear()
+            await asyncio.wait_for(self.event.wait(), 5)
+        return self.got
+
+
+async def test_admit_verifies_in_a_thread_and_caches():
+    loop = asyncio.get_running_loop()
+    c = Credentials("shop", [f"alice:{ALICE}"])
+    good = _basic("alice", "Hello world!")
+    done = Verdicts()
+    assert c.admit(None, b"10.0.0.1", loop, done) == AUTH_MISSING
+    assert c.admit(b"Bearer x", b"10.0.0.1", loop, done) == AUTH_MISSING
+    assert c.admit(good, b"10.0.0.1", loop, done) == AUTH_PENDING
+    assert c.admit(good, b"10.0.0.2", loop, done) == AUTH_PENDING  # joins the same hash
+    assert await done.wait(2) == [AUTH_OK, AUTH_OK]
+    assert c.verifications == 1 and acl.HASH_POOL.busy == 0
+    assert c.admit(good, b"10.0.0.3", loop, done) == AUTH_CACHED
+
+
+async def test_admit_throttles_an_address_after_max_failures_until_the_window_ends():
+    loop = asyncio.get_running_loop()
+    clock = Clock()
+    c = Credentials("shop", [f"alice:{ALICE}"], max_failures=3, failure_window=10,
+                    clock=clock)
+    done = Verdicts()
+    for i in range(3):
+        assert c.admit(_basic("alice", f"guess{i}"), b"10.0.0.1", loop, done) == AUTH_PENDING
+        # a 4th distinct guess while 3 hashes are pending is refused at once
+        assert await done.wait(i + 1) == [AUTH_FAILED] * (i + 1)
+    good = _basic("alice", "Hello world!")
+    assert c.admit(good, b"10.0.0.1", loop, done) == AUTH_THROTTLED
+    assert c.admit(_basic("alice", "guess9"), b"10.0.0.1", loop, done) == AUTH_THROTTLED
+    assert c.retry_after(b"10.0.0.1") == 10
+    clock.now += 4.2
+    assert c.retry_after(b"10.0.0.1") == 6
+    # another address is not throttled
+    assert c.admit(good, b"10.0.0.2", loop, done) == AUTH_PENDING
+    assert (await done.wait(4))[-1] == AUTH_OK
+    # a verified value passes even from the throttled address (no hash, nothing to guess)
+    assert c.admit(good, b"10.0.0.1", loop, done) == AUTH_CACHED
+    clock.now += 5.8  # the window is over
+    assert c.admit(_basic("alice", "guess3"), b"10.0.0.1", loop, done) == AUTH_PENDING
+    assert (await done.wait(5))[-1] == AUTH_FAILED
+    assert c.verifications == 5
+
+
+async def test_pending_hashes_count_against_the_address():
+    loop = asyncio.get_running_loop()
+    c = Credentials("shop", [f"alice:{ALICE}"], max_failures=2)
+    done = Verdicts()
+    assert c.admit(_basic("alice", "a"), b"10.0.0.1", loop, done) == AUTH_PENDING
+    assert c.admit(_basic("alice", "b"), b"10.0.0.1", loop, done) == AUTH_PENDING
+    assert c.admit(_basic("alice", "c"), b"10.0.0.1", loop, done) == AUTH_THROTTLED
+    assert c.retry_after(b"10.0.0.1") == 1
+    assert await done.wait(2) == [AUTH_FAILED, AUTH_FAILED]
+    assert c.verifications == 2
+
+
+async def test_max_failures_0_turns_the_throttle_off():
+    loop = asyncio.get_running_loop()
+    c = Credentials("shop", [f"alice:{ALICE}"], max_failures=0)
+    done = Verdicts()
+    for i in range(6):
+        assert c.admit(_basic("alice", f"g{i}"), b"10.0.0.1", loop, done) == AUTH_PENDING
+    assert await done.wait(6) == [AUTH_FAILED] * 6
+    assert c.state.clients == {}
+
+
+async def test_a_full_hash_pool_answers_busy_at_once(monkeypatch):
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(acl.HASH_POOL, "limit", 1)
+    c = Credentials("shop", [f"alice:{ALICE}"], max_failures=0)
+    done = Verdicts()
+    assert c.admit(_basic("alice", "a"), b"10.0.0.1", loop, done) == AUTH_PENDING
+    assert c.admit(_basic("alice", "b"), b"10.0.0.2", loop, done) == AUTH_BUSY
+    assert c.admit(_basic("alice", "a"), b"10.0.0.3", loop, done) == AUTH_PENDING  # joins
+    assert await done.wait(2) == [AUTH_FAILED, AUTH_FAILED]
+    assert acl.HASH_POOL.busy == 0
+    assert c.admit(_basic("alice", "b"), b"10.0.0.2", loop, done) == AUTH_PENDING
+    assert await done.wait(3) == [AUTH_FAILED] * 3
+
+
+def test_the_failure_table_is_bounded(monkeypatch):
+    monkeypatch.setattr(acl, "MAX_CLIENTS", 8)
+    clock = Clock()
+    c = Credentials("shop", [f"alice:{ALICE}"], clock=clock)
+    for i in range(20):
+        c._failed(f"10.0.0.{i}".encode(), clock.now)
+        assert len(c.state.clients) <= 8
+    assert b"10.0.0.19" in c.state.clients and b"10.0.0.0" not in c.state.clients

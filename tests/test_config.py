@@ -866,6 +866,41 @@ def test_check_command_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert out == "" and "bogus: unknown key" in err
 
 
+def test_check_warns_that_an_apr1_hash_is_weak(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # htpasswd -nbm carol 'Hello world!' (apr1) beside htpasswd -nbB alice (bcrypt)
+    p = tmp_path / "auth.yaml"
+    p.write_text(svc("""
+        auth:
+          realm: shop
+          cache_ttl: 1m
+          users:
+            - "alice:$2y$05$6.VsdPc354AvNACQS3mGdu9ZMT1gVAFO1t2xuK74tapMrxOERzDDe"
+            - "carol:$apr1$AaocIc/q$FvHse91XUyk4rVL9m4nyQ0"
+    """))
+    assert check_command(str(p)) == 0
+    out, err = capsys.readouterr()
+    assert "OK" in out
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{p}: warning: services[0].auth.users[1] (user 'carol'): apr1")
+    c = cfg(p.read_text())
+    assert len(c.warnings) == 1
+    assert cfg(svc()).warnings == ()
+
+
+def test_run_logs_the_config_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    from edgelb.app import _warn_not_enforced  # what App._apply calls on every (re)load
+
+    c = cfg(svc("""
+        auth: {users: ["carol:$apr1$AaocIc/q$FvHse91XUyk4rVL9m4nyQ0"]}
+    """))
+    with caplog.at_level("WARNING", logger="edgelb"):
+        _warn_not_enforced(c)
+    assert [r.getMessage() for r in caplog.records] == [f"config: {c.warnings[0]}"]
+    assert "services[0].auth.users[0] (user 'carol'): apr1" in c.warnings[0]
+
+
 def run_check(path: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run(

@@ -106,3 +106,38 @@ async def test_modes_show_at_the_client_as_500_reset_and_timeout() -> None:
     # nothing answered in the kill phase came from the backend: every failure was refused or
     # reset, never a late 200
     assert kill["ok"] <= 2 and set(kill["conn_errors"]) <= {"refused", "reset", "closed"}
+
+
+async def test_the_auth_attacker_sends_back_to_back_and_counts_what_came_back() -> None:
+    """bench/drill_auth.py's attacker against a server answering 401 (every 7th with
+    `connection: close`): both sides count the same requests, every password differs."""
+    from drill_auth import Attacker
+
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                seen.append(head.split(b"Authorization: Basic ", 1)[1].split(b"\r\n", 1)[0])
+                close = len(seen) % 7 == 0
+                writer.write(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n"
+                             + (b"connection: close\r\n" if close else b"") + b"\r\n")
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        res = await Attacker(port, 4, 0.4, grace=2.0).run()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert res["sent"] == res["answered"] == len(seen) > 20
+    assert res["unanswered"] == 0 and res["errors"] == {}
+    assert res["status"] == {"401": len(seen)}
+    assert len(set(seen)) == len(seen)  # a new password every time: no cache can answer

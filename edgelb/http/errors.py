@@ -10,6 +10,7 @@ REASONS = {
     413: b"Content Too Large",
     404: b"Not Found",
     408: b"Request Timeout",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     502: b"Bad Gateway",

@@ -26,6 +26,7 @@ from balancers.ewma import error_sample, peak_ewma
 from balancers.outlier import failure_kind
 from balancers.retry_budget import IDEMPOTENT, retry_allowed
 from balancers.zones import prefer_zone
+from edgelb.acl import AUTH_BUSY, AUTH_CACHED, AUTH_PENDING, AUTH_THROTTLED
 from edgelb.backend_tls import client_context, server_hostname
 from edgelb.http.errors import local_response
 from edgelb.http.headers import CONNECTION_OPTIONS, connection_tokens, drop_named, forwarded_for
@@ -202,6 +203,12 @@ class Exchange:
         client = self.client
         if not self.done and not client.closed:
             client.shed(self, reason)
+
+    def auth_verdict(self, verdict: int) -> None:
+        """The verdict of a password hash computed off the loop (Credentials.admit)."""
+        client = self.client
+        if not self.done and not client.closed:
+            client.auth_verdict(self, verdict)
 
 
 class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
@@ -617,6 +624,10 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             return
         if service.special and self._special(ex, service):
             return
+        self._forward(ex, service)
+
+    def _forward(self, ex: Exchange, service: ServiceState) -> None:
+        """Send `ex` to a backend of `service`, queue it, or shed it."""
         ex.head = self._request_head(ex)
         pool = service.pool
         if pool.keyed:  # sticky cookie or a hashing policy: a key from the request
@@ -632,19 +643,20 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         self._send(ex, backend)
 
     def _special(self, ex: Exchange, service: ServiceState) -> bool:
-        """sources, auth, redirect_to_https and max_body; True when the proxy answered."""
+        """sources, redirect_to_https, max_body and auth; True when the proxy answered, or
+        when the credentials are being verified off the loop (auth_verdict goes on). Auth
+        comes last: a client is never asked for a password over plain http when it is to be
+        redirected to https, and a verification is the only step that may wait.
+
+        While a verification is pending the client's reading goes on, as while a backend
+        connection opens: a body is buffered up to BUFFER_LIMIT, a pipelined request waits
+        its turn (both pause reading), and a client that leaves is seen at once (a paused
+        transport would not see it, and its request would reach the backend)."""
         policy = service.policy
         sources = policy.sources
         if sources is not None and not sources.permits(self.xff_ip):
             self._local(ex, 403, "your address may not use this service", service)
             return True
-        creds = policy.auth
-        if creds is not None:
-            header = _header(ex.lines, b"authorization")
-            if header is None or (creds.cached(header) or creds.check(header)) is None:
-                self._local(ex, 401, "this service needs a user name and password", service,
-                            creds.challenge_header)
-                return True
         if policy.redirect_to_https and self.listener.scheme == b"http":
             host = ex.host.decode("latin-1")
             if host.startswith("["):
@@ -666,7 +678,39 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
                 self._local(ex, 413, f"the body is over the {limit} bytes service "
                             f"{service.name} accepts", service)
                 return True
+        creds = policy.auth
+        if creds is not None:
+            verdict: int = creds.admit(_header(ex.lines, b"authorization"), self.xff_ip,
+                                       self.loop, ex.auth_verdict)
+            if verdict == AUTH_PENDING:
+                return True
+            return self._auth_refused(ex, service, creds, verdict)
         return False
+
+    def auth_verdict(self, ex: Exchange, verdict: int) -> None:
+        """The credentials of the active exchange were verified off the loop: answer the
+        refusal, or go on to a backend."""
+        service: ServiceState = ex.service  # type: ignore[assignment]
+        creds = service.policy.auth
+        if creds is None or not self._auth_refused(ex, service, creds, verdict):
+            self._forward(ex, service)  # (auth removed by a reload meanwhile: let through)
+
+    def _auth_refused(self, ex: Exchange, service: ServiceState, creds: Any,
+                      verdict: int) -> bool:
+        """Count an auth verdict; answer 401, 429 or 503 (True) or let the request by."""
+        service.auth_results[verdict] += 1
+        if verdict <= AUTH_CACHED:
+            return False
+        if verdict == AUTH_THROTTLED:
+            self._local(ex, 429, "too many failed logins from your address; wait and retry",
+                        service, b"retry-after: %d\r\n" % creds.retry_after(self.xff_ip))
+        elif verdict == AUTH_BUSY:
+            self._local(ex, 503, "too many logins are being checked at once; retry shortly",
+                        service, RETRY_AFTER)
+        else:
+            self._local(ex, 401, "this service needs a user name and password", service,
+                        creds.challenge_header)
+        return True
 
     def dispatch_waiting(self, ex: Exchange) -> bool:
         """A queued exchange's turn: send it if a backend is eligible now."""
