@@ -601,6 +601,7 @@ class ServiceState:
         self.retries_denied = 0  # retries not sent because the budget was spent
         # basic auth verdicts, indexed as edgelb.acl.AUTH_RESULTS (ok, cached, failed, ...)
         self.auth_results = [0] * 6
+        self.local_responses: dict[int, int] = {}  # answered by edgelb itself, no backend
         self._derive()
 
     def _derive(self) -> None:
@@ -612,7 +613,6 @@ class ServiceState:
         self.hsts_line = (
             b"strict-transport-security: max-age=%d\r\n" % policy.hsts if policy.hsts else b""
         )
-        self.local_responses: dict[int, int] = {}  # answered by edgelb itself, no backend
 
     @property
     def duration_count(self) -> int:

@@ -34,11 +34,23 @@ def within(coro, timeout: float = STEP):
     return asyncio.wait_for(coro, timeout)
 
 
+_given_ports: set[int] = set()  # handed out by free_port in this process
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bound to 0, then closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago (bound to 0, then closed), and not
+    one handed out before in this process: two calls in a row may otherwise get the same port
+    from the kernel, and a test that asked for two would bind one of them twice."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _given_ports:
+            if len(_given_ports) > 8192:
+                _given_ports.clear()
+            _given_ports.add(port)
+            return port
+    raise RuntimeError("no fresh free port on 127.0.0.1")
 
 
 async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -81,6 +81,37 @@ async def test_kept_backend_keeps_its_state_object_and_counters(backend, proxy):
     client.close()
 
 
+async def test_a_reload_never_makes_a_service_counter_go_down(backend, proxy):
+    """Every counter the metrics export from a kept service (its own answers, sheds, bytes,
+    durations) goes on across snapshots that change its policy."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edgelb.metrics import make_registry
+
+    def samples() -> dict[tuple, float]:
+        text = generate_latest(make_registry(rt, process=False)).decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples
+                if fam.type in ("counter", "histogram") and s.labels.get("service") == "web"}
+
+    port = free_port()
+    rt = await proxy(snapshot(service("web", [], listen=port)))
+    client = await Client.open(port)
+    for _ in range(3):
+        assert (await within(client.request("GET", "/"))).status == 503  # answered by edgelb
+    before = samples()
+    assert before[("edgelb_requests_total", (("backend", ""), ("code", "503"),
+                                               ("service", "web")))] == 3
+    for i in range(3):  # policy changes, each a new snapshot of the same service
+        await rt.apply(snapshot(service("web", [], listen=port, queue_size=10 + i,
+                                        balance="round-robin" if i % 2 else "least-loaded")))
+        after = samples()
+        gone_down = {k: (v, after.get(k)) for k, v in before.items() if after.get(k, 0) < v}
+        assert not gone_down
+    client.close()
+
+
 async def test_removed_backend_finishes_its_inflight_request_and_gets_no_new_ones(
     backend, proxy
 ):
