@@ -13,6 +13,7 @@ request is bounded. Real sockets: a pipelining client, a scripted backend, the p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 
 import pytest
@@ -208,11 +209,14 @@ async def test_request_trailers_are_bounded_like_a_head():
         c = await Client.open(port)
         await c.send(f"{head}5\r\nhello\r\n0\r\nx-big: ".encode())
         filler = b"a" * 65536
-        with pytest.raises(ConnectionError):
+        (listener,) = rt.listeners.values()
+        with contextlib.suppress(ConnectionError):  # the proxy may reset it meanwhile
             for _ in range(64):  # 4 MiB of one trailer value: refused long before
                 await c.send(filler)
-        (listener,) = rt.listeners.values()
-        assert listener.local_responses.get(431) == 2  # (the answer may be lost to the RST)
+        # refused (the 431 itself may be lost to the reset of a connection with unread data)
+        await eventually(lambda: listener.local_responses.get(431) == 2, what="the 431")
+        with contextlib.suppress(ConnectionError):
+            assert b"200 OK" not in await within(c.at_eof())  # closed, never forwarded whole
         c.close()
         c = await Client.open(port)
         await c.send(f"{head}5\r\nhello\r\n0\r\nx-ok: 1\r\n\r\n".encode())
