@@ -28,6 +28,7 @@ import tlskit
 from httpkit import HOST, HttpBackend, eventually, fetch, free_port, service, snapshot, within
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from test_tls_proxy import https_get as tls_get
 
 from edgelb import backend_tls, tls
 from edgelb.app import App
@@ -90,17 +91,7 @@ async def https_get(port: int, max_version: ssl.TLSVersion | None = None
     ctx = tlskit.client_context()
     if max_version is not None:
         ctx.maximum_version = max_version
-    reader, writer = await asyncio.open_connection(HOST, port, ssl=ctx, server_hostname=NAME)
-    try:
-        serial = int(writer.get_extra_info("ssl_object").getpeercert()["serialNumber"], 16)
-        writer.write(f"GET / HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := await reader.read(65536):
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        return int(head.split(b" ", 2)[1]), body, serial
-    finally:
-        writer.close()
+    return await tls_get(port, NAME, ctx=ctx)
 
 
 async def serial_of(port: int) -> int:

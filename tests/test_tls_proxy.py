@@ -20,10 +20,12 @@ from edgelb.app import App
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]
 
 
-async def https_get(port: int, host: str, path: str = "/") -> tuple[int, bytes, int]:
-    """(status, body, serial of the certificate served) for one request over TLS with SNI."""
+async def https_get(port: int, host: str, path: str = "/", ctx: ssl.SSLContext | None = None
+                    ) -> tuple[int, bytes, int]:
+    """(status, body, serial of the certificate served) for one request over TLS with SNI, on
+    a new connection (`ctx`: the client's TLS settings, by default tlskit's)."""
     reader, writer = await asyncio.open_connection(
-        HOST, port, ssl=tlskit.client_context(), server_hostname=host)
+        HOST, port, ssl=ctx or tlskit.client_context(), server_hostname=host)
     try:
         ssl_obj = writer.get_extra_info("ssl_object")
         serial = int(ssl_obj.getpeercert()["serialNumber"], 16)
@@ -73,6 +75,18 @@ def tls_ingress(host: str, svc: str, secret: str) -> dict[str, Any]:
     return obj
 
 
+def k8s_https_config(tmp_path: Path, fake: FakeKubeAPI, https: int) -> Path:
+    """A config file: an https entrypoint with the watchers' certificates only, and the
+    Kubernetes watcher on `fake`."""
+    path = tmp_path / "edgelb.yaml"
+    path.write_text(
+        f"admin: {{listen: {HOST}:{free_port()}}}\n"
+        f"entrypoints: {{https: {{listen: {HOST}:{https}, tls: {{}}}}}}\n"
+        f"watchers: {{kubernetes: {{kubeconfig: {fake.kubeconfig(tmp_path / 'kc')}}}}}\n"
+    )
+    return path
+
+
 async def test_ingress_tls_from_secrets_by_sni_rotated_without_a_failed_handshake(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -82,12 +96,7 @@ async def test_ingress_tls_from_secrets_by_sni_rotated_without_a_failed_handshak
     shop = await HttpBackend("shop").start()
     blog = await HttpBackend("blog").start()
     https = free_port()
-    path = tmp_path / "edgelb.yaml"
-    path.write_text(
-        f"admin: {{listen: {HOST}:{free_port()}}}\n"
-        f"entrypoints: {{https: {{listen: {HOST}:{https}, tls: {{}}}}}}\n"
-        f"watchers: {{kubernetes: {{kubeconfig: {fake.kubeconfig(tmp_path / 'kc')}}}}}\n"
-    )
+    path = k8s_https_config(tmp_path, fake, https)
     ca = tlskit.ca()
     fake.put(ingress_class())
     for name, backend in (("shop", shop), ("blog", blog)):
@@ -187,12 +196,7 @@ async def test_a_rejected_cluster_snapshot_does_not_swap_its_certificates(
     await fake.start()
     shop = await HttpBackend("shop").start()
     https = free_port()
-    path = tmp_path / "edgelb.yaml"
-    path.write_text(
-        f"admin: {{listen: {HOST}:{free_port()}}}\n"
-        f"entrypoints: {{https: {{listen: {HOST}:{https}, tls: {{}}}}}}\n"
-        f"watchers: {{kubernetes: {{kubeconfig: {fake.kubeconfig(tmp_path / 'kc')}}}}}\n"
-    )
+    path = k8s_https_config(tmp_path, fake, https)
     ca = tlskit.ca()
     fake.put(ingress_class())
     cert, key = ca.issue(["shop.example.com"], serial=5001)
