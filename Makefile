@@ -27,7 +27,7 @@ STAMP := $(VENV)/.installed
 # again whenever they, or the modules whose types they use, change. If no C compiler works,
 # setup.py leaves them pure Python and says so.
 COMPILED := $(VENV)/.compiled
-COMPILED_INPUTS := setup.py $(wildcard edgelb/*.py edgelb/http/*.py balancers/*.py watchers/*.py)
+COMPILED_INPUTS := setup.py $(wildcard edgelb/*.py edgelb/*/*.py balancers/*.py watchers/*.py)
 PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1

@@ -1,6 +1,8 @@
 """Build hook: compiles the data path's modules (edgelb/compiled.py) with mypyc.
 
-Everything else about the package is in pyproject.toml. `EDGELB_COMPILE` chooses:
+Everything else about the package is in pyproject.toml, but for the package list: the
+repository's top-level `templates/` ships as `edgelb.templates` (a top-level `templates`
+package would take a name that belongs to another PyPI project). `EDGELB_COMPILE` chooses:
 
 - unset (a plain `pip install .`): compile if possible; if mypyc or the C compiler fails, say
   why and ship the same modules as plain Python (slower, otherwise the same), so an install
@@ -17,7 +19,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
@@ -84,4 +86,15 @@ def ext_modules() -> list:
         os.chdir(old)
 
 
-setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})
+# Every package under edgelb, watchers and balancers (subpackages need an __init__.py), and
+# the templates under edgelb's name.
+PACKAGES = [*find_packages(include=["edgelb", "edgelb.*", "watchers", "watchers.*",
+                                    "balancers", "balancers.*"]), "edgelb.templates"]
+
+setup(
+    packages=PACKAGES,
+    package_dir={"edgelb.templates": "templates"},
+    package_data={"edgelb.templates": ["**/*.j2", "**/*.html", "**/*.yaml"]},
+    ext_modules=ext_modules(),
+    cmdclass={"build_ext": OptionalBuildExt},
+)

@@ -3,7 +3,7 @@
     .venv/bin/python bench/capacity_backends.py a:8:0.010 b:2:0.010 c:8:0.060
 
 Each argument is NAME:CAPACITY:SERVICE_SECONDS. The backends are edgelb's demo backends
-(`edgelb.demo`): CAPACITY requests are served at once, each holding a worker for
+(`edgelb.ops.demo`): CAPACITY requests are served at once, each holding a worker for
 SERVICE_SECONDS; more wait in a FIFO queue inside the backend. All of them run in one uvloop
 event loop on 127.0.0.1, which costs little CPU at a thousand requests a second.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 from bench import backends_main  # this script's folder is on sys.path when it runs
-from edgelb.demo import BackendSpec, DemoBackend, start_demo_backends, stop_demo_backends
+from edgelb.ops.demo import BackendSpec, DemoBackend, start_demo_backends, stop_demo_backends
 
 
 def parse_spec(text: str) -> BackendSpec:

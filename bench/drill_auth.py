@@ -62,8 +62,9 @@ MAX_ATTACK_REQUESTS = 10_000_000  # a bound on the attacker's loop besides its t
 PASSWORD = "drill-password"
 # How each scheme's hash is made (by the edgelb interpreter): the expensive defaults.
 HASH_CODE = {
-    "scrypt": "from edgelb.acl import scrypt_hash; print(scrypt_hash(PW))",  # N=16384 r=8 p=1
-    "sha512-crypt": "from edgelb.acl import sha_crypt; print(sha_crypt(PW, '$6$drillsaltdrill'))",
+    "scrypt": "from edgelb.net.acl import scrypt_hash; print(scrypt_hash(PW))",  # N=16384 r=8 p=1
+    "sha512-crypt":
+        "from edgelb.net.acl import sha_crypt; print(sha_crypt(PW, '$6$drillsaltdrill'))",
     "bcrypt": "import bcrypt; print(bcrypt.hashpw(PW.encode(), bcrypt.gensalt(10)).decode())",
 }
 SCHEME_NOTE = {
@@ -246,7 +247,7 @@ def make_hash(python: str, scheme: str) -> tuple[str, float]:
                          capture_output=True, text=True, cwd=REPO, timeout=60, check=True)
     stored = out.stdout.strip()
     timing = subprocess.run(
-        [python, "-c", "import base64, sys, time\nfrom edgelb.acl import Credentials\n"
+        [python, "-c", "import base64, sys, time\nfrom edgelb.net.acl import Credentials\n"
          "c = Credentials('r', ['alice:' + sys.argv[1]], cache_ttl=0)\n"
          "h = b'Basic ' + base64.b64encode(b'alice:wrong')\nt = time.perf_counter()\n"
          "for _ in range(5): c.check(h)\nprint((time.perf_counter() - t) / 5)", stored],

@@ -82,7 +82,7 @@ def proxy(port: int, backend_port: int, splice: bool) -> None:
     import uvloop
 
     from edgelb.pool import ServiceState
-    from edgelb.tcp import TcpListener
+    from edgelb.tcp.listener import TcpListener
     from watchers.model import Address, Backend, Service
 
     async def main() -> None:

@@ -1,3 +1,3 @@
-from edgelb.cli import main
+from edgelb.ops.cli import main
 
 raise SystemExit(main())

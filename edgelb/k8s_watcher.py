@@ -8,7 +8,7 @@ serving); `edgelb_watcher_up{watcher="kubernetes"}` drops to 0 and
 `edgelb_watcher_last_event_age_seconds` grows. /readyz waits for the first full sync.
 
 Every loop (the reflectors, the translate loop, the health watch, the leader election) runs
-supervised (edgelb.tasks): one that raises is logged, the watcher is marked down
+supervised (edgelb.control.tasks): one that raises is logged, the watcher is marked down
 (`edgelb_watcher_up` 0, the error in /status.json) and the loop restarts after a backoff
 (0.1 s doubling to 30 s, jittered) while the last good snapshot keeps serving; nothing is
 removed. A restarted translate loop translates the caches at once, and the watcher is up again
@@ -34,10 +34,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
-from edgelb.config import KubernetesWatcherConfig, policy_from_annotations
-from edgelb.runtime import Runtime, SnapshotError
-from edgelb.tasks import DEFAULT_BACKOFF, Backoff, describe, spawn, supervise
-from edgelb.tls import Certificate, TLSConfigError, load_secret
+from edgelb.control.runtime import Runtime, SnapshotError
+from edgelb.control.tasks import DEFAULT_BACKOFF, Backoff, describe, spawn, supervise
+from edgelb.net.tls import Certificate, TLSConfigError, load_secret
+from edgelb.ops.config import KubernetesWatcherConfig, policy_from_annotations
 from watchers.kubernetes.reflector import (
     ENDPOINTSLICES,
     INGRESSCLASSES,

@@ -21,7 +21,7 @@ from balancers.limits import GradientLimit
 from balancers.outlier import ejection_seconds, may_eject
 from balancers.subset import subset
 from balancers.weights import slow_start_factor
-from edgelb.config import InstanceConfig
+from edgelb.ops.config import InstanceConfig
 from watchers.model import Backend, Outlier, Policy, Service
 
 log = logging.getLogger("edgelb.pool")
@@ -599,7 +599,7 @@ class ServiceState:
         self.retrying = 0  # requests now on a retry (each holds a share of the retry budget)
         self.retries_total = 0  # retries sent
         self.retries_denied = 0  # retries not sent because the budget was spent
-        # basic auth verdicts, indexed as edgelb.acl.AUTH_RESULTS (ok, cached, failed, ...)
+        # basic auth verdicts, indexed as edgelb.net.acl.AUTH_RESULTS (ok, cached, failed, ...)
         self.auth_results = [0] * 6
         self.local_responses: dict[int, int] = {}  # answered by edgelb itself, no backend
         self._derive()

@@ -15,7 +15,7 @@ import uvloop
 from httpkit import HttpBackend, free_port, start_runtime
 
 from edgelb import compiled
-from edgelb.runtime import Runtime
+from edgelb.control.runtime import Runtime
 
 
 def pytest_configure(config: pytest.Config) -> None:

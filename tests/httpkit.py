@@ -18,7 +18,7 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from edgelb.runtime import EntrypointSpec, Runtime
+from edgelb.control.runtime import EntrypointSpec, Runtime
 from watchers.model import Address, Backend, Policy, Route, Service, Snapshot
 
 HOST = "127.0.0.1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from edgelb.accept import ACCEPT_BATCH, accept_batch
+from edgelb.net.accept import ACCEPT_BATCH, accept_batch
 
 
 class Scripted:

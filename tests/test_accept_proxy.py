@@ -24,10 +24,10 @@ from httpkit import HOST, HttpBackend, eventually, free_port, within
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgelb import proxy_protocol as pp
-from edgelb.acl import SourceFilter
-from edgelb.config import ConfigError, LimitsConfig, parse_config, summarize
-from edgelb.runtime import EntrypointSpec, Runtime
+from edgelb.control.runtime import EntrypointSpec, Runtime
+from edgelb.net import proxy_protocol as pp
+from edgelb.net.acl import SourceFilter
+from edgelb.ops.config import ConfigError, LimitsConfig, parse_config, summarize
 from watchers.model import Address, Backend, Policy, Route, Service, Snapshot
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]

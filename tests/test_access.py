@@ -22,8 +22,8 @@ from httpkit import (
     within,
 )
 
-from edgelb.acl import parse_auth, parse_source_filter, scrypt_hash
-from edgelb.backend_tls import BackendTLS
+from edgelb.net.acl import parse_auth, parse_source_filter, scrypt_hash
+from edgelb.net.backend_tls import BackendTLS
 
 pytestmark = [pytest.mark.timeout(30)]
 

@@ -1,4 +1,4 @@
-"""Access control: source-address filters and basic auth (edgelb.acl)."""
+"""Access control: source-address filters and basic auth (edgelb.net.acl)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgelb import acl
-from edgelb.acl import (
+from edgelb.net import acl
+from edgelb.net.acl import (
     AUTH_BUSY,
     AUTH_CACHED,
     AUTH_FAILED,

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgelb import compiled
-from edgelb.admin import AdminServer
+from edgelb.ops.admin import AdminServer
 from edgelb.pool import DURATION_BUCKETS, ServiceState
 from watchers.model import Address, Backend, Policy, Route, Service
 

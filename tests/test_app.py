@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from httpkit import HOST, Call, Client, HttpBackend, eventually, fetch, free_port, within
 
-from edgelb.app import App
-from edgelb.config import ConfigError
+from edgelb.ops.app import App
+from edgelb.ops.config import ConfigError
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(30)]
 

@@ -22,9 +22,9 @@ from httpkit import (
     within,
 )
 
-from edgelb import acl
-from edgelb.acl import Credentials, parse_auth, scrypt_hash
-from edgelb.metrics import make_registry
+from edgelb.net import acl
+from edgelb.net.acl import Credentials, parse_auth, scrypt_hash
+from edgelb.ops.metrics import make_registry
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(30)]  # the production loop
 

@@ -1,4 +1,4 @@
-"""TLS to backends (edgelb/backend_tls.py): config parsing, client contexts and the names they
+"""TLS to backends (edgelb/net/backend_tls.py): config parsing, client contexts and the names they
 verify and send, checked with real handshakes on 127.0.0.1 against TLS servers whose
 certificates are made at test time (tests/tlskit.py)."""
 
@@ -22,8 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edgelb import backend_tls, tls
-from edgelb.backend_tls import (
+from edgelb.net import backend_tls, tls
+from edgelb.net.backend_tls import (
     BackendTLS,
     BackendTLSError,
     client_context,

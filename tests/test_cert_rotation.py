@@ -30,11 +30,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from test_tls_proxy import https_get as tls_get
 
-from edgelb import backend_tls, tls
-from edgelb.app import App
-from edgelb.backend_tls import BackendTLS, client_context
-from edgelb.metrics import make_registry
-from edgelb.runtime import Runtime, SnapshotError
+from edgelb.control.runtime import Runtime, SnapshotError
+from edgelb.net import backend_tls, tls
+from edgelb.net.backend_tls import BackendTLS, client_context
+from edgelb.ops.app import App
+from edgelb.ops.metrics import make_registry
 from watchers.model import Snapshot
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]

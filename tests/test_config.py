@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import balancers
-from edgelb.config import (
+from edgelb.ops.config import (
     Config,
     ConfigError,
     Entrypoint,
@@ -890,7 +890,7 @@ def test_check_warns_that_an_apr1_hash_is_weak(tmp_path: Path,
 
 
 def test_run_logs_the_config_warnings(caplog: pytest.LogCaptureFixture) -> None:
-    from edgelb.app import _warn_not_enforced  # what App._apply calls on every (re)load
+    from edgelb.ops.app import _warn_not_enforced  # what App._apply calls on every (re)load
 
     c = cfg(svc("""
         auth: {users: ["carol:$apr1$AaocIc/q$FvHse91XUyk4rVL9m4nyQ0"]}

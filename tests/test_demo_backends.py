@@ -17,8 +17,8 @@ import pytest
 import uvloop
 import yaml
 
-from edgelb import demo
-from edgelb.demo import (
+from edgelb.ops import demo
+from edgelb.ops.demo import (
     DEFAULT_SPECS,
     BackendSpec,
     DemoBackend,
@@ -290,7 +290,7 @@ def test_main_starts_backends_through_the_startup_hook(
         return 7
 
     fake_app = types.SimpleNamespace(run_forever=fake_run_forever)
-    monkeypatch.setitem(sys.modules, "edgelb.app", fake_app)
+    monkeypatch.setitem(sys.modules, "edgelb.ops.app", fake_app)
     assert demo.main(port=18081, admin_port=19091) == 7
     svc = seen["cfg"]["services"][0]
     assert svc["listen"] == "127.0.0.1:18081"

@@ -21,7 +21,7 @@ from httpkit import (
 )
 from test_tls_proxy import https_get
 
-from edgelb.app import App
+from edgelb.ops.app import App
 
 
 async def test_redirect_to_https_answers_308_with_the_location() -> None:

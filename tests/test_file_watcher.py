@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import watchers.file as file_mod
-from edgelb.config import Config, ConfigError, config_loader
+from edgelb.ops.config import Config, ConfigError, config_loader
 from watchers.file import FileWatcher
 
 FAST = 0.02  # poll interval for most tests

@@ -1,4 +1,4 @@
-"""Active health checks (edgelb.health) against a tiny HTTP server on loopback.
+"""Active health checks (edgelb.control.health) against a tiny HTTP server on loopback.
 
 The server answers each check with a chosen (or scripted) status, can hang, can send only a
 status line, and records what it received, so the tests count the checks it saw and await the
@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from edgelb.health import TASK_PREFIX, USER_AGENT, HealthChecker, Target, probe
+from edgelb.control.health import TASK_PREFIX, USER_AGENT, HealthChecker, Target, probe
 from watchers.model import Address, HealthCheck
 
 pytestmark = pytest.mark.timeout(30)

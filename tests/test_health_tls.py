@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import tlskit
 
-from edgelb.backend_tls import BackendTLS
-from edgelb.health import probe
-from edgelb.proxy_protocol import V1_UNKNOWN, V2_LOCAL
+from edgelb.control.health import probe
+from edgelb.net.backend_tls import BackendTLS
+from edgelb.net.proxy_protocol import V1_UNKNOWN, V2_LOCAL
 from watchers.model import Address, HealthCheck
 
 pytestmark = pytest.mark.timeout(30)
@@ -145,7 +145,7 @@ async def test_a_backend_tls_service_is_checked_over_tls_end_to_end(tmp_path: Pa
     (it failed every check before checks spoke TLS) and serves through the proxy."""
     from httpkit import eventually, free_port
 
-    from edgelb.runtime import Runtime
+    from edgelb.control.runtime import Runtime
     from watchers.model import Backend, Policy, Service, Snapshot
 
     async def always_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -27,8 +27,8 @@ from httpkit import (
     within,
 )
 
-from edgelb.app import App
-from edgelb.runtime import EntrypointSpec, SnapshotError
+from edgelb.control.runtime import EntrypointSpec, SnapshotError
+from edgelb.ops.app import App
 from watchers.model import Address, Route
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(40)]
@@ -87,7 +87,7 @@ async def test_a_reload_never_makes_a_service_counter_go_down(backend, proxy):
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from edgelb.metrics import make_registry
+    from edgelb.ops.metrics import make_registry
 
     def samples() -> dict[tuple, float]:
         text = generate_latest(make_registry(rt, process=False)).decode()

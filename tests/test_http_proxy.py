@@ -1290,7 +1290,7 @@ async def test_hash_on_the_source_address(backend, proxy):
 
 
 async def test_zone_aware_service_keeps_low_load_in_the_proxys_zone(backend, proxy):
-    from edgelb.config import InstanceConfig
+    from edgelb.ops.config import InstanceConfig
 
     here, there = await backend("here"), await backend("there")
     port = free_port()

@@ -14,7 +14,7 @@ import pytest
 from httpkit import HOST, Client, HttpBackend, eventually, fetch, free_port, tcp_echo_server, within
 from k8s_fake import FakeKubeAPI
 
-from edgelb.app import App
+from edgelb.ops.app import App
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]
 
@@ -297,10 +297,10 @@ class _Reflector:
 
 
 async def test_any_loop_of_the_watcher_that_raises_marks_it_down_until_it_restarts() -> None:
-    from edgelb.config import KubernetesWatcherConfig
+    from edgelb.control.runtime import Runtime
+    from edgelb.control.tasks import Backoff
     from edgelb.k8s_watcher import KubernetesWatcher
-    from edgelb.runtime import Runtime
-    from edgelb.tasks import Backoff
+    from edgelb.ops.config import KubernetesWatcherConfig
     from watchers.model import Policy
 
     runtime = Runtime()
@@ -389,8 +389,8 @@ async def test_bad_credentials_stop_the_start_with_a_clear_error(
 def _granted() -> set[tuple[str, str, str]]:
     import yaml
 
-    from edgelb.cli import build_parser
-    from edgelb.manifests import options_from_args, render
+    from edgelb.ops.cli import build_parser
+    from edgelb.ops.manifests import options_from_args, render
 
     text = render(options_from_args(build_parser().parse_args(["manifests"]))).text
     out: set[tuple[str, str, str]] = set()

@@ -21,7 +21,7 @@ from test_k8s_translate import (
     tr,
 )
 
-from edgelb.runtime import EntrypointSpec, Runtime
+from edgelb.control.runtime import EntrypointSpec, Runtime
 from watchers.kubernetes.translate import PASSTHROUGH_ANNOTATION
 from watchers.model import Address, Backend, Route
 

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgelb.config import policy_from_annotations
 from edgelb.http.router import Router
+from edgelb.ops.config import policy_from_annotations
 from watchers.kubernetes.translate import ClusterState, Problem, Translation, translate
 from watchers.model import Address, Backend, Policy
 

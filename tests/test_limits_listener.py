@@ -19,8 +19,8 @@ from httpkit import (
     within,
 )
 
-from edgelb.config import LimitsConfig
-from edgelb.metrics import make_registry
+from edgelb.ops.config import LimitsConfig
+from edgelb.ops.metrics import make_registry
 
 
 def refused(runtime, reason: str) -> float | None:

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from kubernetes.client import ApiClient
 
 from edgelb import __version__
-from edgelb import manifests as m
-from edgelb.cli import main as cli_main
-from edgelb.config import parse_config
+from edgelb.ops import manifests as m
+from edgelb.ops.cli import main as cli_main
+from edgelb.ops.config import parse_config
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -23,7 +23,7 @@ from httpkit import (
     within,
 )
 
-from edgelb.metrics import make_registry
+from edgelb.ops.metrics import make_registry
 from watchers.model import Backend, HealthCheck, Outlier, RetryBudget
 
 

@@ -35,8 +35,9 @@ from importlib import resources
 import jinja2
 from jinja2 import nodes
 
-mods = ["edgelb", "edgelb.cli", "edgelb.http", "watchers", "watchers.model", "balancers",
-        "templates"]
+mods = ["edgelb", "edgelb.ops.cli", "edgelb.http", "edgelb.control", "edgelb.net",
+        "edgelb.tcp.listener", "edgelb.ops", "watchers", "watchers.model", "balancers",
+        "edgelb.templates"]
 files = {m: importlib.import_module(m).__file__ for m in mods}
 
 
@@ -65,7 +66,8 @@ def walk(node, prefix=""):
             yield rel, child.read_text("utf-8")
 
 
-root = resources.files("templates")
+root = resources.files("edgelb.templates")
+top_level_templates = importlib.util.find_spec("templates") is not None
 rendered = {}
 for rel, source in sorted(walk(root)):
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(root)), undefined=Anything)
@@ -76,8 +78,8 @@ for rel, source in sorted(walk(root)):
     rendered[rel] = len(out)
 
 loaded = None
-if importlib.util.find_spec("edgelb.admin") is not None:
-    admin = importlib.import_module("edgelb.admin")
+if importlib.util.find_spec("edgelb.ops.admin") is not None:
+    admin = importlib.import_module("edgelb.ops.admin")
     if hasattr(admin, "load_template"):
         admin.load_template()  # the app's own lookup and compile, from the installed copy
         loaded = admin.__file__
@@ -86,6 +88,7 @@ from edgelb import compiled
 
 built = {m: importlib.import_module(m).__file__ for m in compiled.MODULES}
 print(json.dumps({"files": files, "templates_root": str(root), "rendered": rendered,
+                  "top_level_templates": top_level_templates,
                   "admin_template": loaded, "prefix": sys.prefix, "compiled": built,
                   "build": compiled.describe()}))
 """
@@ -186,6 +189,8 @@ def test_installed_copy_ships_the_packages_and_templates(installed: Path) -> Non
         assert Path(file).resolve().is_relative_to(prefix), f"{module} loaded from {file}"
     assert Path(report["templates_root"]).resolve().is_relative_to(prefix)
     assert report["rendered"], "the installed templates package holds no *.j2 file"
+    # shipped as edgelb.templates: no top-level `templates` package (another project's name)
+    assert report["top_level_templates"] is False
     assert all(size > 0 for size in report["rendered"].values()), report["rendered"]
     if (ROOT / "templates" / "status.html.j2").exists():
         assert "status.html.j2" in report["rendered"]

@@ -21,9 +21,9 @@ import tlskit
 from cryptography import x509
 from httpkit import HOST, HttpBackend, eventually, free_port, within
 
-from edgelb import tls
-from edgelb.app import App
-from edgelb.runtime import EntrypointSpec, Runtime, SnapshotError
+from edgelb.control.runtime import EntrypointSpec, Runtime, SnapshotError
+from edgelb.net import tls
+from edgelb.ops.app import App
 from watchers.model import Address, Backend, Route, Service, Snapshot
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]
@@ -499,7 +499,7 @@ async def test_one_host_passed_through_to_two_services_is_rejected() -> None:
 
 
 def test_the_config_check_names_a_passthrough_service_without_a_tls_entrypoint() -> None:
-    from edgelb.config import ConfigError, parse_config
+    from edgelb.ops.config import ConfigError, parse_config
 
     text = (f"entrypoints: {{http: {{listen: {HOST}:8080}}}}\n"
             "services:\n"

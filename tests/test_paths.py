@@ -20,9 +20,9 @@ from httpkit import HOST, Client, HttpBackend, free_port, within
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgelb.acl import sha_crypt
-from edgelb.app import App
 from edgelb.http.target import needs_normalising, normalise
+from edgelb.net.acl import sha_crypt
+from edgelb.ops.app import App
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]
 
@@ -267,7 +267,7 @@ def test_needs_normalising_is_false_only_where_nothing_would_change() -> None:
 
 
 def test_path_rules_are_read_from_entrypoints_and_static_ports() -> None:
-    from edgelb.config import ConfigError, parse_config
+    from edgelb.ops.config import ConfigError, parse_config
     from watchers.model import PathRules
 
     c = parse_config(
@@ -293,7 +293,7 @@ def test_path_rules_are_read_from_entrypoints_and_static_ports() -> None:
 
 
 def test_check_says_where_paths_are_passed_on_raw() -> None:
-    from edgelb.config import parse_config, summarize
+    from edgelb.ops.config import parse_config, summarize
 
     text = summarize(parse_config(
         "entrypoints: {reg: {listen: 127.0.0.1:5000, encoded_slashes: keep, "

@@ -65,7 +65,7 @@ def test_a_kept_backend_keeps_its_state_and_a_weight_change_applies():
 
 
 def test_each_replica_balances_over_its_deterministic_subset():
-    from edgelb.config import InstanceConfig
+    from edgelb.ops.config import InstanceConfig
     from watchers.model import Policy
 
     specs = tuple(Backend("127.0.0.1", 9000 + i) for i in range(12))
@@ -86,7 +86,7 @@ def test_each_replica_balances_over_its_deterministic_subset():
 
 def test_zone_aware_pool_prefers_its_zone_until_it_is_loaded():
     from balancers.zones import prefer_zone
-    from edgelb.config import InstanceConfig
+    from edgelb.ops.config import InstanceConfig
     from watchers.model import Policy
 
     specs = (

@@ -25,13 +25,13 @@ import pytest
 import tlskit
 from httpkit import HOST, eventually, free_port, within
 
-from edgelb import proxy_protocol as pp
-from edgelb.app import App
-from edgelb.backend_tls import BackendTLS
-from edgelb.config import ConfigError, parse_config, policy_from_annotations, summarize
+from edgelb.control.runtime import Runtime
+from edgelb.net import proxy_protocol as pp
+from edgelb.net.backend_tls import BackendTLS
+from edgelb.ops.app import App
+from edgelb.ops.config import ConfigError, parse_config, policy_from_annotations, summarize
 from edgelb.pool import ServiceState
-from edgelb.runtime import Runtime
-from edgelb.tcp import TcpListener, _Connection
+from edgelb.tcp.listener import TcpListener, _Connection
 from watchers.model import Address, Backend, Policy, Service, Snapshot
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from httpkit import HOST, Client, HttpBackend, eventually, free_port, within
 
-from edgelb.app import App
+from edgelb.ops.app import App
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(30)]
 

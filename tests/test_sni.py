@@ -1,4 +1,4 @@
-"""edgelb.sni: the server name of a ClientHello from the first bytes of a stream.
+"""edgelb.net.sni: the server name of a ClientHello from the first bytes of a stream.
 
 Real ClientHellos come from Python's ssl (OpenSSL) through a MemoryBIO; large ones (as big as
 today's browsers send with post-quantum key shares) and ones split over several records are
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgelb import sni
+from edgelb.net import sni
 
 
 def client_hello(server_name: str | None, *, tls13: bool = True) -> bytes:

@@ -1,4 +1,4 @@
-"""edgelb.tasks: held background tasks whose failures are logged, and supervised loops that
+"""edgelb.control.tasks: held background tasks whose failures are logged, and supervised loops that
 restart with a jittered exponential backoff (the sleep, clock and randomness are injected)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import random
 import pytest
 from httpkit import within
 
-from edgelb.tasks import Backoff, log_failure, spawn, supervise
+from edgelb.control.tasks import Backoff, log_failure, spawn, supervise
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -141,7 +141,7 @@ async def test_a_spawned_task_is_held_until_it_ends_and_its_failure_logged(caplo
     go.set()
     await within(asyncio.gather(*held, return_exceptions=True))  # its callbacks ran first
     assert held == set()
-    [record] = [r for r in caplog.records if r.name == "edgelb.tasks"]
+    [record] = [r for r in caplog.records if r.name == "edgelb.control.tasks"]
     assert record.levelno == logging.ERROR
     assert "'apply the config file' failed: KeyError: 'lost'" in record.getMessage()
     assert record.exc_info is not None and record.exc_info[0] is KeyError

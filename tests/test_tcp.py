@@ -23,9 +23,9 @@ import pytest
 import uvloop
 from httpkit import echo_handler
 
-import edgelb.tcp as tcp
+import edgelb.tcp.listener as tcp
 from edgelb.pool import ServiceState
-from edgelb.tcp import TcpListener
+from edgelb.tcp.listener import TcpListener
 from watchers.model import Address, Backend, Policy, Service
 
 LOOPS = {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
@@ -668,7 +668,7 @@ def test_no_descriptor_leak_over_many_connections(splice: bool) -> None:
 
 def test_idle_connection_is_closed_after_idle_timeout(loop_name: str, splice: bool) -> None:
     """Traffic keeps a connection open; silence for idle_timeout closes it (via the runtime)."""
-    from edgelb.runtime import Runtime
+    from edgelb.control.runtime import Runtime
     from watchers.model import Snapshot
 
     async def main() -> None:

@@ -1,4 +1,4 @@
-"""TCP mode with TLS (edgelb.tcp_tls): TLS terminated on a static tcp port, TLS to the
+"""TCP mode with TLS (edgelb.tcp.tls): TLS terminated on a static tcp port, TLS to the
 backends (`backend_tls`), or both. Real sockets on 127.0.0.1, certificates from tlskit, the
 proxy run through the Runtime (and once through the App with a config file)."""
 
@@ -26,12 +26,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 from httpkit import HOST, free_port, within
 
-import edgelb.tcp_tls as tcp_tls
-from edgelb.app import App
-from edgelb.backend_tls import BackendTLS
+import edgelb.tcp.tls as tcp_tls
+from edgelb.control.runtime import Runtime
+from edgelb.net.backend_tls import BackendTLS
+from edgelb.ops.app import App
 from edgelb.pool import ServiceState
-from edgelb.runtime import Runtime
-from edgelb.tcp import TcpListener, _Connection
+from edgelb.tcp.listener import TcpListener, _Connection
 from watchers.model import Address, Backend, Policy, Service, Snapshot
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]

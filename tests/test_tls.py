@@ -1,4 +1,4 @@
-"""TLS termination core (edgelb/tls.py): loading, SNI selection, defaults and hot swap, checked
+"""TLS termination core (edgelb/net/tls.py): loading, SNI selection, defaults and hot swap, checked
 with real handshakes on 127.0.0.1 against certificates made at test time (tests/tlskit.py)."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import tlskit
 import uvloop
 from cryptography import x509
 
-from edgelb import tls
-from edgelb.tls import Certificate, CertificateStore, TLSConfigError
+from edgelb.net import tls
+from edgelb.net.tls import Certificate, CertificateStore, TLSConfigError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -95,7 +95,7 @@ def test_rsa_certificate_loads() -> None:
 
 def test_expired_certificate_loads_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
-    with caplog.at_level(logging.WARNING, "edgelb.tls"):
+    with caplog.at_level(logging.WARNING, "edgelb.net.tls"):
         cert = make(["old.test"], 7, not_before=past - dt.timedelta(days=1), not_after=past)
     assert cert.expired
     assert "old.test" in caplog.text and "expired" in caplog.text and "renew" in caplog.text
@@ -166,7 +166,7 @@ def test_runtime_does_not_need_cryptography(tmp_path: Path) -> None:
     (tmp_path / "k.pem").write_bytes(key_pem)
     code = (
         "import sys; sys.modules['cryptography'] = None\n"
-        "from edgelb import tls\n"
+        "from edgelb.net import tls\n"
         "c = tls.load_files(sys.argv[1], sys.argv[2])\n"
         "assert c.names == ('nocrypto.test',) and c.serial == 18, c\n"
         "assert not any(m.startswith('cryptography') and sys.modules[m] for m in sys.modules)\n"

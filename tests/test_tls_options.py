@@ -17,9 +17,9 @@ import pytest
 import tlskit
 from httpkit import HOST, HttpBackend, eventually, free_port, within
 
-from edgelb import tls
-from edgelb.app import App
-from edgelb.config import ConfigError, parse_config
+from edgelb.net import tls
+from edgelb.ops.app import App
+from edgelb.ops.config import ConfigError, parse_config
 
 pytestmark = [pytest.mark.timeout(30)]
 

@@ -15,7 +15,7 @@ from httpkit import HOST, HttpBackend, eventually, free_port, within
 from k8s_fake import FakeKubeAPI
 from test_k8s_e2e import endpoint_slice, ingress, ingress_class, service
 
-from edgelb.app import App
+from edgelb.ops.app import App
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]
 

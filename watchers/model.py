@@ -90,7 +90,7 @@ class Policy:
     max_body: int | None = None  # bytes a request body may have (413 beyond); None = no limit
     redirect_to_https: bool = False  # answer plain-HTTP requests with a 308 to https
     hsts: int = 0  # Strict-Transport-Security max-age (seconds) on https responses; 0 = none
-    # edgelb.acl.SourceFilter / edgelb.acl.Credentials / edgelb.backend_tls.BackendTLS (frozen,
+    # edgelb.net.acl.SourceFilter / .Credentials / edgelb.net.backend_tls.BackendTLS (frozen,
     # comparable); typed loosely so the shared vocabulary does not import edgelb
     sources: Any = None  # client addresses allowed/denied (403, or a closed connection)
     auth: Any = None  # basic auth users (401 with a challenge)
@@ -153,7 +153,7 @@ class Service:
     # tcp only: TLS passes through undecrypted; with routes (hosts), the TLS entrypoints send
     # a connection here by the SNI name of its ClientHello
     tls_passthrough: bool = False
-    # static port only: read a PROXY header first (edgelb.proxy_protocol.AcceptPolicy), or
+    # static port only: read a PROXY header first (edgelb.net.proxy_protocol.AcceptPolicy), or
     # None (off)
     accept_proxy_protocol: Any = None
     path_rules: PathRules = PathRules()  # static port only: see PathRules

@@ -19,12 +19,12 @@ import socket
 import ssl as ssl_module
 from typing import TYPE_CHECKING, Any
 
-from edgelb import proxy_protocol, sni
-from edgelb.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
-from edgelb.config import LimitsConfig
+from edgelb.control.tasks import log_failure
 from edgelb.http.proxy import ClientProtocol, UpstreamProtocol
 from edgelb.http.router import Router
-from edgelb.tasks import log_failure
+from edgelb.net import proxy_protocol, sni
+from edgelb.net.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
+from edgelb.ops.config import LimitsConfig
 from watchers.model import Address, PathRules, Policy
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class HttpListener:
         self.header_timeout_s = self.idle_timeout_s = 0.0
         # TLS passthrough by SNI (TLS entrypoints only; see the module docstring)
         self.sni_table = sni.SniTable()
-        self.relay: Any = None  # edgelb.tcp.TcpListener relaying passed-through connections
+        self.relay: Any = None  # a tcp.listener.TcpListener relaying passed-through connections
         self.handshake_timeout = HANDSHAKE_TIMEOUT
         self.sni_outcomes: dict[str, int] = {}  # passthrough, terminated, timeout, closed
         self._socks: list[socket.socket] = []  # listening sockets owned here (TLS entrypoint)
@@ -98,7 +98,7 @@ class HttpListener:
         self._handshakes: set[asyncio.Task[Any]] = set()
         self._resume: asyncio.TimerHandle | None = None
         self._switch: asyncio.Task[None] | None = None
-        # accept_proxy_protocol (edgelb.proxy_protocol.AcceptPolicy), None = off; connections
+        # accept_proxy_protocol (edgelb.net.proxy_protocol.AcceptPolicy), None = off; connections
         # whose header (or first bytes) are awaited, as protocols or raw sockets
         self.accept_proxy: Any = None
         self.proxy_timeout = proxy_protocol.HEADER_TIMEOUT  # at most; tests shorten it
@@ -506,7 +506,7 @@ class HttpListener:
         relay = self.relay
         if relay is None:
             from edgelb.pool import ServiceState
-            from edgelb.tcp import TcpListener
+            from edgelb.tcp.listener import TcpListener
             from watchers.model import Service
 
             relay = self.relay = TcpListener(

@@ -26,8 +26,7 @@ from balancers.ewma import error_sample, peak_ewma
 from balancers.outlier import failure_kind
 from balancers.retry_budget import IDEMPOTENT, retry_allowed
 from balancers.zones import prefer_zone
-from edgelb.acl import AUTH_BUSY, AUTH_CACHED, AUTH_PENDING, AUTH_THROTTLED
-from edgelb.backend_tls import client_context, server_hostname
+from edgelb.control.tasks import log_failure
 from edgelb.http.errors import local_response
 from edgelb.http.headers import CONNECTION_OPTIONS, connection_tokens, drop_named, forwarded_for
 from edgelb.http.response_head import (
@@ -37,8 +36,9 @@ from edgelb.http.response_head import (
     rewrite_response_head_cached,
 )
 from edgelb.http.target import SUSPECT, normalise
+from edgelb.net.acl import AUTH_BUSY, AUTH_CACHED, AUTH_PENDING, AUTH_THROTTLED
+from edgelb.net.backend_tls import client_context, server_hostname
 from edgelb.pool import DURATION_BUCKETS
-from edgelb.tasks import log_failure
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

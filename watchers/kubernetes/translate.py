@@ -123,7 +123,7 @@ def translate(
     """The Snapshot (source "kubernetes") for `state`, with every problem found on the way.
 
     `read_policy` reads `edgelb.io/<key>` annotations into a Policy; the caller passes
-    `edgelb.config.policy_from_annotations` (watchers do not import edgelb at import time);
+    `edgelb.ops.config.policy_from_annotations` (watchers do not import edgelb at import time);
     when omitted, that function is imported on first use. `sni_routing`: the proxy has a TLS
     entrypoint to route passthrough hosts by SNI; without one, a passthrough Ingress is a
     problem of its own rather than a snapshot the runtime would reject whole."""
@@ -134,7 +134,7 @@ def translate(
 
 
 def _default_reader() -> PolicyReader:
-    from edgelb.config import policy_from_annotations
+    from edgelb.ops.config import policy_from_annotations
 
     return policy_from_annotations
 

@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from edgelb.tasks import log_failure
+from edgelb.control.tasks import log_failure
 from watchers.model import Address, HealthCheck
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Target:
     check: HealthCheck
     assume_healthy: bool = True  # the verdict before any check; see the module docstring
     # a check speaks to the backend as the traffic does: TLS when the service has backend_tls
-    # (edgelb.backend_tls.BackendTLS), a PROXY protocol header first when it sends one
+    # (edgelb.net.backend_tls.BackendTLS), a PROXY protocol header first when it sends one
     tls: Any = None
     proxy_protocol: int = 0
 
@@ -316,7 +316,7 @@ async def _connect(address: Address, tls: Any, proxy_protocol: int, alpn: tuple[
                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     extra: dict[str, Any] = {}
     if tls is not None:
-        from edgelb.backend_tls import client_context, server_hostname
+        from edgelb.net.backend_tls import client_context, server_hostname
 
         extra = {"ssl": client_context(tls, alpn=alpn),
                  "server_hostname": server_hostname(tls, address.host)}
@@ -324,7 +324,7 @@ async def _connect(address: Address, tls: Any, proxy_protocol: int, alpn: tuple[
         return await asyncio.open_connection(address.host, address.port,
                                              limit=STATUS_LINE_LIMIT, **extra)
     # the header must come before the TLS ClientHello: connect, send it, then go on
-    from edgelb.proxy_protocol import local
+    from edgelb.net.proxy_protocol import local
 
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)

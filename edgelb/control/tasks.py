@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-log = logging.getLogger("edgelb.tasks")
+log = logging.getLogger("edgelb.control.tasks")
 
 T = TypeVar("T")
 

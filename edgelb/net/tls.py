@@ -48,7 +48,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-log = logging.getLogger("edgelb.tls")
+log = logging.getLogger("edgelb.net.tls")
 
 TLS_SECRET_TYPE = "kubernetes.io/tls"
 CIPHERS_TLS12 = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"

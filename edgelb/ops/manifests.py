@@ -21,9 +21,9 @@ import jinja2
 import yaml
 
 from edgelb import __version__
-from edgelb.config import Config, ConfigError, not_implemented, parse_config
+from edgelb.ops.config import Config, ConfigError, not_implemented, parse_config
 
-TEMPLATE_PACKAGE = "templates"
+TEMPLATE_PACKAGE = "edgelb.templates"  # the top-level templates/ (setup.py)
 TEMPLATE_DIR = "manifests"
 # One template per group of objects, in apply order: what a later object refers to (namespace,
 # service account, roles, config) exists before it.

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger("edgelb.backend_tls")
+log = logging.getLogger("edgelb.net.backend_tls")
 
 ALPN_HTTP = ("http/1.1",)
 RECHECK_SECONDS = 5.0

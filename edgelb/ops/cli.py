@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     manifests = sub.add_parser(
         "manifests", help="print Kubernetes YAML to run edgelb as an ingress pod"
     )
-    from edgelb.manifests import add_arguments
+    from edgelb.ops.manifests import add_arguments
 
     add_arguments(manifests)
     return p
@@ -59,19 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if args.command == "run":
-        from edgelb.app import run_forever
+        from edgelb.ops.app import run_forever
 
         return run_forever(args.config)
     if args.command == "check":
-        from edgelb.config import check_command
+        from edgelb.ops.config import check_command
 
         return check_command(args.config)
     if args.command == "demo":
-        from edgelb.demo import main as demo_main
+        from edgelb.ops.demo import main as demo_main
 
         return demo_main(port=args.port, admin_port=args.admin_port)
     if args.command == "manifests":
-        from edgelb.manifests import command
+        from edgelb.ops.manifests import command
 
         return command(args)
     parser.print_help()

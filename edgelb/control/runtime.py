@@ -27,19 +27,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import balancers
-from edgelb import tls
-from edgelb.config import InstanceConfig, LimitsConfig
-from edgelb.health import HealthChecker, Target
+from edgelb.control.health import HealthChecker, Target
+from edgelb.control.tasks import spawn
 from edgelb.http.listener import HttpListener
 from edgelb.http.router import Router
+from edgelb.net import tls
+from edgelb.net.sni import SniTable
+from edgelb.net.tls import ALPN, Certificate, CertificateStore, TLSConfigError, load_files
+from edgelb.net.tls import Options as TLSOptions
+from edgelb.ops.config import InstanceConfig, LimitsConfig
 from edgelb.pool import ServiceState
-from edgelb.sni import SniTable
-from edgelb.tasks import spawn
-from edgelb.tls import ALPN, Certificate, CertificateStore, TLSConfigError, load_files
-from edgelb.tls import Options as TLSOptions
 from watchers.model import Address, PathRules, Policy, Route, Service, Snapshot
 
-log = logging.getLogger("edgelb.runtime")
+log = logging.getLogger("edgelb.control.runtime")
 
 SWEEP_INTERVAL = 0.25  # how often connection deadlines are checked
 
@@ -81,7 +81,7 @@ class EntrypointSpec:
     name: str
     listen: Address
     tls: tuple[str, str] | None = None  # (cert file, key file); ("", "") = watchers' only
-    accept_proxy_protocol: Any = None  # edgelb.proxy_protocol.AcceptPolicy, None = off
+    accept_proxy_protocol: Any = None  # edgelb.net.proxy_protocol.AcceptPolicy, None = off
     path_rules: PathRules = field(default_factory=PathRules)
 
 
@@ -92,7 +92,7 @@ def _listener_kind(listener: Any) -> str:
 
 
 def _tcp_listener_class() -> Any:
-    from edgelb.tcp import TcpListener
+    from edgelb.tcp.listener import TcpListener
 
     return TcpListener
 

@@ -19,13 +19,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edgelb import __version__, compiled
-from edgelb.metrics import make_registry
+from edgelb.ops.metrics import make_registry
 from edgelb.pool import BackendState, ServiceState
 from watchers.model import Address
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_PACKAGE = "templates"
+TEMPLATE_PACKAGE = "edgelb.templates"  # the top-level templates/ (setup.py)
 STATUS_TEMPLATE = "status.html.j2"
 REFRESH_SECONDS = 2
 

@@ -303,7 +303,7 @@ Config: {config_path} (edit it: the proxy reloads in place). Ctrl-C stops.
 
 def main(port: int = 8080, admin_port: int = 9090) -> int:
     """Run the demo until interrupted; returns the process exit code."""
-    from edgelb.app import run_forever  # imported here: the demo backends do not need it
+    from edgelb.ops.app import run_forever  # imported here: the demo backends do not need it
 
     with tempfile.TemporaryDirectory(prefix="edgelb-demo-") as tmp:
         config_path = Path(tmp) / "edgelb-demo.yaml"

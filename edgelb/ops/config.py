@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import yaml
 
 import balancers
-from edgelb.tls import Options as TLSOptions
+from edgelb.net.tls import Options as TLSOptions
 from watchers.model import (
     OUTLIER_KINDS,
     Address,
@@ -50,7 +50,7 @@ class Entrypoint:
     listen: Address
     tls: tuple[str, str] | None = None  # (cert file, key file), stored as given
     # a PROXY header first on every connection (or from trusted peers): an
-    # edgelb.proxy_protocol.AcceptPolicy, None = off
+    # edgelb.net.proxy_protocol.AcceptPolicy, None = off
     accept_proxy_protocol: Any = None
     path_rules: PathRules = field(default_factory=PathRules)  # merge_slashes, encoded_slashes
 
@@ -121,7 +121,7 @@ class Config:
     marathon: MarathonWatcherConfig | None = None
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
-    tls: TLSOptions = field(default_factory=TLSOptions)  # every TLS listener (edgelb.tls)
+    tls: TLSOptions = field(default_factory=TLSOptions)  # every TLS listener (edgelb.net.tls)
     instance: InstanceConfig = field(default_factory=InstanceConfig)
     # (path, SHA-256 hex or "" when unreadable) of every TLS file it names, set by
     # `with_tls_files`: a rotated certificate makes a different Config (empty from parse_config)
@@ -683,11 +683,11 @@ def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, A
                     out[key] = int(d)
         elif key in ("sources", "auth", "backend_tls"):
             if key == "backend_tls":
-                from edgelb.backend_tls import parse_backend_tls as parse
+                from edgelb.net.backend_tls import parse_backend_tls as parse
             elif key == "sources":
-                from edgelb.acl import parse_source_filter as parse
+                from edgelb.net.acl import parse_source_filter as parse
             else:
-                from edgelb.acl import parse_auth as parse
+                from edgelb.net.acl import parse_auth as parse
             v, errs = parse(value, kpath)
             if errs:
                 c.errors.extend(errs)
@@ -829,7 +829,7 @@ def _path_rules(c: _Checker, m: dict, path: str) -> PathRules | None:
 def _accept_proxy(c: _Checker, m: dict, path: str) -> Any:
     """`accept_proxy_protocol` of an entrypoint or a service: an AcceptPolicy, None (off) or
     False (invalid, reported)."""
-    from edgelb.proxy_protocol import parse_accept
+    from edgelb.net.proxy_protocol import parse_accept
 
     policy, errors = parse_accept(m.get("accept_proxy_protocol"),
                                   _join(path, "accept_proxy_protocol"))
@@ -1559,7 +1559,7 @@ def not_implemented(config: Config) -> list[str]:
 
 def _tls_file_errors(config: Config) -> list[str]:
     """The TLS certificate files of the entrypoints, loaded as `run` would load them."""
-    from edgelb.tls import TLSConfigError, load_files
+    from edgelb.net.tls import TLSConfigError, load_files
 
     errors = []
     for e in config.entrypoints:

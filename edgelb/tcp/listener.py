@@ -28,11 +28,11 @@ import struct
 import sys
 from typing import Any
 
-from edgelb import proxy_protocol
-from edgelb.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
-from edgelb.config import LimitsConfig
+from edgelb.control.tasks import log_failure
+from edgelb.net import proxy_protocol
+from edgelb.net.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
+from edgelb.ops.config import LimitsConfig
 from edgelb.pool import BackendState, ServiceState
-from edgelb.tasks import log_failure
 from watchers.model import Address
 
 log = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ class _CopyPump(_Pump):
 
 
 class _Relay:
-    """What the splice relay (`_Connection`) and the TLS relay (`edgelb.tcp_tls`) share: waiting
+    """What the splice relay (`_Connection`) and the TLS relay (`edgelb.tcp.tls`) share: waiting
     in the pool's queue for a slot, and one retry elsewhere after a failed connect, and the
     state that goes with a client connection either way. Subclasses add `start(backend)`,
     `_drop_attempt()` and `close()`."""
@@ -687,7 +687,7 @@ class TcpListener:
         self.limits = LimitsConfig()  # set by the runtime
         self.per_client: dict[str, int] = {}  # open connections per client address
         self.refused: dict[str, int] = {}  # connections refused by a limit, by reason
-        # accept_proxy_protocol (edgelb.proxy_protocol.AcceptPolicy), None = off
+        # accept_proxy_protocol (edgelb.net.proxy_protocol.AcceptPolicy), None = off
         self.accept_proxy: Any = None
         self.proxy_timeout = proxy_protocol.HEADER_TIMEOUT  # at most; tests shorten it
         self._headers: dict[socket.socket, Any] = {}  # accepted, reading a PROXY header
@@ -831,9 +831,9 @@ class TcpListener:
             self._forget_ip(ip)
             return
         if self.ssl is not None or service.policy.backend_tls is not None:
-            # TLS on either side: relayed through transports (edgelb.tcp_tls), which picks a
+            # TLS on either side: relayed through transports (edgelb.tcp.tls), which picks a
             # backend after the client's handshake
-            from edgelb.tcp_tls import TlsConnection
+            from edgelb.tcp.tls import TlsConnection
 
             tls_conn = TlsConnection(self, sock, service, ip)
             tls_conn.proxied = proxied

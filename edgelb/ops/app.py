@@ -21,8 +21,11 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from edgelb import __version__, backend_tls, compiled
-from edgelb.config import (
+from edgelb import __version__, compiled
+from edgelb.control.runtime import EntrypointSpec, Runtime, Settings, SnapshotError
+from edgelb.control.tasks import describe, spawn, supervise
+from edgelb.net import backend_tls
+from edgelb.ops.config import (
     Config,
     ConfigError,
     load_config,
@@ -30,8 +33,6 @@ from edgelb.config import (
     parse_config,
     with_tls_files,
 )
-from edgelb.runtime import EntrypointSpec, Runtime, Settings, SnapshotError
-from edgelb.tasks import describe, spawn, supervise
 from watchers.model import Policy
 
 log = logging.getLogger("edgelb")
@@ -67,7 +68,7 @@ class App:
         self.generation = 0
 
     async def start(self) -> None:
-        from edgelb.admin import AdminServer
+        from edgelb.ops.admin import AdminServer
         from watchers.file import FileWatcher
 
         # ConfigError propagates: nothing starts
@@ -121,7 +122,7 @@ class App:
         spawn(self._apply(config), name="apply the config file", held=self._tasks)
 
     def _file_loop_down(self, exc: BaseException) -> None:
-        """The file watcher's loop raised and waits to restart (edgelb.tasks.supervise): the
+        """The file watcher's loop raised and waits to restart (edgelb.control.tasks.supervise): the
         watcher is down and says why; the applied config keeps serving, /readyz unchanged."""
         assert self.runtime is not None
         self._file_loop_error = f"{FILE_LOOP} failed ({describe(exc)}); restarting it"

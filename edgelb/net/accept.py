@@ -8,7 +8,7 @@ import logging
 import socket
 from collections.abc import Callable
 
-log = logging.getLogger("edgelb.accept")
+log = logging.getLogger("edgelb.net.accept")
 
 ACCEPT_BATCH = 64  # connections accepted per readiness callback
 ACCEPT_PAUSE = 0.1  # seconds to stop accepting when out of file descriptors

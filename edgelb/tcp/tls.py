@@ -1,7 +1,7 @@
 """TCP mode when either side speaks TLS: terminate the client's TLS on a static port
 (`TcpListener.ssl`), speak TLS to the backends (`policy.backend_tls`), or both.
 
-Plain-to-plain connections stay on the splice/copy relay of `edgelb.tcp._Connection`; this
+Plain-to-plain connections stay on the splice/copy relay of `edgelb.tcp.listener._Connection`; this
 relay is only chosen by `TcpListener._handle` when a TLS layer is involved, because TLS
 records have to pass through Python anyway. Both sides are asyncio Transports (uvloop's TLS
 implementation on the production loop) driven by one small Protocol per side.
@@ -34,15 +34,15 @@ import ssl
 import struct
 from typing import TYPE_CHECKING, Any
 
-from edgelb import proxy_protocol
-from edgelb.backend_tls import client_context, server_hostname
+from edgelb.control.tasks import log_failure
 from edgelb.http.listener import HANDSHAKE_TIMEOUT
-from edgelb.tasks import log_failure
-from edgelb.tcp import _Relay
+from edgelb.net import proxy_protocol
+from edgelb.net.backend_tls import client_context, server_hostname
+from edgelb.tcp.listener import _Relay
 
 if TYPE_CHECKING:
     from edgelb.pool import BackendState, ServiceState
-    from edgelb.tcp import TcpListener
+    from edgelb.tcp.listener import TcpListener
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ class _Side(asyncio.Protocol):
 
 class TlsConnection(_Relay):
     """A tcp-mode client connection relayed through asyncio transports (see the module
-    docstring). Offers the interface of `edgelb.tcp._Connection` that the listener, the pool's
-    queue and the runtime's sweeper use."""
+    docstring). Offers the interface of `edgelb.tcp.listener._Connection` that the listener,
+    the pool's queue and the runtime's sweeper use."""
 
     __slots__ = ("client", "finished", "proxy_header", "sock", "task", "upstream")
 

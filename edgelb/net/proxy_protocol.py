@@ -251,7 +251,7 @@ def _plain_ip(ip: str) -> str:
 
 class AcceptPolicy:
     """`accept_proxy_protocol`: `trusted` None means every peer must send a header; otherwise
-    peers in `trusted` (a `edgelb.acl.SourceFilter`) must, and the others must not."""
+    peers in `trusted` (a `edgelb.net.acl.SourceFilter`) must, and the others must not."""
 
     __slots__ = ("cidrs", "trusted")
 
@@ -284,7 +284,7 @@ def parse_accept(value: Any, path: str) -> tuple[AcceptPolicy | None, list[str]]
         return None, [f"{path}: expected true (every peer sends a PROXY header), false, or a "
                       f"non-empty list of the balancers' CIDRs like [10.0.0.0/8], got "
                       f"{type(value).__name__ if value != [] else 'an empty list'}"]
-    from edgelb.acl import SourceFilter, parse_cidrs
+    from edgelb.net.acl import SourceFilter, parse_cidrs
 
     nets, errors = parse_cidrs(value, path)
     if errors:

@@ -22,7 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from edgelb import __version__
-from edgelb.acl import AUTH_RESULTS
+from edgelb.net.acl import AUTH_RESULTS
 from edgelb.pool import DURATION_BUCKETS, ServiceState
 
 # The `le` labels of edgelb_request_duration_seconds, +Inf last.
@@ -40,7 +40,7 @@ def cumulative_buckets(per_bucket: Iterable[int]) -> list[tuple[str, float]]:
 
 
 class RuntimeCollector:
-    """A custom collector over a runtime object (see edgelb.runtime for the attributes read)."""
+    """A custom collector over a runtime object (edgelb.control.runtime: the attributes read)."""
 
     def __init__(self, runtime: Any) -> None:
         self.runtime = runtime
