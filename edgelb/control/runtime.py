@@ -91,6 +91,14 @@ def _listener_kind(listener: Any) -> str:
     return listener.kind
 
 
+def _passthrough_relay(entrypoint: HttpListener) -> Any:
+    """The tcp relay of a TLS entrypoint's passed-through connections (made at first use)."""
+    return _tcp_listener_class()(
+        entrypoint.address,
+        ServiceState(Service(name=f"{entrypoint.name}-passthrough", mode="tcp")),
+        loop=entrypoint.loop)
+
+
 def _tcp_listener_class() -> Any:
     from edgelb.tcp.listener import TcpListener
 
@@ -588,7 +596,7 @@ class Runtime:
                 ssl=store.server_context() if store is not None else None,
             )
         if kind.startswith("entrypoint"):
-            return HttpListener(
+            listener = HttpListener(
                 addr,
                 name=name,
                 defaults=self.defaults,
@@ -597,6 +605,9 @@ class Runtime:
                 loop=self.loop,
                 ssl=store.server_context() if store is not None else None,
             )
+            if store is not None:  # TLS passthrough relays through a tcp listener of its own
+                listener.make_relay = _passthrough_relay
+            return listener
         return HttpListener(
             addr,
             service=self._placeholder(name),

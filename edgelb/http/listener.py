@@ -17,6 +17,7 @@ import asyncio
 import logging
 import socket
 import ssl as ssl_module
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from edgelb.control.tasks import log_failure
@@ -24,6 +25,7 @@ from edgelb.http.proxy import ClientProtocol, UpstreamProtocol
 from edgelb.http.router import Router
 from edgelb.net import proxy_protocol, sni
 from edgelb.net.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
+from edgelb.net.tls import HANDSHAKE_TIMEOUT
 from edgelb.ops.config import LimitsConfig
 from watchers.model import Address, PathRules, Policy
 
@@ -32,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgelb.http")
 
-HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to finish its TLS handshake
 BACKLOG = 1024
 # Peeked ClientHello bytes land here (one buffer per process: a peek is parsed at once).
 _PEEK_BUF = bytearray(sni.MAX_HELLO)
@@ -89,6 +90,8 @@ class HttpListener:
         # TLS passthrough by SNI (TLS entrypoints only; see the module docstring)
         self.sni_table = sni.SniTable()
         self.relay: Any = None  # a tcp.listener.TcpListener relaying passed-through connections
+        # makes `relay` (the runtime's: the http data path does not import the tcp one)
+        self.make_relay: Callable[[HttpListener], Any] = _no_relay
         self.handshake_timeout = HANDSHAKE_TIMEOUT
         self.sni_outcomes: dict[str, int] = {}  # passthrough, terminated, timeout, closed
         self._socks: list[socket.socket] = []  # listening sockets owned here (TLS entrypoint)
@@ -505,14 +508,12 @@ class HttpListener:
     def _relay(self) -> Any:
         relay = self.relay
         if relay is None:
-            from edgelb.pool import ServiceState
-            from edgelb.tcp.listener import TcpListener
-            from watchers.model import Service
-
-            relay = self.relay = TcpListener(
-                self.address, ServiceState(Service(name=f"{self.name}-passthrough", mode="tcp")),
-                loop=self.loop)
+            relay = self.relay = self.make_relay(self)
         return relay
+
+
+def _no_relay(listener: HttpListener) -> Any:
+    raise RuntimeError(f"entrypoint {listener.name} has no relay for passed-through connections")
 
 
 class _Peek:

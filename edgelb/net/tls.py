@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("edgelb.net.tls")
+HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to finish its TLS handshake
 
 TLS_SECRET_TYPE = "kubernetes.io/tls"
 CIPHERS_TLS12 = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"

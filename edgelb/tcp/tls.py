@@ -35,10 +35,10 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from edgelb.control.tasks import log_failure
-from edgelb.http.listener import HANDSHAKE_TIMEOUT
 from edgelb.net import proxy_protocol
 from edgelb.net.backend_tls import client_context, server_hostname
-from edgelb.tcp.listener import _Relay
+from edgelb.net.tls import HANDSHAKE_TIMEOUT
+from edgelb.tcp.relay import Relay
 
 if TYPE_CHECKING:
     from edgelb.pool import BackendState, ServiceState
@@ -126,7 +126,7 @@ class _Side(asyncio.Protocol):
         self.conn.side_lost(self)
 
 
-class TlsConnection(_Relay):
+class TlsConnection(Relay):
     """A tcp-mode client connection relayed through asyncio transports (see the module
     docstring). Offers the interface of `edgelb.tcp.listener._Connection` that the listener,
     the pool's queue and the runtime's sweeper use."""
