@@ -7,10 +7,6 @@ re-decided by the proxy for each hop.
 
 from __future__ import annotations
 
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"}
-)
-
 # Connection tokens that are about the connection itself, not names of other fields.
 CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
