@@ -1,4 +1,4 @@
-"""An ApiClient (official `kubernetes.aio` client) from the credentials DESIGN.md names, in order:
+"""An ApiClient (official `kubernetes.aio` client) from the credentials README.md names, in order:
 the in-cluster service account, else the configured kubeconfig path, else $KUBECONFIG.
 
 In a pod, the service account's token is re-read by the client's own refresh hook, so rotated
