@@ -1,4 +1,4 @@
-"""Load and validate the YAML config file (the config section of README.md; the layout in ARCHITECTURE.md) into frozen values.
+"""Load and validate the YAML config file (README.md, "Configuration") into frozen values.
 
 Validation collects every problem it finds instead of stopping at the first one. Each error is
 one line of the form ``key.path[0].sub: what is wrong; how to fix it`` so `edgelb check` can
