@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+import json
 import math
 import os
 import re
@@ -32,8 +33,8 @@ from watchers.model import (
     Service,
     Snapshot,
 )
+from watchers.schema import DURATION, KEY_NAMES, SIZE, Checker, Hooks, PolicySchema, strict_object
 from watchers.schema import INVALID as _INVALID
-from watchers.schema import KEY_NAMES, Checker, Hooks, PolicySchema
 from watchers.schema import fmt_seconds as _fmt_seconds
 from watchers.schema import join as _join
 from watchers.schema import kind as _kind
@@ -1127,6 +1128,94 @@ def check_command(path: str) -> int:
     for warning in config.warnings:
         print(f"{path}: warning: {warning}", file=sys.stderr)
     print(summarize(config))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# `edgelb schema`: the JSON Schema of the config file (editor completion), and the README table
+# of the per-service keys. The per-service part comes from watchers/schema.py; the sections
+# around it follow the key lists above (a test keeps them equal).
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [{"type": "null"}, schema]}
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the whole config file."""
+    address = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 65535},
+                         {"type": "string"}], "description": "host:port, [v6]:port or a port"}
+    name = {"type": "string", "pattern": _NAME.pattern}
+    strings = {"type": "array", "items": {"type": "string"}}
+    accept = {"anyOf": [{"type": ["boolean", "null"]}, {**strings, "minItems": 1}],
+              "description": "read a PROXY header first: true (every peer), false, or the "
+              "CIDRs of the balancers that send one"}
+    cert_key = strict_object({"cert": {"type": "string"}, "key": {"type": "string"}})
+    paths_rules = {"merge_slashes": {"type": "boolean"},
+                   "encoded_slashes": {"enum": list(ENCODED_SLASHES)}}
+    policy = POLICY.json_properties()
+    entrypoint = strict_object({
+        "listen": address,
+        "tls": {"anyOf": [{"type": ["boolean", "null"]}, cert_key]},
+        "accept_proxy_protocol": accept, **paths_rules}, required=["listen"])
+    backend = {"anyOf": [{"type": "string"}, strict_object({
+        "address": address,
+        "weight": {"type": "number", "minimum": 0},
+        "zone": {"type": "string"}}, required=["address"])]}
+    service = strict_object({
+        "name": name,
+        "listen": _nullable(address),
+        "mode": {"enum": list(MODES)},
+        "hosts": _nullable(strings),
+        "paths": _nullable(strings),
+        "backends": _nullable({"type": "array", "items": backend}),
+        "tls": {"anyOf": [{"type": "null"}, {"const": "passthrough"},
+                          {**cert_key, "required": ["cert", "key"]}]},
+        "accept_proxy_protocol": accept, **paths_rules, **policy}, required=["name"])
+    kubernetes = strict_object({
+        "enabled": {"type": "boolean"}, "kubeconfig": {"type": ["string", "null"]},
+        "ingress_class": {"type": "string"}, "namespaces": _nullable(strings),
+        "pod_weights": {"type": "boolean"}, "publish_service": {"type": ["string", "null"]},
+        "publish_address": {"anyOf": [{"type": ["string", "null"]}, strings]},
+        "leader_election": {"type": "boolean"}})
+    marathon = strict_object({"urls": strings, "group": {"type": "string"}}, required=["urls"])
+    duration = DURATION
+    sections = {
+        "admin": strict_object({"listen": address}),
+        "entrypoints": {"type": "object", "propertyNames": name,
+                        "additionalProperties": entrypoint},
+        "defaults": strict_object(policy),
+        "services": {"type": "array", "items": service},
+        "watchers": strict_object({"kubernetes": _nullable(kubernetes),
+                                   "marathon": _nullable(marathon)}),
+        "shutdown": strict_object({"delay": duration, "grace": duration}),
+        "instance": strict_object({"zone": {"type": "string"},
+                                   "replica": {"type": "integer", "minimum": 0},
+                                   "replicas": {"type": "integer", "minimum": 1}}),
+        "limits": strict_object({
+            "connections": {"type": "integer", "minimum": 1},
+            "connections_per_client": {"type": "integer", "minimum": 0},
+            "headers": {"type": "integer", "minimum": 1},
+            "min_body_rate": SIZE}),
+        "tls": strict_object({
+            "session_tickets": {"type": "boolean"},
+            "min_version": {"anyOf": [{"enum": [1.2, 1.3]}, {
+                "type": "string", "pattern": "^([Tt][Ll][Ss][Vv])?1\\.[23]$"}]}}),
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "edgelb config",
+        "description": "The YAML config file of edgelb (edgelb run -c FILE)",
+        **strict_object({key: _nullable(sections[key]) for key in TOP_KEYS}),
+    }
+
+
+def schema_command(markdown: bool = False) -> int:
+    """`edgelb schema [--markdown]`: the JSON Schema of the config file, or the README table of
+    the per-service keys."""
+    if markdown:
+        sys.stdout.write(POLICY.markdown())
+    else:
+        print(json.dumps(json_schema(), indent=2))
     return 0
 
 

@@ -732,7 +732,7 @@ KEYS: tuple[Key, ...] = (
     Key("idle_timeout", _D.idle_timeout, "keep-alive connections, both sides", DURATION,
         _duration(positive=True), summary=_sum_seconds("idle", "idle_timeout")),
     Key("tunnel_timeout", _D.tunnel_timeout, "an upgraded (WebSocket) connection silent this "
-        "long closes", DURATION, _duration(positive=True)),
+        "long closes", DURATION, _duration(positive=True), shown="1h"),
     Key("max_idle", _D.max_idle, "idle keep-alive connections kept per backend", integer(0),
         _integer(0)),
     Key("proxy_protocol", _D.proxy_protocol, "tcp mode: send a PROXY protocol header (1 or 2) "
@@ -779,16 +779,19 @@ class PolicySchema:
         self.hooks = hooks
         self.keys = keys
         self.names = tuple(k.name for k in keys)
+        self.by_name = {k.name: k for k in keys}
 
     def read(self, c: Checker, m: dict, path: str, base: Policy) -> dict[str, Any]:
-        """The keys set in mapping `m`, validated (errors into `c`); invalid ones left out."""
+        """The keys set in mapping `m`, validated (errors into `c`, in the order the keys are
+        written); invalid ones are left out, other keys are the caller's."""
         r = Reading(c, base, self.hooks)
         out: dict[str, Any] = {}
-        for key in self.keys:
-            if key.name in m:
-                value = key.read(r, m[key.name], join(path, key.name))
-                if value is not INVALID:
-                    out[key.name] = value
+        for name, value in m.items():
+            key = self.by_name.get(name) if isinstance(name, str) else None
+            if key is not None:
+                parsed = key.read(r, value, join(path, name))
+                if parsed is not INVALID:
+                    out[name] = parsed
         return out
 
     def from_annotations(self, annotations: dict[str, str], base: Policy,
