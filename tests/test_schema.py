@@ -191,6 +191,34 @@ def test_a_wrong_value_is_rejected_by_the_schema_and_the_parser(
         parse_config(text)
 
 
+# values of every shape the per-service keys take, valid for some keys and not for others
+SAMPLES: list[Any] = [
+    None, True, False, 0, 1, 3, 6, -1, 0.5, 1.5, "2s", "250ms", "-1s", "1y", "auto", "x", "v2",
+    "V1", " 2 ", "10%", "10MiB", "10k", "source", "header:X-User", "cookie:s", "round-robin",
+    [], ["10.0.0.0/8"], "10.0.0.0/8", {"allow": ["10.0.0.0/8"], "deny": "10.0.0.7"},
+    {"path": "/h", "status": "200-399", "type": "tcp"}, {"method": "HEAD", "host": "a.b"},
+    {"failures": 2, "kinds": [503, "connect"], "max_ejected": "5%"}, {"ratio": "20%", "min": 0},
+    {"size": "auto"}, {"size": 0}, {"verify": False, "sni": "api.internal"}, {"bogus": 1},
+]
+
+
+def test_what_the_parser_accepts_the_schema_accepts(
+        validator: jsonschema.Draft202012Validator) -> None:
+    """An editor must not flag a value `edgelb check` takes (the schema may be looser)."""
+    accepted = 0
+    for key in POLICY_KEYS:
+        mode = "tcp" if key == "proxy_protocol" else "http"
+        for value in SAMPLES:
+            doc = {"services": [{"name": "web", "listen": 10000, "mode": mode, key: value}]}
+            try:
+                parse_config(yaml.safe_dump(doc))
+            except ConfigError:
+                continue
+            accepted += 1
+            assert not list(validator.iter_errors(doc)), (key, value)
+    assert accepted > 2 * len(POLICY_KEYS)  # the samples do reach the valid side
+
+
 def test_a_wrong_type_in_a_section_is_rejected(validator: jsonschema.Draft202012Validator) -> None:
     assert schema_errors(validator, "shutdown: {grace: forever}")
     assert schema_errors(validator, "services: {web: {listen: 10000}}")

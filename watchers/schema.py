@@ -708,6 +708,7 @@ KEYS: tuple[Key, ...] = (
     Key("subset", _D.subset, "balance over a deterministic subset of K backends per replica "
         "(K, auto, or 0 for all)",
         {"anyOf": [{"type": ["integer", "null"], "minimum": 0}, {"const": "auto"},
+                   {"const": False},
                    strict_object({"size": {"anyOf": [{"type": ["integer", "null"],
                                                       "minimum": 0}, {"const": "auto"}]}})]},
         _subset),
