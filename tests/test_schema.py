@@ -47,12 +47,20 @@ def schema_errors(validator: jsonschema.Draft202012Validator, text: str) -> list
 
 # -- the declaration and Policy ---------------------------------------------------------------
 
-def test_policy_has_exactly_the_declared_keys_with_their_defaults() -> None:
+def test_policy_has_exactly_the_declared_keys() -> None:
     fields = {f.name for f in dataclasses.fields(Policy)}
     assert fields == {k.name for k in KEYS}
     assert len(KEYS) == len(fields)  # no key declared twice
-    for key in KEYS:
-        assert getattr(Policy(), key.name) == key.default, key.name
+
+
+@pytest.mark.parametrize("key", KEYS, ids=lambda k: k.name)
+def test_the_default_as_shown_reads_back_as_the_default(
+        validator: jsonschema.Draft202012Validator, key: Any) -> None:
+    """The README and the JSON Schema show each default as a user would write it."""
+    written = yaml.safe_load(f"{key.name}: {key.default_text()}")
+    c = Checker()
+    assert POLICY.read(c, written, "defaults", Policy()) == {key.name: key.default}, c.errors
+    assert not list(validator.iter_errors({"defaults": written}))
 
 
 def test_every_key_is_documented() -> None:

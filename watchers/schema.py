@@ -4,8 +4,8 @@ Everything that reads or shows a service's policy is derived from `KEYS`: the co
 services and `defaults:` (edgelb.config), the Kubernetes annotations `edgelb.io/<key>`
 (`PolicySchema.from_annotations`), the `edgelb check` summary (`PolicySchema.summary`), the
 JSON Schema printed by `edgelb schema` and the README's table of keys (`PolicySchema.markdown`).
-`Policy` (watchers/model.py) stays a plain frozen dataclass for the hot path; a test keeps its
-fields and defaults equal to `KEYS`.
+`Policy` (watchers/model.py) stays a plain frozen dataclass for the hot path and holds the
+default values, which `KEYS` reads off it; a test keeps its fields equal to `KEYS`.
 
 This module imports nothing from edgelb nor balancers: what only they know (the balance policy
 names, the parsers of `sources`, `auth` and `backend_tls`) is handed in as `Hooks`.
@@ -444,7 +444,7 @@ class Key:
     """One per-service key, as written in a service, `defaults:` or an annotation."""
 
     name: str
-    default: Any  # the Policy field's default (a test keeps them equal)
+    default: Any  # read off Policy(), whose fields are the keys (a test keeps them equal)
     doc: str  # one line for the README table and the JSON Schema's description
     json: dict[str, Any]  # the JSON Schema of the value as written in YAML
     read: Reader
@@ -694,7 +694,7 @@ _D = Policy()
 
 # In the order of the README table; the summary shows its parts in this order too.
 KEYS: tuple[Key, ...] = (
-    Key("balance", _D.balance, "how a backend is picked: see Routing and balancing",
+    Key("balance", _D.balance, "how a backend is picked (see Routing and balancing)",
         {"type": "string"}, _balance, hook="balance",
         summary=lambda p, mode: f"balance {p.balance}"),
     Key("hash_key", _D.hash_key, "what `balance: hash` hashes: source, header:NAME or "
@@ -860,6 +860,6 @@ class PolicySchema:
         for k in self.keys:
             doc = k.doc
             if k.hook == "balance":
-                doc += " (" + " \\| ".join(sorted(self.hooks.balance)) + ")"
+                doc += ": " + " \\| ".join(sorted(self.hooks.balance))
             rows.append(f"| `{k.name}` | `{k.default_text()}` | {doc} |")
         return "\n".join(rows) + "\n"
