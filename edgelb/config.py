@@ -145,8 +145,8 @@ class ConfigError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Scalars: durations and addresses. They raise ValueError with a message that has no key path;
-# the caller puts the path in front.
+# Scalars: addresses (durations and sizes are read in watchers/schema.py, and re-exported here).
+# They raise ValueError with a message that has no key path; the caller puts the path in front.
 
 _LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
