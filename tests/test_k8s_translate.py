@@ -809,8 +809,11 @@ def test_output_is_deterministic_whatever_the_cache_order() -> None:
         Backend("10.0.0.4", 8080, ready=False, terminating=True))
 
 
-def test_the_default_policy_reader_is_edgelb_config() -> None:
-    t = translate(state(*a_cluster()))
+def test_the_policy_reader_is_the_callers() -> None:
+    """No default reader: translate would have to import edgelb to find one."""
+    with pytest.raises(TypeError):
+        translate(state(*a_cluster()))  # type: ignore[call-arg]
+    t = translate(state(*a_cluster()), read_policy=policy_from_annotations)
     svc = t.snapshot.service("default/web:80")
     assert svc is not None and svc.policy.balance == "round-robin"
 

@@ -1,4 +1,4 @@
-"""Command line: `edgelb run|check|demo|manifests`, `--version`."""
+"""Command line: `edgelb run|check|schema|demo|manifests`, `--version`."""
 
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a config file and print a summary")
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+
+    schema = sub.add_parser(
+        "schema", help="print the JSON Schema of the config file (for editor completion)"
+    )
+    schema.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the table of per-service keys (as in README.md) instead",
+    )
 
     demo = sub.add_parser(
         "demo", help="start three local demo backends and the proxy in front of them"
@@ -66,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         from edgelb.ops.config import check_command
 
         return check_command(args.config)
+    if args.command == "schema":
+        from edgelb.ops.config import schema_command
+
+        return schema_command(markdown=args.markdown)
     if args.command == "demo":
         from edgelb.ops.demo import main as demo_main
 

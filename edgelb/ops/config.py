@@ -8,14 +8,14 @@ print them all at once.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import ipaddress
+import json
 import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,18 +25,21 @@ import yaml
 import balancers
 from edgelb.net.tls import Options as TLSOptions
 from watchers.model import (
-    OUTLIER_KINDS,
     Address,
     Backend,
-    HealthCheck,
-    Outlier,
     PathRules,
     Policy,
-    RetryBudget,
     Route,
     Service,
     Snapshot,
 )
+from watchers.schema import DURATION, KEY_NAMES, SIZE, Checker, Hooks, PolicySchema, strict_object
+from watchers.schema import INVALID as _INVALID
+from watchers.schema import fmt_seconds as _fmt_seconds
+from watchers.schema import join as _join
+from watchers.schema import kind as _kind
+from watchers.schema import parse_duration as parse_duration
+from watchers.schema import parse_size as parse_size
 
 DEFAULT_ADMIN = Address("127.0.0.1", 9090)
 ANY_HOST = "0.0.0.0"
@@ -142,52 +145,8 @@ class ConfigError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Scalars: durations and addresses. They raise ValueError with a message that has no key path;
-# the caller puts the path in front.
-
-_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_DURATION_HINT = "write it like 250ms, 2s, 1m, 1h, 365d, or a plain number of seconds"
-
-
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB|k|m|g)?\s*$")
-_SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "k": 1024, "MB": 1000**2,
-               "MiB": 1024**2, "m": 1024**2, "GB": 1000**3, "GiB": 1024**3, "g": 1024**3}
-
-
-def parse_size(value: Any) -> int:
-    """`512`, `64KiB`, `10MiB`, `1GB` (also k/m/g as KiB/MiB/GiB) -> bytes."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"expected a size like 10MiB, got {_kind(value)}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"size {value} is negative")
-        return value
-    m = _SIZE.match(value)
-    if m is None:
-        raise ValueError(f"{value!r} is not a size; write it like 512, 64KiB, 10MiB or 1GB")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
-
-
-def parse_duration(value: Any) -> float:
-    """`250ms`, `2s`, `1m`, `1h` or a plain number of seconds -> seconds (float, >= 0)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"expected a duration, got {_kind(value)}; {_DURATION_HINT}")
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m is None:
-            if value.strip().startswith("-"):
-                raise ValueError(f"duration {value!r} is negative; durations are 0 or more")
-            raise ValueError(f"{value!r} is not a duration; {_DURATION_HINT}")
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        seconds = float(value)
-    if math.isnan(seconds) or math.isinf(seconds):
-        raise ValueError(f"{value!r} is not a finite duration; {_DURATION_HINT}")
-    if seconds < 0:
-        raise ValueError(f"duration {value!r} is negative; durations are 0 or more")
-    return seconds
-
+# Scalars: addresses (durations and sizes are read in watchers/schema.py, and re-exported here).
+# They raise ValueError with a message that has no key path; the caller puts the path in front.
 
 _LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
@@ -250,142 +209,12 @@ def parse_address(value: Any, default_host: str | None = None) -> Address:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation helpers
+# Validation helpers (the checker and the scalar readers live beside the per-service schema,
+# watchers/schema.py)
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {value}".lower()
-    if isinstance(value, int):
-        return f"integer {value}"
-    if isinstance(value, float):
-        return f"number {value}"
-    if isinstance(value, str):
-        return f"string {value!r}"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
-
-
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else str(key)
-
-
-def _closest(word: Any, choices: Iterable[str]) -> str | None:
-    close = difflib.get_close_matches(str(word), sorted(choices), n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-class _Checker:
-    """Accumulates errors while the document is walked."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-        self.warnings: list[str] = []
-        self.suggested: set[tuple[str, str]] = set()  # (mapping path, key offered for a typo)
-
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(f"{path or '(top level)'}: {message}")
-
-    def missing(self, path: str, key: str, message: str) -> None:
-        """Report a required key, unless a misspelling of it was already reported."""
-        if (path, key) not in self.suggested:
-            self.error(path, message)
-
-    def mapping(self, value: Any, path: str, what: str = "a mapping") -> dict | None:
-        if isinstance(value, dict):
-            return value
-        self.error(path, f"expected {what}, got {_kind(value)}")
-        return None
-
-    def section(self, value: Any, path: str, what: str, valid: Iterable[str],
-                why: dict[str, str] | None = None) -> dict | None:
-        """An optional mapping with known keys: None when absent or not a mapping (then
-        reported); unknown keys are reported and the mapping is returned anyway."""
-        if value is None:
-            return None
-        m = self.mapping(value, path, what)
-        if m is not None:
-            self.keys(m, path, valid, why)
-        return m
-
-    def keys(self, value: dict, path: str, valid: Iterable[str],
-             why: dict[str, str] | None = None) -> None:
-        valid = list(valid)
-        for key in value:
-            if key in valid:
-                continue
-            if isinstance(key, bool):
-                self.error(_join(path, str(key).lower()),
-                           "YAML reads a bare on/off/yes/no/true/false key as a boolean; quote "
-                           f"it, or use one of {', '.join(sorted(valid))}")
-                continue
-            if why and key in why:
-                self.error(_join(path, str(key)), why[key])
-            else:
-                close = _closest(key, valid)
-                if close is None:
-                    hint = f"valid keys: {', '.join(sorted(valid))}"
-                else:
-                    hint = f"did you mean {close!r}?"
-                    self.suggested.add((path, close))
-                self.error(_join(path, str(key)), f"unknown key; {hint}")
-
-    def list(self, value: Any, path: str, what: str, example: str) -> list | None:
-        if isinstance(value, list):
-            return value
-        hint = f"; write it as a list, e.g. {example}"
-        self.error(path, f"expected a list of {what}, got {_kind(value)}{hint}")
-        return None
-
-    def duration(self, value: Any, path: str, positive: bool = False) -> float | None:
-        try:
-            seconds = parse_duration(value)
-        except ValueError as e:
-            self.error(path, str(e))
-            return None
-        if positive and seconds <= 0:
-            self.error(path, "must be more than 0; e.g. 1s")
-            return None
-        return seconds
-
-    def integer(self, value: Any, path: str, minimum: int, nullable: bool = False) -> Any:
-        if value is None and nullable:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            want = f"an integer >= {minimum}" + (" or null" if nullable else "")
-            self.error(path, f"expected {want}, got {_kind(value)}")
-            return _INVALID
-        if value < minimum:
-            extra = " (or null for no limit)" if nullable else ""
-            self.error(path, f"must be at least {minimum}{extra}, got {value}")
-            return _INVALID
-        return value
-
-    def string(self, value: Any, path: str, pattern: re.Pattern[str] | None = None,
-               rule: str = "") -> str | None:
-        if not isinstance(value, str):
-            self.error(path, f"expected a string, got {_kind(value)}")
-            return None
-        if not value:
-            self.error(path, "must not be empty")
-            return None
-        if pattern is not None and not pattern.match(value):
-            self.error(path, f"{value!r} is not valid; {rule}")
-            return None
-        return value
-
-    def boolean(self, value: Any, path: str) -> bool | None:
-        if isinstance(value, bool):
-            return value
-        self.error(path, f"expected true or false, got {_kind(value)}")
-        return None
+class _Checker(Checker):
+    """The schema's checker, plus addresses (listen ports, backends)."""
 
     def address(self, value: Any, path: str, default_host: str | None) -> Address | None:
         try:
@@ -395,30 +224,13 @@ class _Checker:
             return None
 
 
-_INVALID = object()  # marks a value that failed validation (None may be a valid value)
 
 # ---------------------------------------------------------------------------------------------
 # Sections
 
 TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "watchers", "shutdown", "instance",
             "limits", "tls")
-HEALTH_KEYS = ("path", "interval", "timeout", "rise", "fall", "type", "method", "status",
-               "host")
-OUTLIER_KEYS = ("failures", "kinds", "ejection", "max_ejection", "max_ejected")
-RETRY_BUDGET_KEYS = ("ratio", "min")
-POLICY_KEYS = (
-    "balance", "connect_timeout", "header_timeout", "idle_timeout", "response_timeout",
-    "max_inflight", "queue_timeout", "max_idle", "health_check", "slow_start",
-    "hash_key", "sticky", "zone_aware", "zone_threshold", "subset",
-    "adaptive", "queue_size", "outlier", "panic_threshold", "retries", "retry_budget",
-    "max_body", "redirect_to_https", "hsts", "sources", "auth", "backend_tls", "tunnel_timeout",
-    "proxy_protocol",
-)
-_METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_STATUS_RANGE = re.compile(r"^([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?$")
-_HOST_HEADER = re.compile(r"^[A-Za-z0-9.:\[\]_-]+$")
-_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # an RFC 9110 token: a header or cookie name
-_HASH_KEY = re.compile(rf"^(source|header:{_TOKEN}|cookie:{_TOKEN})$")
+POLICY_KEYS = KEY_NAMES  # the per-service keys: watchers/schema.py declares them
 PATH_RULE_KEYS = ("merge_slashes", "encoded_slashes")  # a listener's: entrypoint or static port
 ENCODED_SLASHES = ("reject", "keep")
 SERVICE_KEYS = ("name", "listen", "mode", "hosts", "paths", "backends", "tls",
@@ -438,316 +250,37 @@ _NAME_RULE = "use lowercase letters, digits, '.', '_' and '-'"
 _K8S_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-def _switch_mapping(c: _Checker, value: Any, path: str, on: Any, keys: Iterable[str],
-                    what: str) -> tuple[dict | None, Any]:
-    """A section that is a mapping merged over the defaults, or a switch: (the mapping to
-    read, None), or (None, the value itself): null/false -> None, true -> `on`, not a
-    mapping -> _INVALID (reported)."""
-    if value is None or value is False:
-        return None, None
-    if value is True:
-        return None, on
-    m = c.mapping(value, path, what)
-    if m is None:
-        return None, _INVALID
-    c.keys(m, path, keys)
-    return m, None
+# The parsers of the per-service keys whose values are edgelb's own types, imported on first
+# use (edgelb.net.acl imports this module lazily too).
 
 
-def _health_check(c: _Checker, value: Any, path: str, base: HealthCheck | None) -> Any:
-    """A mapping merged over `base` (the defaults' check); null or false turns checks off."""
-    m, done = _switch_mapping(c, value, path, base or HealthCheck(), HEALTH_KEYS,
-                              "a mapping like {path: /healthz, interval: 2s} or null")
-    if m is None:
-        return done
-    fields: dict[str, Any] = {}
-    ok = True
-    if "path" in m:
-        p = c.string(m["path"], _join(path, "path"), re.compile(r"^/\S*$"),
-                     "an HTTP path starts with '/' and has no spaces, e.g. /healthz")
-        ok &= p is not None
-        fields["path"] = p
-    for key in ("interval", "timeout"):
-        if key in m:
-            d = c.duration(m[key], _join(path, key), positive=True)
-            ok &= d is not None
-            fields[key] = d
-    for key in ("rise", "fall"):
-        if key in m:
-            n = c.integer(m[key], _join(path, key), 1)
-            ok &= n is not _INVALID
-            fields[key] = n
-    if "type" in m:
-        kind = m["type"]
-        if kind not in ("http", "tcp"):
-            c.error(_join(path, "type"), f"expected http or tcp, got {kind!r}")
-            ok = False
-        fields["kind"] = kind
-    if "method" in m:
-        meth = c.string(m["method"], _join(path, "method"), _METHOD,
-                        "an HTTP method token, e.g. GET or HEAD")
-        ok &= meth is not None
-        fields["method"] = meth
-    if "status" in m:
-        rng = _status_range(c, m["status"], _join(path, "status"))
-        ok &= rng is not None
-        fields["status"] = rng
-    if "host" in m:
-        host = c.string(m["host"], _join(path, "host"), _HOST_HEADER,
-                        "a host name (and port) for the Host header, e.g. app.internal")
-        ok &= host is not None
-        fields["host"] = host
-    if not ok:
-        return _INVALID
-    return dataclasses.replace(base or HealthCheck(), **fields)
+def _parse_sources(value: Any, path: str) -> tuple[Any, list[str]]:
+    from edgelb.net.acl import parse_source_filter
+
+    return parse_source_filter(value, path)
 
 
-def _status_range(c: _Checker, value: Any, path: str) -> tuple[int, int] | None:
-    """`200`, `"200-399"` -> an inclusive range of expected status codes."""
-    match = _STATUS_RANGE.match(str(value)) if isinstance(value, (int, str)) else None
-    if match is None or isinstance(value, bool):
-        c.error(path, f"expected a status or a range like 200-399, got {value!r}")
-        return None
-    low = int(match.group(1))
-    high = int(match.group(2) or low)
-    if high < low:
-        c.error(path, f"the range {value!r} ends below its start; write it low-high")
-        return None
-    return (low, high)
+def _parse_auth(value: Any, path: str) -> tuple[Any, list[str]]:
+    from edgelb.net.acl import parse_auth
+
+    return parse_auth(value, path)
 
 
-def _share(c: _Checker, value: Any, path: str, example: str) -> float | None:
-    """A share of something: 0.1 or "10%", from 0 to 1."""
-    if isinstance(value, str) and value.endswith("%"):
-        try:
-            value = float(value[:-1]) / 100.0
-        except ValueError:
-            pass
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
-        return float(value)
-    c.error(path, f"expected a share from 0 to 1 or a percentage, e.g. {example}, got "
-            f"{value!r}")
-    return None
+def _parse_backend_tls(value: Any, path: str) -> tuple[Any, list[str]]:
+    from edgelb.net.backend_tls import parse_backend_tls
+
+    return parse_backend_tls(value, path)
 
 
-def _outlier(c: _Checker, value: Any, path: str, base: Outlier | None) -> Any:
-    """A mapping merged over `base`; false or null turns passive ejection off."""
-    m, done = _switch_mapping(c, value, path, base or Outlier(), OUTLIER_KEYS,
-                              "a mapping like {failures: 5, ejection: 30s} or false")
-    if m is None:
-        return done
-    fields: dict[str, Any] = {}
-    ok = True
-    if "failures" in m:
-        n = c.integer(m["failures"], _join(path, "failures"), 1)
-        ok &= n is not _INVALID
-        fields["failures"] = n
-    for key in ("ejection", "max_ejection"):
-        if key in m:
-            d = c.duration(m[key], _join(path, key), positive=True)
-            ok &= d is not None
-            fields[key] = d
-    if "max_ejected" in m:
-        share = _share(c, m["max_ejected"], _join(path, "max_ejected"), "10%")
-        ok &= share is not None
-        fields["max_ejected"] = share
-    if "kinds" in m:  # not `on`: YAML 1.1 reads a bare `on` key as true
-        kinds = c.list(m["kinds"], _join(path, "kinds"), "failure kinds", "[connect, reset, 503]")
-        if kinds is None:
-            ok = False
-        else:
-            names = [str(k) for k in kinds]
-            bad = [k for k in names if k not in OUTLIER_KINDS]
-            known = f"use some of {', '.join(OUTLIER_KINDS)}"
-            if bad:
-                c.error(_join(path, "kinds"), f"unknown failure kind {bad[0]!r}; {known}")
-                ok = False
-            elif not names:
-                c.error(_join(path, "kinds"), f"must name at least one failure kind; {known}")
-                ok = False
-            fields["kinds"] = frozenset(names)
-    if not ok:
-        return _INVALID
-    merged = dataclasses.replace(base or Outlier(), **fields)
-    if merged.max_ejection < merged.ejection:
-        c.error(_join(path, "max_ejection"), "must be at least `ejection`")
-        return _INVALID
-    return merged
-
-
-def _retry_budget(c: _Checker, value: Any, path: str, base: RetryBudget) -> Any:
-    m = c.mapping(value, path, "a mapping like {ratio: 0.2, min: 3}")
-    if m is None:
-        return _INVALID
-    c.keys(m, path, RETRY_BUDGET_KEYS)
-    fields: dict[str, Any] = {}
-    ok = True
-    if "ratio" in m:
-        share = _share(c, m["ratio"], _join(path, "ratio"), "0.2")
-        ok &= share is not None
-        fields["ratio"] = share
-    if "min" in m:
-        n = c.integer(m["min"], _join(path, "min"), 0)
-        ok &= n is not _INVALID
-        fields["min"] = n
-    return dataclasses.replace(base, **fields) if ok else _INVALID
-
-
-def _policy_fields(c: _Checker, m: dict, path: str, base: Policy) -> dict[str, Any]:
-    """The Policy keys set in mapping `m`, validated; invalid ones are left out."""
-    out: dict[str, Any] = {}
-    for key in POLICY_KEYS:
-        if key not in m:
-            continue
-        value, kpath = m[key], _join(path, key)
-        if key == "balance":
-            if not isinstance(value, str):
-                c.error(kpath, f"expected a policy name, got {_kind(value)}; "
-                        f"use one of {', '.join(sorted(balancers.POLICIES))}")
-            elif value not in balancers.POLICIES:
-                close = _closest(value, balancers.POLICIES)
-                hint = f"did you mean {close!r}? " if close else ""
-                c.error(kpath, f"unknown balance policy {value!r}; {hint}"
-                        f"known: {', '.join(sorted(balancers.POLICIES))}")
-            else:
-                out[key] = value
-        elif key in ("queue_timeout", "slow_start"):
-            d = c.duration(value, kpath)
-            if d is not None:
-                out[key] = d
-        elif key.endswith("_timeout"):
-            d = c.duration(value, kpath, positive=True)
-            if d is not None:
-                out[key] = d
-        elif key == "max_inflight":
-            n = c.integer(value, kpath, 1, nullable=True)
-            if n is not _INVALID:
-                out[key] = n
-        elif key == "max_idle":
-            n = c.integer(value, kpath, 0)
-            if n is not _INVALID:
-                out[key] = n
-        elif key == "health_check":
-            hc = _health_check(c, value, kpath, base.health_check)
-            if hc is not _INVALID:
-                out[key] = hc
-        elif key == "hash_key":
-            v = c.string(value, kpath, _HASH_KEY,
-                         "use source, header:NAME or cookie:NAME (what `balance: hash` hashes)")
-            if v is not None:
-                out[key] = v
-        elif key == "adaptive":
-            b = c.boolean(value, kpath)
-            if b is not None:
-                out[key] = b
-        elif key == "queue_size":
-            n = c.integer(value, kpath, 0)
-            if n is not _INVALID:
-                out[key] = n
-        elif key == "retries":
-            n = c.integer(value, kpath, 0)
-            if n is not _INVALID:
-                if n > 5:
-                    c.error(kpath, f"at most 5 retries, got {n}; more multiply an overload")
-                else:
-                    out[key] = n
-        elif key == "outlier":
-            o = _outlier(c, value, kpath, base.outlier)
-            if o is not _INVALID:
-                out[key] = o
-        elif key == "retry_budget":
-            rb = _retry_budget(c, value, kpath, base.retry_budget)
-            if rb is not _INVALID:
-                out[key] = rb
-        elif key == "max_body":
-            if value is None:
-                out[key] = None
-            else:
-                try:
-                    out[key] = parse_size(value)
-                except ValueError as e:
-                    c.error(kpath, f"{e} (or null for no limit)")
-        elif key == "redirect_to_https":
-            b = c.boolean(value, kpath)
-            if b is not None:
-                out[key] = b
-        elif key == "hsts":
-            # hsts: true (one year) | false | a duration (max-age)
-            if value is True:
-                out[key] = 31536000
-            elif value is False or value is None:
-                out[key] = 0
-            else:
-                d = c.duration(value, kpath)
-                if d is not None:
-                    out[key] = int(d)
-        elif key in ("sources", "auth", "backend_tls"):
-            if key == "backend_tls":
-                from edgelb.net.backend_tls import parse_backend_tls as parse
-            elif key == "sources":
-                from edgelb.net.acl import parse_source_filter as parse
-            else:
-                from edgelb.net.acl import parse_auth as parse
-            v, errs = parse(value, kpath)
-            if errs:
-                c.errors.extend(errs)
-            else:
-                out[key] = v
-                if key == "auth" and v is not None:
-                    c.warnings.extend(v.warnings)  # weak hashes (apr1)
-        elif key == "proxy_protocol":
-            version = _proxy_protocol(value)
-            if version is None:
-                c.error(kpath, f"expected 1 or v1, 2 or v2, or false (none), got "
-                        f"{_kind(value)}; the PROXY protocol version backends expect")
-            else:
-                out[key] = version
-        elif key == "panic_threshold":
-            share = _share(c, value, kpath, "0.5 or 50%")
-            if share is not None:
-                out[key] = share
-        elif key in ("sticky", "zone_aware"):
-            b = c.boolean(value, kpath)
-            if b is not None:
-                out[key] = b
-        elif key == "zone_threshold":
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                out[key] = float(value)
-            else:
-                c.error(kpath, f"expected a number above 0 (in-zone load, e.g. 0.8), got "
-                        f"{_kind(value)}")
-        elif key == "subset":
-            # subset: 12 | auto | {size: 12 | auto}; 0 or null: every backend
-            if isinstance(value, dict):
-                c.keys(value, kpath, ("size",))
-                value = value.get("size")
-            if value is None or value == 0:
-                out[key] = 0
-            elif value == "auto":
-                out[key] = -1
-            else:
-                n = c.integer(value, kpath, 1)
-                if isinstance(n, int):
-                    out[key] = n
-    return out
-
-
-def _proxy_protocol(value: Any) -> int | None:
-    """`proxy_protocol`: false/null/0 -> 0 (none), 1/v1 -> 1, 2/v2 -> 2; None if invalid."""
-    if value is None or value is False:
-        return 0
-    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1, 2):
-        return value
-    if isinstance(value, str):
-        return {"0": 0, "1": 1, "v1": 1, "2": 2, "v2": 2}.get(value.strip().lower())
-    return None
+POLICY = PolicySchema(Hooks(balance=tuple(balancers.POLICIES), sources=_parse_sources,
+                            auth=_parse_auth, backend_tls=_parse_backend_tls))
 
 
 def _defaults(c: _Checker, value: Any) -> Policy:
     m = c.section(value, "defaults", "a mapping", POLICY_KEYS, why=NOT_IN_DEFAULTS)
     if m is None:
         return Policy()
-    return dataclasses.replace(Policy(), **_policy_fields(c, m, "defaults", Policy()))
+    return dataclasses.replace(Policy(), **POLICY.read(c, m, "defaults", Policy()))
 
 
 def _admin(c: _Checker, value: Any) -> Address:
@@ -1027,7 +560,7 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
         c.error(path, f"not exposed: {who} has no listen, hosts or paths; set listen, or "
                 "hosts/paths for the entrypoints")
         ok = False
-    policy_fields = _policy_fields(c, m, path, defaults)
+    policy_fields = POLICY.read(c, m, path, defaults)
     ok &= len(policy_fields) == sum(1 for k in POLICY_KEYS if k in m)
     backends: tuple[Backend, ...] | None = ()
     if m.get("backends") is not None:
@@ -1446,37 +979,6 @@ def config_loader(origin: str) -> Callable[[bytes], Config]:
 # Summary and `edgelb check`
 
 
-def _fmt_seconds(s: float) -> str:
-    if s and s < 1:
-        return f"{s * 1000:g}ms"
-    return f"{s:g}s"
-
-
-def _fmt_policy(p: Policy, mode: str) -> str:
-    parts = [f"balance {p.balance}"]
-    if p.max_inflight is not None or p.adaptive:
-        cap = f"max_inflight {p.max_inflight or 'none'}" + (" (adaptive)" if p.adaptive else "")
-        parts.append(f"{cap}, queue {p.queue_size} for {_fmt_seconds(p.queue_timeout)}")
-    parts.append(f"connect {_fmt_seconds(p.connect_timeout)}")
-    if mode == "http":
-        parts.append(f"response {_fmt_seconds(p.response_timeout)}")
-    parts.append(f"idle {_fmt_seconds(p.idle_timeout)}")
-    if mode == "tcp" and p.proxy_protocol:
-        parts.append(f"PROXY protocol v{p.proxy_protocol} to backends")
-    if p.health_check is not None:
-        hc = p.health_check
-        what = f"{hc.method} {hc.path}" if hc.kind == "http" else "tcp connect"
-        parts.append(f"health {what} every {_fmt_seconds(hc.interval)} "
-                     f"(rise {hc.rise}, fall {hc.fall})")
-    o = p.outlier
-    if o is not None:
-        parts.append(f"eject after {o.failures} failures for {_fmt_seconds(o.ejection)}+ "
-                     f"(at most {o.max_ejected:.0%})")
-    if mode == "http":
-        parts.append(f"retries {p.retries}")
-    return ", ".join(parts)
-
-
 def _fmt_accept(policy: Any) -> str:
     if policy is None:
         return ""
@@ -1524,7 +1026,7 @@ def summarize(config: Config) -> str:
             shown = ", ".join(f"{r.host}{r.path}" if r.host else f"{r.path} (any host)"
                               for r in routes)
             lines.append(f"    routes {shown}")
-        lines.append(f"    {_fmt_policy(s.policy, s.mode)}")
+        lines.append(f"    {POLICY.summary(s.policy, s.mode)}")
         if not s.backends:
             lines.append("    backends: none (requests get 503 until some are added)")
         else:
@@ -1630,46 +1132,101 @@ def check_command(path: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# `edgelb schema`: the JSON Schema of the config file (editor completion), and the README table
+# of the per-service keys. The per-service part comes from watchers/schema.py; the sections
+# around it follow the key lists above (a test keeps them equal).
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [{"type": "null"}, schema]}
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the whole config file."""
+    address = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 65535},
+                         {"type": "string"}], "description": "host:port, [v6]:port or a port"}
+    name = {"type": "string", "pattern": _NAME.pattern}
+    strings = {"type": "array", "items": {"type": "string"}}
+    accept = {"anyOf": [{"type": ["boolean", "null"]}, {**strings, "minItems": 1}],
+              "description": "read a PROXY header first: true (every peer), false, or the "
+              "CIDRs of the balancers that send one"}
+    cert_key = strict_object({"cert": {"type": "string"}, "key": {"type": "string"}})
+    paths_rules = {"merge_slashes": {"type": "boolean"},
+                   "encoded_slashes": {"enum": list(ENCODED_SLASHES)}}
+    policy = POLICY.json_properties()
+    entrypoint = strict_object({
+        "listen": address,
+        "tls": {"anyOf": [{"type": ["boolean", "null"]}, cert_key]},
+        "accept_proxy_protocol": accept, **paths_rules}, required=["listen"])
+    backend = {"anyOf": [{"type": "string"}, strict_object({
+        "address": address,
+        "weight": {"type": "number", "minimum": 0},
+        "zone": {"type": "string"}}, required=["address"])]}
+    service = strict_object({
+        "name": name,
+        "listen": _nullable(address),
+        "mode": {"enum": list(MODES)},
+        "hosts": _nullable(strings),
+        "paths": _nullable(strings),
+        "backends": _nullable({"type": "array", "items": backend}),
+        "tls": {"anyOf": [{"type": "null"}, {"const": "passthrough"},
+                          {**cert_key, "required": ["cert", "key"]}]},
+        "accept_proxy_protocol": accept, **paths_rules, **policy}, required=["name"])
+    kubernetes = strict_object({
+        "enabled": {"type": "boolean"}, "kubeconfig": {"type": ["string", "null"]},
+        "ingress_class": {"type": "string"}, "namespaces": _nullable(strings),
+        "pod_weights": {"type": "boolean"}, "publish_service": {"type": ["string", "null"]},
+        "publish_address": {"anyOf": [{"type": ["string", "null"]}, strings]},
+        "leader_election": {"type": "boolean"}})
+    marathon = strict_object({"urls": strings, "group": {"type": "string"}}, required=["urls"])
+    duration = DURATION
+    sections = {
+        "admin": strict_object({"listen": address}),
+        "entrypoints": {"type": "object", "propertyNames": name,
+                        "additionalProperties": entrypoint},
+        "defaults": strict_object(policy),
+        "services": {"type": "array", "items": service},
+        "watchers": strict_object({"kubernetes": _nullable(kubernetes),
+                                   "marathon": _nullable(marathon)}),
+        "shutdown": strict_object({"delay": duration, "grace": duration}),
+        "instance": strict_object({"zone": {"type": "string"},
+                                   "replica": {"type": "integer", "minimum": 0},
+                                   "replicas": {"type": "integer", "minimum": 1}}),
+        "limits": strict_object({
+            "connections": {"type": "integer", "minimum": 1},
+            "connections_per_client": {"type": "integer", "minimum": 0},
+            "headers": {"type": "integer", "minimum": 1},
+            "min_body_rate": SIZE}),
+        "tls": strict_object({
+            "session_tickets": {"type": "boolean"},
+            "min_version": {"anyOf": [{"enum": [1.2, 1.3]}, {
+                "type": "string", "pattern": "^([Tt][Ll][Ss][Vv])?1\\.[23]$"}]}}),
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "edgelb config",
+        "description": "The YAML config file of edgelb (edgelb run -c FILE)",
+        **strict_object({key: _nullable(sections[key]) for key in TOP_KEYS}),
+    }
+
+
+def schema_command(markdown: bool = False) -> int:
+    """`edgelb schema [--markdown]`: the JSON Schema of the config file, or the README table of
+    the per-service keys."""
+    if markdown:
+        sys.stdout.write(POLICY.markdown())
+    else:
+        print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Per-service keys from string annotations (Kubernetes `edgelb.io/<key>`, Marathon labels)
 
 
 def policy_from_annotations(
     annotations: dict[str, str], base: Policy, prefix: str = "edgelb.io/"
 ) -> tuple[Policy, list[str]]:
-    """The per-service keys set as annotations `<prefix><key>` (dashes or underscores, e.g.
-    `edgelb.io/max-inflight: "64"`), validated exactly as in the config file, over `base`.
-
-    Each value is read as a YAML scalar or flow mapping (`"64"`, `"true"`, `"250ms"`,
-    `"{path: /healthz, interval: 2s}"`). Returns the policy and the errors, each naming the
-    annotation; with errors the policy is `base` (the caller skips the object)."""
-    doc: dict[str, Any] = {}
-    errs: list[str] = []
-    for name, raw in annotations.items():
-        if not name.startswith(prefix):
-            continue
-        key = name[len(prefix):].replace("-", "_")
-        if key in ("port", "mode", "weight"):
-            continue  # exposure and capacity, read by the watcher itself
-        if key not in POLICY_KEYS:
-            close = _closest(key, POLICY_KEYS)
-            hint = f"did you mean {prefix}{close.replace('_', '-')}?" if close else (
-                "known: " + ", ".join(prefix + k.replace("_", "-") for k in POLICY_KEYS))
-            errs.append(f"{name}: unknown annotation; {hint}")
-            continue
-        try:
-            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
-        except yaml.YAMLError:
-            errs.append(f"{name}: {raw!r} is not a value edgelb can read; write e.g. \"64\", "
-                        "\"true\", \"250ms\" or \"{path: /healthz}\"")
-            continue
-        doc[key] = value
-    c = _Checker()
-    fields = _policy_fields(c, doc, "", base)
-    for err in c.errors:
-        key, _, message = err.partition(": ")
-        head, _, rest = key.partition(".")
-        where = prefix + head.replace("_", "-") + (f" ({rest})" if rest else "")
-        errs.append(f"{where}: {message}")
-    if errs:
-        return base, errs
-    return dataclasses.replace(base, **fields), []
+    """The per-service keys set as annotations `<prefix><key>` over `base`, validated exactly
+    as in the config file (watchers/schema.py `PolicySchema.from_annotations`); the reader
+    edgelb hands to the Kubernetes watcher."""
+    return POLICY.from_annotations(annotations, base, prefix)

@@ -117,26 +117,20 @@ def translate(
     defaults: Policy = Policy(),  # noqa: B008 (frozen, shared safely)
     zone: str = "",
     pod_weights: bool = False,
-    read_policy: PolicyReader | None = None,
+    *,
+    read_policy: PolicyReader,
     sni_routing: bool = True,
 ) -> Translation:
     """The Snapshot (source "kubernetes") for `state`, with every problem found on the way.
 
-    `read_policy` reads `edgelb.io/<key>` annotations into a Policy; the caller passes
-    `edgelb.ops.config.policy_from_annotations` (watchers do not import edgelb at import time);
-    when omitted, that function is imported on first use. `sni_routing`: the proxy has a TLS
-    entrypoint to route passthrough hosts by SNI; without one, a passthrough Ingress is a
-    problem of its own rather than a snapshot the runtime would reject whole."""
-    if read_policy is None:
-        read_policy = _default_reader()
+    `read_policy` reads `edgelb.io/<key>` annotations into a Policy: the caller passes one
+    made from the per-service schema (watchers/schema.py `PolicySchema.from_annotations`, as
+    `edgelb.ops.config.policy_from_annotations` is); watchers never import edgelb. `sni_routing`:
+    the proxy has a TLS entrypoint to route passthrough hosts by SNI; without one, a
+    passthrough Ingress is a problem of its own rather than a snapshot the runtime would
+    reject whole."""
     return _Translator(state, ingress_class, controller, defaults, zone, pod_weights,
                        read_policy, sni_routing).run()
-
-
-def _default_reader() -> PolicyReader:
-    from edgelb.ops.config import policy_from_annotations
-
-    return policy_from_annotations
 
 
 # -- reading raw JSON without trusting it -------------------------------------------------------
