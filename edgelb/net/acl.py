@@ -908,7 +908,7 @@ class Credentials:
 def _auth_options(value: dict, path: str) -> tuple[dict[str, Any], list[str]]:
     """cache_ttl, max_failures and failure_window of an auth mapping, as Credentials takes
     them; errors name the key and the fix."""
-    from edgelb.ops.config import parse_duration  # config imports this module lazily too
+    from watchers.schema import parse_duration
 
     out: dict[str, Any] = {}
     errors: list[str] = []
