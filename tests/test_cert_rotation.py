@@ -35,7 +35,7 @@ from edgelb.app import App
 from edgelb.backend_tls import BackendTLS, client_context
 from edgelb.metrics import make_registry
 from edgelb.runtime import Runtime, SnapshotError
-from watchers.model import Snapshot
+from watchers.model import Certificates, PemPair, Snapshot
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]
 
@@ -396,6 +396,9 @@ async def test_a_rejected_config_changes_no_certificate_option_limit_or_instance
         assert runtime is not None
         before = (runtime.instance, runtime.limits, runtime.grace, tls.current_options())
         stores = dict(runtime.tls_stores), dict(runtime.service_tls)
+        served = {name: store.certificates() for name, store in runtime.tls_stores.items()}
+        listeners = dict(runtime.listeners)
+        settings = runtime.settings
         held = socket.socket()
         held.bind((HOST, 0))
         held.listen()
@@ -417,8 +420,15 @@ async def test_a_rejected_config_changes_no_certificate_option_limit_or_instance
         assert (runtime.instance, runtime.limits, runtime.grace,
                 tls.current_options()) == before
         assert (dict(runtime.tls_stores), dict(runtime.service_tls)) == stores
+        assert {name: store.certificates() for name, store in runtime.tls_stores.items()
+                } == served
+        assert runtime.settings is settings
+        # the same listener objects, every one still accepting; the clash port not bound
+        assert runtime.listeners == listeners
+        assert f"{HOST}:{busy}" not in runtime.listeners
         for listener in runtime.listeners.values():
             assert listener.limits == before[1]
+            assert not listener.closing
         assert set(runtime.services) == {"web", "ui"}
         for port in setup.ports:
             assert await serial_of(port) == 1001  # the old certificate
@@ -497,7 +507,9 @@ async def test_the_expiry_metric_covers_kubernetes_secrets() -> None:
     runtime = Runtime(loop=asyncio.get_running_loop())
     cert_pem, key_pem = tlskit.ca().issue(["api.example.com", "www.example.com"], serial=5)
     cert = tls.load_secret(tlskit.secret("prod", "api-tls", cert_pem, key_pem))
-    runtime.set_certificates("kubernetes", [cert], {"api.example.com": cert})
+    pem = PemPair(cert_pem, key_pem, "Secret prod/api-tls")
+    await runtime.apply(Snapshot("kubernetes", certificates=Certificates(
+        pairs=(pem,), hosts=(("api.example.com", pem),))))
     text = generate_latest(make_registry(runtime, process=False)).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     [sample] = families[EXPIRY].samples

@@ -5,6 +5,7 @@ real HTTP backends on 127.0.0.1 standing for the pods."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,7 @@ async def watcher_json(cluster: Cluster) -> dict[str, Any]:
 async def test_a_translate_loop_that_raises_is_restarted_and_the_routes_keep_serving(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from edgelb import k8s_watcher
+    from watchers.kubernetes import watcher as k8s_watcher
 
     a = await HttpBackend("a").start()
     b = await HttpBackend("b").start()
@@ -297,15 +298,19 @@ class _Reflector:
 
 
 async def test_any_loop_of_the_watcher_that_raises_marks_it_down_until_it_restarts() -> None:
-    from edgelb.config import KubernetesWatcherConfig
-    from edgelb.k8s_watcher import KubernetesWatcher
+    from edgelb.config import KubernetesWatcherConfig, policy_from_annotations
     from edgelb.runtime import Runtime
-    from edgelb.tasks import Backoff
+    from edgelb.tasks import Backoff, describe, spawn, supervise
+    from watchers.kubernetes.watcher import KubernetesWatcher
     from watchers.model import Policy
+    from watchers.source import Tasks
 
     runtime = Runtime()
-    watcher = KubernetesWatcher(KubernetesWatcherConfig(enabled=True), runtime, Policy, str,
-                                api=object(), backoff=Backoff(initial=0.3, jitter=0.0))
+    tasks = Tasks(spawn, functools.partial(supervise, backoff=Backoff(initial=0.3, jitter=0.0)),
+                  describe)
+    watcher = KubernetesWatcher(KubernetesWatcherConfig(enabled=True), emit=runtime.apply,
+                                report=runtime.report, read_policy=policy_from_annotations,
+                                defaults=Policy, zone=str, tasks=tasks, api=object())
     watcher.reflectors["services"] = _Reflector()  # type: ignore[assignment]
     runtime.register_watcher("kubernetes")
     runtime.watcher_synced["kubernetes"] = runtime.watcher_up["kubernetes"] = True
@@ -325,7 +330,7 @@ async def test_any_loop_of_the_watcher_that_raises_marks_it_down_until_it_restar
         assert runtime.watcher_up["kubernetes"] is False
         assert "kubernetes reflector services failed (RuntimeError: a bug in the reflector)" in (
             runtime.last_errors["kubernetes"])
-        watcher._show_health()  # what the health watch does every second: still down
+        watcher._report_health()  # what the health watch does every second: still down
         assert runtime.watcher_up["kubernetes"] is False
         await eventually(lambda: runs == 2 and runtime.watcher_up["kubernetes"], timeout=5,
                          what="the restart, and the watcher up again")
