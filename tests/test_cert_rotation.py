@@ -35,7 +35,7 @@ from edgelb.app import App
 from edgelb.backend_tls import BackendTLS, client_context
 from edgelb.metrics import make_registry
 from edgelb.runtime import Runtime, SnapshotError
-from watchers.model import Certificates, PemPair, Snapshot
+from watchers.model import Address, Certificates, PemPair, Snapshot
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]
 
@@ -518,6 +518,42 @@ async def test_the_expiry_metric_covers_kubernetes_secrets() -> None:
     [entry] = runtime.certificate_status()
     assert (entry["name"], entry["source"], entry["served_by"]) == (
         "api.example.com", "Secret prod/api-tls", [])
+
+
+async def test_a_watchers_pair_that_does_not_parse_keeps_the_last_good_one() -> None:
+    """The runtime parses a source's PEM when it plans: a broken Secret keeps its last good
+    certificate (a Notice says why), and a snapshot rejected for another reason (a port in
+    use) installs none of its new certificates."""
+    runtime = Runtime(loop=asyncio.get_running_loop())
+    ca = tlskit.ca()
+    first = PemPair(*ca.issue(["api.example.com"], serial=7), "Secret prod/api-tls")
+    held = socket.socket()
+    try:
+        assert await runtime.apply(Snapshot("kubernetes", certificates=Certificates(
+            pairs=(first,), hosts=(("api.example.com", first),)))) == ()
+        [served] = runtime.watcher_certs["kubernetes"][0]
+        assert served.serial == 7
+        broken = PemPair(b"not a certificate", first.key, "Secret prod/api-tls",
+                         labels=("tls.crt", "tls.key"))
+        [notice] = await runtime.apply(Snapshot("kubernetes", certificates=Certificates(
+            pairs=(broken,), hosts=(("api.example.com", broken),))))
+        assert notice.origin == "Secret prod/api-tls" and "tls.crt is not PEM" in notice.message
+        assert runtime.watcher_certs["kubernetes"] == ([served], {"api.example.com": served})
+        # rejected: a port in use; the new certificate is not installed
+        held.bind((HOST, 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        second = PemPair(*ca.issue(["api.example.com"], serial=8), "Secret prod/api-tls")
+        bad = Snapshot("kubernetes", services=(dataclasses.replace(
+            service("clash", []), listen=Address(HOST, busy)),), certificates=Certificates(
+            pairs=(second,), hosts=(("api.example.com", second),)))
+        with pytest.raises(SnapshotError, match=str(busy)):
+            await runtime.apply(bad)
+        assert runtime.watcher_certs["kubernetes"] == ([served], {"api.example.com": served})
+        assert runtime.listeners == {} and runtime.services == {}
+    finally:
+        held.close()
+        await runtime.shutdown(0.2)
 
 
 # ---------------------------------------------------------------------------------------------
