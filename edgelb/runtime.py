@@ -98,7 +98,7 @@ class _Certificates:
     watchers: dict[str, tuple[list[Certificate], dict[str, Certificate]]]
     parsed: dict[PemPair, Certificate]  # the watchers' pairs as parsed (reused if unchanged)
     last_good: dict[str, Certificate]  # origin -> its last pair that parsed
-    notices: tuple[Notice, ...]  # watchers' pairs that did not parse (the last good serves)
+    failed: dict[PemPair, str]  # the watchers' pairs that do not parse, and why
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +178,7 @@ class Runtime:
         self.listener_stores: dict[str, CertificateStore] = {}
         self._pairs: dict[PairKey, Certificate] = {}  # the certificates from files in use
         self._parsed: dict[PemPair, Certificate] = {}  # the watchers' pairs in use, parsed
+        self._failed: dict[PemPair, str] = {}  # the watchers' pairs that do not parse, why
         self._last_good: dict[str, Certificate] = {}  # a watcher pair's origin -> last good
         self.last_reload_ok: dict[str, bool] = {}  # whether each source's last snapshot applied
         self.last_reload_success: dict[str, float] = {}  # unix time of each one's last success
@@ -290,9 +291,7 @@ class Runtime:
         self._commit(plan, snapshots, fresh, fresh_stores)
         if record:
             self.record(snapshot.source, True)
-        for notice in plan.certs.notices:
-            log.warning("%s: %s", snapshot.source, notice.message)
-        return plan.certs.notices
+        return _notices(snapshot, plan.certs.failed)
 
     def _validate(self, snapshots: dict[str, Snapshot], settings: Settings
                   ) -> tuple[list[Service], list[Route]]:
@@ -557,18 +556,21 @@ class Runtime:
                                    by_service: dict[str, Certificate]) -> _Certificates:
         parsed: dict[PemPair, Certificate] = {}
         last_good = dict(self._last_good)
-        notices: list[Notice] = []
-        bad: set[PemPair] = set()
+        failed: dict[PemPair, str] = {}
 
         def parse(pem: PemPair) -> Certificate | None:
             cert = parsed.get(pem) or self._parsed.get(pem)
-            if cert is None and pem not in bad:
-                try:
-                    cert = tls.load_pem(pem.cert, pem.key, pem.origin, cert_label=pem.labels[0],
-                                        key_label=pem.labels[1])
-                except TLSConfigError as e:
-                    bad.add(pem)
-                    notices.append(Notice(pem.origin, str(e)))
+            if cert is None and pem not in failed:
+                error = self._failed.get(pem)  # not parsed again while its bytes are the same
+                if error is None:
+                    try:
+                        cert = tls.load_pem(pem.cert, pem.key, pem.origin,
+                                            cert_label=pem.labels[0], key_label=pem.labels[1])
+                    except TLSConfigError as e:
+                        error = str(e)
+                        log.warning("%s; its last good certificate, if any, serves", error)
+                if error is not None:
+                    failed[pem] = error
             if cert is None:
                 return last_good.get(pem.origin)  # the last good one, if any
             parsed[pem] = last_good[pem.origin] = cert
@@ -594,7 +596,7 @@ class Runtime:
                    for pem in (*snap.certificates.pairs, *(p for _, p in snap.certificates.hosts))}
         last_good = {origin: cert for origin, cert in last_good.items() if origin in origins}
         return _Certificates(pairs, entrypoints, by_service, watchers, parsed, last_good,
-                             tuple(notices))
+                             failed)
 
     def _new_store(self, kind: str, name: str, certs: _Certificates) -> CertificateStore:
         """The store of a new TLS listener, already holding what it will serve."""
@@ -611,6 +613,7 @@ class Runtime:
         certificates (the next handshake sees them; established connections keep theirs)."""
         self._pairs = certs.pairs
         self._parsed = certs.parsed
+        self._failed = certs.failed
         self._last_good = certs.last_good
         self.file_certs = certs.entrypoints
         self.watcher_certs = certs.watchers
@@ -852,6 +855,13 @@ def _set_entrypoint_store(store: CertificateStore, default: Certificate | None,
     if default is not None:
         certs.insert(0, default)
     store.set(certs, default, hosts=hosts)
+
+
+def _notices(snapshot: Snapshot, failed: dict[PemPair, str]) -> tuple[Notice, ...]:
+    """The pairs of `snapshot` that do not parse (each once)."""
+    held = snapshot.certificates
+    pems = dict.fromkeys([*held.pairs, *(pem for _, pem in held.hosts)])
+    return tuple(Notice(pem.origin, failed[pem]) for pem in pems if pem in failed)
 
 
 def _owner(kind: str, name: str) -> tuple[str, str]:
