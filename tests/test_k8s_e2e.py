@@ -669,3 +669,48 @@ async def test_a_storm_of_events_is_coalesced_and_the_last_one_lands_quickly(
     assert applies < 41
     assert landed < 0.5, landed  # 50 ms of debounce plus delivery; a loaded CI box is slower
     await backend.stop()
+
+
+async def test_the_nodes_zone_reaches_the_runtime_in_the_watchers_snapshot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no `instance.zone`, the zone label of the proxy's Node ($NODE_NAME) is the proxy's
+    zone: it travels in the cluster's snapshot (the watcher writes no runtime state), and a
+    label change re-plans the zone-aware pools."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("EDGELB_ZONE", raising=False)
+    monkeypatch.setenv("NODE_NAME", "node-1")
+    fake = FakeKubeAPI(bookmark_interval=0.2)
+    await fake.start()
+    node = {"apiVersion": "v1", "kind": "Node", "metadata": {
+        "name": "node-1", "labels": {"topology.kubernetes.io/zone": "zone-a"}}}
+    fake.put(node)
+    fake.put(ingress_class())
+    fake.put(service("web", {"edgelb.io/zone-aware": "true"}))
+    a = await HttpBackend("a").start()
+    fake.put(endpoint_slice("web", "web-a", a))
+    path = tmp_path / "edgelb.yaml"
+    path.write_text(
+        f"admin: {{listen: {HOST}:{free_port()}}}\n"
+        f"entrypoints: {{http: {{listen: {HOST}:{free_port()}}}}}\n"
+        "shutdown: {grace: 1s}\n"
+        f"watchers: {{kubernetes: {{kubeconfig: {fake.kubeconfig(tmp_path / 'kc')}}}}}\n")
+    fake.put(ingress("shop.example.com", "web"))
+    app = App(path)
+    try:
+        await within(app.start(), 10)
+        runtime = app.runtime
+        assert runtime is not None
+        await eventually(lambda: "shop/web:http" in runtime.services, timeout=10,
+                         what="the cluster's snapshot")
+        assert runtime.snapshots["kubernetes"].zone == "zone-a"
+        assert runtime.instance.zone == "zone-a"
+        assert runtime.services["shop/web:http"].pool.zone == "zone-a"
+        node["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone-b"
+        fake.put(node)
+        await eventually(lambda: runtime.services["shop/web:http"].pool.zone == "zone-b",
+                         timeout=10, what="the new zone in the zone-aware pool")
+        assert runtime.instance.zone == "zone-b"
+    finally:
+        await app.stop()
+        await fake.stop()
+        await a.stop()
