@@ -117,6 +117,8 @@ class _Plan:
     sni_table: SniTable
     certs: _Certificates
     wanted: dict[str, tuple[str, str, Address]]  # listener key -> (kind, name, address)
+    bind: list[str]  # listener keys to bind: new, or of another kind than the one there
+    stop: list[str]  # listener keys no longer wanted
 
 
 def _listener_kind(listener: Any) -> str:
@@ -389,8 +391,11 @@ class Runtime:
             if svc.listen is not None:
                 kind = svc.mode + "-tls" if svc.tls is not None else svc.mode
                 wanted[str(svc.listen)] = (kind, svc.name, svc.listen)
+        bind = [key for key, (kind, _, _) in wanted.items()
+                if key not in self.listeners or _listener_kind(self.listeners[key]) != kind]
+        stop = [key for key in self.listeners if key not in wanted]
         return _Plan(settings, instance, services, routes, new, changed, unchanged, removed,
-                     router, sni_table, certs, wanted)
+                     router, sni_table, certs, wanted, bind, stop)
 
     async def _bind(self, plan: _Plan) -> tuple[dict[str, Any], dict[str, CertificateStore]]:
         """Bind what is new (the only await). A listener whose kind changes is stopped first,
@@ -401,10 +406,9 @@ class Runtime:
         fresh: dict[str, Any] = {}
         fresh_stores: dict[str, CertificateStore] = {}
         replaced: list[Any] = []
-        for key, (kind, name, addr) in plan.wanted.items():
+        for key in plan.bind:
+            kind, name, addr = plan.wanted[key]
             old = self.listeners.get(key)
-            if old is not None and _listener_kind(old) == kind:
-                continue
             if old is not None:
                 old.stop_accepting()
                 replaced.append(old)
@@ -448,13 +452,11 @@ class Runtime:
             states.update(ordered)
         self.routes = tuple(plan.routes)
         self.router = plan.router
-        for key, listener in list(self.listeners.items()):
-            if key not in plan.wanted or key in fresh:
-                if key not in fresh:
-                    listener.stop_accepting()
-                self._close_later(listener)  # its store goes with it
-                del self.listeners[key]
-                self.listener_stores.pop(key, None)
+        for key in plan.stop:
+            self.listeners[key].stop_accepting()
+        for key in [*plan.stop, *(k for k in fresh if k in self.listeners)]:
+            self._close_later(self.listeners.pop(key))  # its store goes with it
+            self.listener_stores.pop(key, None)
         self.listeners.update(fresh)
         self.listener_stores.update(fresh_stores)
         self._install_certificates(plan.certs, plan.services)
