@@ -244,7 +244,8 @@ class Runtime:
             del self.last_errors[source]
         if health.last_event > self.watcher_last_event.get(source, 0.0):
             self.watcher_last_event[source] = health.last_event
-        self.watcher_problems[source] = health.problems
+        if health.problems is not None:
+            self.watcher_problems[source] = health.problems
 
     # -- applying ------------------------------------------------------------------------
 
