@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass, field
 
 from edgelb.control.runtime import EntrypointSpec, Runtime
-from watchers.model import Address, Backend, Policy, Route, Service, Snapshot
+from watchers.model import Address, Backend, Policy, Route, Service, Settings, Snapshot
 
 HOST = "127.0.0.1"
 CHUNK = 64 * 1024
@@ -755,8 +755,7 @@ async def start_runtime(
     defaults: Policy | None = None,
 ) -> Runtime:
     """A Runtime in the running loop, with `snap` applied and the deadline sweeper on."""
-    runtime = Runtime(loop=asyncio.get_running_loop())
-    runtime.grace = 1.0
+    runtime = Runtime(loop=asyncio.get_running_loop(), settings=Settings(grace=1.0))
     eps = [EntrypointSpec(name, Address(HOST, port)) for name, port in entrypoints]
     if eps or defaults is not None:
         await runtime.set_entrypoints(eps, defaults or Policy())

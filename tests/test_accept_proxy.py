@@ -28,7 +28,7 @@ from edgelb.control.runtime import EntrypointSpec, Runtime
 from edgelb.net import proxy_protocol as pp
 from edgelb.net.acl import SourceFilter
 from edgelb.ops.config import ConfigError, LimitsConfig, parse_config, summarize
-from watchers.model import Address, Backend, Policy, Route, Service, Snapshot
+from watchers.model import Address, Backend, Policy, Route, Service, Settings, Snapshot
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]
 
@@ -194,10 +194,8 @@ def test_config_errors_are_named() -> None:
 async def edge(services: tuple[Service, ...] = (), routes: tuple[Route, ...] = (),
                entrypoints: tuple[EntrypointSpec, ...] = (),
                limits: LimitsConfig | None = None) -> AsyncIterator[Runtime]:
-    runtime = Runtime(loop=asyncio.get_running_loop())
-    runtime.grace = 0.5
-    if limits is not None:
-        runtime.limits = limits
+    runtime = Runtime(loop=asyncio.get_running_loop(),
+                      settings=Settings(grace=0.5, limits=limits))
     if entrypoints:
         await runtime.set_entrypoints(entrypoints, Policy())
     await runtime.apply(Snapshot(source="file", services=services, routes=routes))

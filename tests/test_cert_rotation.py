@@ -35,7 +35,7 @@ from edgelb.net import backend_tls, tls
 from edgelb.net.backend_tls import BackendTLS, client_context
 from edgelb.ops.app import App
 from edgelb.ops.metrics import make_registry
-from watchers.model import Snapshot
+from watchers.model import Address, Certificates, PemPair, Snapshot
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]
 
@@ -396,6 +396,9 @@ async def test_a_rejected_config_changes_no_certificate_option_limit_or_instance
         assert runtime is not None
         before = (runtime.instance, runtime.limits, runtime.grace, tls.current_options())
         stores = dict(runtime.tls_stores), dict(runtime.service_tls)
+        served = {name: store.certificates() for name, store in runtime.tls_stores.items()}
+        listeners = dict(runtime.listeners)
+        settings = runtime.settings
         held = socket.socket()
         held.bind((HOST, 0))
         held.listen()
@@ -417,8 +420,15 @@ async def test_a_rejected_config_changes_no_certificate_option_limit_or_instance
         assert (runtime.instance, runtime.limits, runtime.grace,
                 tls.current_options()) == before
         assert (dict(runtime.tls_stores), dict(runtime.service_tls)) == stores
+        assert {name: store.certificates() for name, store in runtime.tls_stores.items()
+                } == served
+        assert runtime.settings is settings
+        # the same listener objects, every one still accepting; the clash port not bound
+        assert runtime.listeners == listeners
+        assert f"{HOST}:{busy}" not in runtime.listeners
         for listener in runtime.listeners.values():
             assert listener.limits == before[1]
+            assert not listener.closing
         assert set(runtime.services) == {"web", "ui"}
         for port in setup.ports:
             assert await serial_of(port) == 1001  # the old certificate
@@ -497,7 +507,9 @@ async def test_the_expiry_metric_covers_kubernetes_secrets() -> None:
     runtime = Runtime(loop=asyncio.get_running_loop())
     cert_pem, key_pem = tlskit.ca().issue(["api.example.com", "www.example.com"], serial=5)
     cert = tls.load_secret(tlskit.secret("prod", "api-tls", cert_pem, key_pem))
-    runtime.set_certificates("kubernetes", [cert], {"api.example.com": cert})
+    pem = PemPair(cert_pem, key_pem, "Secret prod/api-tls")
+    await runtime.apply(Snapshot("kubernetes", certificates=Certificates(
+        pairs=(pem,), hosts=(("api.example.com", pem),))))
     text = generate_latest(make_registry(runtime, process=False)).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     [sample] = families[EXPIRY].samples
@@ -506,6 +518,42 @@ async def test_the_expiry_metric_covers_kubernetes_secrets() -> None:
     [entry] = runtime.certificate_status()
     assert (entry["name"], entry["source"], entry["served_by"]) == (
         "api.example.com", "Secret prod/api-tls", [])
+
+
+async def test_a_watchers_pair_that_does_not_parse_keeps_the_last_good_one() -> None:
+    """The runtime parses a source's PEM when it plans: a broken Secret keeps its last good
+    certificate (a Notice says why), and a snapshot rejected for another reason (a port in
+    use) installs none of its new certificates."""
+    runtime = Runtime(loop=asyncio.get_running_loop())
+    ca = tlskit.ca()
+    first = PemPair(*ca.issue(["api.example.com"], serial=7), "Secret prod/api-tls")
+    held = socket.socket()
+    try:
+        assert await runtime.apply(Snapshot("kubernetes", certificates=Certificates(
+            pairs=(first,), hosts=(("api.example.com", first),)))) == ()
+        [served] = runtime.watcher_certs["kubernetes"][0]
+        assert served.serial == 7
+        broken = PemPair(b"not a certificate", first.key, "Secret prod/api-tls",
+                         labels=("tls.crt", "tls.key"))
+        [notice] = await runtime.apply(Snapshot("kubernetes", certificates=Certificates(
+            pairs=(broken,), hosts=(("api.example.com", broken),))))
+        assert notice.origin == "Secret prod/api-tls" and "tls.crt is not PEM" in notice.message
+        assert runtime.watcher_certs["kubernetes"] == ([served], {"api.example.com": served})
+        # rejected: a port in use; the new certificate is not installed
+        held.bind((HOST, 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        second = PemPair(*ca.issue(["api.example.com"], serial=8), "Secret prod/api-tls")
+        bad = Snapshot("kubernetes", services=(dataclasses.replace(
+            service("clash", []), listen=Address(HOST, busy)),), certificates=Certificates(
+            pairs=(second,), hosts=(("api.example.com", second),)))
+        with pytest.raises(SnapshotError, match=str(busy)):
+            await runtime.apply(bad)
+        assert runtime.watcher_certs["kubernetes"] == ([served], {"api.example.com": served})
+        assert runtime.listeners == {} and runtime.services == {}
+    finally:
+        held.close()
+        await runtime.shutdown(0.2)
 
 
 # ---------------------------------------------------------------------------------------------

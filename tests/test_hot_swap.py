@@ -112,6 +112,123 @@ async def test_a_reload_never_makes_a_service_counter_go_down(backend, proxy):
     client.close()
 
 
+def counter_samples(rt) -> dict[tuple, float]:
+    """Every counter and histogram sample (buckets, counts, sums) /metrics exports."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edgelb.ops.metrics import make_registry
+
+    text = generate_latest(make_registry(rt, process=False)).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples
+            if fam.type in ("counter", "histogram") and not s.name.endswith("_created")}
+
+
+def gone_down(before: dict[tuple, float], after: dict[tuple, float]) -> dict[tuple, tuple]:
+    """The samples that went down, or disappeared, from `before` to `after`."""
+    return {k: (v, after.get(k)) for k, v in before.items() if after.get(k, -1.0) < v}
+
+
+async def test_an_unrelated_reload_under_traffic_resets_no_counter_estimate_or_connection(
+        backend, proxy):
+    """New services arrive (another source's, then the file's) while clients keep sending:
+    every counter and histogram /metrics exports goes on, and the kept service's backends keep
+    their latency estimates and their idle connections (no new connection to a backend)."""
+    a, b, other = await backend("a"), await backend("b"), await backend("other")
+    port = free_port()
+    rt = await proxy(snapshot(service("web", [a, b], listen=port)))
+    stop = asyncio.Event()
+    answered: list[int] = []
+
+    async def traffic() -> None:
+        client = await Client.open(port)
+        try:
+            while not stop.is_set():
+                answered.append((await within(client.request("GET", "/"))).status)
+        finally:
+            client.close()
+
+    clients = [asyncio.create_task(traffic()) for _ in range(3)]
+    try:
+        await eventually(lambda: len(answered) >= 30, what="traffic")
+        before = counter_samples(rt)
+        assert any(name == "edgelb_request_duration_seconds_bucket" for name, _ in before)
+        added: dict[str, list] = {"file": [service("web", [a, b], listen=port)],
+                                  "kubernetes": []}
+        for i in range(4):  # a new service each time, from two sources, under traffic
+            source = "kubernetes" if i % 2 else "file"
+            added[source].append(service(f"new{i}", [other], listen=free_port()))
+            await rt.apply(snapshot(*added[source], source=source))
+            assert set(rt.services) == {s.name for held in added.values() for s in held}
+            seen = len(answered)
+            await eventually(lambda seen=seen: len(answered) >= seen + 10, what="more traffic")
+            after = counter_samples(rt)
+            assert not gone_down(before, after), gone_down(before, after)
+            before = after
+    finally:
+        stop.set()
+        await within(asyncio.gather(*clients))
+    assert set(answered) == {200}
+    # quiet now: an apply of an unrelated change keeps each estimate and idle connection as is
+    pool = rt.services["web"].pool
+    kept = {bs.key: (bs, bs.latency, list(bs.idle)) for bs in pool.backends}
+    assert all(latency > 0 and idle for _, latency, idle in kept.values())
+    connections = a.connections + b.connections
+    await rt.apply(snapshot(service("later", [other], listen=free_port()), source="other"))
+    for key, (state, latency, idle) in kept.items():
+        assert pool.by_key[key] is state
+        assert state.latency == latency
+        assert state.idle == idle and all(not c.transport.is_closing() for c in idle)
+    client = await Client.open(port)
+    for _ in range(4):
+        assert (await within(client.request("GET", "/"))).status == 200
+    client.close()
+    assert a.connections + b.connections == connections  # the idle ones were used
+    assert not gone_down(before, counter_samples(rt))
+
+
+async def test_an_unchanged_service_is_not_touched_by_another_sources_apply(backend, proxy):
+    """The plan leaves a service whose spec did not change alone: no update, so the balancer
+    keeps its object and its round-robin position, the pool its backend list."""
+    a, b, c = await backend("a"), await backend("b"), await backend("c")
+    port = free_port()
+    rt = await proxy(snapshot(service("web", [a, b, c], listen=port, balance="round-robin")))
+    client = await Client.open(port)
+    for _ in range(4):
+        assert (await within(client.request("GET", "/"))).status == 200
+    state = rt.services["web"]
+    pool = state.pool
+    balancer, backends, position = pool.balancer, pool.backends, dict(pool.balancer._current)
+    spec = state.spec
+    updates: list[str] = []
+    real = type(state).update
+
+    def update(self, *args, **kw) -> None:
+        updates.append(self.name)
+        real(self, *args, **kw)
+
+    type(state).update = update  # type: ignore[method-assign]
+    try:
+        await rt.apply(snapshot(service("api", [c], listen=free_port()), source="kubernetes"))
+        await rt.apply(snapshot(service("web", [a, b, c], listen=port, balance="round-robin")))
+        assert updates == []
+        assert rt.services["web"] is state and state.spec is spec
+        assert pool.balancer is balancer and pool.backends is backends
+        assert pool.balancer._current == position
+        # the next pick goes on from there: the three requests reach a, b and c once each
+        counts = [len(x.requests) for x in (a, b, c)]
+        for _ in range(3):
+            assert (await within(client.request("GET", "/"))).status == 200
+        assert [len(x.requests) - n for x, n in zip((a, b, c), counts, strict=True)] == [1, 1, 1]
+        # a changed one is updated (and only it)
+        await rt.apply(snapshot(service("web", [a, b], listen=port, balance="round-robin")))
+        assert updates == ["web"]
+    finally:
+        type(state).update = real  # type: ignore[method-assign]
+    client.close()
+
+
 async def test_removed_backend_finishes_its_inflight_request_and_gets_no_new_ones(
     backend, proxy
 ):

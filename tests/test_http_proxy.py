@@ -9,6 +9,7 @@ what the client got.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 import tracemalloc
@@ -1290,8 +1291,6 @@ async def test_hash_on_the_source_address(backend, proxy):
 
 
 async def test_zone_aware_service_keeps_low_load_in_the_proxys_zone(backend, proxy):
-    from edgelb.ops.config import InstanceConfig
-
     here, there = await backend("here"), await backend("there")
     port = free_port()
     specs = [
@@ -1299,8 +1298,10 @@ async def test_zone_aware_service_keeps_low_load_in_the_proxys_zone(backend, pro
         Backend("127.0.0.1", there.port, weight=4, zone="z2"),
     ]
     rt = await proxy()
-    rt.instance = InstanceConfig(zone="z1")
-    await rt.apply(snapshot(service("web", specs, listen=port, zone_aware=True)))
+    # the zone a source found (e.g. the Kubernetes Node's label) when the config sets none
+    snap = snapshot(service("web", specs, listen=port, zone_aware=True))
+    await rt.apply(dataclasses.replace(snap, zone="z1"))
+    assert rt.instance.zone == "z1"
     client = await Client.open(port)
     for _ in range(20):
         r = await within(client.request("GET", "/"))

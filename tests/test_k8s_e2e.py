@@ -5,6 +5,7 @@ real HTTP backends on 127.0.0.1 standing for the pods."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,7 @@ async def watcher_json(cluster: Cluster) -> dict[str, Any]:
 async def test_a_translate_loop_that_raises_is_restarted_and_the_routes_keep_serving(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from edgelb import k8s_watcher
+    from watchers.kubernetes import watcher as k8s_watcher
 
     a = await HttpBackend("a").start()
     b = await HttpBackend("b").start()
@@ -298,14 +299,18 @@ class _Reflector:
 
 async def test_any_loop_of_the_watcher_that_raises_marks_it_down_until_it_restarts() -> None:
     from edgelb.control.runtime import Runtime
-    from edgelb.control.tasks import Backoff
-    from edgelb.k8s_watcher import KubernetesWatcher
-    from edgelb.ops.config import KubernetesWatcherConfig
+    from edgelb.control.tasks import Backoff, describe, spawn, supervise
+    from edgelb.ops.config import KubernetesWatcherConfig, policy_from_annotations
+    from watchers.kubernetes.watcher import KubernetesWatcher
     from watchers.model import Policy
+    from watchers.source import Tasks
 
     runtime = Runtime()
-    watcher = KubernetesWatcher(KubernetesWatcherConfig(enabled=True), runtime, Policy, str,
-                                api=object(), backoff=Backoff(initial=0.3, jitter=0.0))
+    tasks = Tasks(spawn, functools.partial(supervise, backoff=Backoff(initial=0.3, jitter=0.0)),
+                  describe)
+    watcher = KubernetesWatcher(KubernetesWatcherConfig(enabled=True), emit=runtime.apply,
+                                report=runtime.report, read_policy=policy_from_annotations,
+                                defaults=Policy, zone=str, tasks=tasks, api=object())
     watcher.reflectors["services"] = _Reflector()  # type: ignore[assignment]
     runtime.register_watcher("kubernetes")
     runtime.watcher_synced["kubernetes"] = runtime.watcher_up["kubernetes"] = True
@@ -325,7 +330,7 @@ async def test_any_loop_of_the_watcher_that_raises_marks_it_down_until_it_restar
         assert runtime.watcher_up["kubernetes"] is False
         assert "kubernetes reflector services failed (RuntimeError: a bug in the reflector)" in (
             runtime.last_errors["kubernetes"])
-        watcher._show_health()  # what the health watch does every second: still down
+        watcher._report_health()  # what the health watch does every second: still down
         assert runtime.watcher_up["kubernetes"] is False
         await eventually(lambda: runs == 2 and runtime.watcher_up["kubernetes"], timeout=5,
                          what="the restart, and the watcher up again")
@@ -664,3 +669,48 @@ async def test_a_storm_of_events_is_coalesced_and_the_last_one_lands_quickly(
     assert applies < 41
     assert landed < 0.5, landed  # 50 ms of debounce plus delivery; a loaded CI box is slower
     await backend.stop()
+
+
+async def test_the_nodes_zone_reaches_the_runtime_in_the_watchers_snapshot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no `instance.zone`, the zone label of the proxy's Node ($NODE_NAME) is the proxy's
+    zone: it travels in the cluster's snapshot (the watcher writes no runtime state), and a
+    label change re-plans the zone-aware pools."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("EDGELB_ZONE", raising=False)
+    monkeypatch.setenv("NODE_NAME", "node-1")
+    fake = FakeKubeAPI(bookmark_interval=0.2)
+    await fake.start()
+    node = {"apiVersion": "v1", "kind": "Node", "metadata": {
+        "name": "node-1", "labels": {"topology.kubernetes.io/zone": "zone-a"}}}
+    fake.put(node)
+    fake.put(ingress_class())
+    fake.put(service("web", {"edgelb.io/zone-aware": "true"}))
+    a = await HttpBackend("a").start()
+    fake.put(endpoint_slice("web", "web-a", a))
+    path = tmp_path / "edgelb.yaml"
+    path.write_text(
+        f"admin: {{listen: {HOST}:{free_port()}}}\n"
+        f"entrypoints: {{http: {{listen: {HOST}:{free_port()}}}}}\n"
+        "shutdown: {grace: 1s}\n"
+        f"watchers: {{kubernetes: {{kubeconfig: {fake.kubeconfig(tmp_path / 'kc')}}}}}\n")
+    fake.put(ingress("shop.example.com", "web"))
+    app = App(path)
+    try:
+        await within(app.start(), 10)
+        runtime = app.runtime
+        assert runtime is not None
+        await eventually(lambda: "shop/web:http" in runtime.services, timeout=10,
+                         what="the cluster's snapshot")
+        assert runtime.snapshots["kubernetes"].zone == "zone-a"
+        assert runtime.instance.zone == "zone-a"
+        assert runtime.services["shop/web:http"].pool.zone == "zone-a"
+        node["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone-b"
+        fake.put(node)
+        await eventually(lambda: runtime.services["shop/web:http"].pool.zone == "zone-b",
+                         timeout=10, what="the new zone in the zone-aware pool")
+        assert runtime.instance.zone == "zone-b"
+    finally:
+        await app.stop()
+        await fake.stop()
+        await a.stop()

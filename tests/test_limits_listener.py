@@ -4,6 +4,7 @@ address, header count, minimum body rate; counted in metrics."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from httpkit import (
@@ -21,6 +22,7 @@ from httpkit import (
 
 from edgelb.ops.config import LimitsConfig
 from edgelb.ops.metrics import make_registry
+from watchers.model import Settings
 
 
 def refused(runtime, reason: str) -> float | None:
@@ -39,9 +41,10 @@ async def start(limits: LimitsConfig, mode: str = "http"):
     port = free_port()
     ctx = running(snapshot(service("web", [b], listen=port, mode=mode)))
     rt = await ctx.__aenter__()
-    rt.limits = limits
-    for listener in rt.listeners.values():
-        listener.set_limits(limits)
+    # through the one door: the file config's settings come with its snapshot
+    await rt.apply(dataclasses.replace(rt.snapshots["file"],
+                                       settings=Settings(grace=1.0, limits=limits)))
+    assert all(listener.limits == limits for listener in rt.listeners.values())
     return b, port, rt, ctx
 
 

@@ -160,12 +160,86 @@ class Service:
 
 
 @dataclass(frozen=True, slots=True)
+class Entrypoint:
+    """A shared HTTP listener that routes by host and path (the file config's `entrypoints:`)."""
+
+    name: str
+    listen: Address
+    tls: tuple[str, str] | None = None  # (cert file, key file); ("", "") = watchers' only
+    accept_proxy_protocol: Any = None  # edgelb.net.proxy_protocol.AcceptPolicy, None = off
+    path_rules: PathRules = field(default_factory=PathRules)
+
+
+@dataclass(frozen=True, slots=True)
+class PemPair:
+    """A certificate chain (leaf first) and its key, as PEM bytes, and where they came from.
+
+    `origin` names it in logs and reports (`Secret ns/name`, or the files); `files` is the
+    (certificate file, key file) it was read from, for a pair the file config names. The
+    runtime parses it (edgelb.net.tls) when it plans a snapshot; equal bytes parse once."""
+
+    cert: bytes = field(repr=False)
+    key: bytes = field(repr=False)
+    origin: str
+    files: tuple[str, str] | None = None
+    labels: tuple[str, str] = ("the certificate", "the key")  # the parts, in messages
+
+
+@dataclass(frozen=True, slots=True)
+class Certificates:
+    """The certificates one source serves.
+
+    `pairs` are served on every TLS entrypoint (picked by SNI name); `hosts` pins host
+    patterns to one of them ("" = the default certificate). A pair that does not parse keeps
+    the last good one of its origin and is reported (a watcher's object may be broken for a
+    while). `files` holds the PEM of the files the snapshot's entrypoints and static ports
+    name in their `tls`: one that does not parse rejects the snapshot."""
+
+    pairs: tuple[PemPair, ...] = ()
+    hosts: tuple[tuple[str, PemPair], ...] = ()
+    files: tuple[PemPair, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The process-wide settings only the file config sets. A snapshot that carries them
+    (`Snapshot.settings`) replaces them in the step that applies it, and not at all when it is
+    rejected; a snapshot without them leaves them as they are.
+
+    instance, limits and tls are edgelb.ops.config.InstanceConfig and LimitsConfig and
+    edgelb.net.tls.Options (frozen, comparable; None = their defaults), typed loosely so the
+    shared vocabulary does not import edgelb."""
+
+    entrypoints: tuple[Entrypoint, ...] = ()
+    defaults: Policy = field(default_factory=Policy)  # the base of every service's policy
+    instance: Any = None  # this replica's zone and ordinal
+    limits: Any = None  # per-listener limits
+    grace: float = 30.0  # seconds a removed listener's connections get to finish
+    tls: Any = None  # the `tls:` block: every TLS server context
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something the runtime could not use from an accepted snapshot and worked around (a
+    certificate that does not parse and keeps its last good one): `origin` is the PemPair's."""
+
+    origin: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Everything one source knows, whole. `source` names the watcher that made it."""
+    """Everything one source knows, whole. `source` names the watcher that made it.
+
+    `zone`: the proxy's zone as the source found it (the Kubernetes watcher reads its Node's
+    `topology.kubernetes.io/zone` label); used when the file config sets none."""
 
     source: str
     services: tuple[Service, ...] = ()
     routes: tuple[Route, ...] = ()
+    certificates: Certificates = Certificates()
+    settings: Settings | None = None
+    zone: str = ""
 
     def service(self, name: str) -> Service | None:
         for s in self.services:

@@ -1,29 +1,35 @@
 """The reconciler: the only place where routing state changes.
 
-Watchers hand whole Snapshots to `Runtime.apply`. The runtime merges them with the other
-sources' last good snapshots, validates the result, binds whatever new ports it needs (the
-only step that awaits), and then applies everything in one synchronous step of the event
-loop: services updated in place (kept backends keep their counters and connections, removed
-ones drain), routing tables swapped, listeners pointed at their new service state, removed
-listeners stopped (their open connections finish). A snapshot that fails is rejected whole;
-the last good state keeps serving.
+Every source hands whole Snapshots to `Runtime.apply`, the one door into the live state. It
+runs in four steps:
 
-Rejected means unchanged: certificates are loaded (from their files) before the first port is
-bound, into new objects; they, the file config's process-wide `Settings` (instance, limits,
-grace, TLS options) and the certificate stores of running listeners change only in that final
-step. Each TLS listener owns its certificate store for its whole life, so a listener that
-drains after an edit, or is kept under a renamed entrypoint or service, never reads a store
-the runtime has stopped maintaining.
+1. validate: the snapshot merged with the other sources' last good ones must make sense (no
+   port or service name used twice, routes to services that exist, ...);
+2. plan: a diff against the live state: which services are new, changed, removed or
+   unchanged, which listeners to bind or stop, which certificates change (their PEM is parsed
+   here, into new objects);
+3. bind: the new listeners' ports (the only step that awaits);
+4. commit: one synchronous step of the event loop: new services made, changed ones updated in
+   place (kept backends keep their counters, latency estimates and idle connections), removed
+   ones drained, unchanged ones not touched at all; routing tables swapped, listeners pointed
+   at their service state, removed listeners stopped (their open connections finish);
+   certificates, TLS options and the file config's process-wide settings installed.
+
+A snapshot that fails any step before the commit is rejected whole and changes nothing; the
+last good state keeps serving. No counter is reset by a reload. Each TLS listener owns its
+certificate store for its whole life, so a listener that drains after an edit, or is kept under
+a renamed entrypoint or service, never reads a store the runtime has stopped maintaining.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import balancers
@@ -37,11 +43,26 @@ from edgelb.net.tls import ALPN, Certificate, CertificateStore, TLSConfigError, 
 from edgelb.net.tls import Options as TLSOptions
 from edgelb.ops.config import InstanceConfig, LimitsConfig
 from edgelb.pool import ServiceState
-from watchers.model import Address, PathRules, Policy, Route, Service, Snapshot
+from watchers.model import (
+    Address,
+    Entrypoint,
+    Notice,
+    PathRules,
+    PemPair,
+    Policy,
+    Route,
+    Service,
+    Settings,
+    Snapshot,
+)
+from watchers.source import Health
 
 log = logging.getLogger("edgelb.control.runtime")
 
 SWEEP_INTERVAL = 0.25  # how often connection deadlines are checked
+FILE = "file"  # the source that holds the process-wide settings when set_entrypoints sets them
+
+EntrypointSpec = Entrypoint  # the name the runtime's callers know it by
 
 
 class SnapshotError(Exception):
@@ -52,15 +73,14 @@ class SnapshotError(Exception):
         self.errors = errors
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """The file config's process-wide settings, applied with its snapshot: they take effect in
-    the step that applies it, and not at all when it is rejected."""
-
-    instance: InstanceConfig = field(default_factory=InstanceConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    grace: float = 30.0  # seconds a removed listener's connections get to finish
-    tls: TLSOptions = field(default_factory=TLSOptions)  # the `tls:` block: every TLS context
+def complete(settings: Settings) -> Settings:
+    """`settings` with the defaults of what it leaves unset (None)."""
+    return dataclasses.replace(
+        settings,
+        instance=settings.instance if settings.instance is not None else InstanceConfig(),
+        limits=settings.limits if settings.limits is not None else LimitsConfig(),
+        tls=settings.tls if settings.tls is not None else TLSOptions(),
+    )
 
 
 # A certificate pair from files: (certificate file, key file, ALPN protocols of its context)
@@ -69,20 +89,36 @@ PairKey = tuple[str, str, tuple[str, ...]]
 
 @dataclass(frozen=True, slots=True)
 class _Certificates:
-    """The certificates from files a reconcile will install (loaded, not yet serving)."""
+    """The certificates a snapshot will install (parsed, not yet serving)."""
 
-    pairs: dict[PairKey, Certificate]
+    pairs: dict[PairKey, Certificate]  # from files, as the entrypoints and static ports name
     entrypoints: dict[str, Certificate]  # entrypoint name -> its certificate files'
     services: dict[str, Certificate]  # service name -> the certificate of its static port
+    # the watchers': source -> (certificates, host pins ("" = default))
+    watchers: dict[str, tuple[list[Certificate], dict[str, Certificate]]]
+    parsed: dict[PemPair, Certificate]  # the watchers' pairs as parsed (reused if unchanged)
+    last_good: dict[str, Certificate]  # origin -> its last pair that parsed
+    failed: dict[PemPair, str]  # the watchers' pairs that do not parse, and why
 
 
 @dataclass(frozen=True, slots=True)
-class EntrypointSpec:
-    name: str
-    listen: Address
-    tls: tuple[str, str] | None = None  # (cert file, key file); ("", "") = watchers' only
-    accept_proxy_protocol: Any = None  # edgelb.net.proxy_protocol.AcceptPolicy, None = off
-    path_rules: PathRules = field(default_factory=PathRules)
+class _Plan:
+    """What an apply changes, against the live state (computed before anything changes)."""
+
+    settings: Settings
+    instance: InstanceConfig
+    services: list[Service]
+    routes: list[Route]
+    new: list[Service]  # services to make
+    changed: list[Service]  # services to update in place
+    unchanged: list[str]  # services not touched at all
+    removed: list[str]  # services to drain
+    router: Router
+    sni_table: SniTable
+    certs: _Certificates
+    wanted: dict[str, tuple[str, str, Address]]  # listener key -> (kind, name, address)
+    bind: list[str]  # listener keys to bind: new, or of another kind than the one there
+    stop: list[str]  # listener keys no longer wanted
 
 
 def _listener_kind(listener: Any) -> str:
@@ -112,7 +148,9 @@ class Runtime:
         loop: asyncio.AbstractEventLoop | None = None,
         reserved: Iterable[Address] = (),
         rng: random.Random | None = None,
+        settings: Settings | None = None,
     ) -> None:
+        """`settings`: the process-wide settings until a source's snapshot brings some."""
         self.loop = loop or asyncio.get_event_loop()
         self.rng = rng or random.Random()
         self.services: dict[str, ServiceState] = {}
@@ -120,8 +158,8 @@ class Runtime:
         self.routes: tuple[Route, ...] = ()
         self.router = Router()
         self.snapshots: dict[str, Snapshot] = {}
-        self.entrypoints: tuple[EntrypointSpec, ...] = ()
-        self.defaults = Policy()
+        self.settings = complete(settings or Settings())  # the file config's, as applied
+        self.instance: InstanceConfig = self.settings.instance  # with the zone sources found
         self.reserved = {str(a) for a in reserved}  # e.g. the admin listener
         # read by the admin endpoint
         self.reloads: dict[tuple[str, str], int] = {}
@@ -130,6 +168,7 @@ class Runtime:
         self.last_errors: dict[str, str] = {}
         self.watcher_last_event: dict[str, float] = {}  # unix time of a source's last event
         self.watcher_problems: dict[str, int] = {}  # objects a source skipped or flagged
+        self._reported_errors: dict[str, str] = {}  # each source's own error, as it reported
         self.draining = False
         self.started_at = time.time()
         self.local_responses: dict[int, int] = {}
@@ -137,9 +176,6 @@ class Runtime:
         self._lock = asyncio.Lock()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closers: set[asyncio.Task] = set()
-        self.grace = 30.0
-        self.instance = InstanceConfig()  # this replica's zone and ordinal (set by the app)
-        self.limits = LimitsConfig()  # per-listener limits (set by the app)
         self.health = HealthChecker(self._on_health, rng=self.rng, loop=self.loop)
         # TLS: every TLS listener has its own certificate store (`listener_stores`, by listener
         # key); `tls_stores` (entrypoints) and `service_tls` (static ports) name them. The
@@ -151,8 +187,30 @@ class Runtime:
         self.watcher_certs: dict[str, tuple[list[Certificate], dict[str, Certificate]]] = {}
         self.listener_stores: dict[str, CertificateStore] = {}
         self._pairs: dict[PairKey, Certificate] = {}  # the certificates from files in use
+        self._parsed: dict[PemPair, Certificate] = {}  # the watchers' pairs in use, parsed
+        self._failed: dict[PemPair, str] = {}  # the watchers' pairs that do not parse, why
+        self._last_good: dict[str, Certificate] = {}  # a watcher pair's origin -> last good
         self.last_reload_ok: dict[str, bool] = {}  # whether each source's last snapshot applied
         self.last_reload_success: dict[str, float] = {}  # unix time of each one's last success
+
+    # -- the file config's settings, as applied (read-only: only `apply` changes them) --------
+
+    @property
+    def entrypoints(self) -> tuple[Entrypoint, ...]:
+        return self.settings.entrypoints
+
+    @property
+    def defaults(self) -> Policy:
+        return self.settings.defaults
+
+    @property
+    def limits(self) -> LimitsConfig:
+        limits: LimitsConfig = self.settings.limits
+        return limits
+
+    @property
+    def grace(self) -> float:
+        return self.settings.grace
 
     # -- watcher bookkeeping ------------------------------------------------------------
 
@@ -172,71 +230,91 @@ class Runtime:
         else:
             self.last_errors[watcher] = error or "unknown error"
 
+    def report(self, source: str, health: Health) -> None:
+        """A source's own account of its health (watchers.source.Report).
+
+        Down is shown at once; up only once the source has had a snapshot applied (before
+        that /readyz and edgelb_watcher_up wait for its first sync). Its error is shown until
+        it reports another or none; a rejected snapshot's error stays until one applies."""
+        self.watcher_synced.setdefault(source, False)
+        if not health.up:
+            self.watcher_up[source] = False
+        elif self.watcher_synced[source]:
+            self.watcher_up[source] = True
+        else:
+            self.watcher_up.setdefault(source, False)
+        before = self._reported_errors.pop(source, "")
+        if health.error:
+            self._reported_errors[source] = health.error
+            if health.error != before or source not in self.last_errors:
+                self.last_errors[source] = health.error
+        elif before and self.last_errors.get(source) == before:
+            del self.last_errors[source]
+        if health.last_event > self.watcher_last_event.get(source, 0.0):
+            self.watcher_last_event[source] = health.last_event
+        if health.problems is not None:
+            self.watcher_problems[source] = health.problems
+
     # -- applying ------------------------------------------------------------------------
 
     async def set_entrypoints(
         self,
-        entrypoints: Iterable[EntrypointSpec],
+        entrypoints: Iterable[Entrypoint],
         defaults: Policy,
         snapshot: Snapshot | None = None,
-        *,
-        settings: Settings | None = None,
-        reload_files: bool = False,
     ) -> None:
-        """Change the shared entrypoints and the defaults used on them; then re-apply.
-
-        With `snapshot`, that source's new snapshot lands in the same step, and the outcome is
-        recorded for it as `apply` does: an edit that drops an entrypoint together with its
-        routes, or moves a port between a service and an entrypoint, is valid only as a whole.
-        `settings` and `reload_files`: as for `apply`.
-        """
+        """Apply new entrypoints and defaults (the rest of the settings as they are), with
+        `snapshot` when given (recorded as `apply` does), else with the file source's last
+        good snapshot (not recorded). A shorthand for `apply` with `Snapshot.settings`."""
         async with self._lock:
-            old = (self.entrypoints, self.defaults)
-            self.entrypoints = tuple(entrypoints)
-            self.defaults = defaults
-            snapshots = dict(self.snapshots)
-            if snapshot is not None:
-                snapshots[snapshot.source] = snapshot
-            try:
-                await self._reconcile(snapshots, settings, reload_files)
-            except SnapshotError as e:
-                self.entrypoints, self.defaults = old
-                if snapshot is not None:
-                    self.record(snapshot.source, False, str(e))
-                    log.error("rejected the %s snapshot, the last good one keeps serving: %s",
-                              snapshot.source, e)
-                raise
-            if snapshot is not None:
-                self.record(snapshot.source, True)
+            held = snapshot or self.snapshots.get(FILE) or Snapshot(FILE)
+            base = held.settings if held.settings is not None else self.settings
+            settings = dataclasses.replace(base, entrypoints=tuple(entrypoints),
+                                           defaults=defaults)
+            await self._apply(dataclasses.replace(held, settings=settings),
+                              record=snapshot is not None)
 
-    async def apply(self, snapshot: Snapshot, *, settings: Settings | None = None,
-                    reload_files: bool = False) -> None:
+    async def apply(self, snapshot: Snapshot, *, reload_files: bool = False
+                    ) -> tuple[Notice, ...]:
         """Apply one source's snapshot, or raise SnapshotError and keep the last good state.
 
-        `settings` (the file config's) take effect with the snapshot, only if it applies.
-        `reload_files`: read every certificate file again (the file config's source does, as
-        it owns them); without it a pair already in use is kept as loaded, so another source's
-        snapshot never fails because a certificate file is being rewritten at that moment.
-        A pair not yet in use is always read."""
+        Returns what was worked around (a watcher's certificate that does not parse: its last
+        good one serves). `reload_files`: for a certificate file the snapshot carries no PEM
+        of (`Certificates.files`), read it again even if a pair from it is in use (the file
+        config's applies do); without it such a pair is kept as loaded."""
         async with self._lock:
-            snapshots = dict(self.snapshots)
-            snapshots[snapshot.source] = snapshot
-            try:
-                await self._reconcile(snapshots, settings, reload_files)
-            except SnapshotError as e:
-                self.record(snapshot.source, False, str(e))
-                log.error("rejected the %s snapshot, the last good one keeps serving: %s",
-                          snapshot.source, e)
-                raise
-            self.record(snapshot.source, True)
+            return await self._apply(snapshot, record=True, reload_files=reload_files)
 
-    def _validate(self, snapshots: dict[str, Snapshot]) -> tuple[list[Service], list[Route]]:
+    async def _apply(self, snapshot: Snapshot, *, record: bool, reload_files: bool = False
+                     ) -> tuple[Notice, ...]:
+        snapshots = dict(self.snapshots)
+        snapshots[snapshot.source] = snapshot
+        settings = complete(snapshot.settings) if snapshot.settings is not None else self.settings
+        try:
+            plan = self._plan(snapshots, settings, reload_files)
+            fresh, fresh_stores = await self._bind(plan)
+        except SnapshotError as e:
+            if record:
+                self.record(snapshot.source, False, str(e))
+            log.error("rejected the %s snapshot, the last good one keeps serving: %s",
+                      snapshot.source, e)
+            raise
+        self._commit(plan, snapshots, fresh, fresh_stores)
+        if record:
+            self.record(snapshot.source, True)
+        return _notices(snapshot, plan.certs.failed)
+
+    def _validate(self, snapshots: dict[str, Snapshot], settings: Settings
+                  ) -> tuple[list[Service], list[Route]]:
         errors: list[str] = []
         services: list[Service] = []
         routes: list[Route] = []
         owner: dict[str, str] = {}
         ports: dict[str, str] = {k: "the admin endpoint" for k in self.reserved}
-        for ep in self.entrypoints:
+        if settings.tls.min_version not in tls.MIN_VERSIONS:
+            errors.append(f"tls.min_version: {settings.tls.min_version!r} is not one of "
+                          f"{', '.join(tls.MIN_VERSIONS)}")
+        for ep in settings.entrypoints:
             key = str(ep.listen)
             if key in ports:
                 errors.append(f"entrypoint {ep.name}: {key} is already used by {ports[key]}")
@@ -279,9 +357,9 @@ class Runtime:
                                   f"service {passthrough[r.host.lower()]}; give it one service")
             elif target.mode != "http":
                 errors.append(f"route {r.host or '*'}{r.path}: service {r.service} is not http")
-        if routes and not self.entrypoints:
+        if routes and not settings.entrypoints:
             errors.append("host/path routes need an entrypoint; add one under `entrypoints:`")
-        elif passthrough and not any(ep.tls is not None for ep in self.entrypoints):
+        elif passthrough and not any(ep.tls is not None for ep in settings.entrypoints):
             hosts = ", ".join(sorted(passthrough))
             errors.append(f"TLS passthrough hosts ({hosts}) are routed by the SNI name on TLS "
                           "entrypoints, and none has tls; add tls to an entrypoint")
@@ -289,50 +367,66 @@ class Runtime:
             raise SnapshotError(errors)
         return services, routes
 
-    async def _reconcile(self, snapshots: dict[str, Snapshot], settings: Settings | None,
-                         reload_files: bool) -> None:
-        services, routes = self._validate(snapshots)
-        if settings is not None and settings.tls.min_version not in tls.MIN_VERSIONS:
-            raise SnapshotError([f"tls.min_version: {settings.tls.min_version!r} is not one "
-                                 f"of {', '.join(tls.MIN_VERSIONS)}"])
+    def _plan(self, snapshots: dict[str, Snapshot], settings: Settings, reload_files: bool
+              ) -> _Plan:
+        """Validate, and diff against the live state; nothing changes here."""
+        services, routes = self._validate(snapshots, settings)
+        instance: InstanceConfig = settings.instance
+        if not instance.zone:  # the zone a source found (the Kubernetes Node's label)
+            zone = next((s.zone for s in snapshots.values() if s.zone), "")
+            if zone:
+                instance = dataclasses.replace(instance, zone=zone)
         router, sni_table = _split_routes(routes, {s.name: s for s in services})
-        certs = self._load_certificates(services, reload_files)
-        limits = settings.limits if settings is not None else self.limits
+        certs = self._load_certificates(services, settings, snapshots, reload_files)
+        new: list[Service] = []
+        changed: list[Service] = []
+        unchanged: list[str] = []
+        for svc in services:
+            state = self.services.get(svc.name)
+            if state is None:
+                new.append(svc)
+            elif state.spec != svc or (instance != self.instance and _reads_instance(svc)):
+                changed.append(svc)
+            else:
+                unchanged.append(svc.name)
+        kept = {s.name for s in services}
+        removed = [name for name in self.services if name not in kept]
         # What should listen where: key -> (kind, service or entrypoint name, address)
         wanted: dict[str, tuple[str, str, Address]] = {}
-        for ep in self.entrypoints:
+        for ep in settings.entrypoints:
             kind = "entrypoint-tls" if ep.tls is not None else "entrypoint"
             wanted[str(ep.listen)] = (kind, ep.name, ep.listen)
         for svc in services:
             if svc.listen is not None:
                 kind = svc.mode + "-tls" if svc.tls is not None else svc.mode
                 wanted[str(svc.listen)] = (kind, svc.name, svc.listen)
+        bind = [key for key, (kind, _, _) in wanted.items()
+                if key not in self.listeners or _listener_kind(self.listeners[key]) != kind]
+        stop = [key for key in self.listeners if key not in wanted]
+        return _Plan(settings, instance, services, routes, new, changed, unchanged, removed,
+                     router, sni_table, certs, wanted, bind, stop)
 
-        # accept_proxy_protocol of each listener, set before a new one starts accepting
-        accepts = {("entrypoint", ep.name): ep.accept_proxy_protocol for ep in self.entrypoints}
-        accepts.update((("service", s.name), s.accept_proxy_protocol) for s in services)
-        path_rules = {("entrypoint", ep.name): ep.path_rules for ep in self.entrypoints}
-        path_rules.update((("service", s.name), s.path_rules) for s in services)
-
-        # Bind what is new. A listener whose kind changes is stopped first, to free its port.
-        # A new TLS listener gets a new store, filled before it accepts.
+    async def _bind(self, plan: _Plan) -> tuple[dict[str, Any], dict[str, CertificateStore]]:
+        """Bind what is new (the only await). A listener whose kind changes is stopped first,
+        to free its port; a new TLS listener gets a new store, filled before it accepts. A
+        port that cannot be bound undoes this step and rejects the snapshot."""
+        settings = plan.settings
+        accepts = _accepts(settings, plan.services)
         fresh: dict[str, Any] = {}
         fresh_stores: dict[str, CertificateStore] = {}
         replaced: list[Any] = []
-        for key, (kind, name, addr) in wanted.items():
+        for key in plan.bind:
+            kind, name, addr = plan.wanted[key]
             old = self.listeners.get(key)
-            if old is not None and _listener_kind(old) == kind:
-                continue
             if old is not None:
                 old.stop_accepting()
                 replaced.append(old)
-            store = self._new_store(kind, name, certs) if kind.endswith("-tls") else None
+            store = self._new_store(kind, name, plan.certs) if kind.endswith("-tls") else None
             listener = self._make_listener(kind, name, addr, store)
-            listener.set_accept_proxy(accepts.get(
-                ("entrypoint" if kind.startswith("entrypoint") else "service", name)))
-            listener.set_limits(limits)
+            listener.set_accept_proxy(accepts.get(_owner(kind, name)))
+            listener.set_limits(settings.limits)
             if kind == "entrypoint-tls":
-                listener.sni_table = sni_table  # start() serves or peeks accordingly
+                listener.sni_table = plan.sni_table  # start() serves or peeks accordingly
             try:
                 await listener.start()
             except OSError as e:
@@ -344,86 +438,101 @@ class Runtime:
             fresh[key] = listener
             if store is not None:
                 fresh_stores[key] = store
+        return fresh, fresh_stores
 
-        # From here on, nothing awaits: the whole change lands in one step of the loop.
-        if settings is not None:
-            self._settle(settings)
+    def _commit(self, plan: _Plan, snapshots: dict[str, Snapshot], fresh: dict[str, Any],
+                fresh_stores: dict[str, CertificateStore]) -> None:
+        """The whole change, in one synchronous step of the loop."""
+        self._settle(plan.settings, plan.instance)
         states = self.services
         known = {(name, key) for name, st in states.items() for key in st.pool.by_key}
-        by_name: dict[str, ServiceState] = {}
-        for svc in services:
-            state = states.get(svc.name)
-            if state is None:
-                state = ServiceState(svc, self.rng, self.instance)
-            else:
-                state.update(svc, self.loop.time(), self.instance)
-            by_name[svc.name] = state
-        for name, state in states.items():
-            if name not in by_name:
-                state.pool.update((), state.policy.balance)  # everything drains
-        states.clear()
-        states.update(by_name)
-        self.routes = tuple(routes)
-        self.router = router
-        for key, listener in list(self.listeners.items()):
-            if key not in wanted or key in fresh:
-                if key not in fresh:
-                    listener.stop_accepting()
-                self._close_later(listener)  # its store goes with it
-                del self.listeners[key]
-                self.listener_stores.pop(key, None)
+        now = self.loop.time()
+        for svc in plan.changed:
+            states[svc.name].update(svc, now, self.instance)
+        for name in plan.removed:
+            state = states.pop(name)
+            state.pool.update((), state.policy.balance)  # everything drains
+        for svc in plan.new:
+            states[svc.name] = ServiceState(svc, self.rng, self.instance)
+        if list(states) != [s.name for s in plan.services]:  # keep the snapshots' order
+            order = {s.name: i for i, s in enumerate(plan.services)}
+            ordered = sorted(states.items(), key=lambda item: order[item[0]])
+            states.clear()
+            states.update(ordered)
+        self.routes = tuple(plan.routes)
+        self.router = plan.router
+        for key in plan.stop:
+            self.listeners[key].stop_accepting()
+        for key in [*plan.stop, *(k for k in fresh if k in self.listeners)]:
+            self._close_later(self.listeners.pop(key))  # its store goes with it
+            self.listener_stores.pop(key, None)
         self.listeners.update(fresh)
         self.listener_stores.update(fresh_stores)
-        self._install_certificates(certs, services)
-        for key, (kind, name, _addr) in wanted.items():
+        self._install_certificates(plan.certs, plan.services)
+        self._point_listeners(plan)
+        self.snapshots = snapshots
+        self._sync_health(known)
+
+    def _point_listeners(self, plan: _Plan) -> None:
+        """Every listener to its service state (or the router), limits and path rules."""
+        accepts = _accepts(plan.settings, plan.services)
+        path_rules = {("entrypoint", ep.name): ep.path_rules for ep in self.entrypoints}
+        path_rules.update((("service", s.name), s.path_rules) for s in plan.services)
+        states = self.services
+        for key, (kind, name, _addr) in plan.wanted.items():
             listener = self.listeners[key]
-            listener.set_accept_proxy(accepts.get(
-                ("entrypoint" if kind.startswith("entrypoint") else "service", name)))
+            listener.set_accept_proxy(accepts.get(_owner(kind, name)))
             if kind.startswith("entrypoint"):
                 listener.router = self.router
                 listener.services = states
                 listener.defaults = self.defaults
                 if kind == "entrypoint-tls":
-                    listener.set_passthrough(sni_table)
+                    listener.set_passthrough(plan.sni_table)
             else:
                 listener.service = states[name]
             listener.set_limits(self.limits)
             set_path_rules = getattr(listener, "set_path_rules", None)  # http listeners
             if set_path_rules is not None:
-                set_path_rules(path_rules.get(
-                    ("entrypoint" if kind.startswith("entrypoint") else "service", name),
-                    PathRules()))
+                set_path_rules(path_rules.get(_owner(kind, name), PathRules()))
             refresh = getattr(listener, "refresh", None)
             if refresh is not None:
                 refresh()
-        self.snapshots = snapshots
-        self._sync_health(known)
 
-    def _settle(self, settings: Settings) -> None:
-        """Make the file config's process-wide settings current (in the apply step)."""
-        self.instance = settings.instance
-        self.limits = settings.limits
-        self.grace = settings.grace
+    def _settle(self, settings: Settings, instance: InstanceConfig) -> None:
+        """Make the process-wide settings current (in the commit step)."""
+        self.settings = settings
+        self.instance = instance
         tls.configure(settings.tls)  # live contexts change in place: the next handshake
 
     # -- TLS certificates ------------------------------------------------------------------
 
-    def _load_certificates(self, services: list[Service], reload_files: bool) -> _Certificates:
-        """Load the certificate files of the TLS entrypoints and static ports, before anything
-        changes: a pair that does not load rejects the change, naming it and the problem. A
-        pair in use is kept as it is unless `reload_files`, and then too if its files still
-        hold the same bytes (see `apply`)."""
+    def _load_certificates(self, services: list[Service], settings: Settings,
+                           snapshots: dict[str, Snapshot], reload_files: bool
+                           ) -> _Certificates:
+        """Parse the certificates a snapshot brings, before anything changes.
+
+        The pairs the entrypoints and static ports name (from the PEM their source read,
+        `Certificates.files`, else from the files): one that does not load rejects the
+        snapshot, naming it and the problem. The watchers' pairs: one that does not parse
+        keeps the last good one of its origin and becomes a Notice. A pair whose bytes are
+        the ones in use is not parsed again (see `apply` for `reload_files`)."""
         errors: list[str] = []
         pairs: dict[PairKey, Certificate] = {}
         failed: dict[PairKey, str] = {}
+        pems = {p.files: p for snap in snapshots.values() for p in snap.certificates.files
+                if p.files is not None}
 
         def load(cert_file: str, key_file: str, alpn: tuple[str, ...], where: str
                  ) -> Certificate | None:
             key = (cert_file, key_file, alpn)
             if key not in pairs and key not in failed:
                 cert = self._pairs.get(key)
+                pem = pems.get((cert_file, key_file))
                 try:
-                    if cert is None or reload_files:
+                    if pem is not None:
+                        cert = tls.load_file_pem(cert_file, key_file, pem.cert, pem.key, alpn,
+                                                 reuse=cert)
+                    elif cert is None or reload_files:
                         cert = load_files(cert_file, key_file, alpn, reuse=cert)
                     pairs[key] = cert
                 except TLSConfigError as e:
@@ -434,7 +543,7 @@ class Runtime:
             return pairs[key]
 
         entrypoints: dict[str, Certificate] = {}
-        for ep in self.entrypoints:
+        for ep in settings.entrypoints:
             if ep.tls is not None and ep.tls[0]:  # ("", ""): certificates from watchers only
                 cert = load(ep.tls[0], ep.tls[1], ALPN, f"entrypoints.{ep.name}.tls")
                 if cert is not None:
@@ -450,13 +559,61 @@ class Runtime:
                 by_service[svc.name] = cert
         if errors:
             raise SnapshotError(errors)
-        return _Certificates(pairs, entrypoints, by_service)
+        return self._load_watcher_certificates(snapshots, pairs, entrypoints, by_service)
+
+    def _load_watcher_certificates(self, snapshots: dict[str, Snapshot],
+                                   pairs: dict[PairKey, Certificate],
+                                   entrypoints: dict[str, Certificate],
+                                   by_service: dict[str, Certificate]) -> _Certificates:
+        parsed: dict[PemPair, Certificate] = {}
+        last_good = dict(self._last_good)
+        failed: dict[PemPair, str] = {}
+
+        def parse(pem: PemPair) -> Certificate | None:
+            cert = parsed.get(pem) or self._parsed.get(pem)
+            if cert is None and pem not in failed:
+                error = self._failed.get(pem)  # not parsed again while its bytes are the same
+                if error is None:
+                    try:
+                        cert = tls.load_pem(pem.cert, pem.key, pem.origin,
+                                            cert_label=pem.labels[0], key_label=pem.labels[1])
+                    except TLSConfigError as e:
+                        error = str(e)
+                        log.warning("%s; its last good certificate, if any, serves", error)
+                if error is not None:
+                    failed[pem] = error
+            if cert is None:
+                return last_good.get(pem.origin)  # the last good one, if any
+            parsed[pem] = last_good[pem.origin] = cert
+            return cert
+
+        watchers: dict[str, tuple[list[Certificate], dict[str, Certificate]]] = {}
+        for source, snap in snapshots.items():
+            held = snap.certificates
+            if not (held.pairs or held.hosts):
+                continue
+            certs: list[Certificate] = []
+            for pem in held.pairs:
+                cert = parse(pem)
+                if cert is not None and cert not in certs:
+                    certs.append(cert)
+            hosts: dict[str, Certificate] = {}
+            for pattern, pem in held.hosts:
+                cert = parse(pem)
+                if cert is not None:
+                    hosts[pattern] = cert
+            watchers[source] = (certs, hosts)
+        origins = {pem.origin for snap in snapshots.values()
+                   for pem in (*snap.certificates.pairs, *(p for _, p in snap.certificates.hosts))}
+        last_good = {origin: cert for origin, cert in last_good.items() if origin in origins}
+        return _Certificates(pairs, entrypoints, by_service, watchers, parsed, last_good,
+                             failed)
 
     def _new_store(self, kind: str, name: str, certs: _Certificates) -> CertificateStore:
         """The store of a new TLS listener, already holding what it will serve."""
         store = CertificateStore()
         if kind == "entrypoint-tls":
-            self._set_entrypoint_store(store, certs.entrypoints.get(name))
+            _set_entrypoint_store(store, certs.entrypoints.get(name), certs.watchers)
         else:
             cert = certs.services[name]
             store.set([cert], cert)
@@ -466,7 +623,11 @@ class Runtime:
         """Point the by-name views at the listeners' stores and give each store its
         certificates (the next handshake sees them; established connections keep theirs)."""
         self._pairs = certs.pairs
+        self._parsed = certs.parsed
+        self._failed = certs.failed
+        self._last_good = certs.last_good
         self.file_certs = certs.entrypoints
+        self.watcher_certs = certs.watchers
         self.tls_stores = {ep.name: self.listener_stores[str(ep.listen)]
                            for ep in self.entrypoints if ep.tls is not None}
         self.service_tls = {}
@@ -476,35 +637,8 @@ class Runtime:
                 store = self.listener_stores[str(svc.listen)]
                 store.set([cert], cert)
                 self.service_tls[svc.name] = store
-        self._refresh_stores()
-
-    def set_certificates(self, source: str, certs: list[Certificate],
-                         hosts: dict[str, Certificate]) -> None:
-        """A watcher's certificates (e.g. Ingress TLS Secrets): served on every TLS
-        entrypoint from the next handshake on; `hosts` pins host patterns ("" = default)."""
-        self.watcher_certs[source] = (list(certs), dict(hosts))
-        self._refresh_stores()
-
-    def _refresh_stores(self) -> None:
         for name, store in self.tls_stores.items():
-            self._set_entrypoint_store(store, self.file_certs.get(name))
-
-    def _set_entrypoint_store(self, store: CertificateStore, default: Certificate | None
-                              ) -> None:
-        """What a TLS entrypoint serves: its files' certificate (the default) and every
-        watcher's (a no-op when that is what the store holds)."""
-        certs: list[Certificate] = []
-        hosts: dict[str, Certificate] = {}
-        for source_certs, source_hosts in self.watcher_certs.values():
-            certs.extend(source_certs)
-            for pattern, cert in source_hosts.items():
-                if pattern:
-                    hosts.setdefault(pattern, cert)
-                elif default is None:
-                    default = cert
-        if default is not None:
-            certs.insert(0, default)
-        store.set(certs, default, hosts=hosts)
+            _set_entrypoint_store(store, self.file_certs.get(name), self.watcher_certs)
 
     def certificate_status(self) -> list[dict[str, Any]]:
         """Every certificate loaded (from files and from watchers) once, with the stores that
@@ -716,3 +850,46 @@ async def _restart(listener: Any) -> None:
         await listener.start()
     except OSError:
         log.exception("could not re-open %s after a failed reload", listener.address)
+
+
+def _set_entrypoint_store(store: CertificateStore, default: Certificate | None,
+                          watchers: dict[str, tuple[list[Certificate], dict[str, Certificate]]]
+                          ) -> None:
+    """What a TLS entrypoint serves: its files' certificate (the default) and every
+    watcher's (a no-op when that is what the store holds)."""
+    certs: list[Certificate] = []
+    hosts: dict[str, Certificate] = {}
+    for source_certs, source_hosts in watchers.values():
+        certs.extend(source_certs)
+        for pattern, cert in source_hosts.items():
+            if pattern:
+                hosts.setdefault(pattern, cert)
+            elif default is None:
+                default = cert
+    if default is not None:
+        certs.insert(0, default)
+    store.set(certs, default, hosts=hosts)
+
+
+def _notices(snapshot: Snapshot, failed: dict[PemPair, str]) -> tuple[Notice, ...]:
+    """The pairs of `snapshot` that do not parse (each once)."""
+    held = snapshot.certificates
+    pems = dict.fromkeys([*held.pairs, *(pem for _, pem in held.hosts)])
+    return tuple(Notice(pem.origin, failed[pem]) for pem in pems if pem in failed)
+
+
+def _owner(kind: str, name: str) -> tuple[str, str]:
+    """A listener's owner: ("entrypoint", name) or ("service", name)."""
+    return ("entrypoint" if kind.startswith("entrypoint") else "service", name)
+
+
+def _accepts(settings: Settings, services: Iterable[Service]) -> dict[tuple[str, str], Any]:
+    """accept_proxy_protocol of each listener's owner."""
+    accepts = {("entrypoint", ep.name): ep.accept_proxy_protocol for ep in settings.entrypoints}
+    accepts.update((("service", s.name), s.accept_proxy_protocol) for s in services)
+    return accepts
+
+
+def _reads_instance(svc: Service) -> bool:
+    """Whether a service's pool depends on the proxy's zone or ordinal."""
+    return svc.policy.zone_aware or bool(svc.policy.subset)

@@ -48,10 +48,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from watchers.kubernetes.secrets import SecretError, secret_pem
+
 log = logging.getLogger("edgelb.net.tls")
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to finish its TLS handshake
 
-TLS_SECRET_TYPE = "kubernetes.io/tls"
 CIPHERS_TLS12 = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"
 ALPN = ("http/1.1",)
 OUTCOMES = ("exact", "wildcard", "default", "no_sni", "unrecognized")
@@ -398,37 +399,28 @@ def load_files(cert_path: str, key_path: str, alpn: Sequence[str] = ALPN, *,
         except OSError as e:
             raise TLSConfigError(path, f"cannot read the {what} file: {e.strerror}; check "
                                  f"the path of the TLS {what} in the config") from None
-    if reuse is not None and (reuse.cert_pem, reuse.key_pem) == (data[0], data[1]):
+    return load_file_pem(cert_path, key_path, data[0], data[1], alpn, reuse=reuse)
+
+
+def load_file_pem(cert_path: str, key_path: str, cert_pem: bytes, key_pem: bytes,
+                  alpn: Sequence[str] = ALPN, *, reuse: Certificate | None = None
+                  ) -> Certificate:
+    """A pair read from a certificate file and its key file (by whoever watches them): as
+    `load_files`, `reuse` is returned when it holds these bytes."""
+    if reuse is not None and (reuse.cert_pem, reuse.key_pem) == (cert_pem, key_pem):
         return reuse
     source = cert_path if cert_path == key_path else f"{cert_path} (key {key_path})"
-    return load_pem(data[0], data[1], source, cert_label=f"certificate file {cert_path}",
+    return load_pem(cert_pem, key_pem, source, cert_label=f"certificate file {cert_path}",
                     key_label=f"key file {key_path}", alpn=alpn)
 
 
 def load_secret(secret: Mapping[str, Any]) -> Certificate:
     """A `kubernetes.io/tls` Secret as the API returns it (base64 `tls.crt` and `tls.key`)."""
-    meta = secret.get("metadata") if isinstance(secret, Mapping) else None
-    meta = meta if isinstance(meta, Mapping) else {}
-    source = f"Secret {meta.get('namespace') or '?'}/{meta.get('name') or '?'}"
-    err = functools.partial(TLSConfigError, source)
-    fix = "recreate it with `kubectl create secret tls NAME --cert=FILE --key=FILE`"
-    if not isinstance(secret, Mapping):
-        raise err(f"is not an object; {fix}")
-    kind = secret.get("type")
-    if kind != TLS_SECRET_TYPE:
-        raise err(f"has type {kind!r}, not {TLS_SECRET_TYPE}; {fix}")
-    data = secret.get("data")
-    data = data if isinstance(data, Mapping) else {}
-    decoded = []
-    for key in ("tls.crt", "tls.key"):
-        value = data.get(key)
-        if not isinstance(value, str) or not value:
-            raise err(f"data.{key} is missing or empty; {fix}")
-        try:
-            decoded.append(base64.b64decode(value, validate=True))
-        except (binascii.Error, ValueError):
-            raise err(f"data.{key} is not valid base64; {fix}") from None
-    return load_pem(decoded[0], decoded[1], source, cert_label="tls.crt", key_label="tls.key")
+    try:
+        cert_pem, key_pem, source = secret_pem(secret)
+    except SecretError as e:
+        raise TLSConfigError(e.source, e.message) from None
+    return load_pem(cert_pem, key_pem, source, cert_label="tls.crt", key_label="tls.key")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,21 @@
 """The process: load the config, start the runtime, the admin endpoint and the watchers, and
 run until SIGTERM/SIGINT (graceful drain). SIGHUP re-reads the config file at once.
 
+The file config is one source like the others: each loaded config becomes one Snapshot (its
+services and routes, the PEM of the certificate files it names, and its process-wide settings:
+entrypoints, defaults, instance, limits, grace, TLS options) handed to `Runtime.apply`, the only
+writer of live state. The watchers are wired here: each gets its `emit` (the runtime's apply)
+and its `report` (the runtime's health view), and whatever else it needs from edgelb (the
+Kubernetes one: the annotations reader, the defaults, the configured zone).
+
 Certificate rotation: the file watcher watches, besides the config, every certificate, key and
-CA file the config names (the loader reads them through `FileWatcher.read`), and the loaded
-Config carries their digests (`Config.tls_files`), so a rewritten, renamed or symlink-swapped
-file makes a Config that differs from the one applied and is applied like an edit: within a
-poll or two, or at once on SIGHUP. Applying it re-reads the certificate pairs (unchanged ones
-are kept as they are); a pair that does not load rejects it whole, so the old certificate
-keeps serving and the failure is reported as any rejected config is (log, /status.json,
+CA file the config names (the loader reads them through `FileWatcher.read`, and keeps the bytes
+of the certificate pairs for the snapshot), and the loaded Config carries their digests
+(`Config.tls_files`), so a rewritten, renamed or symlink-swapped file makes a Config that
+differs from the one applied and is applied like an edit: within a poll or two, or at once on
+SIGHUP. Applying it parses the changed pairs (unchanged ones are kept as they are); a pair
+that does not load rejects it whole, so the old certificate keeps serving and the failure is
+reported as any rejected config is (log, /status.json,
 `edgelb_config_reloads_total{watcher="file",result="error"}`).
 """
 
@@ -22,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from edgelb import __version__, compiled
-from edgelb.control.runtime import EntrypointSpec, Runtime, Settings, SnapshotError
+from edgelb.control.runtime import Runtime, SnapshotError
 from edgelb.control.tasks import describe, spawn, supervise
 from edgelb.net import backend_tls
 from edgelb.ops.config import (
@@ -31,13 +39,18 @@ from edgelb.ops.config import (
     load_config,
     not_implemented,
     parse_config,
+    policy_from_annotations,
     with_tls_files,
 )
-from watchers.model import Policy
+from watchers.model import Certificates, Entrypoint, PemPair, Policy, Settings, Snapshot
+from watchers.source import Health, Tasks
 
 log = logging.getLogger("edgelb")
 
 FILE_LOOP = "file watcher loop"
+
+# A loaded config and the PEM of the certificate pairs it names, as read with it
+Loaded = tuple[Config, tuple[PemPair, ...]]
 
 
 def _install_uvloop() -> None:
@@ -55,10 +68,11 @@ class App:
     def __init__(self, config_path: str | Path) -> None:
         self.config_path = Path(config_path)
         self.config: Config | None = None
+        self.pems: tuple[PemPair, ...] = ()  # the certificate pairs of the applied config
         self.runtime: Runtime | None = None
         self.admin = None
         self.watcher = None
-        self.kubernetes = None  # edgelb.k8s_watcher.KubernetesWatcher when enabled
+        self.kubernetes = None  # watchers.kubernetes.watcher.KubernetesWatcher when enabled
         self._watcher_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # every background task of ours, until it ends
         self._file_loop_error: str | None = None  # the file watcher's loop raised: restarting
@@ -72,22 +86,26 @@ class App:
         from watchers.file import FileWatcher
 
         # ConfigError propagates: nothing starts
-        config = with_tls_files(load_config(self.config_path), _read)
+        loaded = _load(load_config(self.config_path), _read)
+        config = loaded[0]
         loop = asyncio.get_running_loop()
         runtime = Runtime(loop=loop, reserved=[config.admin])
         runtime.register_watcher("file")
         self.runtime = runtime
-        await self._apply(config)
+        await self._apply(loaded)
         if runtime.last_errors.get("file"):
             raise SystemExit(f"edgelb: {runtime.last_errors['file']}")
         runtime.start_sweeper()
         k8s = config.kubernetes
         if k8s is not None and k8s.enabled:
-            from edgelb.k8s_watcher import KubernetesWatcher
             from watchers.kubernetes.client import CredentialsError
+            from watchers.kubernetes.watcher import KubernetesWatcher
 
             self.kubernetes = KubernetesWatcher(
-                k8s, runtime, defaults=self._defaults, zone=self._zone
+                k8s, emit=runtime.apply, report=runtime.report,
+                read_policy=policy_from_annotations, defaults=self._defaults,
+                zone=self._zone, sni_routing=self._sni_routing,
+                tasks=Tasks(spawn, supervise, describe),
             )
             try:
                 await self.kubernetes.start()
@@ -96,10 +114,10 @@ class App:
         self.admin = AdminServer(runtime, config.admin)
         await self.admin.start()
         origin = str(self.config_path)
-        watcher: FileWatcher[Config] = FileWatcher(
+        watcher: FileWatcher[Loaded] = FileWatcher(
             self.config_path,
             # the TLS files are read through the watcher, which watches them from then on
-            load=lambda data: with_tls_files(parse_config(data, origin=origin), watcher.read),
+            load=lambda data: _load(parse_config(data, origin=origin), watcher.read),
             emit=self._on_config,
             on_error=self._on_config_error,
             interval=0.25,
@@ -116,27 +134,29 @@ class App:
     def _zone(self) -> str:
         return self.config.instance.zone if self.config is not None else ""
 
-    def _on_config(self, config: Config) -> None:
+    def _sni_routing(self) -> bool:
+        """Whether some entrypoint terminates TLS (passthrough hosts are routed by SNI)."""
+        return self.config is not None and any(ep.tls is not None
+                                               for ep in self.config.entrypoints)
+
+    def _on_config(self, loaded: Loaded) -> None:
         self._file_loop_back()
         # (a config equal to the applied one is recognised by _apply, under its lock)
-        spawn(self._apply(config), name="apply the config file", held=self._tasks)
+        spawn(self._apply(loaded), name="apply the config file", held=self._tasks)
 
     def _file_loop_down(self, exc: BaseException) -> None:
         """The file watcher's loop raised and waits to restart (edgelb.control.tasks.supervise): the
         watcher is down and says why; the applied config keeps serving, /readyz unchanged."""
         assert self.runtime is not None
         self._file_loop_error = f"{FILE_LOOP} failed ({describe(exc)}); restarting it"
-        self.runtime.watcher_up["file"] = False
-        self.runtime.last_errors["file"] = self._file_loop_error
+        self.runtime.report("file", Health(up=False, error=self._file_loop_error))
 
     def _file_loop_back(self) -> None:
         """The restarted file watcher read the file again (good or bad content): it is up."""
         error, self._file_loop_error = self._file_loop_error, None
         if error is None or self.runtime is None:
             return
-        self.runtime.watcher_up["file"] = True
-        if self.runtime.last_errors.get("file") == error:
-            del self.runtime.last_errors["file"]
+        self.runtime.report("file", Health(up=True))
 
     def _on_config_error(self, error: Exception) -> None:
         assert self.runtime is not None
@@ -145,15 +165,16 @@ class App:
         log.error("config %s rejected, the last good one keeps serving: %s", self.config_path, text)
         self.runtime.record("file", False, text)
 
-    async def _apply(self, config: Config) -> None:
+    async def _apply(self, loaded: Loaded) -> None:
         """Apply a loaded config: everything it sets (routes, listeners, certificates, the
         `tls:` options, instance, limits, shutdown grace) takes effect in one step, or, when
         the runtime rejects it (e.g. a port that cannot be bound, a certificate that does not
         load), nothing does."""
         runtime = self.runtime
         assert runtime is not None
+        config, pems = loaded
         async with self._apply_lock:  # in the order the configs came
-            if config == self.config:
+            if config == self.config and pems == self.pems:
                 # e.g. the watcher's first read of what start() applied, or an edit undone
                 if runtime.last_errors.get("file"):
                     log.info("config %s and its files are back to what is serving",
@@ -170,21 +191,8 @@ class App:
                 log.warning("admin.listen changed to %s; it takes effect on restart", config.admin)
             if self.config is not None and config.kubernetes != self.config.kubernetes:
                 log.warning("watchers.kubernetes changed; it takes effect on restart")
-            eps = [EntrypointSpec(e.name, e.listen, e.tls, e.accept_proxy_protocol, e.path_rules)
-                   for e in config.entrypoints]
-            zone = config.instance.zone or (self.kubernetes.node_zone if self.kubernetes else "")
-            settings = Settings(instance=dataclasses.replace(config.instance, zone=zone),
-                                limits=config.limits, grace=config.shutdown.grace,
-                                tls=config.tls)
-            try:  # both record the outcome themselves; the certificate files are the file's
-                if self.config is None or self.config.entrypoints != config.entrypoints or (
-                    self.config.defaults != config.defaults
-                ):
-                    # entrypoints and services in one step: an edit may move a port between them
-                    await runtime.set_entrypoints(eps, config.defaults, config.snapshot,
-                                                  settings=settings, reload_files=True)
-                else:
-                    await runtime.apply(config.snapshot, settings=settings, reload_files=True)
+            try:  # the runtime records the outcome; the certificate files are the file's
+                await runtime.apply(file_snapshot(config, pems), reload_files=True)
             except SnapshotError:
                 return
             changed = _changed_files(self.config, config)
@@ -193,6 +201,7 @@ class App:
                 backend_tls.files_changed(changed)
             defaults_changed = self.config is not None and self.config.defaults != config.defaults
             self.config = config
+            self.pems = pems
             self.generation += 1
             if defaults_changed and self.kubernetes is not None:
                 self.kubernetes.refresh()  # the cluster's services take the new defaults
@@ -236,6 +245,45 @@ class App:
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def _load(config: Config, read: Callable[[str], bytes]) -> Loaded:
+    """`config` with its TLS files' digests, and the PEM of the certificate pairs it names
+    (those that could be read; the runtime reports the others), all read once with `read`."""
+    held: dict[str, bytes] = {}
+
+    def reading(path: str) -> bytes:
+        data = held[path] = read(path)
+        return data
+
+    config = with_tls_files(config, reading)
+    pairs = [ep.tls for ep in config.entrypoints if ep.tls is not None and ep.tls[0]]
+    pairs += [svc.tls for svc in config.snapshot.services
+              if svc.tls is not None and svc.listen is not None]
+    pems: dict[tuple[str, str], PemPair] = {}
+    for cert_file, key_file in pairs:
+        if cert_file in held and key_file in held and (cert_file, key_file) not in pems:
+            pems[(cert_file, key_file)] = PemPair(
+                held[cert_file], held[key_file], origin=_pair_name(cert_file, key_file),
+                files=(cert_file, key_file))
+    return config, tuple(pems.values())
+
+
+def _pair_name(cert_file: str, key_file: str) -> str:
+    return cert_file if cert_file == key_file else f"{cert_file} (key {key_file})"
+
+
+def file_snapshot(config: Config, pems: tuple[PemPair, ...] = ()) -> Snapshot:
+    """The file config as one source's snapshot: its services and routes, the PEM of its
+    certificate pairs, and the process-wide settings only it sets."""
+    settings = Settings(
+        entrypoints=tuple(Entrypoint(e.name, e.listen, e.tls, e.accept_proxy_protocol,
+                                     e.path_rules) for e in config.entrypoints),
+        defaults=config.defaults, instance=config.instance, limits=config.limits,
+        grace=config.shutdown.grace, tls=config.tls,
+    )
+    return dataclasses.replace(config.snapshot, certificates=Certificates(files=pems),
+                               settings=settings)
 
 
 def _changed_files(old: Config | None, new: Config) -> list[str]:

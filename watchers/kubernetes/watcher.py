@@ -1,5 +1,12 @@
 """The Kubernetes watcher as the process runs it: reflectors keep caches of the cluster's
-objects, a debounced loop translates them into one Snapshot and hands it to the runtime.
+objects, a debounced loop translates them into one Snapshot and hands it to `emit` (the
+runtime's apply; watchers.source). The Snapshot carries the routes and services, the PEM of
+the TLS Secrets the Ingresses name (the runtime parses them: one that does not parse keeps its
+last good certificate and is reported here as a problem of the Secret), and the zone of the
+proxy's Node (`topology.kubernetes.io/zone`), which the runtime uses when the config sets none.
+The watcher's health goes to `report`; it writes no runtime state and does not import edgelb:
+what it needs from it (the annotations reader, the defaults, the configured zone, whether TLS
+entrypoints route by SNI, how background loops are run) is passed in.
 
 Bursts are coalesced: a change is applied within DEBOUNCE (50 ms) plus the translation, and
 applies happen at most once per DEBOUNCE under a storm of events. When the API server is out
@@ -8,7 +15,7 @@ serving); `edgelb_watcher_up{watcher="kubernetes"}` drops to 0 and
 `edgelb_watcher_last_event_age_seconds` grows. /readyz waits for the first full sync.
 
 Every loop (the reflectors, the translate loop, the health watch, the leader election) runs
-supervised (edgelb.control.tasks): one that raises is logged, the watcher is marked down
+supervised (`Tasks.supervise`): one that raises is logged, the watcher is marked down
 (`edgelb_watcher_up` 0, the error in /status.json) and the loop restarts after a backoff
 (0.1 s doubling to 30 s, jittered) while the last good snapshot keeps serving; nothing is
 removed. A restarted translate loop translates the caches at once, and the watcher is up again
@@ -34,10 +41,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
-from edgelb.control.runtime import Runtime, SnapshotError
-from edgelb.control.tasks import DEFAULT_BACKOFF, Backoff, describe, spawn, supervise
-from edgelb.net.tls import Certificate, TLSConfigError, load_secret
-from edgelb.ops.config import KubernetesWatcherConfig, policy_from_annotations
 from watchers.kubernetes.reflector import (
     ENDPOINTSLICES,
     INGRESSCLASSES,
@@ -48,8 +51,10 @@ from watchers.kubernetes.reflector import (
     SERVICES,
     Reflector,
 )
+from watchers.kubernetes.secrets import SecretError, secret_pem
 from watchers.kubernetes.translate import ClusterState, Problem, Translation, translate
-from watchers.model import Policy
+from watchers.model import Certificates, Notice, PemPair, Policy
+from watchers.source import Emit, Health, Report, Tasks
 
 log = logging.getLogger("edgelb.kubernetes")
 
@@ -61,28 +66,43 @@ TRANSLATE_LOOP = "kubernetes translate loop"
 
 
 class KubernetesWatcher:
-    """Follows the cluster and feeds the runtime; `start()` then `stop()`."""
+    """Follows the cluster and feeds `emit` (a watchers.source.Source); `start()` then
+    `stop()`, or `run()`.
+
+    `config`: the `watchers.kubernetes` block (edgelb.ops.config.KubernetesWatcherConfig: its
+    kubeconfig, namespaces, ingress_class, pod_weights, publish_address, publish_service and
+    leader_election are read). `read_policy(annotations, base)`: the per-service keys of a
+    Service's `edgelb.io/*` annotations (edgelb.ops.config.policy_from_annotations)."""
+
+    name = NAME
 
     def __init__(
         self,
-        config: KubernetesWatcherConfig,
-        runtime: Runtime,
+        config: Any,
+        *,
+        emit: Emit,
+        report: Report,
+        read_policy: Callable[..., tuple[Policy, list[str]]],
         defaults: Callable[[], Policy],
         zone: Callable[[], str],
+        tasks: Tasks,
+        sni_routing: Callable[[], bool] = lambda: False,
         environ: Mapping[str, str] | None = None,
         read_timeout: float = 60.0,
         api: Any = None,
-        backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
         self.config = config
-        self.runtime = runtime
+        self.emit = emit
+        self.report = report
+        self.read_policy = read_policy
         self.defaults = defaults  # the file's `defaults:` as they are now
         self.zone = zone  # the configured zone ("" = unknown: the Node's label is used)
+        self.tasks = tasks  # spawn, supervise and describe (edgelb.control.tasks)
+        self.sni_routing = sni_routing  # whether some entrypoint terminates TLS
         self.environ = os.environ if environ is None else environ
         self.read_timeout = read_timeout
         self.api = api  # an ApiClient; made from the credentials at start() when None
         self._own_api = api is None
-        self.backoff = backoff  # between restarts of a loop that raised
         self.reflectors: dict[str, Reflector] = {}
         self.node_zone = ""
         self.translation: Translation | None = None
@@ -91,7 +111,10 @@ class KubernetesWatcher:
         self._tasks: set[asyncio.Task[Any]] = set()  # every task of ours, until it ends
         self.down: dict[str, str] = {}  # supervised loop that raised -> its error, until back
         self._reported: set[Problem] = set()
-        self._certs: dict[tuple[str, str], tuple[str, Certificate]] = {}  # Secret -> (rv, cert)
+        self._problems = 0  # in the latest translation
+        self._last_event = 0.0  # unix time of the last watch event or bookmark
+        self._pems: dict[tuple[str, str], tuple[str, PemPair]] = {}  # Secret -> (rv, its pair)
+        self._stopped = asyncio.Event()
         self._leader: Any = None
         self._status: Any = None
         self._events: Any = None
@@ -124,8 +147,7 @@ class KubernetesWatcher:
                 self.api, resource, self._changed, namespaces=scope, field_selector=fields,
                 read_timeout=self.read_timeout,
             )
-        self.runtime.register_watcher(NAME)
-        self.runtime.watcher_up[NAME] = False
+        self._report_health()
         for k, r in self.reflectors.items():
             self._supervise(f"kubernetes reflector {k}", r.run)
         # restarted, the translate loop translates at once; it is up once that applied
@@ -133,7 +155,16 @@ class KubernetesWatcher:
         self._supervise("kubernetes health watch", self._watch_health)
         self._start_leader()
 
+    async def run(self) -> None:
+        """`start()`, then follow the cluster until cancelled or `stop()`."""
+        await self.start()
+        try:
+            await self._stopped.wait()
+        finally:
+            await self.stop()
+
     async def stop(self) -> None:
+        self._stopped.set()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -161,35 +192,31 @@ class KubernetesWatcher:
         """Run `factory()` under supervision (see the module docstring). By default a loop
         counts as back when it restarts; `on_up` replaces that (the translate loop is back
         once a translation applied)."""
-        spawn(supervise(name, factory, on_down=partial(self._loop_down, name),
-                        on_up=on_up or partial(self._loop_back, name),
-                        backoff=self.backoff, logger=log),
-              name=name, held=self._tasks)
+        self.tasks.spawn(
+            self.tasks.supervise(name, factory, on_down=partial(self._loop_down, name),
+                                 on_up=on_up or partial(self._loop_back, name), logger=log),
+            name, self._tasks)
 
     def _loop_down(self, name: str, exc: BaseException) -> None:
         """A loop raised and waits to restart: the watcher is down, the error shown."""
-        error = f"{name} failed ({describe(exc)}); restarting it"
-        self.down[name] = error
-        self.runtime.last_errors[NAME] = error
-        self.runtime.watcher_up[NAME] = False
+        self.down[name] = f"{name} failed ({self.tasks.describe(exc)}); restarting it"
+        self._report_health()
 
     def _loop_back(self, name: str) -> None:
-        error = self.down.pop(name, None)
-        if error is not None and self.runtime.last_errors.get(NAME) == error:
-            del self.runtime.last_errors[NAME]
-        self._show_health()
+        self.down.pop(name, None)
+        self._report_health()
 
-    def _show_health(self) -> None:
-        """edgelb_watcher_up and the error of a loop that is still down, as things are now."""
-        if self.runtime.watcher_synced.get(NAME):
-            self.runtime.watcher_up[NAME] = self._up()
-        if self.down and NAME not in self.runtime.last_errors:
-            self.runtime.last_errors[NAME] = next(iter(self.down.values()))
+    def _report_health(self) -> None:
+        """Up or down, the error of a loop that is down, the last event and the problems, as
+        things are now (edgelb_watcher_up, /status.json)."""
+        error = next(iter(self.down.values()), "")
+        self.report(NAME, Health(up=self._up(), error=error, last_event=self._last_event,
+                                 problems=self._problems))
 
     # -- the translate loop ------------------------------------------------------------------
 
     def _changed(self) -> None:
-        self.runtime.watcher_last_event[NAME] = time.time()
+        self._last_event = time.time()
         self._dirty.set()
 
     async def _loop(self) -> None:
@@ -202,12 +229,8 @@ class KubernetesWatcher:
             await self.apply_now()
 
     async def apply_now(self) -> None:
-        """Translate the caches and apply the snapshot (the loop calls this)."""
+        """Translate the caches and hand the snapshot to `emit` (the loop calls this)."""
         self.node_zone = self._node_zone()
-        instance = self.runtime.instance
-        if not self.zone() and self.node_zone and instance.zone != self.node_zone:
-            # zone-aware balancing needs the proxy's zone: the Node's label tells it
-            self.runtime.instance = dataclasses.replace(instance, zone=self.node_zone)
         # the reflectors' caches as they are: translate() reads them without awaiting
         state = ClusterState(**{kind: self._cache(kind) for kind in (
             "services", "endpointslices", "ingresses", "ingressclasses", "secrets", "pods")})
@@ -217,63 +240,66 @@ class KubernetesWatcher:
             defaults=self.defaults(),
             zone=self.zone() or self.node_zone,
             pod_weights=self.config.pod_weights,
-            read_policy=policy_from_annotations,
-            sni_routing=any(ep.tls is not None for ep in self.runtime.entrypoints),
+            read_policy=self.read_policy,
+            sni_routing=self.sni_routing(),
         )
         problems = list(translation.problems)
-        certs, hosts = self._certificates(translation, problems)
-        self._report(problems)
+        certificates, origins = self._certificates(translation, problems)
+        # the Secrets' certificates go with the snapshot that routes their hosts: in the same
+        # step when it is accepted, not at all when it is rejected
+        snapshot = dataclasses.replace(translation.snapshot, certificates=certificates,
+                                       zone=self.node_zone)
+        notices: tuple[Notice, ...] = ()
         try:
-            await self.runtime.apply(translation.snapshot)
-            # the Secrets' certificates go with the snapshot that routes their hosts: in the
-            # same step when it is accepted, not at all when it is rejected
-            self.runtime.set_certificates(NAME, certs, hosts)
-        except SnapshotError as e:
+            notices = await self.emit(snapshot)
+        except Exception as e:
             # recorded and logged by the runtime; the last good snapshot keeps serving
             log.error("the cluster's snapshot was rejected: %s", e)
             return
         finally:
             # translated and applied (or rejected): the translate loop works again
+            problems.extend(_secret_problem(origins, n) for n in notices)
             self.down.pop(TRANSLATE_LOOP, None)
-            self.runtime.watcher_up[NAME] = self._up()
-            self._show_health()
+            self._report(problems)
         self.translation = translation
         self.applies += 1
         await self._publish_status()
 
     def _certificates(self, translation: Translation, problems: list[Problem]
-                      ) -> tuple[list[Certificate], dict[str, Certificate]]:
-        """Load the Secrets the Ingresses name for TLS: the certificates and the host patterns
-        they serve, for the runtime once the snapshot is accepted. A Secret that does not load
-        keeps its last good certificate and is reported."""
+                      ) -> tuple[Certificates, dict[str, tuple[str, str]]]:
+        """The PEM of the Secrets the Ingresses name for TLS, and the host patterns they
+        serve; with the Secret of each origin. A Secret that holds no pair keeps its last
+        good one and is reported (the runtime does the same for a pair that does not parse)."""
         secrets = self.reflectors.get("secrets")
         cache = secrets.cache if secrets is not None else {}
-        loaded: dict[tuple[str, str], Certificate] = {}
-        hosts: dict[str, Certificate] = {}
+        loaded: dict[tuple[str, str], PemPair] = {}
+        hosts: dict[str, PemPair] = {}
         for pattern, key in translation.tls.items():
-            cert = loaded.get(key)
-            if cert is None:
+            pem = loaded.get(key)
+            if pem is None:
                 obj = cache.get(key)
                 if obj is None:
                     continue  # the translation reported the missing Secret
                 version = (obj.get("metadata") or {}).get("resourceVersion", "")
-                held = self._certs.get(key)
+                held = self._pems.get(key)
                 if held is not None and held[0] == version:
-                    cert = held[1]
+                    pem = held[1]
                 else:
                     try:
-                        cert = load_secret(obj)
-                        self._certs[key] = (version, cert)
-                    except TLSConfigError as e:
+                        cert, private, origin = secret_pem(obj)
+                        pem = PemPair(cert, private, origin, labels=("tls.crt", "tls.key"))
+                        self._pems[key] = (version, pem)
+                    except SecretError as e:
                         problems.append(Problem("Secret", key[0], key[1], str(e)))
-                        cert = held[1] if held is not None else None  # the last good one
-                if cert is None:
+                        pem = held[1] if held is not None else None  # the last good one
+                if pem is None:
                     continue
-                loaded[key] = cert
-            hosts[pattern] = cert
-        for key in [k for k in self._certs if k not in loaded]:
-            del self._certs[key]
-        return list(loaded.values()), hosts
+                loaded[key] = pem
+            hosts[pattern] = pem
+        for key in [k for k in self._pems if k not in loaded]:
+            del self._pems[key]
+        origins = {pem.origin: key for key, pem in loaded.items()}
+        return Certificates(pairs=tuple(loaded.values()), hosts=tuple(hosts.items())), origins
 
     def _cache(self, kind: str) -> dict:
         """A reflector's live cache (read it before the next await), or {}."""
@@ -301,14 +327,12 @@ class KubernetesWatcher:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(1.0)
-            self._show_health()
             if self._status is not None and self._status.needs_retry:
                 self._dirty.set()  # a status write failed: try again
             last = max((r.last_event for r in self.reflectors.values()), default=0.0)
             if last:  # watch events and bookmarks: the source is alive
-                at = time.time() - (loop.time() - last)
-                if at > self.runtime.watcher_last_event.get(NAME, 0.0):
-                    self.runtime.watcher_last_event[NAME] = at
+                self._last_event = max(self._last_event, time.time() - (loop.time() - last))
+            self._report_health()
 
     def _report(self, problems: list[Problem]) -> None:
         current = set(problems)
@@ -317,7 +341,8 @@ class KubernetesWatcher:
                 log.warning("kubernetes: %s", p)
                 self._post_event(p)
         self._reported = current
-        self.runtime.watcher_problems[NAME] = len(problems)
+        self._problems = len(problems)
+        self._report_health()
 
     # -- leader election, Ingress status, Events -------------------------------------------------
 
@@ -384,8 +409,8 @@ class KubernetesWatcher:
             p.kind, (obj or {}).get("apiVersion", _API_VERSIONS.get(p.kind, "v1")),
             p.namespace, p.name, meta.get("uid", ""), "EdgelbConfig", p.message,
         )
-        spawn(coro, name=f"kubernetes event on {p.kind} {p.namespace}/{p.name}",
-              held=self._tasks)
+        self.tasks.spawn(coro, f"kubernetes event on {p.kind} {p.namespace}/{p.name}",
+                         self._tasks)
 
     def _find(self, p: Problem) -> dict | None:
         kind = {"Service": "services", "Ingress": "ingresses", "Pod": "pods",
@@ -393,6 +418,12 @@ class KubernetesWatcher:
                 "IngressClass": "ingressclasses"}.get(p.kind)
         r = self.reflectors.get(kind) if kind else None
         return r.cache.get((p.namespace, p.name)) if r is not None else None
+
+
+def _secret_problem(origins: dict[str, tuple[str, str]], notice: Notice) -> Problem:
+    """A certificate the runtime could not parse, as a problem of its Secret."""
+    namespace, name = origins.get(notice.origin, ("", notice.origin))
+    return Problem("Secret", namespace, name, notice.message)
 
 
 _API_VERSIONS = {

@@ -1,0 +1,57 @@
+"""The one interface every watcher (file, Kubernetes, the coming Marathon) implements.
+
+A source follows something outside the process and, each time what it knows changes, hands
+the runtime one whole `Snapshot` through the `emit` callable it was given: the runtime applies
+it or rejects it whole (it raises, and the source's last good snapshot keeps serving), and
+returns what it worked around (`Notice`s). A source says how it is doing through the `report`
+callable it was given (a `Health`), never by writing the runtime's state. A source never
+imports `edgelb`: whatever it needs from it (a policy reader, the defaults) is passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from watchers.model import Notice, Snapshot
+
+# Apply one snapshot: returns the notices of what was worked around, raises when rejected
+Emit = Callable[[Snapshot], Awaitable[tuple[Notice, ...]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """How a source is doing, as it sees it (edgelb_watcher_up, /status.json).
+
+    up: connected to what it follows and no loop of it down; error: why not ("" = fine);
+    last_event: unix time of the last sign of life from what it follows (0 = not known);
+    problems: objects it skipped or flagged in its latest translation (None: it counts none)."""
+
+    up: bool
+    error: str = ""
+    last_event: float = 0.0
+    problems: int | None = None
+
+
+Report = Callable[[str, Health], None]  # (source name, its health)
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """How a source runs its background work, as its host does (edgelb.control.tasks): `spawn(coro,
+    name, held)` starts a task held in `held` until it ends, its failure logged;
+    `supervise(name, factory, on_down=, on_up=, logger=)` runs a loop that is restarted after
+    a backoff whenever it raises; `describe(exc)` says what an exception was, in one line."""
+
+    spawn: Callable[[Coroutine[Any, Any, Any], str, set[asyncio.Task[Any]]], Any]
+    supervise: Callable[..., Coroutine[Any, Any, None]]
+    describe: Callable[[BaseException], str]
+
+
+class Source(Protocol):
+    """A watcher: `run()` follows its source until cancelled, handing whole snapshots to its
+    `emit` and its health to its `report` (both given to it when it is made)."""
+
+    async def run(self) -> None: ...
