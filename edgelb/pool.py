@@ -21,8 +21,7 @@ from balancers.limits import GradientLimit
 from balancers.outlier import ejection_seconds, may_eject
 from balancers.subset import subset
 from balancers.weights import slow_start_factor
-from edgelb.ops.config import InstanceConfig
-from watchers.model import Backend, Outlier, Policy, Service
+from watchers.model import Backend, InstanceConfig, Outlier, Policy, Service
 
 log = logging.getLogger("edgelb.pool")
 

@@ -108,6 +108,38 @@ class PathRules:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """The file source's per-listener limits against floods and slow clients."""
+
+    connections: int = 20000  # open client connections per listener
+    # open connections per client address, per listener; 0 = no limit (the default: clients
+    # behind one NAT or an L4 balancer share an address)
+    connections_per_client: int = 0
+    headers: int = 100  # header fields in a request head (431 beyond)
+    min_body_rate: int = 0  # bytes/s a request body must keep up after 10 s; 0 = no minimum
+
+    def refusal(self, open_connections: int, from_client: int) -> str | None:
+        """Why a new connection must be refused ("connections", "per_client"), or None.
+        `open_connections`: the listener's before it; `from_client`: its client's with it."""
+        if self.connections_per_client and from_client > self.connections_per_client:
+            return "per_client"
+        if open_connections >= self.connections:
+            return "connections"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceConfig:
+    """This proxy replica: its zone (zone-aware balancing) and its place among the replicas
+    (deterministic subsetting). Unset keys come from EDGELB_ZONE, EDGELB_REPLICA and
+    EDGELB_REPLICAS (e.g. from a StatefulSet ordinal and the Downward API)."""
+
+    zone: str = ""
+    replica: int = 0
+    replicas: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class Backend:
     """One replica of a service. `key` identifies it across snapshots."""
 

@@ -41,11 +41,12 @@ from edgelb.net import tls
 from edgelb.net.sni import SniTable
 from edgelb.net.tls import ALPN, Certificate, CertificateStore, TLSConfigError, load_files
 from edgelb.net.tls import Options as TLSOptions
-from edgelb.ops.config import InstanceConfig, LimitsConfig
 from edgelb.pool import ServiceState
 from watchers.model import (
     Address,
     Entrypoint,
+    InstanceConfig,
+    LimitsConfig,
     Notice,
     PathRules,
     PemPair,

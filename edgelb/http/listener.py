@@ -26,8 +26,7 @@ from edgelb.http.router import Router
 from edgelb.net import proxy_protocol, sni
 from edgelb.net.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
 from edgelb.net.tls import HANDSHAKE_TIMEOUT
-from edgelb.ops.config import LimitsConfig
-from watchers.model import Address, PathRules, Policy
+from watchers.model import Address, LimitsConfig, PathRules, Policy
 
 if TYPE_CHECKING:
     from edgelb.pool import ServiceState

@@ -24,9 +24,11 @@ import yaml
 
 import balancers
 from edgelb.net.tls import Options as TLSOptions
-from watchers.model import (
+from watchers.model import (  # InstanceConfig, LimitsConfig: the file source's settings
     Address,
     Backend,
+    InstanceConfig,
+    LimitsConfig,
     PathRules,
     Policy,
     Route,
@@ -80,38 +82,6 @@ class MarathonWatcherConfig:
 class ShutdownConfig:
     delay: float = 0.0  # seconds between "not ready" and closing the listeners
     grace: float = 30.0  # seconds open connections get to finish
-
-
-@dataclass(frozen=True, slots=True)
-class LimitsConfig:
-    """Per-listener limits against floods and slow clients (every public listener)."""
-
-    connections: int = 20000  # open client connections per listener
-    # open connections per client address, per listener; 0 = no limit (the default: clients
-    # behind one NAT or an L4 balancer share an address)
-    connections_per_client: int = 0
-    headers: int = 100  # header fields in a request head (431 beyond)
-    min_body_rate: int = 0  # bytes/s a request body must keep up after 10 s; 0 = no minimum
-
-    def refusal(self, open_connections: int, from_client: int) -> str | None:
-        """Why a new connection must be refused ("connections", "per_client"), or None.
-        `open_connections`: the listener's before it; `from_client`: its client's with it."""
-        if self.connections_per_client and from_client > self.connections_per_client:
-            return "per_client"
-        if open_connections >= self.connections:
-            return "connections"
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceConfig:
-    """This proxy replica: its zone (zone-aware balancing) and its place among the replicas
-    (deterministic subsetting). Unset keys come from EDGELB_ZONE, EDGELB_REPLICA and
-    EDGELB_REPLICAS (e.g. from a StatefulSet ordinal and the Downward API)."""
-
-    zone: str = ""
-    replica: int = 0
-    replicas: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,10 +31,9 @@ from typing import Any
 from edgelb.control.tasks import log_failure
 from edgelb.net import proxy_protocol
 from edgelb.net.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
-from edgelb.ops.config import LimitsConfig
 from edgelb.pool import BackendState, ServiceState
 from edgelb.tcp.relay import Relay
-from watchers.model import Address
+from watchers.model import Address, LimitsConfig
 
 log = logging.getLogger(__name__)
 
