@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 from edgelb import proxy_protocol, sni
 from edgelb.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
 from edgelb.config import LimitsConfig
-from edgelb.http.proxy import ClientProtocol, UpstreamProtocol
+from edgelb.http.client import ClientProtocol
 from edgelb.http.router import Router
+from edgelb.http.upstream import UpstreamProtocol
 from edgelb.tasks import log_failure
 from watchers.model import Address, PathRules, Policy
 
