@@ -216,7 +216,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             # reading is paused meanwhile; what was already read is bounded all the same
             self.upgrade_buffer.append(data)
             if sum(map(len, self.upgrade_buffer)) > BUFFER_LIMIT:
-                self.fail_connection(400, "too much data sent before the upgrade was accepted")
+                self._fail_connection(400, "too much data sent before the upgrade was accepted")
             return
         if self.refusing:
             return  # a refused request ends what this connection may send
@@ -244,7 +244,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
                 else:
                     self.head_bytes += len(data)
                     if self.head_bytes > MAX_HEAD:
-                        self.fail_connection(431, "request head too large")
+                        self._fail_connection(431, "request head too large")
         except httptools.HttpParserUpgrade as e:
             self.upgrade_buffer = [data[e.args[0] :]]
             self._pause(PAUSE_UPGRADE)  # until the 101 (start_tunnel) or the end
@@ -254,7 +254,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
                 self._refuse(refused.status, refused.detail)
                 return
             log.exception("internal error while handling a request")
-            self.fail_connection(500, "internal error")
+            self._fail_connection(500, "internal error")
         except httptools.HttpParserError as e:
             self._refuse(400, f"malformed request ({e})")
 
@@ -269,7 +269,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         if active is None or active.state == DONE or active is parsing:
             # nothing before it to answer, or the request being served is the broken one
             # (e.g. a bad chunk in its body): answer now and drop its backend connection
-            self.fail_connection(status, detail)
+            self._fail_connection(status, detail)
             return
         ex = Exchange(self)
         ex.bad = (status, detail)
@@ -281,7 +281,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         self.pipeline.append(ex)
         self._pause(PAUSE_PIPELINE)
 
-    def fail_connection(self, status: int, detail: str) -> None:
+    def _fail_connection(self, status: int, detail: str) -> None:
         """Answer a request that cannot be parsed and close: nothing reaches a backend."""
         if self.closed:
             return
@@ -398,7 +398,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             if service.special and service.policy.max_body is not None:
                 received = ex.received = ex.received + len(body)
                 if received > service.policy.max_body:
-                    self.fail_connection(413, f"the body is over the "
+                    self._fail_connection(413, f"the body is over the "
                                           f"{service.policy.max_body} bytes service "
                                           f"{service.name} accepts")
                     ex.state = DONE
@@ -435,7 +435,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         elapsed = now - t0
         if elapsed > BODY_RATE_GRACE and got < elapsed * self.listener.min_body_rate:
             self.listener.refused["slow_body"] = self.listener.refused.get("slow_body", 0) + 1
-            self.fail_connection(408, "request body too slow")
+            self._fail_connection(408, "request body too slow")
             ex.state = DONE
             return True
         return False
@@ -474,7 +474,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         if ex.bad is not None:
             status, detail = ex.bad
             self.active = None
-            self.fail_connection(status, detail)
+            self._fail_connection(status, detail)
             return
         dispatch.start(self, ex)
 

@@ -589,6 +589,8 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         self._complete(ex, reusable=self.parser.should_keep_alive())
 
     def _complete(self, ex: Exchange, reusable: bool) -> None:
+        """The response to `ex` went out whole: accounted, this connection parked for reuse
+        (or closed), and the client goes on with its next request."""
         self.ex = None
         ex.upstream = None
         backend = self.backend
