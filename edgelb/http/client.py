@@ -473,6 +473,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         ex.start = self.loop.time()
         if ex.bad is not None:
             status, detail = ex.bad
+            ex.state = DONE  # answered here, and the connection closes
             self.active = None
             self._fail_connection(status, detail)
             return
