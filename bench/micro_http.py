@@ -11,8 +11,9 @@ import asyncio
 import sys
 import time
 
+from edgelb.http.client import ClientProtocol
 from edgelb.http.listener import HttpListener
-from edgelb.http.proxy import ClientProtocol, UpstreamProtocol
+from edgelb.http.upstream import UpstreamProtocol
 from edgelb.pool import ServiceState
 from watchers.model import Address, Backend, Service
 

@@ -19,7 +19,12 @@ import importlib
 from pathlib import Path
 
 MODULES = (
-    "edgelb.http.proxy",
+    "edgelb.http.exchange",
+    "edgelb.http.request",
+    "edgelb.http.accounting",
+    "edgelb.http.dispatch",
+    "edgelb.http.upstream",
+    "edgelb.http.client",
     "edgelb.http.response_head",
     "edgelb.http.headers",
     "edgelb.pool",

@@ -14,7 +14,7 @@ import logging
 import random
 from bisect import bisect_left
 from collections import defaultdict, deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import balancers
 from balancers.limits import GradientLimit
@@ -22,6 +22,11 @@ from balancers.outlier import ejection_seconds, may_eject
 from balancers.subset import subset
 from balancers.weights import slow_start_factor
 from watchers.model import Backend, InstanceConfig, Outlier, Policy, Service
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from balancers.base import Candidate
 
 log = logging.getLogger("edgelb.pool")
 
@@ -220,7 +225,12 @@ class Pool:
         self.timer: asyncio.TimerHandle | None = None  # fires at the first waiter's deadline
 
     def pick(self, key: bytes | None = None) -> BackendState | None:
+        """The balancer's pick among the eligible backends (`key`: for a hashing policy)."""
         return self.balancer.pick(self.candidates, key)  # type: ignore[return-value]
+
+    def pick_from(self, candidates: Sequence[Candidate], key: bytes | None) -> BackendState | None:
+        """The balancer's pick among `candidates`, some of this pool's (e.g. one zone's)."""
+        return self.balancer.pick(candidates, key)  # type: ignore[return-value]
 
     def pick_spare(self) -> BackendState | None:
         """In panic: an unhealthy backend under its cap for work that would otherwise be shed."""
@@ -234,16 +244,22 @@ class Pool:
         if k == backend.cap:
             backend.eligible = False
 
-    def release(self, backend: BackendState) -> None:
-        """One request (connection) on `backend` ended."""
+    def release(self, backend: BackendState, rtt: float = -1.0, now: float = 0.0) -> None:
+        """One request (connection) on `backend` ended. `rtt`: the backend answered it in
+        that many seconds, a sample for its adaptive limit (with the in-flight count it had),
+        which may move the cap before the slot is given back."""
         k = backend.inflight
         backend.inflight = k - 1
+        if rtt >= 0.0:
+            lim = backend.limiter
+            if lim is not None and lim.sample(rtt, now, k):
+                self.cap_changed(backend, lim.limit)
         if k == backend.cap or backend.draining:
-            self.release_slow(backend, k)
+            self._release_slow(backend, k)
 
-    def release_slow(self, backend: BackendState, k: int) -> None:
-        """The rest of `release` once the data path has lowered in-flight from `k`: the
-        backend was at its cap or is draining."""
+    def _release_slow(self, backend: BackendState, k: int) -> None:
+        """The rest of `release` once in-flight went down from `k`: the backend was at its
+        cap or is draining."""
         if k == backend.cap:
             self.freed(backend)
         if backend.draining:

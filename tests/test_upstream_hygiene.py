@@ -31,7 +31,7 @@ from httpkit import (
 )
 from prometheus_client import generate_latest
 
-from edgelb.http.proxy import BUFFER_LIMIT
+from edgelb.http.client import BUFFER_LIMIT
 from edgelb.ops.metrics import make_registry
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(30)]

@@ -21,8 +21,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from edgelb.control.tasks import log_failure
-from edgelb.http.proxy import ClientProtocol, UpstreamProtocol
+from edgelb.http.client import ClientProtocol
 from edgelb.http.router import Router
+from edgelb.http.upstream import UpstreamProtocol
 from edgelb.net import proxy_protocol, sni
 from edgelb.net.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
 from edgelb.net.tls import HANDSHAKE_TIMEOUT
