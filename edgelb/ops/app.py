@@ -37,7 +37,6 @@ from edgelb.ops.config import (
     Config,
     ConfigError,
     load_config,
-    not_implemented,
     parse_config,
     policy_from_annotations,
     with_tls_files,
@@ -182,11 +181,6 @@ class App:
                     runtime.record("file", True)
                 return
             _warn_not_enforced(config)
-            refused = not_implemented(config)
-            if refused:
-                log.error("config %s refused: %s", self.config_path, "; ".join(refused))
-                runtime.record("file", False, "; ".join(refused))
-                return
             if self.config is not None and config.admin != self.config.admin:
                 log.warning("admin.listen changed to %s; it takes effect on restart", config.admin)
             if self.config is not None and config.kubernetes != self.config.kubernetes:

@@ -1023,12 +1023,6 @@ def summarize(config: Config) -> str:
     return "\n".join(lines)
 
 
-def not_implemented(config: Config) -> list[str]:
-    """Valid keys this version cannot honour safely; a config using them is refused.
-    (None at the moment; the hook stays for the next such key.)"""
-    return []
-
-
 def _tls_file_errors(config: Config) -> list[str]:
     """The TLS certificate files of the entrypoints, loaded as `run` would load them."""
     from edgelb.net.tls import TLSConfigError, load_files
@@ -1085,7 +1079,7 @@ def check_command(path: str) -> int:
     """`edgelb check -c FILE`: 0 and a summary when valid, else 1 and every error on stderr."""
     try:
         config = load_config(path)
-        refused = not_implemented(config) + _tls_file_errors(config)
+        refused = _tls_file_errors(config)
         if refused:
             raise ConfigError(refused, path)
     except ConfigError as e:

@@ -21,7 +21,7 @@ import jinja2
 import yaml
 
 from edgelb import __version__
-from edgelb.ops.config import Config, ConfigError, not_implemented, parse_config
+from edgelb.ops.config import Config, ConfigError, parse_config
 
 TEMPLATE_PACKAGE = "edgelb.templates"  # the top-level templates/ (setup.py)
 TEMPLATE_DIR = "manifests"
@@ -443,9 +443,6 @@ def render(options: Options) -> Rendered:
         origin = options.config
         text = _read_config(options.config)
     config = parse_config(text, origin=origin)
-    refused = not_implemented(config)
-    if refused:
-        raise ConfigError(refused, origin)
 
     doc = yaml.safe_load(text)
     admin_set = isinstance(doc.get("admin"), dict) and "listen" in doc["admin"]
