@@ -261,9 +261,9 @@ class Pool:
         """The rest of `release` once in-flight went down from `k`: the backend was at its
         cap or is draining."""
         if k == backend.cap:
-            self.freed(backend)
+            self._below_cap(backend)
         if backend.draining:
-            self.released(backend)
+            self._forget_if_drained(backend)
 
     def cap_changed(self, backend: BackendState, cap: int) -> None:
         """The adaptive limit moved `backend`'s cap."""
@@ -272,7 +272,7 @@ class Pool:
             if self.waiters and backend.eligible:
                 self.dispatch()
 
-    def freed(self, backend: BackendState) -> None:
+    def _below_cap(self, backend: BackendState) -> None:
         """`backend` went below its cap: eligible again, and a waiter may go."""
         backend.eligible = backend.usable
         if self.waiters:
@@ -545,8 +545,8 @@ class Pool:
                     ramping += 1
         self.ramping = ramping
 
-    def released(self, backend: BackendState) -> None:
-        """Call when a draining backend's in-flight count may have reached zero."""
+    def _forget_if_drained(self, backend: BackendState) -> None:
+        """A draining backend whose in-flight count reached zero leaves the pool."""
         if backend.draining and backend.inflight == 0:
             self.draining.pop(backend.key, None)
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 
-from edgelb.net.accept import ACCEPT_BATCH, accept_batch
+import pytest
+
+from edgelb.net.accept import ACCEPT_BATCH, accept_batch, bind
 
 
 class Scripted:
@@ -66,3 +69,26 @@ def test_a_real_listening_socket() -> None:
             s.close()
         for c in clients:
             c.close()
+
+
+async def test_bind_gives_listening_nonblocking_sockets_and_names_the_listener_on_failure(
+) -> None:
+    loop = asyncio.get_running_loop()
+    socks = await bind(loop, "127.0.0.1", 0, "tcp listener web")
+    try:
+        assert len(socks) == 1
+        sock = socks[0]
+        assert not sock.getblocking()
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        port = sock.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        with pytest.raises(OSError) as info:
+            await bind(loop, "127.0.0.1", port, "entrypoint https")
+        assert info.value.errno == errno.EADDRINUSE
+        message = str(info.value)
+        assert "entrypoint https" in message and f"127.0.0.1:{port}" in message
+        assert "free the port" in message
+    finally:
+        for sock in socks:
+            sock.close()

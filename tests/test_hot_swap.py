@@ -310,6 +310,28 @@ async def test_new_port_is_bound_and_removed_port_drains(backend, proxy):
     assert await client.at_eof() == b""
 
 
+async def test_a_closing_listener_is_done_when_its_last_request_ends_not_at_the_grace(
+    backend, proxy
+):
+    gate = asyncio.Event()
+    a = await backend("a", gated(gate, b"finished"))
+    port = free_port()
+    rt = await proxy(snapshot(service("one", [a], listen=port)))
+    client = await Client.open(port)
+    await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await a.wait_requests(1)
+    listener = rt.listeners[f"{HOST}:{port}"]
+    listener.stop_accepting()
+    closing = asyncio.ensure_future(listener.wait_closed(60))
+    await asyncio.sleep(0)
+    assert not closing.done()  # a request is in flight
+    gate.set()
+    r = await within(client.response())
+    assert r.status == 200 and r.body == b"finished"
+    await within(closing, 10)  # woken by the last connection, long before 60 s
+    assert listener.connections == 0
+
+
 async def test_snapshot_with_a_port_in_use_is_rejected_whole(backend, proxy):
     a = await backend("a")
     port, new_port, busy_port = free_port(), free_port(), free_port()

@@ -136,6 +136,8 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         self.closed = True
         listener = self.listener
         listener.clients.discard(self)
+        if listener.closing:
+            listener.connection_gone()
         n = listener.per_client.get(self.xff_ip, 1) - 1
         if n > 0:
             listener.per_client[self.xff_ip] = n

@@ -25,7 +25,7 @@ from edgelb.http.client import ClientProtocol
 from edgelb.http.router import Router
 from edgelb.http.upstream import UpstreamProtocol
 from edgelb.net import proxy_protocol, sni
-from edgelb.net.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
+from edgelb.net.accept import ACCEPT_PAUSE, BACKLOG, accept_batch, bind, nonblocking, refuse
 from edgelb.net.tls import HANDSHAKE_TIMEOUT
 from watchers.model import Address, LimitsConfig, PathRules, Policy
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgelb.http")
 
-BACKLOG = 1024
 # Peeked ClientHello bytes land here (one buffer per process: a peek is parsed at once).
 _PEEK_BUF = bytearray(sni.MAX_HELLO)
 _PEEK_VIEW = memoryview(_PEEK_BUF)
@@ -84,7 +83,6 @@ class HttpListener:
         self.scheme = b"https" if ssl is not None else b"http"
         self.closing = False
         self.soft_closing = False  # see soft_drain
-        self._server: asyncio.AbstractServer | None = None
         self._host_header = str(address).encode()
         self.header_timeout_s = self.idle_timeout_s = 0.0
         # TLS passthrough by SNI (TLS entrypoints only; see the module docstring)
@@ -94,13 +92,14 @@ class HttpListener:
         self.make_relay: Callable[[HttpListener], Any] = _no_relay
         self.handshake_timeout = HANDSHAKE_TIMEOUT
         self.sni_outcomes: dict[str, int] = {}  # passthrough, terminated, timeout, closed
-        self._socks: list[socket.socket] = []  # listening sockets owned here (TLS entrypoint)
+        self._socks: list[socket.socket] = []  # listening sockets (net.accept.bind)
         self._servers: list[asyncio.AbstractServer] = []  # serving duplicates of _socks
         self._own = False  # accepting on _socks here (the table names something)
         self._peeking: set[_Peek] = set()
         self._handshakes: set[asyncio.Task[Any]] = set()
         self._resume: asyncio.TimerHandle | None = None
         self._switch: asyncio.Task[None] | None = None
+        self._idle: asyncio.Event | None = None  # set when wait_closed has nothing left to wait
         # accept_proxy_protocol (edgelb.net.proxy_protocol.AcceptPolicy), None = off; connections
         # whose header (or first bytes) are awaited, as protocols or raw sockets
         self.accept_proxy: Any = None
@@ -167,29 +166,18 @@ class HttpListener:
         return self.services.get(name)
 
     async def start(self) -> None:
-        if self.ssl is not None:
-            await self._start_tls_entrypoint()
+        """Listen (net.accept.bind) and serve: uvloop accepts (and handshakes TLS) in C; a TLS
+        entrypoint with passthrough names or a PROXY header to read accepts here instead."""
+        self._socks = await bind(self.loop, self.address.host, self.address.port,
+                                 f"{self.kind} {self.name}")
+        if self.ssl is not None and (self.sni_table or self.accept_proxy is not None):
+            self._accept_here()
             return
-        host = self.address.host
         try:
-            self._server = await self.loop.create_server(
-                self._new_protocol,
-                host=None if host in ("", "*") else host,
-                port=self.address.port,
-                reuse_address=True,
-                backlog=1024,
-                ssl=self.ssl,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl is not None else None,
-            )
-        except OSError as e:
-            raise OSError(
-                e.errno, f"cannot listen on {self.address} for {self.name}: {e.strerror}"
-            ) from e
-        for sock in self._server.sockets:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+            self._servers = await self._serve()
+        except OSError:
+            self._close_sockets()
+            raise
 
     def soft_drain(self) -> None:
         """Shutting down soon: still accept, but end every connection after its current
@@ -204,24 +192,42 @@ class HttpListener:
         """Stop accepting; idle keep-alive clients are closed, busy ones after their response.
         Passed-through connections, and those still sending their ClientHello, go on."""
         self.closing = True
-        if self._server is not None:
-            self._server.close()
         self._close_sockets()
         self._drop_pending()  # nothing of theirs was served yet
         for client in list(self.clients):
             client.drain()
 
     async def wait_closed(self, timeout: float) -> None:
-        loop = self.loop
-        deadline = loop.time() + timeout
-        while (self.clients or self._peeking or self._handshakes
-               or (self.relay is not None and self.relay.connections)) and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        """Wait until the open connections end (clients, ClientHellos being peeked at, TLS
+        handshakes, passed-through relays); reset what remains after `timeout` seconds."""
+        deadline = self.loop.time() + timeout
+        if self._busy():
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                pass
+            finally:
+                self._idle = None
+        if self.relay is not None:
+            await self.relay.wait_closed(max(0.0, deadline - self.loop.time()))
         self.abort()
 
+    def _busy(self) -> bool:
+        return bool(self.clients or self._peeking or self._handshakes)
+
+    def connection_gone(self) -> None:
+        """A client, a peeked connection or a handshake ended: wake `wait_closed` once none is
+        left. Checked at the next loop step, so a peek that ends by starting a handshake does
+        not look like the last connection."""
+        if self._idle is not None:
+            self.loop.call_soon(self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self._idle is not None and not self._busy():
+            self._idle.set()
+
     def abort(self) -> None:
-        if self._server is not None:
-            self._server.close()
         self._close_sockets()
         for client in list(self.clients):
             client.transport.abort()
@@ -244,8 +250,8 @@ class HttpListener:
         """The names this entrypoint passes through from now on (the runtime calls it at every
         reconcile). Switches between serving and peeking without rebinding."""
         self.sni_table = table
-        if not self._socks or self.closing:
-            return  # applied by start()
+        if self.ssl is None or not self._socks or self.closing:
+            return  # plain: nothing to pass through; not started: applied by start()
         if table or self.accept_proxy is not None:
             if not self._own:
                 self._accept_here()
@@ -257,48 +263,6 @@ class HttpListener:
         """The passthrough table and what became of peeked connections (admin status)."""
         return {"passthrough": self.sni_table.summary(), "outcomes": dict(self.sni_outcomes)}
 
-    async def _start_tls_entrypoint(self) -> None:
-        self._socks = await self._bind()
-        if self.sni_table or self.accept_proxy is not None:
-            self._accept_here()
-            return
-        try:
-            self._servers = await self._serve()
-        except OSError:
-            self._close_sockets()
-            raise
-
-    async def _bind(self) -> list[socket.socket]:
-        """Listening sockets for the address (every address family for "" or "*")."""
-        host: str | None = self.address.host
-        host = None if host in ("", "*") else host
-        where = f"cannot listen on {self.address} for {self.name}"
-        try:
-            infos = await self.loop.getaddrinfo(host, self.address.port, type=socket.SOCK_STREAM,
-                                                flags=socket.AI_PASSIVE)
-        except OSError as e:
-            raise OSError(e.errno, f"{where}: {e}") from e
-        socks: list[socket.socket] = []
-        try:
-            for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
-                sock = socket.socket(family, type_, proto)
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(sockaddr)
-                sock.listen(BACKLOG)
-                sock.setblocking(False)
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
-        except OSError as e:
-            for sock in socks:
-                sock.close()
-            raise OSError(e.errno, f"{where}: {e.strerror}") from e
-        return socks
-
     async def _serve(self) -> list[asyncio.AbstractServer]:
         """Servers (uvloop's accept and handshake) on duplicates of the listening sockets:
         closing one later leaves the socket listening for `_accept_here`."""
@@ -307,7 +271,8 @@ class HttpListener:
             for sock in self._socks:
                 servers.append(await self.loop.create_server(
                     self._new_protocol, sock=sock.dup(), backlog=BACKLOG,
-                    ssl=self.ssl, ssl_handshake_timeout=self.handshake_timeout))
+                    ssl=self.ssl,
+                    ssl_handshake_timeout=self.handshake_timeout if self.ssl is not None else None))
         except BaseException:  # OSError, or cancelled by a close meanwhile
             for server in servers:
                 server.close()
@@ -463,7 +428,11 @@ class HttpListener:
         timeout = max(0.1, peek.deadline - self.loop.time())
         task = self.loop.create_task(self._terminate(peek.sock, timeout, peek.proxied))
         self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
+        task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task[Any]) -> None:
+        self._handshakes.discard(task)
+        self.connection_gone()
 
     async def _terminate(self, sock: socket.socket, timeout: float,
                          proxied: tuple[str, int] | None = None) -> None:
@@ -481,6 +450,7 @@ class HttpListener:
         if peek not in self._peeking:
             return False
         self._peeking.discard(peek)
+        self.connection_gone()
         if peek.reading:
             self.loop.remove_reader(peek.fd)
         if peek.timer is not None:

@@ -1,8 +1,10 @@
-"""Accepting connections from a non-blocking listening socket, for the listeners that run their
-own accept loop (tcp static ports, TLS entrypoints peeking at ClientHellos)."""
+"""Listening sockets, and accepting from them: `bind` opens the listening sockets of every
+listener (http, TLS entrypoints, tcp static ports); `accept_batch` is the accept loop of the
+listeners that run their own (tcp static ports, TLS entrypoints peeking at ClientHellos)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
@@ -10,9 +12,44 @@ from collections.abc import Callable
 
 log = logging.getLogger("edgelb.net.accept")
 
+BACKLOG = 1024  # pending connections a listening socket holds
 ACCEPT_BATCH = 64  # connections accepted per readiness callback
 ACCEPT_PAUSE = 0.1  # seconds to stop accepting when out of file descriptors
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+async def bind(loop: asyncio.AbstractEventLoop, host: str, port: int, what: str
+               ) -> list[socket.socket]:
+    """Non-blocking listening sockets for `host`:`port`, one per address family when `host` is
+    "" or "*" (the IPv6 one v6-only, so both can hold the port). `what` names the listener in
+    the error (an OSError, with the errno of the failure) when it cannot listen there."""
+    where = f"{what} cannot listen on {host or '*'}:{port}"
+    try:
+        infos = await loop.getaddrinfo(None if host in ("", "*") else host, port,
+                                       type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise OSError(e.errno, f"{where}: cannot resolve the address: {e}") from e
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+            try:  # inherited by accepted sockets
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        raise OSError(e.errno, f"{where}: {e.strerror}; free the port or choose another "
+                               "listen address") from e
+    return socks
 
 
 def accept_batch(

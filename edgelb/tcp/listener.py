@@ -30,7 +30,7 @@ from typing import Any
 
 from edgelb.control.tasks import log_failure
 from edgelb.net import proxy_protocol
-from edgelb.net.accept import ACCEPT_PAUSE, accept_batch, nonblocking, refuse
+from edgelb.net.accept import ACCEPT_PAUSE, accept_batch, bind, nonblocking, refuse
 from edgelb.pool import BackendState, ServiceState
 from edgelb.tcp.relay import Relay
 from watchers.model import Address, LimitsConfig
@@ -48,7 +48,6 @@ BIG_CHUNKS_HELD = 64  # held pipes beyond which reads use SMALL_CHUNK
 PIPE_POOL_KEEP = 16  # empty pipes kept for reuse
 COPY_CHUNK = 256 * 1024  # scratch buffer of the copying path
 READ_BUDGET = 4  # chunks moved per readiness callback before yielding to other connections
-BACKLOG = 1024
 
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # close() sends RST instead of FIN
@@ -582,7 +581,7 @@ class TcpListener:
         self.splice = SPLICE_AVAILABLE if splice is None else (splice and SPLICE_AVAILABLE)
         self.accepted = 0
         self.bound: Address | None = None  # the address actually bound (port 0 resolved)
-        self._sock: socket.socket | None = None
+        self._socks: list[socket.socket] = []  # listening (net.accept.bind)
         self._conns: set[_Connection] = set()
         self._idle: asyncio.Event | None = None
         self._resume: asyncio.TimerHandle | None = None
@@ -612,43 +611,24 @@ class TcpListener:
     async def start(self) -> None:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
-        host = self.address.host or None
-        try:
-            infos = await self.loop.getaddrinfo(
-                host, self.address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-            family, type_, proto, _, sockaddr = infos[0]
-            sock = socket.socket(family, type_, proto)
-        except OSError as e:
-            raise OSError(
-                e.errno, f"tcp listener {self.address}: cannot resolve or open a socket: {e}"
-            ) from e
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(BACKLOG)
-            sock.setblocking(False)
-        except OSError as e:
-            sock.close()
-            raise OSError(
-                e.errno,
-                f"tcp listener cannot bind {self.address}: {e.strerror}; "
-                "free the port or choose another listen address",
-            ) from e
-        self._sock = sock
-        name = sock.getsockname()
+        self._socks = await bind(self.loop, self.address.host, self.address.port,
+                                 f"tcp listener {self.address}")
+        name = self._socks[0].getsockname()
         self.bound = Address(name[0], name[1])
-        self.loop.add_reader(sock.fileno(), self._on_accept)
+        self._accept_on_all()
 
-    def _on_accept(self) -> None:
-        if self._sock is not None:
-            accept_batch(self._sock, f"tcp listener {self.address}", self._pause_accepting,
-                         self._accepted)
+    def _accept_on_all(self) -> None:
+        for sock in self._socks:
+            self.loop.add_reader(sock.fileno(), self._on_accept, sock)
+
+    def _on_accept(self, sock: socket.socket) -> None:
+        accept_batch(sock, f"tcp listener {self.address}", self._pause_accepting,
+                     self._accepted)
 
     def _pause_accepting(self) -> None:
-        if self._sock is not None:
-            self.loop.remove_reader(self._sock.fileno())
-            self._resume = self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+        for sock in self._socks:
+            self.loop.remove_reader(sock.fileno())
+        self._resume = self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
 
     def _accepted(self, sock: socket.socket, ip: str) -> None:
         self.accepted += 1
@@ -704,8 +684,7 @@ class TcpListener:
 
     def _resume_accepting(self) -> None:
         self._resume = None
-        if self._sock is not None:
-            self.loop.add_reader(self._sock.fileno(), self._on_accept)
+        self._accept_on_all()
 
     def adopt(self, sock: socket.socket, ip: str, service: ServiceState,
               proxied: tuple[str, int] | None = None) -> None:
@@ -771,8 +750,8 @@ class TcpListener:
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
-        sock, self._sock = self._sock, None
-        if sock is not None:
+        socks, self._socks = self._socks, []
+        for sock in socks:
             self.loop.remove_reader(sock.fileno())
             sock.close()
         headers, self._headers = self._headers, {}
