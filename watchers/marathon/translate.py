@@ -637,7 +637,8 @@ def _relabel(error: str, origin: dict[str, str]) -> str:
     """An error of the policy reader (`edgelb.io/max-inflight: ...`) naming the label."""
     for key in sorted(origin, key=len, reverse=True):
         name = ANNOTATION_PREFIX + key.replace("_", "-")
-        if error.startswith(name) and error[len(name):len(name) + 1] in (":", " ", ""):
+        after = error[len(name):len(name) + 1]
+        if error.startswith(name) and not (after.isalnum() or after in ("-", "_")):
             return origin[key] + error[len(name):]
     return error
 
