@@ -45,7 +45,7 @@ async def get(port: int, host: str, auth: str | None = None) -> int:
 async def served_serial(port: int, name: str) -> int:
     """The serial of the certificate a TLS handshake with SNI `name` is given (verified
     against the test CA for that name)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(
+    _, writer = await asyncio.wait_for(asyncio.open_connection(
         HOST, port, ssl=tlskit.client_context(), server_hostname=name), 5)
     try:
         serial, names = tlskit.peer(writer.get_extra_info("ssl_object"))
