@@ -665,6 +665,61 @@ def test_ssl_cert_problems(value, tls, error) -> None:
 
 # -- HAPROXY_DEPLOYMENT_* (zdd blue/green) -----------------------------------------------------
 
+
+def colour(app_id: str, started: str, service_port: int, first: int, count: int,
+           **labels: str) -> dict:
+    """An app as marathon-lb's zdd deploys it: both colours bind HAPROXY_0_PORT 10000, the new
+    one has the alternate service port."""
+    return app(app_id, with_labels(HAPROXY_DEPLOYMENT_GROUP="nginx", HAPROXY_0_PORT="10000",
+                                   HAPROXY_DEPLOYMENT_STARTED_AT=started, **labels),
+               ports=(service_port,), tasks=[task(i) for i in range(first, first + count)],
+               instances=count)
+
+
+def test_a_deployment_group_is_one_service_with_the_tasks_of_both_colours() -> None:
+    blue = colour("/nginx-blue", "2024-01-01T00:00:00Z", 10000, 1, 2,
+                  HAPROXY_0_VHOST="nginx.example")
+    green = colour("/nginx-green", "2024-01-02T00:00:00Z", 10001, 5, 2,
+                   HAPROXY_DEPLOYMENT_NEW_INSTANCES="2", HAPROXY_DEPLOYMENT_TARGET_INSTANCES="2",
+                   HAPROXY_0_VHOST="other.example")
+    t = tr(green, blue)
+    svc = only(t)
+    assert (svc.name, svc.listen) == ("nginx_10000", Address("0.0.0.0", 10000))
+    assert t.snapshot.routes == (Route("nginx.example", "/", "nginx_10000"),)  # the old's labels
+    # two new tasks healthy, target 2: both old ones drain (no new request, in-flight finish)
+    assert [(b.host, b.ready, b.terminating) for b in svc.backends] == [
+        ("10.0.0.1", False, True), ("10.0.0.2", False, True),
+        ("10.0.0.5", True, False), ("10.0.0.6", True, False)]
+    assert t.problems == () and dict(t.apps) == {"nginx_10000": "/nginx-blue"}
+
+
+def test_a_deployment_drains_as_many_old_tasks_as_new_ones_are_healthy() -> None:
+    blue = colour("/nginx-blue", "2024-01-01T00:00:00Z", 10000, 1, 3)
+    green = colour("/nginx-green", "2024-01-02T00:00:00Z", 10001, 5, 2,
+                   HAPROXY_DEPLOYMENT_NEW_INSTANCES="3", HAPROXY_DEPLOYMENT_TARGET_INSTANCES="3")
+    green["healthChecks"] = CHECKS
+    green["tasks"][0]["healthCheckResults"] = [{"alive": True}]
+    svc = only(tr(blue, green))
+    assert [(b.host, b.ready) for b in svc.backends] == [
+        ("10.0.0.1", False), ("10.0.0.2", True), ("10.0.0.3", True), ("10.0.0.5", True)]
+
+
+def test_one_app_of_a_deployment_group_is_named_after_the_group() -> None:
+    t = tr(colour("/nginx-green", "2024-01-02T00:00:00Z", 10001, 5, 1))
+    assert (only(t).name, only(t).listen.port) == ("nginx_10001", 10000)
+
+
+def test_deployment_group_problems() -> None:
+    apps = [colour(f"/nginx-{c}", f"2024-01-0{i + 1}T00:00:00Z", 10000 + i, 1 + 3 * i, 1)
+            for i, c in enumerate(("blue", "green", "red"))]
+    t = tr(*apps)
+    assert [b.host for b in only(t).backends] == ["10.0.0.1", "10.0.0.7"]
+    assert "a third app in the group" in messages(t, "/nginx-green")[0]
+    bad = colour("/x", "", 10009, 1, 1)
+    bad["labels"]["HAPROXY_DEPLOYMENT_GROUP"] = "not an id"
+    assert "HAPROXY_DEPLOYMENT_GROUP: 'not an id'" in messages(tr(bad), "/x")[0]
+
+
 # -- malformed input ----------------------------------------------------------------------------
 
 

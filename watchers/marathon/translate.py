@@ -28,7 +28,7 @@ template) is a Problem too, but its app stays exposed. Choices marathon-lb leave
 - `HAPROXY_DEPLOYMENT_*` (marathon-lb's zdd blue/green): the apps of one deployment group are
   one service per port, named after the group, bound on the port of the newest app
   (`HAPROXY_DEPLOYMENT_STARTED_AT`, whose labels rule) and holding the tasks of every colour,
-  so traffic follows their instance counts (see `deployment.py`).
+  so traffic follows their instance counts; old tasks drain as new ones turn healthy.
 """
 
 from __future__ import annotations
@@ -150,6 +150,8 @@ class _Port:
     backends: tuple[Backend, ...]
     weight: int  # HAPROXY_{n}_BACKEND_WEIGHT: the higher keeps a contested host and path
     certs: list[PemPair]
+    service_port: int | None = None
+    capacity: float = 1.0
 
     def service(self) -> Service:
         return Service(name=self.name, mode=self.mode, listen=self.listen,
@@ -187,6 +189,7 @@ class _Translator:
                 continue
             if ports:
                 read[app_id] = ports
+        read = self.merge_deployments(read, by_id)
         read = self.claim_ports(read)
         self.claim_routes(read)
         return self.snapshot(read)
@@ -385,7 +388,7 @@ class _Translator:
             app=app_id, index=n, name=service_name(app_id, service_port, n), mode=mode,
             listen=Address(bind, listen_port) if listen_port is not None else None,
             hosts=hosts, path=path, policy=policy, backends=backends, weight=weight,
-            certs=certs)
+            certs=certs, service_port=service_port, capacity=capacity)
 
     # -- policy ---------------------------------------------------------------------------------
 
@@ -540,6 +543,80 @@ class _Translator:
                          f"{where}; no backends")
         return tuple(sorted(found.values(), key=lambda b: (b.host, b.port)))
 
+    # -- HAPROXY_DEPLOYMENT_* ---------------------------------------------------------------------
+
+    def merge_deployments(self, read: dict[str, list[_Port]], by_id: dict[str, Obj]
+                          ) -> dict[str, list[_Port]]:
+        """marathon-lb's zdd: the apps of one HAPROXY_DEPLOYMENT_GROUP are one service per
+        port, named after the group (so its state carries over from colour to colour), with
+        the ports, labels and routes of the app deployed first (HAPROXY_DEPLOYMENT_STARTED_AT)
+        and the tasks of both. As marathon-lb does, as many of the old app's tasks as the new
+        one has healthy (within what HAPROXY_DEPLOYMENT_TARGET_INSTANCES leaves) drain."""
+        groups: dict[str, list[str]] = {}
+        for app_id in list(read):
+            raw = as_map(by_id[app_id].get("labels")).get(lbl.DEPLOYMENT_PREFIX + "GROUP")
+            if raw is None:
+                continue
+            group = raw if raw.startswith("/") else "/" + raw
+            if not _ID.match(group) or len(group) > MAX_ID:
+                self.problem(app_id, f"HAPROXY_DEPLOYMENT_GROUP: {raw!r} is not an app id "
+                                     "path; the app is not exposed")
+                del read[app_id]
+                continue
+            groups.setdefault(group, []).append(app_id)
+        for group, members in sorted(groups.items()):
+            members.sort(key=lambda a: (_started_at(by_id[a]), a))
+            old, new = members[0], members[-1]
+            for extra in members[1:-1]:
+                self.problem(extra, f"HAPROXY_DEPLOYMENT_GROUP {group}: a third app in the "
+                                    f"group (with {old} and {new}); the app is not exposed")
+                del read[extra]
+            for p in read[old]:
+                p.name = service_name(group, p.service_port, p.index)
+            if new == old:
+                continue
+            joining = {p.index: p for p in read.pop(new)}
+            draining = self.draining(by_id[old], by_id[new])
+            for p in read[old]:
+                q = joining.get(p.index)
+                if q is None:
+                    continue
+                spots = {(b.host, b.port): b for b in q.backends}
+                for b in p.backends:
+                    spot = (b.host, b.port)
+                    if spot in spots:
+                        continue
+                    if spot in draining.get(p.index, ()):
+                        b = replace(b, ready=False, terminating=True)
+                    spots[spot] = b
+                p.backends = tuple(sorted(spots.values(), key=lambda b: (b.host, b.port)))
+        return read
+
+    def draining(self, old: Obj, new: Obj) -> dict[int, set[tuple[str, int]]]:
+        """The addresses (per port index) of the old app's tasks that drain."""
+        layout, _ = shape.ports(old)
+        if layout is None:
+            return {}
+        healthy = sum(1 for t in as_list(new.get("tasks"))
+                      if shape.task_state(as_map(t), new, self.options.health) == "ready")
+        labels = as_map(new.get("labels"))
+        target = 1
+        if labels.get(lbl.DEPLOYMENT_PREFIX + "NEW_INSTANCES") is not None:
+            target = lbl.parse_int(str(labels.get(lbl.DEPLOYMENT_PREFIX + "TARGET_INSTANCES"))
+                                   ) or 1
+        tasks = sorted((as_map(t) for t in as_list(old.get("tasks"))),
+                       key=lambda t: str(t.get("id")))
+        instances = old.get("instances")
+        instances = instances if shape.is_int(instances) else len(tasks)
+        count = min(len(tasks), healthy, max(0, healthy + instances - target))
+        out: dict[int, set[tuple[str, int]]] = {}
+        for n in range(layout.count):
+            for t in tasks[:count]:
+                spot = shape.task_address(t, layout, n)
+                if spot is not None:
+                    out.setdefault(n, set()).add(spot)
+        return out
+
     # -- the whole snapshot -------------------------------------------------------------------
 
     def claim_ports(self, read: dict[str, list[_Port]]) -> dict[str, list[_Port]]:
@@ -641,6 +718,12 @@ def _relabel(error: str, origin: dict[str, str]) -> str:
         if error.startswith(name) and not (after.isalnum() or after in ("-", "_")):
             return origin[key] + error[len(name):]
     return error
+
+
+def _started_at(app: Obj) -> str:
+    """HAPROXY_DEPLOYMENT_STARTED_AT (ISO 8601, as zdd writes it); unset sorts first."""
+    value = as_map(app.get("labels")).get(lbl.DEPLOYMENT_PREFIX + "STARTED_AT")
+    return value if isinstance(value, str) else ""
 
 
 def _positive(value: Any) -> float | None:
