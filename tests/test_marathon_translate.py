@@ -470,7 +470,9 @@ def test_http_options_are_not_read_on_a_tcp_port_as_in_marathon_lb() -> None:
 @pytest.mark.parametrize("value", ["timeout server soon", "timeout connect 0"])
 def test_a_bad_timeout_skips_the_app(value) -> None:
     t = tr(app(labels=with_labels(HAPROXY_0_BACKEND_SERVER_OPTIONS=value)))
-    assert skipped(t) and messages(t)
+    assert skipped(t)
+    [msg] = messages(t)
+    assert msg.startswith("HAPROXY_0_BACKEND_SERVER_OPTIONS"), msg
 
 
 @pytest.mark.parametrize("name", ["HTTP_BACKEND_PROXYPASS_PATH", "HTTP_BACKEND_REVPROXY_PATH"])

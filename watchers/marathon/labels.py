@@ -187,6 +187,7 @@ class Options:
     """What the `HAPROXY_{n}_BACKEND_*_OPTIONS` labels of one port give."""
 
     fields: dict[str, str] = field(default_factory=dict)  # policy key -> duration text
+    origin: dict[str, str] = field(default_factory=dict)  # policy key -> the label setting it
     unsupported: list[str] = field(default_factory=list)  # "LABEL: line"
     errors: list[str] = field(default_factory=list)
 
@@ -212,6 +213,7 @@ def option_lines(labels: list[tuple[str, str]], into: Options) -> None:
                                        "write e.g. 30s, 500ms or 500 (milliseconds)")
                 else:
                     into.fields[TIMEOUTS[words[1]]] = duration
+                    into.origin[TIMEOUTS[words[1]]] = f"{name} ({line})"
             elif not any(p.match(" ".join(words)) for p in _BUILT_IN):
                 shown = line if len(line) <= 80 else line[:77] + "..."
                 into.unsupported.append(f"{name}: {shown!r}")

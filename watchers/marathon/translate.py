@@ -458,7 +458,7 @@ class _Translator:
         notes.extend(f"{u}: unsupported (only plain `timeout <name> <value>` lines have an "
                      "edgelb meaning); ignored" for u in opts.unsupported)
         for key, value in opts.fields.items():
-            put(key, value, "timeouts of HAPROXY_n_BACKEND_*_OPTIONS".replace("_n_", f"_{n}_"))
+            put(key, value, opts.origin[key])
         for k in sorted(labels):
             m = lbl.EDGELB_LABEL.match(k)
             if not m or int(m.group(1)) != n:
