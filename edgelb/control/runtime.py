@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import random
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -569,8 +571,24 @@ class Runtime:
         parsed: dict[PemPair, Certificate] = {}
         last_good = dict(self._last_good)
         failed: dict[PemPair, str] = {}
+        read: dict[PemPair, PemPair | str] = {}  # file-based pairs: their files, read once
 
         def parse(pem: PemPair) -> Certificate | None:
+            if pem.files is not None and not pem.cert and not pem.key:
+                # a watcher that names a file on this host (Marathon's HAPROXY_n_SSL_CERT):
+                # read on every apply, parsed again only when its bytes change
+                if pem not in read:
+                    read[pem] = _read_pair_files(pem)
+                found = read[pem]
+                if isinstance(found, str):
+                    if pem not in failed:
+                        log.warning("%s; its last good certificate, if any, serves", found)
+                    failed[pem] = found
+                    return last_good.get(pem.origin)
+                cert = parse(found)
+                if found in failed:
+                    failed[pem] = failed[found]
+                return cert
             cert = parsed.get(pem) or self._parsed.get(pem)
             if cert is None and pem not in failed:
                 error = self._failed.get(pem)  # not parsed again while its bytes are the same
@@ -870,6 +888,32 @@ def _set_entrypoint_store(store: CertificateStore, default: Certificate | None,
     if default is not None:
         certs.insert(0, default)
     store.set(certs, default, hosts=hosts)
+
+
+MAX_PEM_FILE = 1 << 20  # a certificate file a watcher names is read up to this size
+
+
+def _read_pair_files(pem: PemPair) -> PemPair | str:
+    """A file-based watcher pair (`files` set, no bytes) with its files' bytes, or why not.
+    Only regular files, opened without blocking (a label naming a FIFO or /dev/zero must not
+    hang or flood the proxy), at most MAX_PEM_FILE bytes each."""
+    assert pem.files is not None
+    data: list[bytes] = []
+    for what, path in zip(("certificate", "key"), pem.files, strict=True):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (OSError, ValueError) as e:
+            return f"{pem.origin}: cannot read the {what} file {path}: " \
+                   f"{getattr(e, 'strerror', None) or e}"
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return f"{pem.origin}: the {what} file {path} is not a regular file"
+            blob = f.read(MAX_PEM_FILE + 1)
+        if len(blob) > MAX_PEM_FILE:
+            return f"{pem.origin}: the {what} file {path} is over {MAX_PEM_FILE} bytes; " \
+                   "is it a PEM file?"
+        data.append(blob)
+    return dataclasses.replace(pem, cert=data[0], key=data[1])
 
 
 def _notices(snapshot: Snapshot, failed: dict[PemPair, str]) -> tuple[Notice, ...]:
