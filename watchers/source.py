@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from watchers.model import Notice, Snapshot
 
+
 class Rejected(Exception):
     """A snapshot the runtime would not apply (raised by `Emit`); nothing of it applied.
 

@@ -19,7 +19,7 @@ PolicyReader = Callable[[dict[str, str], Policy], tuple[Policy, list[str]]]
 class Options:
     group: str = "external"
     health: bool = True
-    defaults: Policy = Policy()
+    defaults: Policy = field(default_factory=Policy)
     tls_entrypoint: bool = True
 
 
