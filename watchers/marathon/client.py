@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
@@ -236,6 +236,7 @@ class MarathonClient:
     async def _open_one(self, base: str, path: str, accept: str,
                         timeout: aiohttp.ClientTimeout) -> tuple[aiohttp.ClientResponse, str]:
         url = base + path
+        where = base  # names it in errors: the Marathon, not the whole query
         redirected = False
         relogged = False
         while True:
@@ -244,13 +245,14 @@ class MarathonClient:
                 r = await self.session().get(url, headers=headers, allow_redirects=False,
                                              timeout=timeout)
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
-                raise MarathonError(f"{url}: {_describe(e)}") from None
+                raise MarathonError(f"{where}: {_describe(e)}") from None
             if r.status in REDIRECTS and not redirected:
                 location = r.headers.get("Location", "")
                 r.release()
                 if not location:
-                    raise MarathonError(f"{url}: HTTP {r.status} without a Location")
+                    raise MarathonError(f"{where}: HTTP {r.status} without a Location")
                 url = urljoin(url, location)
+                where = f"{base} (redirected to {_origin(url)})"
                 redirected = True
                 continue
             if r.status == 401 and not relogged and (self.dcos or self.token_source):
@@ -264,8 +266,8 @@ class MarathonClient:
                 hint = (" (check watchers.marathon.auth / token_file / dcos_credentials)"
                         if r.status in (401, 403) else
                         " (a second redirect: not followed)" if r.status in REDIRECTS else "")
-                raise MarathonError(f"{url}: HTTP {r.status}{hint} {text!r}")
-            return r, url
+                raise MarathonError(f"{where}: HTTP {r.status}{hint} {text!r}")
+            return r, _origin(url)
 
     # -- the two calls -------------------------------------------------------------------
 
@@ -321,6 +323,11 @@ async def _head_of_body(response: aiohttp.ClientResponse) -> str:
         return (await response.content.read(200)).decode("utf-8", "replace")
     except (aiohttp.ClientError, TimeoutError, OSError):
         return ""
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _describe(e: BaseException) -> str:
