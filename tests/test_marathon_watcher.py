@@ -254,3 +254,143 @@ async def test_nothing_listening_at_any_url_reports_each() -> None:
         error = h.runtime.last_errors["marathon"]
         assert all(u in error for u in urls)
         assert not h.runtime.watcher_up["marathon"]
+
+
+async def test_dcos_service_account_logs_in_with_an_rs256_jwt(tmp_path) -> None:
+    import base64
+    import json
+
+    from aiohttp import web
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    logins: list[dict] = []
+
+    def unb64(text: str) -> bytes:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+    async def login(request: web.Request) -> web.Response:
+        body = await request.json()
+        header, claims, signature = body["token"].split(".")
+        key.public_key().verify(unb64(signature), f"{header}.{claims}".encode(),
+                                padding.PKCS1v15(), hashes.SHA256())  # raises if forged
+        assert json.loads(unb64(header))["alg"] == "RS256"
+        assert json.loads(unb64(claims))["uid"] == body["uid"] == "edgelb"
+        logins.append(body)
+        return web.json_response({"token": "dcos-token"})
+
+    app = web.Application()
+    app.router.add_post("/acs/api/v1/auth/login", login)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, HOST, port).start()
+    creds = tmp_path / "dcos.json"
+    creds.write_text(json.dumps({"uid": "edgelb", "private_key": pem, "scheme": "RS256",
+                                 "login_endpoint": f"http://{HOST}:{port}/acs/api/v1/auth/login"}))
+    try:
+        async with fakes(token="dcos-token") as [m]:
+            async with watching([m.url], dcos_credentials=str(creds)) as h:
+                await eventually(lambda: h.runtime.watcher_synced["marathon"], what="a sync")
+                assert len(logins) == 1  # the token is reused for the stream and the reads
+    finally:
+        await runner.cleanup()
+
+
+# -- the config keys ---------------------------------------------------------------------------
+
+
+def marathon_cfg(body: str):
+    from edgelb.ops.config import parse_config
+
+    return parse_config("watchers:\n  marathon:\n" + "".join(
+        f"    {line}\n" for line in body.strip().splitlines())).marathon
+
+
+def marathon_errors(body: str) -> list[str]:
+    from edgelb.ops.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        marathon_cfg(body)
+    return info.value.errors
+
+
+def test_config_keys() -> None:
+    c = marathon_cfg("""
+urls: [https://m1:8443, http://m2:8080/]
+group: "*"
+health: false
+resync: 1m
+auth: {user: marathon, password_file: /run/secrets/pw}
+ca: /etc/ssl/ca.pem
+""")
+    assert c.urls == ("https://m1:8443", "http://m2:8080")
+    assert (c.group, c.health, c.resync) == ("*", False, 60.0)
+    assert (c.user, c.password, c.password_file) == ("marathon", None, "/run/secrets/pw")
+    assert c.ca == "/etc/ssl/ca.pem"
+    d = marathon_cfg("urls: [http://m:8080]")
+    assert (d.group, d.health, d.resync, d.user, d.token_file) == (
+        "external", True, 300.0, None, None)
+    assert marathon_cfg("urls: [http://m]\ntoken_file: /t").token_file == "/t"
+    assert marathon_cfg("urls: [http://m]\ndcos_credentials: /d.json").dcos_credentials == \
+        "/d.json"
+    assert marathon_cfg("urls: [http://m]\nauth: {user: u, password: p}").password == "p"
+
+
+@pytest.mark.parametrize(("body", "path", "words"), [
+    ("urls: [http://m]\nresync: 0s", "watchers.marathon.resync", "more than 0"),
+    ("urls: [http://m]\nresync: soon", "watchers.marathon.resync", ""),
+    ("urls: [http://m]\nhealth: yes please", "watchers.marathon.health", "true or false"),
+    ("urls: [http://m]\ngroup: 'a b'", "watchers.marathon.group", "one name"),
+    ("urls: [http://m]\nauth: {password: p}", "watchers.marathon.auth", "user is required"),
+    ("urls: [http://m]\nauth: {user: u}", "watchers.marathon.auth", "exactly one"),
+    ("urls: [http://m]\nauth: {user: u, password: p, password_file: f}",
+     "watchers.marathon.auth", "exactly one"),
+    ("urls: [http://m]\nauth: {user: 'a:b', password: p}", "watchers.marathon.auth.user", ":"),
+    ("urls: [http://m]\nauth: {user: u, pasword: p}", "watchers.marathon.auth.pasword",
+     "did you mean"),
+    ("urls: [http://m]\nauth: {user: u, password: p}\ntoken_file: /t",
+     "watchers.marathon.token_file", "keep one"),
+    ("urls: [http://m]\ntoken_file: /t\ndcos_credentials: /d",
+     "watchers.marathon.dcos_credentials", "keep one"),
+    ("urls: [http://m]\nca: 3", "watchers.marathon.ca", "expected a string"),
+    ("urls: [http://m]\nsilence: 5s", "watchers.marathon.silence", "unknown key"),
+])
+def test_config_errors_name_the_key_and_the_fix(body: str, path: str, words: str) -> None:
+    errors = marathon_errors(body)
+    assert any(e.startswith(path + ":") and words in e for e in errors), errors
+
+
+def test_check_reads_the_credential_files(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "edgelb.yaml"
+    path.write_text(f"watchers:\n  marathon:\n    urls: [http://m:8080]\n"
+                    f"    token_file: {tmp_path / 'missing'}\n")
+    r = subprocess.run([sys.executable, "-m", "edgelb", "check", "-c", str(path)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert "watchers.marathon.token_file: cannot read" in r.stderr
+    (tmp_path / "missing").write_text("t\n")
+    r = subprocess.run([sys.executable, "-m", "edgelb", "check", "-c", str(path)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "a token file" in r.stdout
+
+
+def test_the_json_schema_takes_the_marathon_keys() -> None:
+    import jsonschema
+    import yaml
+
+    from edgelb.ops.config import json_schema
+
+    doc = yaml.safe_load("watchers: {marathon: {urls: [http://m], group: x, health: true, "
+                         "resync: 30s, auth: {user: u, password_file: f}, ca: c}}")
+    jsonschema.validate(doc, json_schema())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"watchers": {"marathon": {"urls": ["http://m"], "x": 1}}},
+                            json_schema())
