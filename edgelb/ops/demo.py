@@ -417,3 +417,30 @@ def main_marathon(port: int = 8080, admin_port: int = 9090,
 
         return run_forever(str(config_path), banner=marathon_banner(port, admin_port, url),
                            startup=startup)
+
+
+async def _serve_fake_marathon(port: int) -> None:
+    fake, _backends = await start_demo_marathon(port)
+    print(f"fake Marathon on {fake.url} (apps {WEB_APP}, {API_APP}); "
+          f"controls: curl {fake.url}/_fake/ ; Ctrl-C stops", flush=True)
+    await asyncio.Event().wait()
+
+
+def fake_marathon_main(argv: list[str] | None = None) -> int:
+    """`python -m edgelb.ops.demo [--marathon-port 8180]`: the demo's fake Marathon and its
+    backends alone (examples/marathon.yaml points at it)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m edgelb.ops.demo",
+                                description="the fake Marathon of `edgelb demo --marathon`")
+    p.add_argument("--marathon-port", type=int, default=MARATHON_PORT)
+    args = p.parse_args(argv)
+    try:
+        asyncio.run(_serve_fake_marathon(args.marathon_port))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(fake_marathon_main())

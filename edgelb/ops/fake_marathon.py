@@ -399,30 +399,3 @@ def app_definition(app_id: str, service_port: int | None, *, labels: dict[str, s
     }
     return app
 
-
-async def _serve(port: int) -> None:
-    from edgelb.ops.demo import start_demo_marathon
-
-    fake, _backends = await start_demo_marathon(port)
-    print(f"fake Marathon on {fake.url} (apps /demo/web, /demo/api); "
-          f"controls: curl {fake.url}/_fake/ ; Ctrl-C stops", flush=True)
-    await asyncio.Event().wait()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m edgelb.ops.fake_marathon [--port 8180]`: the demo's fake Marathon alone
-    (examples/marathon.yaml points at it)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m edgelb.ops.fake_marathon")
-    p.add_argument("--port", type=int, default=8180)
-    args = p.parse_args(argv)
-    try:
-        asyncio.run(_serve(args.port))
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
