@@ -17,7 +17,22 @@ from typing import Any, Protocol
 
 from watchers.model import Notice, Snapshot
 
-# Apply one snapshot: returns the notices of what was worked around, raises when rejected
+
+class Rejected(Exception):
+    """A snapshot the runtime would not apply (raised by `Emit`); nothing of it applied.
+
+    `errors`: why, one line per problem. `services`: the services at fault when every problem
+    is one service's (a port already used, a static port that cannot be bound, an unknown mode
+    or balance), so a source may drop them and hand over the rest; empty when some problem is
+    not one service's (dropping services would not help)."""
+
+    def __init__(self, errors: list[str], services: tuple[str, ...] = ()) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+        self.services = services
+
+
+# Apply one snapshot: returns the notices of what was worked around, raises Rejected when not
 Emit = Callable[[Snapshot], Awaitable[tuple[Notice, ...]]]
 
 
@@ -27,12 +42,14 @@ class Health:
 
     up: connected to what it follows and no loop of it down; error: why not ("" = fine);
     last_event: unix time of the last sign of life from what it follows (0 = not known);
-    problems: objects it skipped or flagged in its latest translation (None: it counts none)."""
+    problems: objects it skipped or flagged in its latest translation (None: it counts none);
+    details: those problems, one line each, as /status.json lists them (bounded by the source)."""
 
     up: bool
     error: str = ""
     last_event: float = 0.0
     problems: int | None = None
+    details: tuple[str, ...] = ()
 
 
 Report = Callable[[str, Health], None]  # (source name, its health)

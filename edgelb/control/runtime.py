@@ -58,7 +58,7 @@ from watchers.model import (
     Settings,
     Snapshot,
 )
-from watchers.source import Health
+from watchers.source import Health, Rejected
 
 log = logging.getLogger("edgelb.control.runtime")
 
@@ -68,12 +68,13 @@ FILE = "file"  # the source that holds the process-wide settings when set_entryp
 EntrypointSpec = Entrypoint  # the name the runtime's callers know it by
 
 
-class SnapshotError(Exception):
-    """A snapshot that cannot be applied; `.errors` says why, one line per problem."""
+class SnapshotError(Rejected):
+    """A snapshot that cannot be applied; `.errors` says why, one line per problem, and
+    `.services` names the services at fault when every problem is one service's (a port
+    already used, a static port that cannot be bound, an unknown mode or balance)."""
 
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("; ".join(errors))
-        self.errors = errors
+    def __init__(self, errors: list[str], services: Iterable[str] = ()) -> None:
+        super().__init__(errors, tuple(dict.fromkeys(services)))
 
 
 def complete(settings: Settings) -> Settings:
@@ -310,6 +311,8 @@ class Runtime:
     def _validate(self, snapshots: dict[str, Snapshot], settings: Settings
                   ) -> tuple[list[Service], list[Route]]:
         errors: list[str] = []
+        at_fault: list[str] = []  # the services some error is about
+        general = False  # some error is not one service's
         services: list[Service] = []
         routes: list[Route] = []
         owner: dict[str, str] = {}
@@ -317,29 +320,35 @@ class Runtime:
         if settings.tls.min_version not in tls.MIN_VERSIONS:
             errors.append(f"tls.min_version: {settings.tls.min_version!r} is not one of "
                           f"{', '.join(tls.MIN_VERSIONS)}")
+            general = True
         for ep in settings.entrypoints:
             key = str(ep.listen)
             if key in ports:
                 errors.append(f"entrypoint {ep.name}: {key} is already used by {ports[key]}")
+                general = True
             ports[key] = f"entrypoint {ep.name}"
         for source, snap in snapshots.items():
             for svc in snap.services:
                 where = f"{source}: service {svc.name}"
                 if svc.name in owner:
                     errors.append(f"{where}: the name is already used by {owner[svc.name]}")
+                    general = True  # the name is two services': dropping it drops both
                     continue
                 owner[svc.name] = where
                 if svc.mode not in ("http", "tcp"):
                     errors.append(f"{where}: mode must be http or tcp, not {svc.mode!r}")
+                    at_fault.append(svc.name)
                 if svc.policy.balance not in balancers.POLICIES:
                     errors.append(
                         f"{where}: unknown balance {svc.policy.balance!r}; "
                         f"known: {', '.join(sorted(balancers.POLICIES))}"
                     )
+                    at_fault.append(svc.name)
                 if svc.listen is not None:
                     key = str(svc.listen)
                     if key in ports:
                         errors.append(f"{where}: port {key} is already used by {ports[key]}")
+                        at_fault.append(svc.name)  # the later one: the first keeps its port
                     ports[key] = where
                 services.append(svc)
             routes.extend(snap.routes)
@@ -367,7 +376,9 @@ class Runtime:
             errors.append(f"TLS passthrough hosts ({hosts}) are routed by the SNI name on TLS "
                           "entrypoints, and none has tls; add tls to an entrypoint")
         if errors:
-            raise SnapshotError(errors)
+            # the route problems below are not one service's either
+            general = general or len(errors) > len(at_fault)
+            raise SnapshotError(errors, () if general else at_fault)
         return services, routes
 
     def _plan(self, snapshots: dict[str, Snapshot], settings: Settings, reload_files: bool
@@ -437,7 +448,8 @@ class Runtime:
                     lst.abort()
                 for lst in replaced:  # give the old ones back their ports if we can
                     await _restart(lst)
-                raise SnapshotError([str(e)]) from e
+                owner = () if kind.startswith("entrypoint") else (name,)
+                raise SnapshotError([str(e)], owner) from e
             fresh[key] = listener
             if store is not None:
                 fresh_stores[key] = store

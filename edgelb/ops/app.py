@@ -72,6 +72,8 @@ class App:
         self.admin = None
         self.watcher = None
         self.kubernetes = None  # watchers.kubernetes.watcher.KubernetesWatcher when enabled
+        self.marathon = None  # watchers.marathon.watcher.MarathonWatcher when configured
+        self.watcher_details: dict[str, tuple[str, ...]] = {}  # a source's problems, listed
         self._watcher_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # every background task of ours, until it ends
         self._file_loop_error: str | None = None  # the file watcher's loop raised: restarting
@@ -110,7 +112,9 @@ class App:
                 await self.kubernetes.start()
             except CredentialsError as e:
                 raise SystemExit(f"edgelb: watchers.kubernetes: {e}") from None
-        self.admin = AdminServer(runtime, config.admin)
+        if config.marathon is not None:
+            await self._start_marathon(config)
+        self.admin = AdminServer(runtime, config.admin, details=lambda: self.watcher_details)
         await self.admin.start()
         origin = str(self.config_path)
         watcher: FileWatcher[Loaded] = FileWatcher(
@@ -126,6 +130,30 @@ class App:
         self._watcher_task = spawn(
             supervise(FILE_LOOP, self.watcher.run, on_down=self._file_loop_down, logger=log),
             name=FILE_LOOP, held=self._tasks, loop=loop)
+
+    async def _start_marathon(self, config: Config) -> None:
+        """The Marathon watcher: /readyz waits for its first applied read of the apps."""
+        from watchers.marathon.client import AuthError
+        from watchers.marathon.watcher import MarathonWatcher
+
+        runtime = self.runtime
+        assert runtime is not None
+        runtime.register_watcher("marathon")
+        self.marathon = MarathonWatcher(
+            config.marathon, emit=runtime.apply, report=self._report,
+            read_policy=policy_from_annotations, defaults=self._defaults,
+            tls_entrypoint=self._sni_routing, tasks=Tasks(spawn, supervise, describe),
+        )
+        try:
+            await self.marathon.start()
+        except AuthError as e:
+            raise SystemExit(f"edgelb: {e}") from None
+
+    def _report(self, source: str, health: Health) -> None:
+        """A watcher's health to the runtime, and its problems' lines to /status.json."""
+        assert self.runtime is not None
+        self.watcher_details[source] = health.details
+        self.runtime.report(source, health)
 
     def _defaults(self) -> Policy:
         return self.config.defaults if self.config is not None else Policy()
@@ -185,6 +213,8 @@ class App:
                 log.warning("admin.listen changed to %s; it takes effect on restart", config.admin)
             if self.config is not None and config.kubernetes != self.config.kubernetes:
                 log.warning("watchers.kubernetes changed; it takes effect on restart")
+            if self.config is not None and config.marathon != self.config.marathon:
+                log.warning("watchers.marathon changed; it takes effect on restart")
             try:  # the runtime records the outcome; the certificate files are the file's
                 await runtime.apply(file_snapshot(config, pems), reload_files=True)
             except SnapshotError:
@@ -199,6 +229,8 @@ class App:
             self.generation += 1
             if defaults_changed and self.kubernetes is not None:
                 self.kubernetes.refresh()  # the cluster's services take the new defaults
+            if defaults_changed and self.marathon is not None:
+                self.marathon.refresh()  # so do the apps
             log.info(
                 "config applied: %d services, %d listeners",
                 len(runtime.services),
@@ -230,6 +262,8 @@ class App:
             await asyncio.gather(self._watcher_task, return_exceptions=True)
         if self.kubernetes is not None:
             await self.kubernetes.stop()
+        if self.marathon is not None:
+            await self.marathon.stop()
         await runtime.shutdown(config.shutdown.grace if config else 30.0)
         if self.admin is not None:
             await self.admin.stop()
@@ -289,8 +323,6 @@ def _changed_files(old: Config | None, new: Config) -> list[str]:
 def _warn_not_enforced(config: Config) -> None:
     """Say which accepted keys this version does not act on yet, rather than ignore them,
     and what the config accepts but should fix (Config.warnings)."""
-    if config.marathon is not None:
-        log.warning("watchers.marathon is set, but this version has no Marathon watcher yet")
     for warning in config.warnings:
         log.warning("config: %s", warning)
 

@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--admin-port", type=int, default=9090, help="admin port on 127.0.0.1 (default 9090)"
     )
+    demo.add_argument(
+        "--marathon", action="store_true",
+        help="run the backends as the tasks of apps on a fake Marathon, followed by the "
+        "Marathon watcher (--port is then the http entrypoint)",
+    )
+    demo.add_argument(
+        "--marathon-port", type=int, default=8180,
+        help="the fake Marathon's port on 127.0.0.1 (default 8180)",
+    )
     manifests = sub.add_parser(
         "manifests", help="print Kubernetes YAML to run edgelb as an ingress pod"
     )
@@ -80,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return schema_command(markdown=args.markdown)
     if args.command == "demo":
+        if args.marathon:
+            from edgelb.ops.demo import main_marathon
+
+            return main_marathon(port=args.port, admin_port=args.admin_port,
+                                 marathon_port=args.marathon_port)
         from edgelb.ops.demo import main as demo_main
 
         return demo_main(port=args.port, admin_port=args.admin_port)

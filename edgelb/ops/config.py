@@ -75,7 +75,21 @@ class KubernetesWatcherConfig:
 @dataclass(frozen=True, slots=True)
 class MarathonWatcherConfig:
     urls: tuple[str, ...] = ()
-    group: str = "external"
+    group: str = "external"  # marathon-lb's --group; "*" exposes every app
+    health: bool = True  # honour Marathon's health check results
+    resync: float = 300.0  # seconds between full re-reads while nothing happens
+    user: str | None = None  # HTTP basic auth (auth: {user, password | password_file})
+    password: str | None = field(default=None, repr=False)
+    password_file: str | None = None
+    token_file: str | None = None  # a ready token: `Authorization: token=...`
+    dcos_credentials: str | None = None  # a DC/OS service-account JSON file (login)
+    ca: str | None = None  # CA file for https Marathon URLs
+
+    def files(self) -> dict[str, str]:
+        """The files it names, by key path (`edgelb check` reads them)."""
+        named = {"auth.password_file": self.password_file, "token_file": self.token_file,
+                 "dcos_credentials": self.dcos_credentials, "ca": self.ca}
+        return {f"watchers.marathon.{k}": v for k, v in named.items() if v}
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +232,9 @@ NOT_IN_DEFAULTS = {
 _NAME = re.compile(r"^[a-z0-9._-]+$")
 _NAME_RULE = "use lowercase letters, digits, '.', '_' and '-'"
 _K8S_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_GROUP = re.compile(r"^(\*|[A-Za-z0-9_.-]+)$")
+MARATHON_KEYS = ("urls", "group", "health", "resync", "auth", "token_file", "dcos_credentials",
+                 "ca")
 
 
 # The parsers of the per-service keys whose values are edgelb's own types, imported on first
@@ -651,10 +668,11 @@ def _kubernetes(c: _Checker, value: Any) -> KubernetesWatcherConfig | None:
 def _marathon(c: _Checker, value: Any) -> MarathonWatcherConfig | None:
     path = "watchers.marathon"
     m = c.section(value, path, "a mapping like {urls: [http://marathon:8080], group: external}",
-                  ("urls", "group"))
+                  MARATHON_KEYS)
     if m is None:
         return None
     ok = True
+    fields: dict[str, Any] = {}
     urls: list[str] = []
     upath = _join(path, "urls")
     if m.get("urls") is None:
@@ -675,12 +693,67 @@ def _marathon(c: _Checker, value: Any) -> MarathonWatcherConfig | None:
                 ok = False
             else:
                 urls.append(item.rstrip("/"))
-    group = "external"
     if "group" in m:
-        g = c.string(m["group"], _join(path, "group"))
+        g = c.string(m["group"], _join(path, "group"), _GROUP,
+                     "a marathon-lb group is one name (letters, digits, '_', '-', '.') or *")
         ok &= g is not None
-        group = g or group
-    return MarathonWatcherConfig(urls=tuple(urls), group=group) if ok else None
+        fields["group"] = g
+    if "health" in m:
+        h = c.boolean(m["health"], _join(path, "health"))
+        ok &= h is not None
+        fields["health"] = h
+    if "resync" in m:
+        r = c.duration(m["resync"], _join(path, "resync"), positive=True)
+        ok &= r is not None
+        fields["resync"] = r
+    for key in ("token_file", "dcos_credentials", "ca"):
+        if m.get(key) is not None:
+            f = c.string(m[key], _join(path, key))
+            ok &= f is not None
+            fields[key] = f
+    if m.get("auth") is not None:
+        auth = _marathon_auth(c, m["auth"], _join(path, "auth"))
+        ok &= auth is not None
+        fields.update(auth or {})
+    given = [k for k in ("auth", "token_file", "dcos_credentials") if m.get(k) is not None]
+    if len(given) > 1:
+        c.error(_join(path, given[1]), f"{given[1]} and {given[0]} are both set; Marathon takes "
+                "one kind of credentials: keep one")
+        ok = False
+    if fields.get("ca") and not any(u.startswith("https:") for u in urls):
+        c.warnings.append(f"{path}.ca: no URL is https, so the CA is not used")
+    return MarathonWatcherConfig(urls=tuple(urls), **fields) if ok else None
+
+
+def _marathon_auth(c: _Checker, value: Any, path: str) -> dict[str, str] | None:
+    """`{user: U, password: P}` or `{user: U, password_file: FILE}` (marathon-lb's
+    --auth-credentials user:password)."""
+    m = c.section(value, path, "a mapping like {user: marathon, password_file: /run/secrets/pw}",
+                  ("user", "password", "password_file"))
+    if m is None:
+        return None
+    out: dict[str, str] = {}
+    if m.get("user") is None:
+        c.missing(path, "user", "user is required; e.g. {user: marathon, password_file: FILE}")
+        return None
+    user = c.string(m["user"], _join(path, "user"))
+    if user is None:
+        return None
+    if ":" in user:
+        c.error(_join(path, "user"), "a basic-auth user name cannot hold ':'; put the password "
+                "in password or password_file")
+        return None
+    out["user"] = user
+    has = [k for k in ("password", "password_file") if m.get(k) is not None]
+    if len(has) != 1:
+        c.error(path, "give exactly one of password and password_file (a file keeps the "
+                "secret out of the config)")
+        return None
+    secret = c.string(m[has[0]], _join(path, has[0]))
+    if secret is None:
+        return None
+    out[has[0]] = secret
+    return out
 
 
 def _watchers(c: _Checker, value: Any) -> tuple[KubernetesWatcherConfig | None,
@@ -1011,9 +1084,13 @@ def summarize(config: Config) -> str:
         state = "enabled" if k.enabled else "disabled"
         ns = ", ".join(k.namespaces) if k.namespaces else "all namespaces"
         lines.append(f"watcher kubernetes: {state}, ingress class {k.ingress_class}, {ns}")
-    if config.marathon is not None:
-        lines.append(f"watcher marathon: {', '.join(config.marathon.urls)} "
-                     f"(group {config.marathon.group})")
+    m = config.marathon
+    if m is not None:
+        creds = ("basic auth as " + m.user if m.user else "a token file" if m.token_file
+                 else "DC/OS service account" if m.dcos_credentials else "no credentials")
+        lines.append(f"watcher marathon: {', '.join(m.urls)} (group {m.group}, health "
+                     f"results {'honoured' if m.health else 'ignored'}, resync every "
+                     f"{_fmt_seconds(m.resync)}, {creds}{', CA ' + m.ca if m.ca else ''})")
     if config.tls != TLSOptions():
         t = config.tls
         lines.append(f"tls: session tickets {'on' if t.session_tickets else 'off'}, "
@@ -1040,6 +1117,21 @@ def _tls_file_errors(config: Config) -> list[str]:
                 load_files(*svc.tls)
             except TLSConfigError as err:
                 errors.append(f"services ({svc.name}).tls: {err}")
+    return errors
+
+
+def _marathon_file_errors(config: Config) -> list[str]:
+    """The files `watchers.marathon` names, read as `run` reads them."""
+    if config.marathon is None:
+        return []
+    errors = []
+    for key, path in config.marathon.files().items():
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            errors.append(f"{key}: cannot read {path} ({e.strerror or e}); fix the path or "
+                          "its permissions")
     return errors
 
 
@@ -1079,7 +1171,7 @@ def check_command(path: str) -> int:
     """`edgelb check -c FILE`: 0 and a summary when valid, else 1 and every error on stderr."""
     try:
         config = load_config(path)
-        refused = _tls_file_errors(config)
+        refused = _tls_file_errors(config) + _marathon_file_errors(config)
         if refused:
             raise ConfigError(refused, path)
     except ConfigError as e:
@@ -1141,7 +1233,13 @@ def json_schema() -> dict[str, Any]:
         "pod_weights": {"type": "boolean"}, "publish_service": {"type": ["string", "null"]},
         "publish_address": {"anyOf": [{"type": ["string", "null"]}, strings]},
         "leader_election": {"type": "boolean"}})
-    marathon = strict_object({"urls": strings, "group": {"type": "string"}}, required=["urls"])
+    marathon = strict_object({
+        "urls": {**strings, "minItems": 1}, "group": {"type": "string"},
+        "health": {"type": "boolean"}, "resync": DURATION,
+        "auth": strict_object({"user": {"type": "string"}, "password": {"type": "string"},
+                               "password_file": {"type": "string"}}, required=["user"]),
+        "token_file": {"type": "string"}, "dcos_credentials": {"type": "string"},
+        "ca": {"type": "string"}}, required=["urls"])
     duration = DURATION
     sections = {
         "admin": strict_object({"listen": address}),

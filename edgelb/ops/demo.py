@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import httptools
 import yaml
@@ -325,3 +325,122 @@ def main(port: int = 8080, admin_port: int = 9090) -> int:
             banner=demo_banner(port, admin_port, config_path),
             startup=startup,
         )
+
+
+# -- `edgelb demo --marathon`: the same backends as the tasks of apps on a fake Marathon ----
+
+MARATHON_PORT = 8180  # the fake Marathon's API (examples/marathon.yaml points at it)
+WEB_APP, API_APP = "/demo/web", "/demo/api"
+WEB_SERVICE_PORT, API_SERVICE_PORT = 10000, 10001  # the apps' service ports (marathon-lb's)
+MARATHON_SPECS: tuple[BackendSpec, ...] = (
+    *DEFAULT_SPECS,
+    BackendSpec("api-1", capacity=4, service_time=0.005),
+    BackendSpec("api-2", capacity=4, service_time=0.005),
+)
+
+
+async def start_demo_marathon(marathon_port: int = MARATHON_PORT) -> tuple[Any, list[DemoBackend]]:
+    """Demo backends and a fake Marathon (edgelb.ops.fake_marathon) on 127.0.0.1 whose apps'
+    tasks they are: /demo/web (VHOST web.localhost, service port 10000, health checks, two of
+    three tasks running) and /demo/api (tcp on 10001, one of two). Stop both when done."""
+    from edgelb.ops.fake_marathon import FakeMarathon, app_definition
+
+    backends = await start_demo_backends(MARATHON_SPECS)
+    fake = FakeMarathon(port=marathon_port, name="edgelb demo's fake Marathon")
+    try:
+        await fake.start()
+    except BaseException:
+        await stop_demo_backends(backends)
+        raise
+    web = [b for b in backends if not b.name.startswith("api")]
+    api = [b for b in backends if b.name.startswith("api")]
+    fake.put_app(app_definition(WEB_APP, WEB_SERVICE_PORT, health_checks=True, cpus=1.0, labels={
+        "HAPROXY_GROUP": "external", "HAPROXY_0_VHOST": "web.localhost",
+        "HAPROXY_0_BIND_ADDR": "127.0.0.1"}), pool=[("127.0.0.1", b.port) for b in web])
+    fake.put_app(app_definition(API_APP, API_SERVICE_PORT, cpus=0.5, labels={
+        "HAPROXY_GROUP": "external", "HAPROXY_0_BIND_ADDR": "127.0.0.1"}),
+        pool=[("127.0.0.1", b.port) for b in api])
+    fake.scale(WEB_APP, 2)
+    fake.scale(API_APP, 1)
+    return fake, backends
+
+
+def marathon_config_yaml(port: int, admin_port: int, marathon_url: str) -> str:
+    """The config of `edgelb demo --marathon`: an entrypoint and the Marathon watcher."""
+    config = {
+        "admin": {"listen": f"127.0.0.1:{admin_port}"},
+        "entrypoints": {"http": {"listen": f"127.0.0.1:{port}"}},
+        "defaults": {"balance": "least-loaded", "slow_start": "10s"},
+        "watchers": {"marathon": {"urls": [marathon_url], "group": "external",
+                                  "resync": "300s"}},
+    }
+    header = "# Written by `edgelb demo --marathon`: the proxy follows the fake Marathon.\n"
+    return header + yaml.safe_dump(config, sort_keys=False)
+
+
+def marathon_banner(port: int, admin_port: int, marathon_url: str) -> str:
+    admin = f"http://127.0.0.1:{admin_port}"
+    return f"""\
+edgelb demo --marathon: a fake Marathon at {marathon_url} runs two apps whose tasks are local
+demo backends; edgelb follows its event stream and swaps the pools in place (no reload).
+  /demo/web  VHOST web.localhost (routed on :{port}) and its service port {WEB_SERVICE_PORT}
+  /demo/api  tcp on its service port {API_SERVICE_PORT}
+
+Try:
+  curl -H 'Host: web.localhost' http://127.0.0.1:{port}/
+  curl http://127.0.0.1:{API_SERVICE_PORT}/
+  curl {marathon_url}/_fake/                                  (the apps and their tasks)
+  curl -X POST '{marathon_url}/_fake/scale?app={WEB_APP}&instances=3'   (scale up: 1 to 3)
+  curl -X POST '{marathon_url}/_fake/kill?app={WEB_APP}'                (kill the newest task)
+  curl -X POST '{marathon_url}/_fake/health?app={WEB_APP}&alive=false'  (fail its health checks)
+  curl -s {marathon_url}/v2/apps?embed=apps.tasks                (what edgelb reads)
+  curl -s {admin}/status.json   or open {admin}/status (the pools move within a second)
+
+Ctrl-C stops.
+"""
+
+
+def main_marathon(port: int = 8080, admin_port: int = 9090,
+                  marathon_port: int = MARATHON_PORT) -> int:
+    """`edgelb demo --marathon` until interrupted."""
+    from edgelb.ops.app import run_forever
+
+    with tempfile.TemporaryDirectory(prefix="edgelb-demo-") as tmp:
+        config_path = Path(tmp) / "edgelb-demo-marathon.yaml"
+        url = f"http://127.0.0.1:{marathon_port}"
+        held: list[Any] = []  # the fake and the backends live as long as the loop
+
+        async def startup() -> None:
+            fake, backends = await start_demo_marathon(marathon_port)
+            held.extend([fake, backends])
+            config_path.write_text(marathon_config_yaml(port, admin_port, fake.url))
+
+        return run_forever(str(config_path), banner=marathon_banner(port, admin_port, url),
+                           startup=startup)
+
+
+async def _serve_fake_marathon(port: int) -> None:
+    fake, _backends = await start_demo_marathon(port)
+    print(f"fake Marathon on {fake.url} (apps {WEB_APP}, {API_APP}); "
+          f"controls: curl {fake.url}/_fake/ ; Ctrl-C stops", flush=True)
+    await asyncio.Event().wait()
+
+
+def fake_marathon_main(argv: list[str] | None = None) -> int:
+    """`python -m edgelb.ops.demo [--marathon-port 8180]`: the demo's fake Marathon and its
+    backends alone (examples/marathon.yaml points at it)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m edgelb.ops.demo",
+                                description="the fake Marathon of `edgelb demo --marathon`")
+    p.add_argument("--marathon-port", type=int, default=MARATHON_PORT)
+    args = p.parse_args(argv)
+    try:
+        asyncio.run(_serve_fake_marathon(args.marathon_port))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(fake_marathon_main())
