@@ -246,6 +246,35 @@ async def test_basic_auth_and_a_token(tmp_path) -> None:
     await a.stop()
 
 
+async def test_an_https_marathon_is_verified_against_the_configured_ca(tmp_path) -> None:
+    import ssl
+
+    import tlskit
+
+    (a,) = await backends("a")
+    port = free_port()
+    cert, key = tlskit.ca().issue(["localhost"], ips=[HOST])
+    (tmp_path / "m.crt").write_bytes(cert)
+    (tmp_path / "m.key").write_bytes(key)
+    (tmp_path / "ca.pem").write_bytes(tlskit.ca().pem)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp_path / "m.crt", tmp_path / "m.key")
+    async with fakes(ssl=ctx) as [m]:
+        assert m.url.startswith("https://")
+        m.put_app(tcp_app(APP, port))
+        m.add_task(APP, HOST, a.port)
+        # without the CA the certificate is not trusted: nothing is read
+        async with watching([m.url]) as h:
+            await eventually(lambda: "certificate" in h.runtime.last_errors.get("marathon", ""),
+                             what="the TLS error reported")
+            assert m.apps_reads == 0 and not h.runtime.watcher_synced["marathon"]
+            assert not h.runtime.watcher_up["marathon"]
+        async with watching([m.url], ca=str(tmp_path / "ca.pem")) as h:
+            await eventually(lambda: service_name(APP, port) in h.services, what="the app")
+            assert (await fetch(port)).body == b"a"
+    await a.stop()
+
+
 async def test_nothing_listening_at_any_url_reports_each() -> None:
     urls = [f"http://{HOST}:{closed_port()}", f"http://{HOST}:{closed_port()}"]
     async with watching(urls) as h:

@@ -64,8 +64,10 @@ class FakeMarathon:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, keepalive: float = 1.0,
                  user: str | None = None, password: str | None = None,
-                 token: str | None = None, name: str = "fake-marathon") -> None:
+                 token: str | None = None, name: str = "fake-marathon",
+                 ssl: Any = None) -> None:
         self.host = host
+        self.ssl = ssl  # an ssl.SSLContext: serve https
         self.port = port
         self.keepalive = keepalive
         self.user = user
@@ -88,7 +90,8 @@ class FakeMarathon:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def start(self) -> FakeMarathon:
         app = web.Application()
@@ -112,7 +115,7 @@ class FakeMarathon:
             return
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._runner.server, self.host, self.port,
-                                                reuse_address=True)
+                                                reuse_address=True, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def refuse(self) -> None:
