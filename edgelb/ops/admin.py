@@ -172,9 +172,16 @@ def watcher_status(runtime: Any) -> list[dict[str, Any]]:
                 "ok": runtime.reloads.get((name, "ok"), 0),
                 "error": runtime.reloads.get((name, "error"), 0),
             },
+            **_watcher_details(runtime, name),
         }
         for name in sorted(names)
     ]
+
+
+def _watcher_details(runtime: Any, name: str) -> dict[str, Any]:
+    """What a watcher follows, as it reported it (the DNS source: per name), if anything."""
+    details = getattr(runtime, "watcher_details", {}).get(name)
+    return {"details": details} if details is not None else {}
 
 
 def status(runtime: Any) -> dict[str, Any]:
