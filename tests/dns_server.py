@@ -122,7 +122,7 @@ class DnsServer:
                 rrset.add(_rdata(q.rdtype, text), ttl)
             if rdtype == "SRV" and self.additional:
                 self._add_targets(response, records)
-        out = response.to_wire()
+        out = response.to_wire(max_size=65535)
         if not tcp and len(out) > self.udp_limit:
             self.stats.truncated += 1
             short = dns.message.make_response(query)
