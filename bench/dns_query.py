@@ -21,7 +21,7 @@ import dns.rdatatype
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from dns_server import DnsServer  # noqa: E402
+from dns_server import DnsServer
 
 NAME = "web.bench.test."
 
