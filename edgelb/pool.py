@@ -190,6 +190,8 @@ class Pool:
         "ramping",
         "rng",
         "spare",
+        "tier",
+        "tiered",
         "timer",
         "usable",
         "waiters",
@@ -203,6 +205,8 @@ class Pool:
         self.backends: list[BackendState] = []  # every backend of the pool
         self.candidates: list[BackendState] = []  # what the balancer picks from
         self.spare: list[BackendState] = []  # in panic with caps: taken only instead of a 503
+        self.tiered = False  # the backends are in more than one failover tier (Backend.tier)
+        self.tier = 0  # the tier that takes work now (the lowest with a usable backend)
         self.by_key: dict[str, BackendState] = {}
         self.draining: dict[str, BackendState] = {}  # removed, still finishing requests
         self.ramping = 0  # backends in slow start
@@ -346,8 +350,13 @@ class Pool:
         over all of them. With caps, the healthy backends cannot melt (their caps hold), so
         they keep the traffic up to their caps and the queue, and the unhealthy ones (`spare`)
         take only what would otherwise be refused with a 503. The source's own verdict (not
-        ready, terminating) is never overridden."""
-        live = [b for b in self.backends if b.healthy and not b.draining and b.spec.weight > 0]
+        ready, terminating) is never overridden.
+
+        Tiers (Backend.tier, e.g. SRV priorities): only the lowest tier that has a usable
+        backend takes work, as if it were the whole pool (panic included); the backends of
+        the other tiers are not candidates until every lower tier has none."""
+        members = self._active_tier() if self.tiered else self.backends
+        live = [b for b in members if b.healthy and not b.draining and b.spec.weight > 0]
         ok = sum(1 for b in live if b.check_ok and not b.ejected_until)
         panic = bool(live) and ok < self.panic_threshold * len(live)
         if panic != self.panic:
@@ -364,6 +373,9 @@ class Pool:
         for b in self.backends:
             fine = b.check_ok and not b.ejected_until
             ejected += b.ejected_until > 0
+            if members is not self.backends and b.spec.tier != self.tier:
+                b.usable = b.eligible = False  # a tier that waits for the ones before it
+                continue
             b.usable = b.weight > 0 and not b.draining and b.healthy and (panic or fine)
             b.eligible = b.usable and (b.cap <= 0 or b.inflight < b.cap)
             if panic and capped and not fine:
@@ -383,6 +395,29 @@ class Pool:
                 self.dispatch()
             else:
                 self.shed_all("no_backend")  # (spare backends, if any, take them)
+
+    def _active_tier(self) -> list[BackendState]:
+        """The backends of the tier that takes work (`self.tier`): the lowest with a backend
+        that is healthy, checked fine and not ejected; else the lowest with one the source
+        calls ready (its panic mode decides); else the lowest."""
+        tiers: dict[int, list[BackendState]] = {}
+        for b in sorted(self.backends, key=_tier_of):
+            tiers.setdefault(b.spec.tier, []).append(b)
+        if not tiers:
+            return []
+        chosen = min(tiers)
+        for wanted in (True, False):
+            found = [t for t, bs in tiers.items() if any(
+                b.healthy and not b.draining and b.spec.weight > 0
+                and (not wanted or (b.check_ok and not b.ejected_until)) for b in bs)]
+            if found:
+                chosen = min(found)
+                break
+        if chosen != self.tier:
+            log.warning("failover: tier %d takes the traffic now (was tier %d)", chosen,
+                        self.tier)
+            self.tier = chosen
+        return tiers[chosen]
 
     def set_check(self, backend: BackendState, ok: bool, now: float, slow_start: float) -> None:
         """The active health check's verdict changed."""
@@ -506,6 +541,9 @@ class Pool:
             self.queue_size = policy.queue_size
             self.queue_timeout = policy.queue_timeout
         self.by_sticky = {b.sticky_id: b for b in self.backends}
+        self.tiered = len({b.spec.tier for b in self.backends}) > 1
+        if not self.tiered:
+            self.tier = self.backends[0].spec.tier if self.backends else 0
         self.ramping = sum(1 for b in self.backends if b.ramp_start)
         self.balancer.reset(self.backends)
         self.refresh()
@@ -552,6 +590,10 @@ class Pool:
 
     def all_backends(self) -> list[BackendState]:
         return [*self.backends, *self.draining.values()]
+
+
+def _tier_of(b: BackendState) -> int:
+    return b.spec.tier
 
 
 def _subset(specs: tuple[Backend, ...], size: int, instance: InstanceConfig) -> tuple[Backend, ...]:

@@ -149,6 +149,9 @@ class Backend:
     zone: str = ""
     ready: bool = True
     terminating: bool = False
+    # failover order (HAProxy's backup servers, SRV priority): the pool sends work only to the
+    # lowest tier that has a usable backend; every backend of a static list is in tier 0
+    tier: int = 0
 
     @property
     def key(self) -> str:
@@ -175,6 +178,20 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsQuery:
+    """Where a service's backends come from in DNS (the file config's `dns:`): the SRV records
+    of `srv` (targets, ports, weights, priorities), or the A and AAAA records of `name`, each
+    address on `port`. Names are absolute (no search domains)."""
+
+    srv: str = ""
+    name: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        return f"SRV {self.srv}" if self.srv else f"A/AAAA {self.name}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     name: str
     mode: str = "http"  # http | tcp
@@ -189,6 +206,8 @@ class Service:
     # None (off)
     accept_proxy_protocol: Any = None
     path_rules: PathRules = PathRules()  # static port only: see PathRules
+    # backends from DNS (watchers/dns fills `backends` from its answers), or None: a list
+    dns: DnsQuery | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,13 +43,16 @@ class Health:
     up: connected to what it follows and no loop of it down; error: why not ("" = fine);
     last_event: unix time of the last sign of life from what it follows (0 = not known);
     problems: objects it skipped or flagged in its latest translation (None: it counts none);
-    details: those problems, one line each, as /status.json lists them (bounded by the source)."""
+    problem_lines: those problems, one line each, as /status.json lists them (bounded by
+    the source); details: what it follows, in detail, for /status.json (JSON values;
+    None: nothing)."""
 
     up: bool
     error: str = ""
     last_event: float = 0.0
     problems: int | None = None
-    details: tuple[str, ...] = ()
+    problem_lines: tuple[str, ...] = ()
+    details: Any = None
 
 
 Report = Callable[[str, Health], None]  # (source name, its health)

@@ -172,6 +172,8 @@ class Runtime:
         self.last_errors: dict[str, str] = {}
         self.watcher_last_event: dict[str, float] = {}  # unix time of a source's last event
         self.watcher_problems: dict[str, int] = {}  # objects a source skipped or flagged
+        self.watcher_details: dict[str, Any] = {}  # what a source follows (Health.details)
+        self.watcher_problem_lines: dict[str, tuple[str, ...]] = {}  # Health.problem_lines
         self._reported_errors: dict[str, str] = {}  # each source's own error, as it reported
         self.draining = False
         self.started_at = time.time()
@@ -258,6 +260,9 @@ class Runtime:
             self.watcher_last_event[source] = health.last_event
         if health.problems is not None:
             self.watcher_problems[source] = health.problems
+            self.watcher_problem_lines[source] = health.problem_lines
+        if health.details is not None:
+            self.watcher_details[source] = health.details
 
     # -- applying ------------------------------------------------------------------------
 
@@ -278,19 +283,22 @@ class Runtime:
             await self._apply(dataclasses.replace(held, settings=settings),
                               record=snapshot is not None)
 
-    async def apply(self, snapshot: Snapshot, *, reload_files: bool = False
-                    ) -> tuple[Notice, ...]:
+    async def apply(self, snapshot: Snapshot, *, reload_files: bool = False,
+                    record_as: str | None = None) -> tuple[Notice, ...]:
         """Apply one source's snapshot, or raise SnapshotError and keep the last good state.
 
         Returns what was worked around (a watcher's certificate that does not parse: its last
         good one serves). `reload_files`: for a certificate file the snapshot carries no PEM
         of (`Certificates.files`), read it again even if a pair from it is in use (the file
-        config's applies do); without it such a pair is kept as loaded."""
+        config's applies do); without it such a pair is kept as loaded. `record_as`: the
+        watcher whose outcome this is, when not the snapshot's source (the DNS source applies
+        the file's snapshot again with new answers)."""
         async with self._lock:
-            return await self._apply(snapshot, record=True, reload_files=reload_files)
+            return await self._apply(snapshot, record=True, reload_files=reload_files,
+                                     record_as=record_as)
 
-    async def _apply(self, snapshot: Snapshot, *, record: bool, reload_files: bool = False
-                     ) -> tuple[Notice, ...]:
+    async def _apply(self, snapshot: Snapshot, *, record: bool, reload_files: bool = False,
+                     record_as: str | None = None) -> tuple[Notice, ...]:
         snapshots = dict(self.snapshots)
         snapshots[snapshot.source] = snapshot
         settings = complete(snapshot.settings) if snapshot.settings is not None else self.settings
@@ -299,13 +307,13 @@ class Runtime:
             fresh, fresh_stores = await self._bind(plan)
         except SnapshotError as e:
             if record:
-                self.record(snapshot.source, False, str(e))
+                self.record(record_as or snapshot.source, False, str(e))
             log.error("rejected the %s snapshot, the last good one keeps serving: %s",
-                      snapshot.source, e)
+                      record_as or snapshot.source, e)
             raise
         self._commit(plan, snapshots, fresh, fresh_stores)
         if record:
-            self.record(snapshot.source, True)
+            self.record(record_as or snapshot.source, True)
         return _notices(snapshot, plan.certs.failed)
 
     def _validate(self, snapshots: dict[str, Snapshot], settings: Settings

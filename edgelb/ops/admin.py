@@ -11,7 +11,6 @@ import errno
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -156,20 +155,23 @@ def listener_status(key: str, listener: Any) -> dict[str, Any]:
     return out
 
 
-def watcher_status(runtime: Any, details: Mapping[str, Sequence[str]] | None = None
-                   ) -> list[dict[str, Any]]:
+def watcher_status(runtime: Any) -> list[dict[str, Any]]:
     """Each source's health; for a source that counts problems (objects it skipped or
-    flagged), `problems` (how many) and `problem_details` (those it lists, one line each)."""
-    details = details or {}
+    flagged), `problems` (how many) and `problem_details` (those it lists, one line each);
+    for one that reports what it follows in detail (the DNS source: per name), `details`."""
     problems = getattr(runtime, "watcher_problems", {})
+    lines = getattr(runtime, "watcher_problem_lines", {})
     out = [_watcher(runtime, name) for name in sorted(
         set(runtime.watcher_up) | set(runtime.watcher_synced) | set(runtime.last_errors)
         | {watcher for watcher, _ in runtime.reloads})]
     for entry in out:
         name = entry["name"]
-        if name in problems or name in details:
+        if name in problems or name in lines:
             entry["problems"] = problems.get(name)
-            entry["problem_details"] = list(details.get(name, ()))
+            entry["problem_details"] = list(lines.get(name, ()))
+        details = getattr(runtime, "watcher_details", {}).get(name)
+        if details is not None:
+            entry["details"] = details
     return out
 
 
@@ -186,10 +188,8 @@ def _watcher(runtime: Any, name: str) -> dict[str, Any]:
     }
 
 
-def status(runtime: Any, details: Mapping[str, Sequence[str]] | None = None
-           ) -> dict[str, Any]:
-    """The whole /status.json document (also what the HTML page renders); `details`: the
-    sources' problems, one line each, by source."""
+def status(runtime: Any) -> dict[str, Any]:
+    """The whole /status.json document (also what the HTML page renders)."""
     routes = tuple(runtime.routes)
     not_ready = readiness(runtime)
     certificates = getattr(runtime, "certificate_status", None)
@@ -209,7 +209,7 @@ def status(runtime: Any, details: Mapping[str, Sequence[str]] | None = None
         "routes": [
             {"host": r.host, "path": r.path, "exact": r.exact, "service": r.service} for r in routes
         ],
-        "watchers": watcher_status(runtime, details),
+        "watchers": watcher_status(runtime),
         # every loaded certificate: names, expiry, serial, source, where it is served
         "certificates": certificates() if certificates is not None else [],
         "local_responses": _codes(runtime.local_responses),
@@ -278,11 +278,9 @@ def load_template() -> jinja2.Template:
 class AdminServer:
     """The admin HTTP listener. `start()` binds (port 0 picks one: see `bound`)."""
 
-    def __init__(self, runtime: Any, address: Address,
-                 details: Callable[[], Mapping[str, Sequence[str]]] | None = None) -> None:
+    def __init__(self, runtime: Any, address: Address) -> None:
         self.runtime = runtime
         self.address = address
-        self.details = details or dict  # the sources' problems, one line each (/status.json)
         self.registry = make_registry(runtime)
         self._template = load_template()
         self._runner: web.AppRunner | None = None
@@ -354,10 +352,10 @@ class AdminServer:
         return response
 
     async def _status_json(self, request: web.Request) -> web.Response:
-        return web.json_response(status(self.runtime, self.details()), dumps=_dumps)
+        return web.json_response(status(self.runtime), dumps=_dumps)
 
     async def _status_html(self, request: web.Request) -> web.Response:
-        html = self._template.render(s=status(self.runtime, self.details()),
+        html = self._template.render(s=status(self.runtime),
                                      refresh=REFRESH_SECONDS)
         return web.Response(text=html, content_type="text/html")
 

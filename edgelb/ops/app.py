@@ -28,6 +28,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgelb import __version__, compiled
 from edgelb.control.runtime import Runtime, SnapshotError
@@ -41,12 +42,17 @@ from edgelb.ops.config import (
     policy_from_annotations,
     with_tls_files,
 )
-from watchers.model import Certificates, Entrypoint, PemPair, Policy, Settings, Snapshot
+from watchers.dns.settings import ResolverSettings, system_settings
+from watchers.model import Certificates, Entrypoint, Notice, PemPair, Policy, Settings, Snapshot
 from watchers.source import Health, Tasks
+
+if TYPE_CHECKING:
+    from watchers.dns.source import DnsSource
 
 log = logging.getLogger("edgelb")
 
 FILE_LOOP = "file watcher loop"
+DNS_LOOP = "dns watcher loop"
 
 # A loaded config and the PEM of the certificate pairs it names, as read with it
 Loaded = tuple[Config, tuple[PemPair, ...]]
@@ -73,7 +79,8 @@ class App:
         self.watcher = None
         self.kubernetes = None  # watchers.kubernetes.watcher.KubernetesWatcher when enabled
         self.marathon = None  # watchers.marathon.watcher.MarathonWatcher when configured
-        self.watcher_details: dict[str, tuple[str, ...]] = {}  # a source's problems, listed
+        self.dns: DnsSource | None = None  # fills the file's DNS-backed services (start)
+        self._dns_task: asyncio.Task | None = None
         self._watcher_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # every background task of ours, until it ends
         self._file_loop_error: str | None = None  # the file watcher's loop raised: restarting
@@ -93,6 +100,7 @@ class App:
         runtime = Runtime(loop=loop, reserved=[config.admin])
         runtime.register_watcher("file")
         self.runtime = runtime
+        self._start_dns(runtime, loop)
         await self._apply(loaded)
         if runtime.last_errors.get("file"):
             raise SystemExit(f"edgelb: {runtime.last_errors['file']}")
@@ -114,7 +122,7 @@ class App:
                 raise SystemExit(f"edgelb: watchers.kubernetes: {e}") from None
         if config.marathon is not None:
             await self._start_marathon(config)
-        self.admin = AdminServer(runtime, config.admin, details=lambda: self.watcher_details)
+        self.admin = AdminServer(runtime, config.admin)
         await self.admin.start()
         origin = str(self.config_path)
         watcher: FileWatcher[Loaded] = FileWatcher(
@@ -140,7 +148,7 @@ class App:
         assert runtime is not None
         runtime.register_watcher("marathon")
         self.marathon = MarathonWatcher(
-            config.marathon, emit=runtime.apply, report=self._report,
+            config.marathon, emit=runtime.apply, report=runtime.report,
             read_policy=policy_from_annotations, defaults=self._defaults,
             tls_entrypoint=self._sni_routing, tasks=Tasks(spawn, supervise, describe),
         )
@@ -148,12 +156,6 @@ class App:
             await self.marathon.start()
         except AuthError as e:
             raise SystemExit(f"edgelb: {e}") from None
-
-    def _report(self, source: str, health: Health) -> None:
-        """A watcher's health to the runtime, and its problems' lines to /status.json."""
-        assert self.runtime is not None
-        self.watcher_details[source] = health.details
-        self.runtime.report(source, health)
 
     def _defaults(self) -> Policy:
         return self.config.defaults if self.config is not None else Policy()
@@ -216,7 +218,7 @@ class App:
             if self.config is not None and config.marathon != self.config.marathon:
                 log.warning("watchers.marathon changed; it takes effect on restart")
             try:  # the runtime records the outcome; the certificate files are the file's
-                await runtime.apply(file_snapshot(config, pems), reload_files=True)
+                await self._apply_file(file_snapshot(config, pems), config)
             except SnapshotError:
                 return
             changed = _changed_files(self.config, config)
@@ -237,6 +239,39 @@ class App:
                 len(runtime.listeners),
             )
             self.applied.set()
+
+    # -- the DNS source: between the file watcher and the runtime ------------------------------
+
+    def _start_dns(self, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> None:
+        """The DNS source gets each file snapshot before the runtime (`_apply_file`), and
+        applies it again through `emit` when an answer changes (recorded as watcher "dns");
+        its loop runs supervised, as the file watcher's does."""
+        from watchers.dns.source import DnsSource
+
+        async def emit(snapshot: Snapshot) -> tuple[Notice, ...]:
+            return await runtime.apply(snapshot, record_as="dns")
+
+        self.dns = DnsSource(emit=emit, report=runtime.report)
+
+        def down(exc: BaseException) -> None:
+            runtime.report("dns", Health(up=False, error=f"{DNS_LOOP} failed ({describe(exc)}); "
+                                         "restarting it"))
+
+        self._dns_task = spawn(supervise(DNS_LOOP, self.dns.run, on_down=down, logger=log),
+                               name=DNS_LOOP, held=self._tasks, loop=loop)
+
+    async def _apply_file(self, snapshot: Snapshot, config: Config) -> tuple[Notice, ...]:
+        """Apply the file's snapshot with its DNS-backed services' backends filled in."""
+        runtime = self.runtime
+        assert runtime is not None and self.dns is not None
+
+        async def apply(filled: Snapshot) -> tuple[Notice, ...]:
+            notices = await runtime.apply(filled, reload_files=True)
+            if any(s.dns for s in filled.services) and not runtime.watcher_synced.get("dns"):
+                runtime.record("dns", True)  # its first answers (or none yet) are applied
+            return notices
+
+        return await self.dns.apply(snapshot, apply, _resolver_settings(config))
 
     def reload(self) -> None:
         if self.watcher is not None:
@@ -264,10 +299,21 @@ class App:
             await self.kubernetes.stop()
         if self.marathon is not None:
             await self.marathon.stop()
+        if self._dns_task is not None:
+            self._dns_task.cancel()
+            await asyncio.gather(self._dns_task, return_exceptions=True)
         await runtime.shutdown(config.shutdown.grace if config else 30.0)
         if self.admin is not None:
             await self.admin.stop()
         self.stopped.set()
+
+
+def _resolver_settings(config: Config) -> ResolverSettings:
+    """The `resolvers:` block, with /etc/resolv.conf's nameservers when it names none."""
+    settings = config.resolvers or ResolverSettings()
+    if settings.nameservers:
+        return settings
+    return system_settings(settings)
 
 
 def _read(path: str) -> bytes:

@@ -24,9 +24,11 @@ import yaml
 
 import balancers
 from edgelb.net.tls import Options as TLSOptions
+from watchers.dns.settings import ResolverSettings
 from watchers.model import (  # InstanceConfig, LimitsConfig: the file source's settings
     Address,
     Backend,
+    DnsQuery,
     InstanceConfig,
     LimitsConfig,
     PathRules,
@@ -115,6 +117,8 @@ class Config:
     tls_files: tuple[tuple[str, str], ...] = ()
     # accepted but worth fixing (e.g. a weak password hash): `check` prints them, `run` logs
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # the `resolvers:` block (the DNS source's); None: /etc/resolv.conf's nameservers
+    resolvers: ResolverSettings | None = None
 
 
 class ConfigError(Exception):
@@ -213,11 +217,11 @@ class _Checker(Checker):
 # Sections
 
 TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "watchers", "shutdown", "instance",
-            "limits", "tls")
+            "limits", "tls", "resolvers")
 POLICY_KEYS = KEY_NAMES  # the per-service keys: watchers/schema.py declares them
 PATH_RULE_KEYS = ("merge_slashes", "encoded_slashes")  # a listener's: entrypoint or static port
 ENCODED_SLASHES = ("reject", "keep")
-SERVICE_KEYS = ("name", "listen", "mode", "hosts", "paths", "backends", "tls",
+SERVICE_KEYS = ("name", "listen", "mode", "hosts", "paths", "backends", "dns", "tls",
                 "accept_proxy_protocol", *PATH_RULE_KEYS, *POLICY_KEYS)
 BACKEND_KEYS = ("address", "weight", "zone")
 MODES = ("http", "tcp")
@@ -225,6 +229,7 @@ NOT_IN_DEFAULTS = {
     "name": "a name belongs to one service; set it on each service",
     "listen": "a port can expose only one service; set listen on the service",
     "backends": "backends belong to one service; list them under the service",
+    "dns": "dns names one service's backends; set it on the service",
     "hosts": "hosts route to one service; set them on the service",
     "paths": "paths route to one service; set them on the service",
     "mode": "mode is set per service (http unless it says tcp); set it on the service",
@@ -441,6 +446,107 @@ def _backends(c: _Checker, value: Any, path: str) -> tuple[Backend, ...] | None:
     return tuple(out)
 
 
+DNS_KEYS = ("srv", "name", "port")
+RESOLVER_KEYS = ("nameservers", "timeout", "attempts", "min_ttl", "max_ttl", "hold_stale",
+                 "hold_nxdomain")
+_DNS_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_DNS_EXAMPLE = "{srv: _http._tcp.web.service.consul} or {name: web.internal, port: 8080}"
+
+
+def _dns_name(c: _Checker, value: Any, path: str) -> str | None:
+    """An absolute DNS name (a trailing dot is optional): labels of letters, digits, '-', '_'."""
+    name = c.string(value, path)
+    if name is None:
+        return None
+    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
+    if len(name) > 254 or not all(_DNS_LABEL.match(label) for label in labels):
+        c.error(path, f"{name!r} is not a DNS name; write it like _http._tcp.web.service.consul "
+                "or web.internal (letters, digits, '-' and '_', labels joined by '.')")
+        return None
+    return name.rstrip(".") + "."
+
+
+def _dns(c: _Checker, value: Any, path: str) -> DnsQuery | None:
+    m = c.mapping(value, path, f"a mapping like {_DNS_EXAMPLE}")
+    if m is None:
+        return None
+    c.keys(m, path, DNS_KEYS)
+    if ("srv" in m) == ("name" in m):
+        c.error(path, f"give exactly one of srv (SRV records: targets and ports) or name (A and "
+                f"AAAA records, with port); e.g. {_DNS_EXAMPLE}")
+        return None
+    if "srv" in m:
+        if "port" in m:
+            c.error(_join(path, "port"), "SRV records carry their ports; drop port, or use "
+                    "name: for A/AAAA records")
+            return None
+        srv = _dns_name(c, m["srv"], _join(path, "srv"))
+        return DnsQuery(srv=srv) if srv is not None else None
+    name = _dns_name(c, m["name"], _join(path, "name"))
+    if "port" not in m:
+        c.missing(path, "port", f"port is required with name (A/AAAA records carry no port); "
+                  f"e.g. {{name: {m['name']}, port: 8080}}")
+        return None
+    try:
+        port = _port(m["port"])
+    except ValueError as e:
+        c.error(_join(path, "port"), str(e))
+        return None
+    return DnsQuery(name=name, port=port) if name is not None else None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolvers(c: _Checker, value: Any) -> ResolverSettings | None:
+    m = c.section(value, "resolvers", "a mapping like {nameservers: [127.0.0.1:8600], "
+                  "timeout: 1s}", RESOLVER_KEYS)
+    if m is None:
+        return None
+    fields: dict[str, Any] = {}
+    if m.get("nameservers") is not None:
+        npath = _join("resolvers", "nameservers")
+        items = c.list(m["nameservers"], npath, "nameservers", "[127.0.0.1:8600, 10.0.0.2]")
+        servers = []
+        for i, item in enumerate(items or []):
+            if isinstance(item, str) and _is_ip(item.strip()):
+                servers.append((item.strip(), 53))  # a bare address: port 53
+                continue
+            addr = c.address(item, _join(npath, i), None)
+            if addr is None:
+                continue
+            if not _is_ip(addr.host):
+                c.error(_join(npath, i), f"{addr.host!r} is not an IP address; a nameserver "
+                        "is given by its address (e.g. 127.0.0.1:8600)")
+                continue
+            servers.append((addr.host, addr.port))
+        if items is not None and not items:
+            c.error(npath, "an empty list asks no one; list at least one, or drop the key to "
+                    "use /etc/resolv.conf's")
+        fields["nameservers"] = tuple(servers)
+    for key in ("timeout", "min_ttl", "max_ttl", "hold_stale", "hold_nxdomain"):
+        if key in m:
+            d = c.duration(m[key], _join("resolvers", key), positive=key in ("timeout",
+                                                                             "min_ttl"))
+            if d is not None:
+                fields[key] = d
+    if "attempts" in m:
+        n = c.integer(m["attempts"], _join("resolvers", "attempts"), 1)
+        if n is not _INVALID:
+            fields["attempts"] = n
+    settings = ResolverSettings(**fields)
+    if settings.min_ttl > settings.max_ttl:
+        c.error(_join("resolvers", "max_ttl"), f"max_ttl ({_fmt_seconds(settings.max_ttl)}) is "
+                f"below min_ttl ({_fmt_seconds(settings.min_ttl)}); raise max_ttl or lower "
+                "min_ttl")
+    return settings
+
+
 @dataclass
 class _ServiceDraft:
     """One service as parsed, plus what the cross-checks need (where it came from, its routes).
@@ -552,6 +658,14 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
     backends: tuple[Backend, ...] | None = ()
     if m.get("backends") is not None:
         backends = _backends(c, m["backends"], _join(path, "backends"))
+    dns = None
+    if m.get("dns") is not None:
+        dns = _dns(c, m["dns"], _join(path, "dns"))
+        ok &= dns is not None
+        if m.get("backends"):
+            c.error(_join(path, "dns"), "a service takes its backends from dns or from a "
+                    "backends list, not both; drop one of them")
+            ok = False
     routes: list[tuple[Route, str]] = []
     if hosts or paths:
         for host, hpath in hosts or [("", "")]:
@@ -588,7 +702,7 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
         policy = dataclasses.replace(defaults, **policy_fields)
         svc = Service(name=name, mode=mode, listen=listen, backends=backends, policy=policy,
                       tls=tls, tls_passthrough=passthrough, accept_proxy_protocol=accept,
-                      path_rules=rules or PathRules())
+                      path_rules=rules or PathRules(), dns=dns)
     return _ServiceDraft(path=path, label=label, listen=listen, routes=routes, routed=routed,
                          service=svc)
 
@@ -982,6 +1096,7 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     limits = _limits(c, top.get("limits"))
     tls_options = _tls_options(c, top.get("tls"))
     instance = _instance(c, top.get("instance"))
+    resolvers = _resolvers(c, top.get("resolvers"))
     _check_ports(c, admin, admin_set, entrypoints, drafts)
     routes = _check_routes(c, entrypoints, drafts)
     if c.errors:
@@ -994,7 +1109,7 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     return Config(admin=admin, entrypoints=entrypoints, defaults=defaults, snapshot=snapshot,
                   kubernetes=kubernetes, marathon=marathon, shutdown=shutdown,
                   instance=instance, limits=limits, tls=tls_options,
-                  warnings=tuple(c.warnings))
+                  warnings=tuple(c.warnings), resolvers=resolvers)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -1070,7 +1185,9 @@ def summarize(config: Config) -> str:
                               for r in routes)
             lines.append(f"    routes {shown}")
         lines.append(f"    {POLICY.summary(s.policy, s.mode)}")
-        if not s.backends:
+        if s.dns is not None:
+            lines.append(f"    backends: from DNS, {s.dns}")
+        elif not s.backends:
             lines.append("    backends: none (requests get 503 until some are added)")
         else:
             total = sum(b.weight for b in s.backends) or 1.0
@@ -1095,9 +1212,20 @@ def summarize(config: Config) -> str:
         t = config.tls
         lines.append(f"tls: session tickets {'on' if t.session_tickets else 'off'}, "
                      f"TLS {t.min_version} and later")
+    if config.resolvers is not None or any(s.dns for s in services):
+        lines.append(f"resolvers: {_fmt_resolvers(config.resolvers)}")
     sd = config.shutdown
     lines.append(f"shutdown: delay {_fmt_seconds(sd.delay)}, grace {_fmt_seconds(sd.grace)}")
     return "\n".join(lines)
+
+
+def _fmt_resolvers(r: ResolverSettings | None) -> str:
+    if r is None:
+        return "/etc/resolv.conf"
+    servers = ", ".join(str(Address(h, p)) for h, p in r.nameservers) or "/etc/resolv.conf"
+    return (f"{servers}; timeout {_fmt_seconds(r.timeout)} x {r.attempts}, TTL within "
+            f"[{_fmt_seconds(r.min_ttl)}, {_fmt_seconds(r.max_ttl)}], stale held "
+            f"{_fmt_seconds(r.hold_stale)}, NXDOMAIN held {_fmt_seconds(r.hold_nxdomain)}")
 
 
 def _tls_file_errors(config: Config) -> list[str]:
@@ -1224,6 +1352,11 @@ def json_schema() -> dict[str, Any]:
         "hosts": _nullable(strings),
         "paths": _nullable(strings),
         "backends": _nullable({"type": "array", "items": backend}),
+        "dns": _nullable({"anyOf": [
+            strict_object({"srv": {"type": "string"}}, required=["srv"]),
+            strict_object({"name": {"type": "string"}, "port": address["anyOf"][0]},
+                          required=["name", "port"])],
+            "description": "backends from DNS: SRV records, or A/AAAA records on a port"}),
         "tls": {"anyOf": [{"type": "null"}, {"const": "passthrough"},
                           {**cert_key, "required": ["cert", "key"]}]},
         "accept_proxy_protocol": accept, **paths_rules, **policy}, required=["name"])
@@ -1258,6 +1391,11 @@ def json_schema() -> dict[str, Any]:
             "connections_per_client": {"type": "integer", "minimum": 0},
             "headers": {"type": "integer", "minimum": 1},
             "min_body_rate": SIZE}),
+        "resolvers": strict_object({
+            "nameservers": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "timeout": duration, "attempts": {"type": "integer", "minimum": 1},
+            "min_ttl": duration, "max_ttl": duration, "hold_stale": duration,
+            "hold_nxdomain": duration}),
         "tls": strict_object({
             "session_tickets": {"type": "boolean"},
             "min_version": {"anyOf": [{"enum": [1.2, 1.3]}, {

@@ -193,7 +193,7 @@ class MarathonWatcher:
         error = next(iter(self.down.values()), "") or self._read_error or self._stream_error
         self.report(NAME, Health(up=self.up, error=error, last_event=self._last_event,
                                  problems=len(self.problems),
-                                 details=self.problems[:MAX_DETAILS]))
+                                 problem_lines=self.problems[:MAX_DETAILS]))
 
     def _alive(self) -> None:
         """A sign of life from Marathon (bytes on the stream, an apps read)."""
