@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
+from httpkit import HOST
 
 from edgelb.control.runtime import EntrypointSpec, Runtime
 from edgelb.telemetry.hub import Telemetry
@@ -20,7 +21,6 @@ from edgelb.telemetry.settings import (
     TelemetrySettings,
     TracingSettings,
 )
-from httpkit import HOST
 from watchers.model import Address, Policy, Settings, Snapshot
 
 
@@ -54,11 +54,14 @@ async def proxy_with(tel_settings: TelemetrySettings, snap: Snapshot,
         await asyncio.get_running_loop().run_in_executor(None, tel.stop)
 
 
-def flush(tel: Telemetry) -> None:
+async def flush(tel: Telemetry) -> None:
+    """Wait (off the loop: a receiver may run on it) until the writer and the exporter have
+    handled everything put so far."""
+    run = asyncio.get_running_loop().run_in_executor
     if tel.access is not None:
-        assert tel.access.sink.flush(), "the access log writer did not catch up"
+        assert await run(None, tel.access.sink.flush), "the access log writer did not catch up"
     if tel.exporter is not None:
-        assert tel.exporter.flush(), "the span exporter did not catch up"
+        assert await run(None, tel.exporter.flush), "the span exporter did not catch up"
 
 
 def json_lines(path: Path) -> list[dict]:

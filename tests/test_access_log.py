@@ -55,7 +55,7 @@ async def test_one_record_per_request_for_a_mix_of_outcomes(backend, free_port, 
         service("raw", [echo_port], listen=p["tcp"], mode="tcp"),
     )
     try:
-        async with proxy_with(settings(log), snap, entrypoints=(("ep", p["ep"]),)) as (rt, tel):
+        async with proxy_with(settings(log), snap, entrypoints=(("ep", p["ep"]),)) as (_, tel):
             assert (await within(fetch(p["web"], "POST", "/a/b?q=1", body=b"12345"))).status == 200
             assert (await within(fetch(p["shed"]))).status == 503
             assert (await within(fetch(p["ep"], "GET", "/nowhere"))).status == 404
@@ -75,7 +75,7 @@ async def test_one_record_per_request_for_a_mix_of_outcomes(backend, free_port, 
             writer.close()
             sink = tel.access.sink  # type: ignore[union-attr]
             await eventually(lambda: sink.written + len(sink.pending) >= 7, what="7 records")
-            flush(tel)
+            await flush(tel)
     finally:
         echo.close()
     records = json_lines(log)
@@ -115,7 +115,7 @@ async def test_a_logrotate_move_loses_no_line(backend, free_port, tmp_path):
         client = await Client.open(port)
         for _ in range(20):
             assert (await within(client.request())).status == 200
-        flush(tel)
+        await flush(tel)
         os.rename(log, tmp_path / "access.log.1")  # logrotate's move; the writer still has it
         for _ in range(20):
             assert (await within(client.request())).status == 200
@@ -124,13 +124,13 @@ async def test_a_logrotate_move_loses_no_line(backend, free_port, tmp_path):
         for _ in range(20):
             assert (await within(client.request())).status == 200
         # and without a signal: moved again, the inode check reopens within a second or so
-        flush(tel)
+        await flush(tel)
         os.rename(log, tmp_path / "access.log.2")
         await eventually(lambda: log.exists(), timeout=5.0, what="the file reopened")
         for _ in range(10):
             assert (await within(client.request())).status == 200
         client.close()
-        flush(tel)
+        await flush(tel)
     counts = [len(json_lines(tmp_path / n)) for n in ("access.log.1", "access.log.2",
                                                      "access.log")]
     # each line is in the file that was open when it was written: the moved ones, or the new
@@ -172,7 +172,7 @@ async def test_combined_format(backend, free_port, tmp_path):
         resp = await within(fetch(port, "GET", "/p?x=1", headers=[
             ("Referer", "http://a/"), ("User-Agent", 'curl "8"')]))
         assert resp.status == 200
-        flush(tel)
+        await flush(tel)
     (line,) = log.read_text().splitlines()
     assert re.fullmatch(
         r'127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] "GET /p\?x=1 HTTP/1\.1" '
@@ -191,6 +191,6 @@ async def test_sampling_keeps_its_share_and_every_5xx(backend, free_port, tmp_pa
         client.close()
         for _ in range(3):
             assert (await within(fetch(shed))).status == 503
-        flush(tel)
+        await flush(tel)
     records = json_lines(log)
     assert [r["status"] for r in records] == [503, 503, 503]
