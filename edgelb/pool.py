@@ -684,6 +684,11 @@ class ServiceState:
             policy,
         )
 
-    def observe(self, seconds: float) -> None:
-        self.duration_buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+    def observe(self, seconds: float, method: int = 0, status: int = 200) -> None:
+        """One response's duration (the data path inlines this: accounting.count)."""
+        i = bisect_left(DURATION_BUCKETS, seconds)
+        self.duration_buckets[i] += 1
         self.duration_sum += seconds
+        c = method * N_CLASSES + min(status // 100, 5)
+        self.durations[c * N_DURATION + i] += 1
+        self.duration_sums[c] += seconds
