@@ -55,9 +55,6 @@ class Telemetry:
             self.exporter = SpanExporter(tracing.otlp_endpoint, tracing.service_name, version,
                                          headers=tracing.headers, capacity=tracing.buffer)
         self.ratio = tracing.sample_ratio
-        # the loop's clock and the wall clock: a request's start in Unix time without a
-        # time.time() per request
-        self.clock = time.monotonic
 
     def start(self) -> None:
         if self.access is not None:
