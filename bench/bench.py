@@ -345,6 +345,11 @@ class Lab:
         else:
             conf = render(f"edgelb-{mode}.yaml", self.tmp / f"{name}.yaml", port=port,
                           admin_port=free_port(), backend_a=a, backend_b=b)
+            access = os.environ.get("BENCH_ACCESS_LOG", "")  # json|combined: log every request
+            if access:
+                with conf.open("a") as f:
+                    log = self.tmp / f"{name}.access.log"
+                    f.write(f"access_log: {{format: {access}, path: {log}}}\n")
             proc = self.procs.start(
                 name, [self.cfg.python, "-m", "edgelb", "run", "-c", str(conf)], cwd=REPO)
         wait_ready(self.procs, proc, name, port)

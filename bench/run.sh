@@ -8,6 +8,7 @@
 #   BENCH_TCP_CONNS (8), BENCH_IDLE_CONNS (5000), BENCH_WARMUP (2 seconds, 0 = none),
 #   BENCH_PROXIES (edgelb,haproxy,nginx), BENCH_SCENARIOS (http,tcp,idle),
 #   BENCH_RESULTS (bench/results), BENCH_EDGELB_PYTHON (the repo's .venv python).
+#   BENCH_ACCESS_LOG (json or combined: edgelb logs every request to a file; off by default).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -35,6 +35,19 @@ ADAPTIVE_MAX = 1000  # the adaptive cap's bound when no max_inflight is set
 ADAPTIVE_INITIAL = 20  # where an adaptive cap starts
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+N_DURATION = len(DURATION_BUCKETS) + 1  # per-bucket counts, +Inf last
+# Upper bounds (bytes) of edgelb_request_size_bytes / edgelb_response_size_bytes: powers of 4
+# from 64 B to 64 MiB (edgelb.http.accounting.size_bucket computes the index); +Inf last.
+SIZE_BUCKETS = tuple(4**i for i in range(3, 14))
+N_SIZE = len(SIZE_BUCKETS) + 1
+# The `method` label: these, else OTHER (a bounded label). Counters keyed by method and status
+# use `method_index << 10 | status`; histograms by method and status class use
+# `method_index * 6 + status // 100` (class 0: no status).
+METHOD_NAMES = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+                "OTHER")
+METHOD_INDEX = {name.encode(): i for i, name in enumerate(METHOD_NAMES[:-1])}
+OTHER_METHOD = len(METHOD_NAMES) - 1
+N_CLASSES = 6
 
 
 class BackendState:
@@ -47,6 +60,7 @@ class BackendState:
         "capacity",
         "check_ok",
         "connections_total",
+        "counts",
         "draining",
         "ejected_until",
         "ejections",
@@ -105,6 +119,7 @@ class BackendState:
         self.eligible = False
         self.requests = 0  # requests sent to it
         self.responses: dict[int, int] = defaultdict(int)  # status code -> count
+        self.counts: dict[int, int] = {}  # method_index << 10 | status -> responses
         self.failures = 0  # connect errors, resets, timeouts
         self.connections_total = 0  # upstream connections opened to it
         # connections closed for bytes that answered no request (after a whole response)
@@ -614,11 +629,18 @@ class ServiceState:
         "bytes_out",
         "duration_buckets",
         "duration_sum",
+        "duration_sums",
+        "durations",
         "hsts_line",
+        "local_counts",
         "local_responses",
         "name",
         "policy",
         "pool",
+        "req_size_sum",
+        "req_sizes",
+        "resp_size_sum",
+        "resp_sizes",
         "retries_denied",
         "retries_total",
         "retrying",
@@ -659,6 +681,15 @@ class ServiceState:
         # basic auth verdicts, indexed as edgelb.net.acl.AUTH_RESULTS (ok, cached, failed, ...)
         self.auth_results = [0] * 6
         self.local_responses: dict[int, int] = {}  # answered by edgelb itself, no backend
+        self.local_counts: dict[int, int] = {}  # the same by method: method_index << 10 | status
+        # edgelb_request_duration_seconds by method and status class: N_DURATION buckets for
+        # each (method_index * N_CLASSES + status // 100), and their sums
+        self.durations = [0] * (len(METHOD_NAMES) * N_CLASSES * N_DURATION)
+        self.duration_sums = [0.0] * (len(METHOD_NAMES) * N_CLASSES)
+        self.req_sizes = [0] * N_SIZE  # request body bytes, per SIZE_BUCKETS bucket
+        self.resp_sizes = [0] * N_SIZE  # response body bytes
+        self.req_size_sum = 0
+        self.resp_size_sum = 0
         self._derive()
 
     def _derive(self) -> None:
@@ -695,6 +726,11 @@ class ServiceState:
             policy,
         )
 
-    def observe(self, seconds: float) -> None:
-        self.duration_buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+    def observe(self, seconds: float, method: int = 0, status: int = 200) -> None:
+        """One response's duration (the data path inlines this: accounting.count)."""
+        i = bisect_left(DURATION_BUCKETS, seconds)
+        self.duration_buckets[i] += 1
         self.duration_sum += seconds
+        c = method * N_CLASSES + min(status // 100, 5)
+        self.durations[c * N_DURATION + i] += 1
+        self.duration_sums[c] += seconds

@@ -83,6 +83,7 @@ def make_runtime() -> SimpleNamespace:
         draining=False,
         started_at=time.time() - 5,
         local_responses={404: 2},
+        local_counts={404: 2},  # GET (method index 0) << 10 | status
     )
 
 
@@ -172,8 +173,10 @@ async def test_metrics_required_families_and_labels(
     web: ServiceState = runtime.services["web"]
     b1 = web.pool.by_key["127.0.0.1:9001"]
     b1.responses[200] = 10
+    b1.counts[200] = 10  # GET: method index 0 (edgelb.http.accounting.count)
     b1.inflight = 3
     web.local_responses[503] = 4
+    web.local_counts[503] = 4
     web.shed["queue_timeout"] = 6
     web.bytes_in, web.bytes_out = 100, 2000
     runtime.services["db"].tcp_connections = 9
@@ -196,9 +199,11 @@ async def test_metrics_required_families_and_labels(
     assert "process_cpu_seconds" in types  # process metrics ride along
 
     req = "edgelb_requests_total"
-    assert value(m, req, service="web", backend="127.0.0.1:9001", code="200") == 10
-    assert value(m, req, service="web", backend="", code="503") == 4
-    assert value(m, req, service="", backend="", code="404") == 2
+    get = {"method": "GET"}
+    assert value(m, req, service="web", backend="127.0.0.1:9001", code="200", code_class="2xx",
+                 **get) == 10
+    assert value(m, req, service="web", backend="", code="503", code_class="5xx", **get) == 4
+    assert value(m, req, service="", backend="", code="404", code_class="4xx", **get) == 2
     assert value(m, "edgelb_backend_inflight", service="web", backend="127.0.0.1:9001") == 3
     assert value(m, "edgelb_backend_healthy", service="web", backend="127.0.0.1:9001") == 1
     assert value(m, "edgelb_backend_healthy", service="web", backend="127.0.0.1:9002") == 0
@@ -227,11 +232,12 @@ async def test_metrics_move_with_counters(
 ) -> None:
     web: ServiceState = runtime.services["web"]
     b1 = web.pool.by_key["127.0.0.1:9001"]
-    labels = {"service": "web", "backend": "127.0.0.1:9001", "code": "502"}
+    labels = {"service": "web", "backend": "127.0.0.1:9001", "code": "502", "method": "GET",
+              "code_class": "5xx"}
     with pytest.raises(KeyError):  # no 502 yet: no series
         value(await scrape(http, admin), "edgelb_requests_total", **labels)
 
-    b1.responses[502] = 1
+    b1.counts[502] = 1  # GET (method index 0) << 10 | 502
     b1.inflight += 1
     b1.failures += 2
     b1.idle.extend([object(), object()])
@@ -257,7 +263,7 @@ async def test_metrics_move_with_counters(
     assert value(m, "edgelb_config_reloads_total", watcher="kubernetes", result="ok") == 1
     assert value(m, "edgelb_watcher_up", watcher="kubernetes") == 1
 
-    b1.responses[502] += 41
+    b1.counts[502] += 41
     b1.inflight -= 1
     m = await scrape(http, admin)
     assert value(m, "edgelb_requests_total", **labels) == 42
@@ -307,12 +313,14 @@ async def test_histogram_is_cumulative(
         assert matching == [expected], bound
     ordered = [buckets[le] for le in sorted(buckets, key=float)]
     assert ordered == sorted(ordered)  # cumulative: never decreasing
-    count = samples["edgelb_request_duration_seconds_count"][frozenset({("service", "web")})]
-    total = samples["edgelb_request_duration_seconds_sum"][frozenset({("service", "web")})]
+    series = frozenset({("service", "web"), ("method", "GET"), ("code_class", "2xx")})
+    count = samples["edgelb_request_duration_seconds_count"][series]
+    total = samples["edgelb_request_duration_seconds_sum"][series]
     assert buckets["+Inf"] == count == len(observations)
     assert total == pytest.approx(sum(observations))
-    # An idle service still exposes its (empty) histogram.
-    assert value(m, "edgelb_request_duration_seconds_count", service="db") == 0
+    # series by method and status class appear once one is seen: none for an idle service
+    assert not any(dict(k)["service"] == "db"
+                   for k in samples["edgelb_request_duration_seconds_count"])
 
 
 # -- /status.json and /status -------------------------------------------------------------

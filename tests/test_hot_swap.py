@@ -102,6 +102,7 @@ async def test_a_reload_never_makes_a_service_counter_go_down(backend, proxy):
         assert (await within(client.request("GET", "/"))).status == 503  # answered by edgelb
     before = samples()
     assert before[("edgelb_requests_total", (("backend", ""), ("code", "503"),
+                                               ("code_class", "5xx"), ("method", "GET"),
                                                ("service", "web")))] == 3
     for i in range(3):  # policy changes, each a new snapshot of the same service
         await rt.apply(snapshot(service("web", [], listen=port, queue_size=10 + i,

@@ -133,10 +133,12 @@ def _listener_kind(listener: Any) -> str:
 
 def _passthrough_relay(entrypoint: HttpListener) -> Any:
     """The tcp relay of a TLS entrypoint's passed-through connections (made at first use)."""
-    return _tcp_listener_class()(
+    relay = _tcp_listener_class()(
         entrypoint.address,
         ServiceState(Service(name=f"{entrypoint.name}-passthrough", mode="tcp")),
         loop=entrypoint.loop)
+    relay.telemetry = entrypoint.telemetry
+    return relay
 
 
 def _tcp_listener_class() -> Any:
@@ -178,6 +180,10 @@ class Runtime:
         self.draining = False
         self.started_at = time.time()
         self.local_responses: dict[int, int] = {}
+        self.local_counts: dict[int, int] = {}  # the same by method (edgelb.http.accounting)
+        # access log, request IDs, tracing (edgelb.telemetry.hub.Telemetry; None: off), given
+        # to every listener made from now on (set before the first apply)
+        self.telemetry: Any = None
         self.upstreams: set[Any] = set()
         self._lock = asyncio.Lock()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -761,6 +767,12 @@ class Runtime:
     def _make_listener(self, kind: str, name: str, addr: Address,
                        store: CertificateStore | None = None) -> Any:
         """A new listener; `store` is its certificate store when `kind` is a TLS one."""
+        listener = self._new_listener(kind, name, addr, store)
+        listener.telemetry = self.telemetry
+        return listener
+
+    def _new_listener(self, kind: str, name: str, addr: Address,
+                      store: CertificateStore | None) -> Any:
         if kind in ("tcp", "tcp-tls"):
             return _tcp_listener_class()(
                 addr,
@@ -775,6 +787,7 @@ class Runtime:
                 defaults=self.defaults,
                 upstreams=self.upstreams,
                 local_responses=self.local_responses,
+                local_counts=self.local_counts,
                 loop=self.loop,
                 ssl=store.server_context() if store is not None else None,
             )
@@ -786,6 +799,7 @@ class Runtime:
             service=self._placeholder(name),
             upstreams=self.upstreams,
             local_responses=self.local_responses,
+            local_counts=self.local_counts,
             loop=self.loop,
             ssl=store.server_context() if store is not None else None,
         )

@@ -18,9 +18,16 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from edgelb.http import dispatch
-from edgelb.http.accounting import end_retry
+from edgelb.http.accounting import end_retry, finish, local_reason
 from edgelb.http.errors import local_response
-from edgelb.http.exchange import CONNECTING, DONE, QUEUED, WAITING_TURN, Exchange
+from edgelb.http.exchange import (
+    CONNECTING,
+    DONE,
+    QUEUED,
+    RECEIVING_HEAD,
+    WAITING_TURN,
+    Exchange,
+)
 from edgelb.http.headers import forwarded_for
 from edgelb.http.request import (
     MAX_HEAD,
@@ -70,11 +77,14 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         "parser",
         "parsing",
         "paused",
+        "peer_port",
         "pipeline",
         "proxied",
         "refusing",
+        "telemetry",
         "transport",
         "tunnel",
+        "tunnel_bytes",
         "tunnel_timeout",
         "upgrade_buffer",
         "write_paused",
@@ -105,6 +115,9 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         self.refusing = False  # a request was refused: nothing more is read
         self.fwd_cache = b""  # the forwarding header block last made, for fwd_cache_host
         self.fwd_cache_host = b""
+        self.telemetry: Any = listener.telemetry  # edgelb.telemetry.hub.Telemetry, None: off
+        self.peer_port = 0
+        self.tunnel_bytes = 0  # bytes from the client through an upgraded tunnel
 
     # -- connection events -------------------------------------------------------------
 
@@ -114,9 +127,11 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         self.transport = transport
         listener = self.listener
         listener.accepted += 1
-        ip, self.fwd_for = forwarded_for(
-            peer or self.proxied or transport.get_extra_info("peername"))
+        addr = peer or self.proxied or transport.get_extra_info("peername")
+        ip, self.fwd_for = forwarded_for(addr)
         self.xff_ip = ip
+        if addr and len(addr) > 1:
+            self.peer_port = addr[1]
         n = listener.per_client.get(ip, 0) + 1
         reason = listener.limits.refusal(len(listener.clients), n)
         if reason is not None:
@@ -158,6 +173,8 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
                 service.pool.release(ex.backend)
             elif state == QUEUED and service is not None:
                 service.pool.forget(ex)  # leaves the queue
+            if state != RECEIVING_HEAD:
+                finish(ex, "client_closed", self.loop.time())
             if ex.retries:
                 end_retry(ex)
         elif self.tunnel is not None:
@@ -212,6 +229,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
             self.deadline = self.loop.time() + self.tunnel_timeout
+            self.tunnel_bytes += len(data)
             self.tunnel.write(data)
             return
         if self.upgrade_buffer is not None:  # upgrade asked, the 101 not seen yet
@@ -283,14 +301,27 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         self.pipeline.append(ex)
         self._pause(PAUSE_PIPELINE)
 
-    def _fail_connection(self, status: int, detail: str) -> None:
-        """Answer a request that cannot be parsed and close: nothing reaches a backend."""
+    def _fail_connection(self, status: int, detail: str, bad: Exchange | None = None) -> None:
+        """Answer a request that cannot be parsed and close: nothing reaches a backend.
+        `bad`: the refused request answered in its turn (else the active or parsing one)."""
         if self.closed:
             return
         self.listener.local_responses[status] = self.listener.local_responses.get(status, 0) + 1
         ex = self.active
         if ex is None or not ex.response_started:
-            self.transport.write(local_response(status, detail, False))
+            data = local_response(status, detail, False)
+            self.transport.write(data)
+            answered = ex or bad or self.parsing
+            if answered is None:  # not even a request line could be read
+                answered = Exchange(self)
+            if not answered.logged:
+                # the request it answers (or the one being parsed) ends here
+                answered.status = status
+                answered.response_started = True
+                answered.sent_head = len(data)
+                if answered.start == 0.0:
+                    answered.start = self.loop.time()
+                finish(answered, local_reason(status), self.loop.time())
         if ex is not None and ex.state != DONE and ex.upstream is not None:
             ex.state = DONE
             ex.upstream.abandon(ex)
@@ -394,11 +425,11 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         ex.tail = 0
         if ex.state == DONE:
             return
+        received = ex.received = ex.received + len(body)
         service = ex.service
         if service is not None:  # None while a pipelined request waits for its turn
             service.bytes_in += len(body)
             if service.special and service.policy.max_body is not None:
-                received = ex.received = ex.received + len(body)
                 if received > service.policy.max_body:
                     self._fail_connection(413, f"the body is over the "
                                           f"{service.policy.max_body} bytes service "
@@ -477,8 +508,11 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             status, detail = ex.bad
             ex.state = DONE  # answered here, and the connection closes
             self.active = None
-            self._fail_connection(status, detail)
+            self._fail_connection(status, detail, ex)
             return
+        tel = self.telemetry
+        if tel is not None:
+            tel.begin(ex, self)
         dispatch.start(self, ex)
 
     def dispatch_waiting(self, ex: Exchange) -> bool:
@@ -508,8 +542,9 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         dispatch.resend(ex, service, backend)
 
     def answer(self, ex: Exchange, status: int, detail: str, service: ServiceState | None,
-               extra: bytes = b"") -> None:
-        """Answer `ex` from the proxy itself, then go on with the connection."""
+               extra: bytes = b"", reason: str = "") -> None:
+        """Answer `ex` from the proxy itself, then go on with the connection. `reason`: why,
+        for the access log (accounting.local_reason of the status when not given)."""
         counts = service.local_responses if service is not None else self.listener.local_responses
         if ex.backend is None or status in (404, 400):
             counts[status] = counts.get(status, 0) + 1
@@ -520,14 +555,19 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         )
         ex.keep_alive = keep
         ex.response_started = True
-        data = local_response(status, detail, keep, extra)
+        ex.status = status
+        data = local_response(status, detail, keep, extra + ex.resp_extra)
+        head = data.index(b"\r\n\r\n") + 4
         if ex.method == b"HEAD":  # the head alone: a body would be read as the next response
-            data = data[: data.index(b"\r\n\r\n") + 4]
+            data = data[:head]
+        ex.sent_head = head
+        ex.resp_body = len(data) - head
         self.transport.write(data)
+        now = self.loop.time()
         if service is not None:
             service.bytes_out += len(data)
-            service.observe(self.loop.time() - ex.start)
-        self.response_done(ex)
+        finish(ex, reason or local_reason(status), now)
+        self.response_done(ex, now)
 
     def response_done(self, ex: Exchange, now: float = 0.0) -> None:
         """The response to the active exchange has been written whole."""
@@ -592,5 +632,13 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             refused["tunnel_idle"] = refused.get("tunnel_idle", 0) + 1
         elif self.parsing is not None and self.active is None and self.parsing.state != DONE:
             self.listener.local_responses[408] = self.listener.local_responses.get(408, 0) + 1
-            self.transport.write(local_response(408, "request head not received in time", False))
+            data = local_response(408, "request head not received in time", False)
+            self.transport.write(data)
+            ex = self.parsing
+            ex.status = 408
+            ex.response_started = True
+            ex.sent_head = len(data)
+            if ex.start == 0.0:
+                ex.start = now
+            finish(ex, "client_timeout", now)
         self.transport.close()

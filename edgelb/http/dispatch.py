@@ -139,7 +139,7 @@ def auth_refused(client: ClientProtocol, ex: Exchange, service: ServiceState, cr
                       service, b"retry-after: %d\r\n" % creds.retry_after(client.xff_ip))
     elif verdict == AUTH_BUSY:
         client.answer(ex, 503, "too many logins are being checked at once; retry shortly",
-                      service, RETRY_AFTER)
+                      service, RETRY_AFTER, "auth")
     else:
         client.answer(ex, 401, "this service needs a user name and password", service,
                       creds.challenge_header)
@@ -254,6 +254,7 @@ def upstream_failed(client: ClientProtocol, ex: Exchange, kind: str, detail: str
             return
     status = 504 if kind == "timeout" else 502
     backend.responses[status] += 1
+    ex.upstream_time = client.loop.time() - ex.start - ex.queued
     note_error(backend, service, detail, client.loop.time())
     # the client is told what kind of failure, never the backend's internal address
     client.answer(ex, status, _GATEWAY_TIMEOUT if status == 504 else _BAD_GATEWAY, service)

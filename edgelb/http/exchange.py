@@ -21,7 +21,7 @@ A local answer (404, 503, a gate's refusal) goes from any stage before SENT stra
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from edgelb.http.client import ClientProtocol
@@ -55,18 +55,24 @@ class Exchange:
         "client_chunked",
         "conn_tokens",
         "fwd",
+        "fwd_extra",  # header lines added to the forwarded head (request ID, traceparent)
         "has_host",
         "head",
         "host",
         "keep_alive",
         "lines",
+        "logged",  # accounting.finish has seen it (once per request)
         "method",
         "queued",
-        "received",  # body bytes so far, counted only under max_body
+        "received",  # request body bytes so far
         "req_trailers",
         "request_complete",
+        "request_id",  # the client's X-Request-Id, then the one forwarded (telemetry on)
+        "resp_body",  # response body bytes sent to the client
+        "resp_extra",  # header lines added to the response head (X-Request-Id)
         "response_started",
         "retries",
+        "sent_head",  # bytes of the response head sent to the client
         "service",
         "set_cookie",
         "start",
@@ -74,11 +80,14 @@ class Exchange:
         "status",
         "tail",  # chunked body: bytes read since the last body bytes (framing, trailers)
         "te_trailers",
+        "trace",  # the trace context (edgelb.telemetry.hub.Trace) while tracing is on
+        "traceparent",  # the client's traceparent header
         "trailers",
         "until_close",
         "upgrade",
         "upgrade_value",
         "upstream",
+        "upstream_time",  # seconds the backend took (to the end of the response, or the 101)
         "url",
         "version",
         "via",
@@ -128,6 +137,15 @@ class Exchange:
         self.received = 0
         self.queued = 0.0  # seconds it waited for a slot (not the backend's latency)
         self.tail = 0
+        self.resp_body = 0
+        self.logged = False
+        self.sent_head = 0
+        self.upstream_time = -1.0  # -1: no backend answered
+        self.request_id = b""
+        self.traceparent = b""
+        self.trace: Any = None
+        self.fwd_extra = b""
+        self.resp_extra = b""
 
     # A queued exchange is a waiter of its pool (edgelb.pool.Pool.enqueue).
     def resume(self) -> bool:

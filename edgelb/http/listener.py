@@ -56,6 +56,7 @@ class HttpListener:
         defaults: Policy | None = None,
         upstreams: set[UpstreamProtocol] | None = None,
         local_responses: dict[int, int] | None = None,
+        local_counts: dict[int, int] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         ssl: ssl_module.SSLContext | None = None,
     ) -> None:
@@ -71,6 +72,11 @@ class HttpListener:
         self.clients: set[ClientProtocol] = set()
         self.upstreams: set[UpstreamProtocol] = upstreams if upstreams is not None else set()
         self.local_responses: dict[int, int] = {} if local_responses is None else local_responses
+        # the same by method (edgelb.http.accounting.count), when no service was routed to
+        self.local_counts: dict[int, int] = {} if local_counts is None else local_counts
+        # access log, request IDs, tracing (edgelb.telemetry.hub.Telemetry); None: off. Read
+        # by each new connection.
+        self.telemetry: Any = None
         self.accepted = 0
         self.limits = LimitsConfig()  # set by the runtime
         self.max_headers = self.limits.headers

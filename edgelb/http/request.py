@@ -42,6 +42,8 @@ REQ_SPECIAL = frozenset(
         b"via",
         b"expect",
         b"proxy-authorization",
+        b"x-request-id",
+        b"traceparent",
     }
 )
 
@@ -138,6 +140,13 @@ def special_request_header(ex: Exchange, lname: bytes, name: bytes, value: bytes
         ex.via = ex.via + b", " + value if ex.via else value
     elif lname == b"expect":
         ex.lines.append(b"%s: %s\r\n" % (name, value))
+    elif lname == b"x-request-id" or lname == b"traceparent":
+        # passed on as they came; telemetry (edgelb/telemetry/hub.py) may replace them
+        ex.lines.append(b"%s: %s\r\n" % (name, value))
+        if lname == b"traceparent":
+            ex.traceparent = value
+        elif not ex.request_id:
+            ex.request_id = value
     # keep-alive, proxy-connection, proxy-authorization, x-forwarded-proto and
     # x-forwarded-host are dropped: the first three are hop-by-hop (credentials for this
     # proxy, never for a backend), the last two are set by the proxy itself.
@@ -208,6 +217,8 @@ def request_head(client: ClientProtocol, ex: Exchange) -> bytes:
             client.fwd_cache_host = ex.host
     if not ex.has_host or ex.chunked or ex.te_trailers or ex.upgrade:
         tail = framing_lines(client, ex) + tail
+    if ex.fwd_extra:  # the request ID and traceparent edgelb sets (telemetry on)
+        tail = ex.fwd_extra + tail
     # (b"".join of a tuple: cheaper than %-formatting, which parses its format each time)
     if len(lines) == 1:
         return _join((ex.method, _SP, ex.url, _VERSION_LINE, lines[0], tail))

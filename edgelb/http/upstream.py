@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from edgelb.control.tasks import log_failure
-from edgelb.http.accounting import count_failure, record_response
+from edgelb.http.accounting import (
+    count,
+    count_failure,
+    finish,
+    method_index,
+    record_response,
+)
 from edgelb.http.exchange import CONNECTING, DONE, SENT, TUNNEL
 from edgelb.http.request import MAX_HEAD, Refuse, last_chunk
 from edgelb.http.response_head import (
@@ -242,6 +248,7 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             self.ex = None
             if ex is not None:
                 self.service.pool.release(backend)
+                finish(ex, "upgraded", self.listener.loop.time())
             return
         ex = self.ex
         if ex is None:
@@ -294,6 +301,7 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             if ex is not None:
                 client = ex.client
                 client.deadline = client.loop.time() + client.tunnel_timeout
+                ex.resp_body += len(data)
             self.tunnel.write(data)
             return
         self.got_bytes = True
@@ -373,6 +381,10 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         self.hbuf = None
         ex.status = status
         ex.response_started = True
+        if ex.resp_extra:  # the request ID (telemetry on)
+            head = head[:-2] + ex.resp_extra + b"\r\n"
+        ex.sent_head = len(head)
+        ex.resp_body = length
         self.service.bytes_out += len(head) + length
         if length <= 16384:
             ex.client.transport.write(head + data[start:])
@@ -384,8 +396,10 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
     def _cut(self, ex: Exchange) -> None:
         """The backend failed in the middle of a response: the client must see it broken."""
         self.service.pool.release(self.backend)
-        count_failure(self.backend, self.service, "reset", 0, ex.start, ex.client.loop.time())
+        now = ex.client.loop.time()
+        count_failure(self.backend, self.service, "reset", 0, ex.start, now)
         ex.state = DONE
+        finish(ex, "upstream_reset", now)
         ex.client.transport.close()
 
     def _bad_response(self, detail: str) -> None:
@@ -485,9 +499,10 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             if status == 101 and ex.upgrade:
                 ex.status = 101
                 ex.response_started = True
-                client.transport.write(
-                    b"HTTP/1.1 " + status_line + headers + b"connection: upgrade\r\n\r\n"
-                )
+                head = (b"HTTP/1.1 " + status_line + headers + ex.resp_extra
+                        + b"connection: upgrade\r\n\r\n")
+                ex.sent_head = len(head)
+                client.transport.write(head)
                 return
             if ex.version != "1.0" and status != 101:  # 100 Continue, 103 Early Hints
                 client.transport.write(b"HTTP/1.1 " + status_line + headers + b"\r\n")
@@ -501,6 +516,8 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         bodiless = ex.method == b"HEAD" or status == 204 or status == 304
         keep = ex.keep_alive and not client.closing
         add = sticky_line(ex.set_cookie) if ex.set_cookie else b""
+        if ex.resp_extra:
+            add += ex.resp_extra
         if self.service.hsts_line and client.listener.scheme == b"https":
             add += self.service.hsts_line
         if keep and ex.version == "1.1" and (bodiless or (has_cl and not chunked)):
@@ -528,6 +545,7 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
                 parts.append(b"\r\n")
             head = b"".join(parts)
         self.service.bytes_out += len(head)
+        ex.sent_head = len(head)
         self.head_out = head  # written with the body, or by _complete, or after this read
         if bodiless:
             # The response parser cannot be told that a HEAD response has no body: finish
@@ -555,6 +573,9 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         ex.upstream = None
         self.transport.close()
         count_failure(self.backend, service, "", status, ex.start, client.loop.time())
+        counts = self.backend.counts  # an answer, if not to the client: counted by method too
+        key = method_index(ex.method) << 10 | status
+        counts[key] = counts.get(key, 0) + 1
         service.pool.release(self.backend)
         client.resend(ex, service, other)
         return True
@@ -565,6 +586,7 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             return
         transport = ex.client.transport
         self.service.bytes_out += len(body)
+        ex.resp_body += len(body)
         head = self.head_out
         if head:
             self.head_out = b""
@@ -608,6 +630,7 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             client.transport.write(head)
         now = client.loop.time()
         record_response(ex, backend, service, now)
+        finish(ex, "", now)
         client.upstream_drained()
         if reusable and ex.request_complete and not self.closed and not self.junk:
             if client.write_paused:
@@ -640,6 +663,11 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         self.tunnel = client.transport
         self.deadline = 0.0
         ex.state = TUNNEL
+        # the upgrade is counted now (its duration: to the 101); logged when the tunnel closes
+        now = client.loop.time()
+        ex.upstream_time = now - ex.start - ex.queued
+        self.backend.responses[101] += 1
+        count(ex, "upgraded", now)
         client.start_tunnel(self.transport, service.policy.tunnel_timeout)
         if rest:
             client.transport.write(rest)

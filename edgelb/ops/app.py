@@ -81,6 +81,7 @@ class App:
         self.marathon = None  # watchers.marathon.watcher.MarathonWatcher when configured
         self.dns: DnsSource | None = None  # fills the file's DNS-backed services (start)
         self._dns_task: asyncio.Task | None = None
+        self.telemetry = None  # edgelb.telemetry.hub.Telemetry: access log, request IDs, tracing
         self._watcher_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # every background task of ours, until it ends
         self._file_loop_error: str | None = None  # the file watcher's loop raised: restarting
@@ -101,6 +102,11 @@ class App:
         runtime.register_watcher("file")
         self.runtime = runtime
         self._start_dns(runtime, loop)
+        if config.telemetry.active:  # set before the first listener is made
+            from edgelb.telemetry.hub import Telemetry
+
+            self.telemetry = runtime.telemetry = Telemetry(config.telemetry, __version__)
+            self.telemetry.start()
         await self._apply(loaded)
         if runtime.last_errors.get("file"):
             raise SystemExit(f"edgelb: {runtime.last_errors['file']}")
@@ -217,6 +223,9 @@ class App:
                 log.warning("watchers.kubernetes changed; it takes effect on restart")
             if self.config is not None and config.marathon != self.config.marathon:
                 log.warning("watchers.marathon changed; it takes effect on restart")
+            if self.config is not None and config.telemetry != self.config.telemetry:
+                log.warning("access_log, request_id or tracing changed; it takes effect on "
+                            "restart (SIGUSR1 reopens the access log file)")
             try:  # the runtime records the outcome; the certificate files are the file's
                 await self._apply_file(file_snapshot(config, pems), config)
             except SnapshotError:
@@ -277,6 +286,11 @@ class App:
         if self.watcher is not None:
             self.watcher.trigger()
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate's postrotate): the access log file is opened again."""
+        if self.telemetry is not None:
+            self.telemetry.reopen()
+
     async def stop(self) -> None:
         """Graceful: unready, wait `shutdown.delay`, stop accepting, drain up to the grace."""
         runtime = self.runtime
@@ -305,6 +319,9 @@ class App:
         await runtime.shutdown(config.shutdown.grace if config else 30.0)
         if self.admin is not None:
             await self.admin.stop()
+        if self.telemetry is not None:
+            # the last records and spans written (a stuck sink is left behind after 2 s)
+            await asyncio.get_running_loop().run_in_executor(None, self.telemetry.stop)
         self.stopped.set()
 
 
@@ -395,6 +412,7 @@ async def _main(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app.reload)
+    loop.add_signal_handler(signal.SIGUSR1, app.reopen_logs)
     if banner:
         print(banner, flush=True)
     log.info("edgelb running with %s (version %s, %s)", config_path, __version__,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 from edgelb import __version__
 
@@ -18,9 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edgelb {__version__}")
     p.add_argument(
         "--log-level",
-        default="info",
+        default=None,
         choices=["debug", "info", "warning", "error"],
-        help="logging verbosity (default: info)",
+        help="logging verbosity (default: $EDGELB_LOG_LEVEL, else info)",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -28,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run the proxy with a config file (SIGHUP or a file change reloads it)"
     )
     run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    _log_format(run)
 
     check = sub.add_parser("check", help="validate a config file and print a summary")
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
@@ -59,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--marathon-port", type=int, default=8180,
         help="the fake Marathon's port on 127.0.0.1 (default 8180)",
     )
+    _log_format(demo)
     manifests = sub.add_parser(
         "manifests", help="print Kubernetes YAML to run edgelb as an ingress pod"
     )
@@ -68,14 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _log_format(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--log-format", choices=["text", "json"], default=None,
+                     help="the process log on stderr: text, or one JSON object per line "
+                     "(default: $EDGELB_LOG_FORMAT, else text)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from edgelb.ops.logfmt import configure
+
+    configure(args.log_level, getattr(args, "log_format", None))
     if args.command == "run":
         from edgelb.ops.app import run_forever
 

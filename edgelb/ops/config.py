@@ -24,6 +24,11 @@ import yaml
 
 import balancers
 from edgelb.net.tls import Options as TLSOptions
+from edgelb.ops.telemetry_config import TOP_KEYS as TELEMETRY_KEYS
+from edgelb.ops.telemetry_config import json_schemas as telemetry_schemas
+from edgelb.ops.telemetry_config import parse_telemetry
+from edgelb.ops.telemetry_config import summary as telemetry_summary
+from edgelb.telemetry.settings import TelemetrySettings
 from watchers.dns.settings import ResolverSettings
 from watchers.model import (  # InstanceConfig, LimitsConfig: the file source's settings
     Address,
@@ -115,6 +120,8 @@ class Config:
     # (path, SHA-256 hex or "" when unreadable) of every TLS file it names, set by
     # `with_tls_files`: a rotated certificate makes a different Config (empty from parse_config)
     tls_files: tuple[tuple[str, str], ...] = ()
+    # access_log, request_id, tracing (edgelb/ops/telemetry_config.py)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     # accepted but worth fixing (e.g. a weak password hash): `check` prints them, `run` logs
     warnings: tuple[str, ...] = field(default=(), compare=False)
     # the `resolvers:` block (the DNS source's); None: /etc/resolv.conf's nameservers
@@ -217,7 +224,7 @@ class _Checker(Checker):
 # Sections
 
 TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "watchers", "shutdown", "instance",
-            "limits", "tls", "resolvers")
+            "limits", "tls", "resolvers", *TELEMETRY_KEYS)
 POLICY_KEYS = KEY_NAMES  # the per-service keys: watchers/schema.py declares them
 PATH_RULE_KEYS = ("merge_slashes", "encoded_slashes")  # a listener's: entrypoint or static port
 ENCODED_SLASHES = ("reject", "keep")
@@ -1097,6 +1104,7 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     tls_options = _tls_options(c, top.get("tls"))
     instance = _instance(c, top.get("instance"))
     resolvers = _resolvers(c, top.get("resolvers"))
+    telemetry = parse_telemetry(c, top)
     _check_ports(c, admin, admin_set, entrypoints, drafts)
     routes = _check_routes(c, entrypoints, drafts)
     if c.errors:
@@ -1108,7 +1116,7 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     )
     return Config(admin=admin, entrypoints=entrypoints, defaults=defaults, snapshot=snapshot,
                   kubernetes=kubernetes, marathon=marathon, shutdown=shutdown,
-                  instance=instance, limits=limits, tls=tls_options,
+                  instance=instance, limits=limits, tls=tls_options, telemetry=telemetry,
                   warnings=tuple(c.warnings), resolvers=resolvers)
 
 
@@ -1214,6 +1222,7 @@ def summarize(config: Config) -> str:
                      f"TLS {t.min_version} and later")
     if config.resolvers is not None or any(s.dns for s in services):
         lines.append(f"resolvers: {_fmt_resolvers(config.resolvers)}")
+    lines.extend(telemetry_summary(config.telemetry))
     sd = config.shutdown
     lines.append(f"shutdown: delay {_fmt_seconds(sd.delay)}, grace {_fmt_seconds(sd.grace)}")
     return "\n".join(lines)
@@ -1400,6 +1409,7 @@ def json_schema() -> dict[str, Any]:
             "session_tickets": {"type": "boolean"},
             "min_version": {"anyOf": [{"enum": [1.2, 1.3]}, {
                 "type": "string", "pattern": "^([Tt][Ll][Ss][Vv])?1\\.[23]$"}]}}),
+        **telemetry_schemas(strict_object),
     }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -23,17 +23,28 @@ from prometheus_client.utils import floatToGoString
 
 from edgelb import __version__
 from edgelb.net.acl import AUTH_RESULTS
-from edgelb.pool import DURATION_BUCKETS, ServiceState
+from edgelb.pool import (
+    DURATION_BUCKETS,
+    METHOD_NAMES,
+    N_CLASSES,
+    N_DURATION,
+    SIZE_BUCKETS,
+    ServiceState,
+)
 
 # The `le` labels of edgelb_request_duration_seconds, +Inf last.
 _BUCKET_LABELS = (*(floatToGoString(b) for b in DURATION_BUCKETS), "+Inf")
 
 
-def cumulative_buckets(per_bucket: Iterable[int]) -> list[tuple[str, float]]:
+_SIZE_LABELS = (*(floatToGoString(b) for b in SIZE_BUCKETS), "+Inf")
+
+
+def cumulative_buckets(per_bucket: Iterable[int],
+                       labels: tuple[str, ...] = _BUCKET_LABELS) -> list[tuple[str, float]]:
     """Turn per-bucket counts (as `ServiceState.observe` keeps them) into `le` pairs."""
     out: list[tuple[str, float]] = []
     total = 0
-    for label, count in zip(_BUCKET_LABELS, per_bucket, strict=True):
+    for label, count in zip(labels, per_bucket, strict=True):
         total += count
         out.append((label, float(total)))
     return out
@@ -53,7 +64,8 @@ class RuntimeCollector:
     def collect(self) -> Iterator[Metric]:
         rt = self.runtime
         services: list[ServiceState] = [rt.services[k] for k in sorted(rt.services)]
-        yield from self._service_families(services, rt.local_responses)
+        yield from self._service_families(services, getattr(rt, "local_counts", {}))
+        yield from _telemetry_families(getattr(rt, "telemetry", None))
         yield from self._backend_families(services)
         yield from self._runtime_families(rt)
 
@@ -65,13 +77,27 @@ class RuntimeCollector:
     ) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "edgelb_requests_total",
-            "HTTP responses sent to clients, by service, backend and status code "
-            '(backend="" when edgelb answered itself; service="" when no service matched).',
-            labels=["service", "backend", "code"],
+            "HTTP responses sent to clients, by service, backend, status code, method (GET, "
+            "HEAD, POST, PUT, DELETE, PATCH, OPTIONS, CONNECT, TRACE, else OTHER) and status "
+            'class (1xx..5xx); WebSocket upgrades count as 101 (backend="" when edgelb '
+            'answered itself; service="" when no service matched).',
+            labels=["service", "backend", "code", "method", "code_class"],
         )
         duration = HistogramMetricFamily(
             "edgelb_request_duration_seconds",
-            "Time from a request's head to the end of its response, per service.",
+            "Time from a request's head to the end of its response (to the 101 for an "
+            "upgrade), per service, method and status class.",
+            labels=["service", "method", "code_class"],
+        )
+        req_size = HistogramMetricFamily(
+            "edgelb_request_size_bytes",
+            "Request body bytes, per service (buckets: powers of 4 from 64 B to 64 MiB).",
+            labels=["service"],
+        )
+        resp_size = HistogramMetricFamily(
+            "edgelb_response_size_bytes",
+            "Response body bytes sent to clients, per service (buckets: powers of 4 from 64 B "
+            "to 64 MiB).",
             labels=["service"],
         )
         shed = CounterMetricFamily(
@@ -123,19 +149,21 @@ class RuntimeCollector:
             waiting.add_metric([name], len(svc.pool.waiters))
             panic.add_metric([name], 1.0 if svc.pool.panic else 0.0)
             for backend in svc.pool.all_backends():
-                for code, count in sorted(backend.responses.items()):
-                    requests.add_metric([name, backend.key, str(code)], count)
-            for code, count in sorted(svc.local_responses.items()):
-                requests.add_metric([name, "", str(code)], count)
-            duration.add_metric([name], cumulative_buckets(svc.duration_buckets), svc.duration_sum)
+                _add_counts(requests, name, backend.key, backend.counts)
+            _add_counts(requests, name, "", svc.local_counts)
+            _add_durations(duration, svc)
+            req_size.add_metric([name], cumulative_buckets(svc.req_sizes, _SIZE_LABELS),
+                                svc.req_size_sum)
+            resp_size.add_metric([name], cumulative_buckets(svc.resp_sizes, _SIZE_LABELS),
+                                 svc.resp_size_sum)
             for reason, count in sorted(svc.shed.items()):
                 shed.add_metric([name, reason], count)
             tcp.add_metric([name], svc.tcp_connections)
             nbytes.add_metric([name, "in"], svc.bytes_in)
             nbytes.add_metric([name, "out"], svc.bytes_out)
-        for code, count in sorted(global_local.items()):
-            requests.add_metric(["", "", str(code)], count)
-        yield from (requests, duration, shed, tcp, nbytes, retries, waiting, panic, auth)
+        _add_counts(requests, "", "", global_local)
+        yield from (requests, duration, req_size, resp_size, shed, tcp, nbytes, retries, waiting,
+                    panic, auth)
 
     # -- per backend --------------------------------------------------------------------
 
@@ -313,6 +341,39 @@ class RuntimeCollector:
         info = GaugeMetricFamily("edgelb_info", "The running edgelb version.", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield info
+
+
+def _add_counts(family: CounterMetricFamily, service: str, backend: str,
+                counts: dict[int, int]) -> None:
+    """Counts keyed `method_index << 10 | status` (edgelb.http.accounting.count)."""
+    for key, n in sorted(counts.items()):
+        status = key & 1023
+        family.add_metric([service, backend, str(status), METHOD_NAMES[key >> 10],
+                           f"{min(status // 100, 5)}xx"], n)
+
+
+def _add_durations(family: HistogramMetricFamily, svc: ServiceState) -> None:
+    """One histogram per (method, status class) seen: ServiceState.durations."""
+    per = svc.durations
+    for c, total in enumerate(svc.duration_sums):
+        buckets = per[c * N_DURATION:(c + 1) * N_DURATION]
+        if any(buckets):
+            method, cls = divmod(c, N_CLASSES)
+            family.add_metric([svc.name, METHOD_NAMES[method], f"{cls}xx"],
+                              cumulative_buckets(buckets), total)
+
+
+def _telemetry_families(telemetry: Any) -> Iterator[Metric]:
+    """What the access log and the span exporter could not keep (edgelb.telemetry)."""
+    yield CounterMetricFamily(
+        "edgelb_access_log_dropped_total",
+        "Access-log records dropped: the writer's buffer was full (a slow or stuck sink) or "
+        "a write failed. Traffic never waits for the log.",
+        value=telemetry.log_dropped if telemetry is not None else 0)
+    yield CounterMetricFamily(
+        "edgelb_tracing_spans_dropped_total",
+        "Spans dropped: the exporter's buffer was full or the collector did not take a batch.",
+        value=telemetry.spans_dropped if telemetry is not None else 0)
 
 
 def _certificate_expiry(rt: Any) -> Metric:

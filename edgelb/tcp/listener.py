@@ -173,6 +173,7 @@ class _Pump:
         conn.deadline = self.loop.time() + conn.service.policy.idle_timeout  # data moved
         if self.up:
             self.conn.service.bytes_in += n
+            conn.bytes_up += n
         else:
             self.conn.backend.bytes_in += n  # type: ignore[union-attr]
 
@@ -181,6 +182,7 @@ class _Pump:
             self.conn.backend.bytes_out += n  # type: ignore[union-attr]
         else:
             self.conn.service.bytes_out += n
+            self.conn.bytes_down += n
 
 
 class _SplicePump(_Pump):
@@ -357,6 +359,7 @@ class _Connection(Relay):
     def start(self, backend: BackendState) -> None:
         self.service.pool.acquire(backend)
         self.backend = backend
+        self.backend_key = backend.key
         host, port = backend.spec.host, backend.spec.port
         self.timer = self.loop.call_later(self.service.policy.connect_timeout, self._connect_failed)
         family = _ip_family(host)
@@ -511,6 +514,7 @@ class _Connection(Relay):
         if result != "closed":
             refused = self.listener.refused
             refused["proxy_protocol"] = refused.get("proxy_protocol", 0) + 1
+            self.end_reason = "proxy_protocol"
         self.close()
 
     # -- relaying and closing -----------------------------------------------------------
@@ -520,6 +524,7 @@ class _Connection(Relay):
         `timeout client`/`timeout server` do in tcp mode)."""
         self.deadline = 0.0
         if not self.closed:
+            self.end_reason = "idle_timeout"
             self.close()
 
     def direction_done(self) -> None:
@@ -528,6 +533,8 @@ class _Connection(Relay):
 
     def fail(self) -> None:
         """A reset or error on either side: close both (the other side sees a close)."""
+        if not self.end_reason:
+            self.end_reason = "error"
         self.close()
 
     def close(self, reset: bool = False) -> None:
@@ -550,6 +557,13 @@ class _Connection(Relay):
             self.service.pool.forget(self)
         self._drop_attempt()  # closes the upstream socket and releases the backend
         self.listener._forget(self)
+
+
+def _peer_port(sock: socket.socket) -> int:
+    try:
+        return int(sock.getpeername()[1])
+    except (OSError, IndexError, TypeError):
+        return 0
 
 
 def _set_reset_on_close(sock: socket.socket) -> None:
@@ -592,6 +606,8 @@ class TcpListener:
         self.accept_proxy: Any = None
         self.proxy_timeout = proxy_protocol.HEADER_TIMEOUT  # at most; tests shorten it
         self._headers: dict[socket.socket, Any] = {}  # accepted, reading a PROXY header
+        # access log (edgelb.telemetry.hub.Telemetry): a record per connection; None: off
+        self.telemetry: Any = None
 
     def set_accept_proxy(self, policy: Any) -> None:
         self.accept_proxy = policy
@@ -718,11 +734,15 @@ class TcpListener:
 
             tls_conn = TlsConnection(self, sock, service, ip)
             tls_conn.proxied = proxied
+            if self.telemetry is not None:
+                tls_conn.peer_port = _peer_port(sock)
             self._conns.add(tls_conn)  # type: ignore[arg-type]
             tls_conn.begin()
             return
         conn = _Connection(self, sock, service)
         conn.peer_ip = ip
+        if self.telemetry is not None:
+            conn.peer_port = _peer_port(sock)
         conn.proxied = proxied
         conn.screen = screen
         self._conns.add(conn)
@@ -732,6 +752,8 @@ class TcpListener:
     def _forget(self, conn: _Connection) -> None:
         if conn in self._conns:
             self._forget_ip(conn.peer_ip)
+            if self.telemetry is not None:
+                self.telemetry.tcp_done(conn, self.loop.time())
         self._conns.discard(conn)
         if not self._conns and self._idle is not None:
             self._idle.set()

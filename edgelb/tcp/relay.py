@@ -19,15 +19,21 @@ class Relay:
 
     __slots__ = (
         "backend",
+        "backend_key",
+        "bytes_down",
+        "bytes_up",
         "closed",
         "connected",
         "deadline",
+        "end_reason",
         "listener",
         "loop",
         "peer_ip",
+        "peer_port",
         "proxied",
         "retried",
         "service",
+        "started",
         "wait_until",
     )
 
@@ -43,6 +49,13 @@ class Relay:
         self.deadline = 0.0  # idle_timeout after the last byte either way (runtime's sweeper)
         self.wait_until = 0.0  # while queued for a free backend slot (edgelb.pool.Pool)
         self.proxied: tuple[str, int] | None = None  # the client a PROXY header named
+        # for the access log (edgelb.telemetry.hub.Telemetry.tcp_done)
+        self.started = self.loop.time()
+        self.bytes_up = 0  # from the client
+        self.bytes_down = 0  # to the client
+        self.backend_key = ""  # the last backend it went to
+        self.end_reason = ""  # how it ended, when not by a close from either side
+        self.peer_port = 0
 
     def start(self, backend: BackendState) -> None:
         raise NotImplementedError
@@ -91,6 +104,7 @@ class Relay:
         shed = self.service.shed
         shed[reason] = shed.get(reason, 0) + 1
         self.wait_until = 0.0
+        self.end_reason = "shed"
         self.close()
 
     def _retry_elsewhere(self, backend: BackendState, now: float) -> None:
@@ -106,4 +120,5 @@ class Relay:
                 self.start(other)
                 return
         self.service.shed["connect_failed"] = self.service.shed.get("connect_failed", 0) + 1
+        self.end_reason = "connect_failed"
         self.close()

@@ -96,10 +96,12 @@ class _Side(asyncio.Protocol):
         backend = conn.backend
         if self.up:
             conn.service.bytes_in += n
+            conn.bytes_up += n
             backend.bytes_out += n  # type: ignore[union-attr]
         else:
             backend.bytes_in += n  # type: ignore[union-attr]
             conn.service.bytes_out += n
+            conn.bytes_down += n
         peer.transport.write(data)
 
     def flush_early(self) -> None:
@@ -175,6 +177,7 @@ class TlsConnection(Relay):
                           self.peer_ip, e)
                 refused = self.listener.refused
                 refused["tls_handshake"] = refused.get("tls_handshake", 0) + 1
+                self.end_reason = "tls_handshake"
             self.task = None
             self.close()
             return
@@ -188,6 +191,7 @@ class TlsConnection(Relay):
     def start(self, backend: BackendState) -> None:
         self.service.pool.acquire(backend)
         self.backend = backend
+        self.backend_key = backend.key
         task = self.task = self.loop.create_task(self._connect(backend))
         task.add_done_callback(log_failure)
 
@@ -316,6 +320,8 @@ class TlsConnection(Relay):
     def expire(self, now: float) -> None:
         """Nothing moved for idle_timeout: close (flushing); if already closing, reset."""
         self.deadline = 0.0
+        if not self.end_reason:
+            self.end_reason = "idle_timeout"
         self.close(reset=self.closed)
 
     def close(self, reset: bool = False) -> None:
