@@ -294,8 +294,8 @@ def test_unknown_key_suggests_nearest(text: str, path: str, suggestion: str) -> 
 
 def test_unknown_key_without_close_match_lists_valid_keys() -> None:
     err = one_error("zzz: 1\n", "zzz")
-    assert ("valid keys: admin, defaults, entrypoints, instance, limits, services, shutdown, "
-            "tls, watchers") in err
+    assert ("valid keys: admin, defaults, entrypoints, instance, limits, metrics, services, "
+            "shutdown, tls, watchers") in err
 
 
 # --------------------------------------------------------------------------- all errors at once

@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import time
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -267,10 +268,12 @@ def load_template() -> jinja2.Template:
 class AdminServer:
     """The admin HTTP listener. `start()` binds (port 0 picks one: see `bound`)."""
 
-    def __init__(self, runtime: Any, address: Address) -> None:
+    def __init__(self, runtime: Any, address: Address,
+                 per_backend: Callable[[], bool] | None = None) -> None:
         self.runtime = runtime
         self.address = address
-        self.registry = make_registry(runtime)
+        # per_backend: whether /metrics has per-backend series now (the config's metrics:)
+        self.registry = make_registry(runtime, per_backend=per_backend)
         self._template = load_template()
         self._runner: web.AppRunner | None = None
         self.bound: Address | None = None  # the address actually listened on
