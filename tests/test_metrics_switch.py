@@ -85,7 +85,8 @@ async def test_service_backends_counts_states(backend, edgelb) -> None:  # noqa:
     counts = {dict(k)["state"]: v
               for k, v in m["edgelb_service_backends"]["edgelb_service_backends"].items()
               if dict(k)["service"] == "web"}
-    assert counts == {"all": 2, "healthy": 2, "eligible": 2, "ejected": 0, "draining": 0}
+    assert counts == {"all": 2, "healthy": 2, "usable": 2, "eligible": 2, "ejected": 0,
+                      "draining": 0}
     await b.stop()
     e.backends = [a]
     await e.reload()

@@ -349,6 +349,7 @@ def build_info() -> Metric:
 _BACKEND_STATES: tuple[tuple[str, Callable[[Any], bool]], ...] = (
     ("all", lambda b: True),
     ("healthy", lambda b: b.healthy and b.check_ok),
+    ("usable", lambda b: b.usable),
     ("eligible", lambda b: b.eligible),
     ("ejected", lambda b: bool(b.ejected_until)),
     ("draining", lambda b: b.draining),
@@ -361,7 +362,8 @@ def _service_backends(services: list[ServiceState]) -> Metric:
     family = GaugeMetricFamily(
         "edgelb_service_backends",
         'Backends of the service by state: "all" (draining ones included), "healthy", '
-        '"eligible" (the balancer may pick it now), "ejected", "draining".',
+        '"usable" (may take work: healthy, not ejected nor draining), "eligible" (usable and '
+        'under its cap: the balancer may pick it now), "ejected", "draining".',
         labels=["service", "state"],
     )
     for svc in services:
