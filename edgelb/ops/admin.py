@@ -336,11 +336,11 @@ class AdminServer:
 
     def __init__(self, runtime: Any, address: Address,
                  per_backend: Callable[[], bool] | None = None,
-                 refresh: float = REFRESH_SECONDS, window: float = WINDOW_SECONDS) -> None:
+                 refresh: float | None = None, window: float | None = None) -> None:
         self.runtime = runtime
         self.address = address
-        self.refresh = refresh
-        self.history = RateHistory(refresh, window)
+        self.refresh = refresh or REFRESH_SECONDS  # (read now: tests may shorten them)
+        self.history = RateHistory(self.refresh, window or WINDOW_SECONDS)
         self._script = load_script()
         self._tasks: set[asyncio.Task[Any]] = set()
         # per_backend: whether /metrics has per-backend series now (the config's metrics:)
