@@ -94,7 +94,7 @@ PACKAGES = [*find_packages(include=["edgelb", "edgelb.*", "watchers", "watchers.
 setup(
     packages=PACKAGES,
     package_dir={"edgelb.templates": "templates"},
-    package_data={"edgelb.templates": ["**/*.j2", "**/*.html", "**/*.yaml"]},
+    package_data={"edgelb.templates": ["**/*.j2", "**/*.html", "**/*.yaml", "**/*.js"]},
     ext_modules=ext_modules(),
     cmdclass={"build_ext": OptionalBuildExt},
 )

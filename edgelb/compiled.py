@@ -53,6 +53,13 @@ def describe() -> str:
     return "partly compiled with mypyc: " + ", ".join(done)
 
 
+def build_kind() -> str:
+    """The `build` label of edgelb_build_info: "compiled" (every module of MODULES loaded from
+    C), "pure" (none), or "partial" (a tree where some did not build)."""
+    done = sum(1 for m in MODULES if is_compiled(m))
+    return "compiled" if done == len(MODULES) else "pure" if not done else "partial"
+
+
 def stale() -> list[str]:
     """Compiled modules whose source is newer than their C code: a tree edited since
     `make compiled`, where the old code would still be what is imported. (The code is in

@@ -294,7 +294,7 @@ def test_unknown_key_suggests_nearest(text: str, path: str, suggestion: str) -> 
 
 def test_unknown_key_without_close_match_lists_valid_keys() -> None:
     err = one_error("zzz: 1\n", "zzz")
-    assert ("valid keys: access_log, admin, defaults, entrypoints, instance, limits, "
+    assert ("valid keys: access_log, admin, defaults, entrypoints, instance, limits, metrics, "
             "request_id, resolvers, services, shutdown, tls, tracing, watchers") in err
 
 

@@ -691,3 +691,138 @@ def test_output_passes_kubernetes_validate_strict(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     checked = proc.stdout.count(" passed for resource ")
     assert checked == len([d for d in yaml.safe_load_all(out.read_text()) if d])
+
+
+# ---------------------------------------------------------------------------------------------
+# --service-monitor: a ServiceMonitor (Prometheus Operator CRD) and the headless Service over
+# the admin port it selects. The CRD is not in the Kubernetes schemas nor the client's models:
+# it is checked against the fields of monitoring.coreos.com/v1 it uses (a strict subset of the
+# CRD's schema: any other field, a wrong type or a missing required one fails).
+
+_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?)$"}
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {"type": "object", "additionalProperties": False,
+                     "required": ["name", "namespace"],
+                     "properties": {"name": {"type": "string", "pattern": m._DNS_LABEL.pattern},
+                                    "namespace": {"type": "string"}, "labels": _STRINGS}},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "jobLabel": {"type": "string"},
+                "selector": {"type": "object", "additionalProperties": False,
+                             "properties": {"matchLabels": _STRINGS}},
+                "namespaceSelector": {"type": "object", "additionalProperties": False,
+                                      "properties": {"any": {"type": "boolean"},
+                                                     "matchNames": {"type": "array",
+                                                                    "items": {"type": "string"}}}},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"port": {"type": "string"},
+                                   "path": {"type": "string", "pattern": "^/"},
+                                   "scheme": {"enum": ["http", "https"]},
+                                   "interval": _DURATION, "scrapeTimeout": _DURATION}}},
+            },
+        },
+    },
+}
+
+SERVICE_MONITOR_COMBINATIONS = [
+    ["--service-monitor"],
+    ["--service-monitor", "--kind", "daemonset", "--namespace", "proxy", "--config", "{config}"],
+    ["--service-monitor-labels", "release=kube-prometheus-stack,team=edge"],
+]
+
+
+def _service_monitor_docs(argv: list[str], tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    config = write(tmp_path, """
+        admin: {listen: "0.0.0.0:9100"}
+        entrypoints: {http: {listen: "0.0.0.0:8080"}}
+        watchers: {kubernetes: {enabled: true}}
+        shutdown: {delay: 5s}
+    """)
+    return render([a.format(config=config) for a in argv], capsys)
+
+
+@pytest.mark.parametrize("argv", SERVICE_MONITOR_COMBINATIONS, ids=" ".join)
+def test_service_monitor_scrapes_the_admin_port_of_every_pod(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import jsonschema
+
+    docs = _service_monitor_docs(argv, tmp_path, capsys)
+    monitor = one(docs, "ServiceMonitor")
+    jsonschema.validate(monitor, SERVICE_MONITOR_SCHEMA)
+    assert docs[-1] is monitor  # last: whatever else fails to apply, it is not in the way
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    public, metrics = services["edgelb"], services["edgelb-metrics"]
+    ns = workload(docs)["metadata"]["namespace"]
+    assert monitor["metadata"]["namespace"] == metrics["metadata"]["namespace"] == ns
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [ns]}
+    # the monitor selects the metrics Service, and only it
+    wanted = monitor["spec"]["selector"]["matchLabels"]
+    selected = [name for name, s in services.items()
+                if wanted.items() <= s["metadata"]["labels"].items()]
+    assert selected == ["edgelb-metrics"]
+    # which selects the proxy's pods, on their admin port: the one the probes use
+    pod_labels = workload(docs)["spec"]["template"]["metadata"]["labels"]
+    assert metrics["spec"]["selector"].items() <= pod_labels.items()
+    assert metrics["spec"]["clusterIP"] == "None" and metrics["spec"]["type"] == "ClusterIP"
+    admin = next(p for p in container(docs)["ports"] if p["name"] == "admin")
+    assert metrics["spec"]["ports"] == [{"name": "admin", "port": admin["containerPort"],
+                                         "targetPort": "admin", "protocol": "TCP"}]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint == {"port": "admin", "path": "/metrics"}
+    assert monitor["spec"]["jobLabel"] in metrics["metadata"]["labels"]
+    # the admin port is still never published
+    assert all(p["targetPort"] != "admin" for p in public["spec"]["ports"])
+    assert model_problems(metrics) is None
+    assert apply_order_problems(docs) == []
+
+
+def test_service_monitor_labels_and_their_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    docs = render(["--service-monitor-labels", "release=kps,example.com/team=edge"], capsys)
+    labels = one(docs, "ServiceMonitor")["metadata"]["labels"]
+    assert labels["release"] == "kps" and labels["example.com/team"] == "edge"
+    assert "ServiceMonitor" not in [d["kind"] for d in render([], capsys)]
+    for bad in ("release", "re lease=x", "release=a b", "=x", ","):
+        with pytest.raises(SystemExit):
+            parse_args(["--service-monitor-labels", bad])
+        assert "--service-monitor-labels" in capsys.readouterr().err
+
+
+def test_the_service_monitor_schema_check_notices_a_misspelled_field(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import jsonschema
+
+    monitor = one(render(["--service-monitor"], capsys), "ServiceMonitor")
+    monitor["spec"]["endpoints"][0]["intervall"] = "30s"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(monitor, SERVICE_MONITOR_SCHEMA)
+
+
+@pytest.mark.parametrize("argv", SERVICE_MONITOR_COMBINATIONS[:2], ids=" ".join)
+def test_service_monitor_output_passes_kubernetes_validate_strict(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every built-in kind passes; the ServiceMonitor, a CRD, is the one document it has no
+    schema for (the test above checks it)."""
+    tool = Path(sys.executable).parent / "kubernetes-validate"
+    docs = _service_monitor_docs(argv, tmp_path, capsys)
+    out = tmp_path / "out.yaml"
+    out.write_text(yaml.safe_dump_all(docs))
+    proc = subprocess.run([str(tool), "--strict", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(" passed for resource ") == len(docs) - 1
+    assert "service/edgelb-metrics" in proc.stdout

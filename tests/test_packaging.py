@@ -82,6 +82,8 @@ if importlib.util.find_spec("edgelb.ops.admin") is not None:
     admin = importlib.import_module("edgelb.ops.admin")
     if hasattr(admin, "load_template"):
         admin.load_template()  # the app's own lookup and compile, from the installed copy
+        if hasattr(admin, "load_script"):
+            assert b"status.json" in admin.load_script()  # the status page's script ships too
         loaded = admin.__file__
 
 from edgelb import compiled

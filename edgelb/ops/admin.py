@@ -2,15 +2,24 @@
 
 It is an aiohttp server on the same event loop as the data path, so every handler reads the
 live state without locks. It is never one of the public ports.
+
+The status page (/status) is rendered on the server, totals, rates and charts included, so it
+is whole without JavaScript (it then refreshes itself); with JavaScript, /status.js updates it
+in place from /status.json every `refresh` seconds. Rates and charts come from a sampler task
+that reads the counters at that interval (edgelb.ops.history). Everything the page loads comes
+from this endpoint (a Content-Security-Policy says so), and every value is escaped: names of
+services and hosts come from the outside (Ingresses, labels).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import json
 import logging
 import time
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -19,6 +28,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edgelb import __version__, compiled
+from edgelb.control.tasks import spawn
+from edgelb.ops import history as rates
+from edgelb.ops.history import RateHistory
 from edgelb.ops.metrics import make_registry
 from edgelb.pool import BackendState, ServiceState
 from watchers.model import Address
@@ -27,7 +39,13 @@ log = logging.getLogger(__name__)
 
 TEMPLATE_PACKAGE = "edgelb.templates"  # the top-level templates/ (setup.py)
 STATUS_TEMPLATE = "status.html.j2"
-REFRESH_SECONDS = 2
+STATUS_SCRIPT = "status.js"
+REFRESH_SECONDS = 2  # the page's updates, and the interval of its rates
+WINDOW_SECONDS = 300  # how far back its charts go
+# The page loads nothing from anywhere else, and runs no inline script.
+STATUS_CSP = ("default-src 'none'; script-src 'self'; connect-src 'self'; "
+              "style-src 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; "
+              "form-action 'none'; frame-ancestors 'none'")
 
 
 # -- /readyz ------------------------------------------------------------------------------
@@ -161,7 +179,8 @@ def watcher_status(runtime: Any) -> list[dict[str, Any]]:
     for one that reports what it follows in detail (the DNS source: per name), `details`."""
     problems = getattr(runtime, "watcher_problems", {})
     lines = getattr(runtime, "watcher_problem_lines", {})
-    out = [_watcher(runtime, name) for name in sorted(
+    now = time.time()
+    out = [_watcher(runtime, name, now) for name in sorted(
         set(runtime.watcher_up) | set(runtime.watcher_synced) | set(runtime.last_errors)
         | {watcher for watcher, _ in runtime.reloads})]
     for entry in out:
@@ -175,7 +194,8 @@ def watcher_status(runtime: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _watcher(runtime: Any, name: str) -> dict[str, Any]:
+def _watcher(runtime: Any, name: str, now: float) -> dict[str, Any]:
+    last_event = getattr(runtime, "watcher_last_event", {})
     return {
         "name": name,
         "up": runtime.watcher_up.get(name, False),
@@ -185,15 +205,28 @@ def _watcher(runtime: Any, name: str) -> dict[str, Any]:
             "ok": runtime.reloads.get((name, "ok"), 0),
             "error": runtime.reloads.get((name, "error"), 0),
         },
+        # seconds since the source was last heard from (None: it never reports events)
+        "last_event_age": max(0.0, now - last_event[name]) if name in last_event else None,
     }
 
 
-def status(runtime: Any) -> dict[str, Any]:
-    """The whole /status.json document (also what the HTML page renders)."""
+def status(runtime: Any, history: RateHistory | None = None,
+           with_history: bool = False) -> dict[str, Any]:
+    """The whole /status.json document (also what the HTML page renders); with `history`,
+    each service's latest rates, and with `with_history` their points over the window."""
     routes = tuple(runtime.routes)
     not_ready = readiness(runtime)
     certificates = getattr(runtime, "certificate_status", None)
-    return {
+    services = [
+        service_status(runtime.services[n], routes, getattr(runtime, "health", None))
+        for n in sorted(runtime.services)
+    ]
+    if history is not None:
+        for svc in services:
+            svc["rate"] = rates.point_json(history.latest(svc["name"]))
+            if with_history:
+                svc["history"] = rates.series_json(history.series(svc["name"]))
+    doc = {
         "version": __version__,
         "build": compiled.describe(),  # whether the data path runs compiled (mypyc)
         "started_at": runtime.started_at,
@@ -201,10 +234,7 @@ def status(runtime: Any) -> dict[str, Any]:
         "ready": not not_ready,
         "not_ready": not_ready,
         "draining": runtime.draining,
-        "services": [
-            service_status(runtime.services[n], routes, getattr(runtime, "health", None))
-            for n in sorted(runtime.services)
-        ],
+        "services": services,
         "listeners": [listener_status(k, runtime.listeners[k]) for k in sorted(runtime.listeners)],
         "routes": [
             {"host": r.host, "path": r.path, "exact": r.exact, "service": r.service} for r in routes
@@ -214,6 +244,10 @@ def status(runtime: Any) -> dict[str, Any]:
         "certificates": certificates() if certificates is not None else [],
         "local_responses": _codes(runtime.local_responses),
     }
+    if history is not None:  # how the rates are measured, and how many points a chart holds
+        doc["rates"] = {"interval": history.interval, "window": history.window,
+                        "points": history.points}
+    return doc
 
 
 # -- /status (HTML) -----------------------------------------------------------------------
@@ -259,6 +293,33 @@ def _code_classes(responses: dict[str, int]) -> dict[str, int]:
     return out
 
 
+def _fmt_age(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.0f} s ago" if s < 120 else f"{_fmt_uptime(s)} ago"
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x:.3g}/s" if x < 1000 else f"{x:,.0f}/s"
+
+
+def _fmt_days_left(t: float) -> str:
+    return f"{(t - time.time()) / 86400:.1f}"
+
+
+def _fmt_date(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+
+
+def _chart(values: list[float | None], points: int) -> str:
+    return rates.polyline(values, points, rates.chart_scale(values))
+
+
+def load_script() -> bytes:
+    """/status.js, from the templates package (as the page's template)."""
+    return resources.files(TEMPLATE_PACKAGE).joinpath(STATUS_SCRIPT).read_bytes()
+
+
 def load_template() -> jinja2.Template:
     source = resources.files(TEMPLATE_PACKAGE).joinpath(STATUS_TEMPLATE).read_text("utf-8")
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
@@ -268,6 +329,12 @@ def load_template() -> jinja2.Template:
         seconds=_fmt_seconds,
         uptime=_fmt_uptime,
         code_classes=_code_classes,
+        age=_fmt_age,
+        rate=_fmt_rate,
+        date=_fmt_date,
+        days_left=_fmt_days_left,
+        chart=_chart,
+        chart_top=rates.chart_scale,
     )
     return env.from_string(source)
 
@@ -278,10 +345,17 @@ def load_template() -> jinja2.Template:
 class AdminServer:
     """The admin HTTP listener. `start()` binds (port 0 picks one: see `bound`)."""
 
-    def __init__(self, runtime: Any, address: Address) -> None:
+    def __init__(self, runtime: Any, address: Address,
+                 per_backend: Callable[[], bool] | None = None,
+                 refresh: float | None = None, window: float | None = None) -> None:
         self.runtime = runtime
         self.address = address
-        self.registry = make_registry(runtime)
+        self.refresh = refresh or REFRESH_SECONDS  # (read now: tests may shorten them)
+        self.history = RateHistory(self.refresh, window or WINDOW_SECONDS)
+        self._script = load_script()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # per_backend: whether /metrics has per-backend series now (the config's metrics:)
+        self.registry = make_registry(runtime, per_backend=per_backend)
         self._template = load_template()
         self._runner: web.AppRunner | None = None
         self.bound: Address | None = None  # the address actually listened on
@@ -294,6 +368,7 @@ class AdminServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/status", self._status_html)
         app.router.add_get("/status.json", self._status_json)
+        app.router.add_get("/status.js", self._status_script)
         return app
 
     async def start(self) -> None:
@@ -315,11 +390,21 @@ class AdminServer:
                 e.errno, f"admin endpoint cannot listen on {self.address}: {e.strerror}; {hint}"
             ) from e
         self._runner = runner
+        spawn(self._sample(), name="status page rates", held=self._tasks)
         host, port = runner.addresses[0][:2]
         self.bound = Address(host, port)
         log.info("admin endpoint on http://%s/status", self.bound)
 
+    async def _sample(self) -> None:
+        """Every `refresh` seconds: the counters, for the page's rates and charts."""
+        while True:
+            self.history.sample(list(self.runtime.services.values()), time.time())
+            await asyncio.sleep(self.refresh)
+
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -352,12 +437,22 @@ class AdminServer:
         return response
 
     async def _status_json(self, request: web.Request) -> web.Response:
-        return web.json_response(status(self.runtime), dumps=_dumps)
+        """?history=1 adds each service's points over the window (the page's first load)."""
+        with_history = request.query.get("history", "") not in ("", "0")
+        doc = status(self.runtime, self.history, with_history)
+        return web.json_response(doc, dumps=_dumps, headers={"Cache-Control": "no-store"})
+
+    async def _status_script(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._script, content_type="text/javascript",
+                            headers={"Cache-Control": "no-cache"})
 
     async def _status_html(self, request: web.Request) -> web.Response:
-        html = self._template.render(s=status(self.runtime),
-                                     refresh=REFRESH_SECONDS)
-        return web.Response(text=html, content_type="text/html")
+        html = self._template.render(s=status(self.runtime, self.history, with_history=True),
+                                     refresh=_fmt_number(self.refresh),
+                                     points=self.history.points)
+        return web.Response(text=html, content_type="text/html",
+                            headers={"Content-Security-Policy": STATUS_CSP,
+                                     "Cache-Control": "no-store"})
 
 
 def _dumps(obj: Any) -> str:

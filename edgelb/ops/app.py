@@ -128,7 +128,7 @@ class App:
                 raise SystemExit(f"edgelb: watchers.kubernetes: {e}") from None
         if config.marathon is not None:
             await self._start_marathon(config)
-        self.admin = AdminServer(runtime, config.admin)
+        self.admin = AdminServer(runtime, config.admin, per_backend=self._per_backend_metrics)
         await self.admin.start()
         origin = str(self.config_path)
         watcher: FileWatcher[Loaded] = FileWatcher(
@@ -165,6 +165,10 @@ class App:
 
     def _defaults(self) -> Policy:
         return self.config.defaults if self.config is not None else Policy()
+
+    def _per_backend_metrics(self) -> bool:
+        """The applied config's metrics.per_backend (a reload changes it at the next scrape)."""
+        return self.config.metrics.per_backend if self.config is not None else True
 
     def _zone(self) -> str:
         return self.config.instance.zone if self.config is not None else ""

@@ -106,6 +106,13 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The `metrics:` section: what /metrics exports (edgelb.ops.metrics)."""
+
+    per_backend: bool = True  # false: no series labelled by backend (large clusters)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     admin: Address = DEFAULT_ADMIN
     entrypoints: tuple[Entrypoint, ...] = ()
@@ -117,6 +124,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TLSOptions = field(default_factory=TLSOptions)  # every TLS listener (edgelb.net.tls)
     instance: InstanceConfig = field(default_factory=InstanceConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # (path, SHA-256 hex or "" when unreadable) of every TLS file it names, set by
     # `with_tls_files`: a rotated certificate makes a different Config (empty from parse_config)
     tls_files: tuple[tuple[str, str], ...] = ()
@@ -224,7 +232,7 @@ class _Checker(Checker):
 # Sections
 
 TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "watchers", "shutdown", "instance",
-            "limits", "tls", "resolvers", *TELEMETRY_KEYS)
+            "limits", "tls", "resolvers", "metrics", *TELEMETRY_KEYS)
 POLICY_KEYS = KEY_NAMES  # the per-service keys: watchers/schema.py declares them
 PATH_RULE_KEYS = ("merge_slashes", "encoded_slashes")  # a listener's: entrypoint or static port
 ENCODED_SLASHES = ("reject", "keep")
@@ -947,6 +955,15 @@ def _tls_options(c: _Checker, value: Any) -> TLSOptions:
     return TLSOptions(**fields)
 
 
+def _metrics(c: _Checker, value: Any) -> MetricsConfig:
+    """The `metrics:` section: {per_backend: false} drops the series labelled by backend."""
+    m = c.section(value, "metrics", "a mapping like {per_backend: false}", ("per_backend",))
+    if m is None or "per_backend" not in m:
+        return MetricsConfig()
+    on = c.boolean(m["per_backend"], "metrics.per_backend")
+    return MetricsConfig(per_backend=on) if on is not None else MetricsConfig()
+
+
 def _env_int(c: _Checker, name: str, default: int) -> int:
     raw = os.environ.get(name, "")
     if not raw:
@@ -1105,6 +1122,7 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     instance = _instance(c, top.get("instance"))
     resolvers = _resolvers(c, top.get("resolvers"))
     telemetry = parse_telemetry(c, top)
+    metrics = _metrics(c, top.get("metrics"))
     _check_ports(c, admin, admin_set, entrypoints, drafts)
     routes = _check_routes(c, entrypoints, drafts)
     if c.errors:
@@ -1117,7 +1135,7 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     return Config(admin=admin, entrypoints=entrypoints, defaults=defaults, snapshot=snapshot,
                   kubernetes=kubernetes, marathon=marathon, shutdown=shutdown,
                   instance=instance, limits=limits, tls=tls_options, telemetry=telemetry,
-                  warnings=tuple(c.warnings), resolvers=resolvers)
+                  metrics=metrics, warnings=tuple(c.warnings), resolvers=resolvers)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -1166,6 +1184,8 @@ def _fmt_paths(rules: PathRules) -> str:
 def summarize(config: Config) -> str:
     """A human summary: listeners, services with their exposure, policy and backends."""
     lines = [f"admin: {config.admin}"]
+    if not config.metrics.per_backend:
+        lines[0] += " (metrics: per-backend series off)"
     for e in config.entrypoints:
         mark = " (tls)" if e.tls else ""
         lines.append(f"entrypoint {e.name}: {e.listen}{mark}{_fmt_accept(e.accept_proxy_protocol)}"
@@ -1410,6 +1430,7 @@ def json_schema() -> dict[str, Any]:
             "min_version": {"anyOf": [{"enum": [1.2, 1.3]}, {
                 "type": "string", "pattern": "^([Tt][Ll][Ss][Vv])?1\\.[23]$"}]}}),
         **telemetry_schemas(strict_object),
+        "metrics": strict_object({"per_backend": {"type": "boolean"}}),
     }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -36,6 +36,7 @@ TEMPLATES = (
     "service.yaml.j2",
     "workload.yaml.j2",
     "pdb.yaml.j2",
+    "servicemonitor.yaml.j2",  # only with --service-monitor
 )
 CONFIG_TEMPLATE = "config.yaml.j2"
 
@@ -85,6 +86,8 @@ class Options:
     service_type: str = "LoadBalancer"
     ports: tuple[int, ...] = ()
     watch_namespaces: tuple[str, ...] | None = None
+    service_monitor: bool = False  # add a metrics Service and a ServiceMonitor
+    service_monitor_labels: tuple[tuple[str, str], ...] = ()  # for Prometheus' selector
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +133,28 @@ def _namespace_list(value: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+# A label key: an optional DNS-subdomain prefix and "/", then a name; a value: a name or "".
+_LABEL_NAME = r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(rf"^([a-z0-9]([a-z0-9.-]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}$")
+_LABEL_VALUE = re.compile(rf"^({_LABEL_NAME})?$")
+
+
+def _label_list(value: str) -> tuple[tuple[str, str], ...]:
+    labels: dict[str, str] = {}
+    for item in (s.strip() for s in value.split(",")):
+        if not item:
+            continue
+        key, eq, val = item.partition("=")
+        if not eq or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(val):
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not a Kubernetes label; give key=value pairs separated by "
+                "commas, e.g. release=kube-prometheus-stack")
+        labels[key] = val
+    if not labels:
+        raise argparse.ArgumentTypeError("no label given; e.g. release=kube-prometheus-stack")
+    return tuple(labels.items())
+
+
 def _positive(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of 1 or more")
@@ -163,6 +188,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="NS1,NS2",
                         help="watch only these namespaces, with namespaced RBAC (default: the "
                         "config's, else every namespace)")
+    parser.add_argument("--service-monitor", action="store_true",
+                        help="add a ServiceMonitor (Prometheus Operator) that scrapes /metrics "
+                        "on the admin port, and the headless Service it selects")
+    parser.add_argument("--service-monitor-labels", type=_label_list, default=(),
+                        metavar="K=V,K2=V2",
+                        help="extra labels on the ServiceMonitor, for the Prometheus "
+                        "resource's serviceMonitorSelector (implies --service-monitor)")
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -176,6 +208,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         service_type=args.service_type,
         ports=tuple(args.ports),
         watch_namespaces=args.watch_namespaces,
+        service_monitor=args.service_monitor or bool(args.service_monitor_labels),
+        service_monitor_labels=tuple(args.service_monitor_labels),
     )
 
 
@@ -501,6 +535,12 @@ def render(options: Options) -> Rendered:
         "prestop_sleep": _seconds(delay) if delay > 0 else "",
         "termination_grace": termination_grace(delay, grace),
         "uid": UID,
+        "service_monitor": options.service_monitor,
+        "metrics_service": f"{NAME}-metrics",
+        "metrics_labels": {**labels, "app.kubernetes.io/component": "metrics"},
+        "metrics_selector": {**selector, "app.kubernetes.io/component": "metrics"},
+        "service_monitor_labels": {**labels, "app.kubernetes.io/component": "metrics",
+                                   **dict(options.service_monitor_labels)},
     }
     env = _environment()
     docs: list[str] = []

@@ -4,12 +4,19 @@ The data path only does `+= 1` on attributes of `ServiceState` / `BackendState` 
 runtime's dicts. `RuntimeCollector.collect()` walks that state when /metrics is scraped and
 turns it into metric families, so prometheus-client never sits on the hot path. The collector
 runs on the event loop thread (from the admin handler), so it reads a consistent picture.
+
+Per-backend series (`metrics: {per_backend: false}` in the config) are what grows with a large
+cluster: every family labelled by backend. With the switch off, the per-backend families are
+not exported, `edgelb_requests_total` sums the backends of each service into
+`backend="*"` (edgelb's own answers keep `backend=""`), and the per-service families stay,
+`edgelb_service_backends` among them (how many backends are healthy, ejected, ...).
 """
 
 from __future__ import annotations
 
+import platform
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -21,7 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from edgelb import __version__
+from edgelb import __version__, compiled
 from edgelb.net.acl import AUTH_RESULTS
 from edgelb.pool import (
     DURATION_BUCKETS,
@@ -31,6 +38,10 @@ from edgelb.pool import (
     SIZE_BUCKETS,
     ServiceState,
 )
+
+# The `backend` label of edgelb_requests_total for the backends of a service summed together,
+# when per-backend series are off (backend="" stays edgelb's own answers).
+ALL_BACKENDS = "*"
 
 # The `le` labels of edgelb_request_duration_seconds, +Inf last.
 _BUCKET_LABELS = (*(floatToGoString(b) for b in DURATION_BUCKETS), "+Inf")
@@ -53,8 +64,10 @@ def cumulative_buckets(per_bucket: Iterable[int],
 class RuntimeCollector:
     """A custom collector over a runtime object (edgelb.control.runtime: the attributes read)."""
 
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: Any, per_backend: Callable[[], bool] | None = None) -> None:
         self.runtime = runtime
+        # read at every scrape, so a reloaded config's `metrics.per_backend` applies at once
+        self.per_backend = per_backend or (lambda: True)
 
     def describe(self) -> list[Metric]:
         # The series are only known at scrape time; an empty description skips the
@@ -64,9 +77,13 @@ class RuntimeCollector:
     def collect(self) -> Iterator[Metric]:
         rt = self.runtime
         services: list[ServiceState] = [rt.services[k] for k in sorted(rt.services)]
-        yield from self._service_families(services, getattr(rt, "local_counts", {}))
+        per_backend = self.per_backend()
+        families = self._service_families(services, getattr(rt, "local_counts", {}))
+        yield from families if per_backend else (sum_backends(f) for f in families)
+        yield _service_backends(services)
         yield from _telemetry_families(getattr(rt, "telemetry", None))
-        yield from self._backend_families(services)
+        if per_backend:
+            yield from self._backend_families(services)
         yield from self._runtime_families(rt)
 
     # -- per service --------------------------------------------------------------------
@@ -341,6 +358,66 @@ class RuntimeCollector:
         info = GaugeMetricFamily("edgelb_info", "The running edgelb version.", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield info
+        yield build_info()
+
+
+def build_info() -> Metric:
+    """edgelb_build_info: always 1; its labels say what runs (the dashboards' version panel)."""
+    info = GaugeMetricFamily(
+        "edgelb_build_info",
+        'What runs: edgelb version, Python version, build="compiled" (the data path compiled '
+        'with mypyc), "pure" (plain Python) or "partial".',
+        labels=["version", "python", "build"],
+    )
+    info.add_metric([__version__, platform.python_version(), compiled.build_kind()], 1.0)
+    return info
+
+
+# The states counted by edgelb_service_backends, each a test on a BackendState.
+_BACKEND_STATES: tuple[tuple[str, Callable[[Any], bool]], ...] = (
+    ("all", lambda b: True),
+    ("healthy", lambda b: b.healthy and b.check_ok),
+    ("usable", lambda b: b.usable),
+    ("eligible", lambda b: b.eligible),
+    ("ejected", lambda b: bool(b.ejected_until)),
+    ("draining", lambda b: b.draining),
+)
+
+
+def _service_backends(services: list[ServiceState]) -> Metric:
+    """Per-service backend counts by state: what per-backend gauges tell, without their
+    cardinality (it stays when per-backend series are off)."""
+    family = GaugeMetricFamily(
+        "edgelb_service_backends",
+        'Backends of the service by state: "all" (draining ones included), "healthy", '
+        '"usable" (may take work: healthy, not ejected nor draining), "eligible" (usable and '
+        'under its cap: the balancer may pick it now), "ejected", "draining".',
+        labels=["service", "state"],
+    )
+    for svc in services:
+        backends = list(svc.pool.all_backends())
+        for state, test in _BACKEND_STATES:
+            family.add_metric([svc.name, state], sum(1 for b in backends if test(b)))
+    return family
+
+
+def sum_backends(family: Metric) -> Metric:
+    """`family` with the samples of each service's backends summed into backend="*" (the
+    other labels kept); backend="" (edgelb answered itself) and families without a backend
+    label are left as they are."""
+    merged: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+    for sample in family.samples:
+        labels = sample.labels
+        if labels.get("backend"):
+            labels = {**labels, "backend": ALL_BACKENDS}
+        key = (sample.name, tuple(labels.items()))
+        seen = merged.get(key)
+        if seen is None:
+            merged[key] = sample._replace(labels=labels, exemplar=None)
+        else:
+            merged[key] = seen._replace(value=seen.value + sample.value)
+    family.samples = list(merged.values())
+    return family
 
 
 def _add_counts(family: CounterMetricFamily, service: str, backend: str,
@@ -389,10 +466,13 @@ def _certificate_expiry(rt: Any) -> Metric:
     return expiry
 
 
-def make_registry(runtime: Any, process: bool = True) -> CollectorRegistry:
-    """A fresh registry (never the global one) with the runtime and process collectors."""
+def make_registry(
+    runtime: Any, process: bool = True, per_backend: Callable[[], bool] | None = None
+) -> CollectorRegistry:
+    """A fresh registry (never the global one) with the runtime and process collectors;
+    `per_backend` says at each scrape whether per-backend series are exported (default yes)."""
     registry = CollectorRegistry()
-    registry.register(RuntimeCollector(runtime))
+    registry.register(RuntimeCollector(runtime, per_backend))
     if process:
         ProcessCollector(registry=registry)  # reads /proc; registers nothing elsewhere
         PlatformCollector(registry=registry)
