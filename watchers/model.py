@@ -96,6 +96,7 @@ class Policy:
     auth: Any = None  # basic auth users (401 with a challenge)
     backend_tls: Any = None  # speak TLS to the backends
     proxy_protocol: int = 0  # tcp mode: PROXY protocol header version to backends; 0 = none
+    backend_protocol: str = "http1"  # http mode: http1 | h2 (TLS, ALPN h2) | h2c (plain h2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +190,9 @@ class Service:
     # None (off)
     accept_proxy_protocol: Any = None
     path_rules: PathRules = PathRules()  # static port only: see PathRules
+    # static http port only: HTTP/2 by ALPN with TLS (http2), by prior knowledge without (h2c)
+    http2: bool = True
+    h2c: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +204,8 @@ class Entrypoint:
     tls: tuple[str, str] | None = None  # (cert file, key file); ("", "") = watchers' only
     accept_proxy_protocol: Any = None  # edgelb.net.proxy_protocol.AcceptPolicy, None = off
     path_rules: PathRules = field(default_factory=PathRules)
+    http2: bool = True  # TLS: ALPN offers h2 before http/1.1
+    h2c: bool = False  # plain: a connection that opens with the HTTP/2 preface speaks h2c
 
 
 @dataclass(frozen=True, slots=True)

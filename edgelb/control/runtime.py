@@ -37,6 +37,7 @@ from typing import Any
 import balancers
 from edgelb.control.health import HealthChecker, Target
 from edgelb.control.tasks import spawn
+from edgelb.h2.server import h2_entry
 from edgelb.http.listener import HttpListener
 from edgelb.http.router import Router
 from edgelb.net import tls
@@ -493,6 +494,8 @@ class Runtime:
         accepts = _accepts(plan.settings, plan.services)
         path_rules = {("entrypoint", ep.name): ep.path_rules for ep in self.entrypoints}
         path_rules.update((("service", s.name), s.path_rules) for s in plan.services)
+        http2 = {("entrypoint", ep.name): (ep.http2, ep.h2c) for ep in self.entrypoints}
+        http2.update((("service", s.name), (s.http2, s.h2c)) for s in plan.services)
         states = self.services
         for key, (kind, name, _addr) in plan.wanted.items():
             listener = self.listeners[key]
@@ -509,6 +512,9 @@ class Runtime:
             set_path_rules = getattr(listener, "set_path_rules", None)  # http listeners
             if set_path_rules is not None:
                 set_path_rules(path_rules.get(_owner(kind, name), PathRules()))
+            if hasattr(listener, "h2"):  # http listeners: HTTP/2 by ALPN or prior knowledge
+                listener.h2 = h2_entry(listener.ssl is not None,
+                                       *http2.get(_owner(kind, name), (True, False)))
             refresh = getattr(listener, "refresh", None)
             if refresh is not None:
                 refresh()
