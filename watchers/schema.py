@@ -565,6 +565,25 @@ def _balance(r: Reading, value: Any, path: str) -> Any:
     return value
 
 
+BACKEND_PROTOCOLS = ("http1", "h2", "h2c")
+
+
+def _backend_protocol(r: Reading, value: Any, path: str) -> Any:
+    if value not in BACKEND_PROTOCOLS:
+        close = closest(value, BACKEND_PROTOCOLS)
+        hint = f"did you mean {close!r}? " if close else ""
+        r.c.error(path, f"unknown backend protocol {value!r}; {hint}use http1 (the default), "
+                  "h2 (HTTP/2 over TLS with backend_tls) or h2c (HTTP/2 in the clear)")
+        return INVALID
+    return value
+
+
+def _sum_backend_protocol(p: Policy, mode: str) -> str | None:
+    if mode == "http" and p.backend_protocol != "http1":
+        return f"{p.backend_protocol} to backends"
+    return None
+
+
 def _hash_key(r: Reading, value: Any, path: str) -> Any:
     v = r.c.string(value, path, _HASH_KEY,
                    "use source, header:NAME or cookie:NAME (what `balance: hash` hashes)")
@@ -741,6 +760,10 @@ KEYS: tuple[Key, ...] = (
         {"anyOf": [{"type": ["boolean", "null"]}, {"enum": [0, 1, 2]},
                    {"type": "string", "pattern": "^\\s*(?:[0-2]|[vV][12])\\s*$"}]},
         _proxy_protocol, shown="false", summary=_sum_proxy),
+    Key("backend_protocol", _D.backend_protocol, "http mode: what the backends speak: http1, "
+        "h2 (TLS with ALPN h2: set backend_tls) or h2c; h2 and h2c multiplex calls on few "
+        "connections (gRPC backends need one of them)", {"enum": list(BACKEND_PROTOCOLS)},
+        _backend_protocol, summary=_sum_backend_protocol),
     Key("health_check", _D.health_check, "active checks {path, interval, timeout, rise, fall, "
         "type, method, status, host}, merged over the defaults'; null: none", HEALTH_CHECK_JSON,
         _health_check, summary=_sum_health),

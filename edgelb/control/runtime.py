@@ -42,7 +42,14 @@ from edgelb.http.listener import HttpListener
 from edgelb.http.router import Router
 from edgelb.net import tls
 from edgelb.net.sni import SniTable
-from edgelb.net.tls import ALPN, Certificate, CertificateStore, TLSConfigError, load_files
+from edgelb.net.tls import (
+    ALPN,
+    ALPN_HTTP1,
+    Certificate,
+    CertificateStore,
+    TLSConfigError,
+    load_files,
+)
 from edgelb.net.tls import Options as TLSOptions
 from edgelb.pool import ServiceState
 from watchers.model import (
@@ -513,8 +520,11 @@ class Runtime:
             if set_path_rules is not None:
                 set_path_rules(path_rules.get(_owner(kind, name), PathRules()))
             if hasattr(listener, "h2"):  # http listeners: HTTP/2 by ALPN or prior knowledge
-                listener.h2 = h2_entry(listener.ssl is not None,
-                                       *http2.get(_owner(kind, name), (True, False)))
+                on, h2c = http2.get(_owner(kind, name), (True, False))
+                listener.h2 = h2_entry(listener.ssl is not None, on, h2c)
+                store = self.listener_stores.get(key)
+                if store is not None:  # watchers' certificates: offered with this list
+                    store.alpn = None if on else ALPN_HTTP1
             refresh = getattr(listener, "refresh", None)
             if refresh is not None:
                 refresh()
@@ -566,7 +576,8 @@ class Runtime:
         entrypoints: dict[str, Certificate] = {}
         for ep in settings.entrypoints:
             if ep.tls is not None and ep.tls[0]:  # ("", ""): certificates from watchers only
-                cert = load(ep.tls[0], ep.tls[1], ALPN, f"entrypoints.{ep.name}.tls")
+                cert = load(ep.tls[0], ep.tls[1], ALPN if ep.http2 else ALPN_HTTP1,
+                            f"entrypoints.{ep.name}.tls")
                 if cert is not None:
                     entrypoints[ep.name] = cert
         by_service: dict[str, Certificate] = {}
@@ -574,7 +585,7 @@ class Runtime:
             if svc.tls is None or svc.listen is None:
                 continue
             # tcp: no ALPN (the relayed protocol, e.g. h2 or a database's, is not ours)
-            alpn = ALPN if svc.mode == "http" else ()
+            alpn = (ALPN if svc.http2 else ALPN_HTTP1) if svc.mode == "http" else ()
             cert = load(svc.tls[0], svc.tls[1], alpn, f"service {svc.name}: tls")
             if cert is not None:
                 by_service[svc.name] = cert
