@@ -354,6 +354,7 @@ class H2ServerConnection:  # an asyncio.Protocol
                 st.finish()
                 return
         if pending:
+            before = st.pending_n
             try:
                 while pending:
                     window = conn.local_flow_control_window(sid)
@@ -377,12 +378,12 @@ class H2ServerConnection:  # an asyncio.Protocol
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 st.reset(ErrorCodes.STREAM_CLOSED)
                 return
-            if pending:
-                if not self.stall_since:
-                    self.stall_since = self.loop.time()
-                    self.deadline = self.stall_since + self.listener.idle_timeout_s
-            else:
+            if not pending:
                 self.stall_since = 0.0
+            elif st.pending_n < before or not self.stall_since:
+                # waiting on a window: the stall is counted from the last progress
+                self.stall_since = self.loop.time()
+                self.deadline = self.stall_since + self.listener.idle_timeout_s
             st.sent()
         if st.ended and not pending:
             trailers = st.trailers
