@@ -170,7 +170,7 @@ class Stream(asyncio.Transport):
             return
         if not self.done:
             self.conn.flush_stream(self)
-            self.conn.flush()
+        self.conn.flush()  # (a local gRPC answer ends the stream while parsed: it goes too)
 
     def writelines(self, parts: Any) -> None:
         self.write(b"".join(parts))
