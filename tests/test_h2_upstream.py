@@ -11,7 +11,7 @@ import grpc
 import pytest
 import tlskit
 from grpckit import GrpcBackend, GrpcClient, code_of
-from httpkit import HOST, eventually, free_port, ok, running
+from httpkit import HOST, closed_port, eventually, free_port, ok, running
 
 from edgelb.control.runtime import EntrypointSpec, Runtime
 from edgelb.h2 import upstream as h2up
@@ -218,3 +218,74 @@ async def test_h2_over_tls_to_backends_with_alpn(grpc_backend, tmp_path: Path) -
             assert await c.bidi([b"a", b"b"]) == [b"A", b"B"]
         finally:
             c.close()
+
+
+# -- grpc.health.v1 as an active health check -------------------------------------------------
+
+def test_health_check_type_grpc_is_read_from_the_config() -> None:
+    from watchers.schema import Checker, read_health_check
+
+    c = Checker()
+    hc = read_health_check(c, {"type": "grpc", "service": "t.Echo", "interval": "1s"}, "hc",
+                           None)
+    assert (hc.kind, hc.service, hc.interval) == ("grpc", "t.Echo", 1.0)
+    read_health_check(c, {"type": "grpcc"}, "hc", None)
+    assert any("http, tcp or grpc" in e for e in map(str, c.errors)), c.errors
+
+
+def test_health_messages_are_encoded_and_read_bounded() -> None:
+    from edgelb.h2.health import check_request, serving_status
+
+    assert check_request("") == b"\x00\x00\x00\x00\x00"
+    assert check_request("a.B") == b"\x00\x00\x00\x00\x05\x0a\x03a.B"
+    assert serving_status(b"\x00\x00\x00\x00\x02\x08\x01") == 1
+    assert serving_status(b"\x00\x00\x00\x00\x00") == 0  # no field: UNKNOWN
+    for bad in (b"", b"\x01\x00\x00\x00\x00", b"\x00\x00\x00\x00\x05\x08",
+                b"\x00\x00\x00\x00\x01\x0f"):
+        assert serving_status(bad) is None
+
+
+async def test_grpc_health_check_marks_a_not_serving_backend_down(grpc_backend,
+                                                                  tmp_path: Path) -> None:
+    from edgelb.control.health import probe
+    from edgelb.net.backend_tls import BackendTLS
+    from watchers.model import HealthCheck
+
+    check = HealthCheck(kind="grpc", timeout=5)
+    b = grpc_backend("b1")
+    result = await probe(Address(HOST, b.port), check)
+    assert result.ok, result
+    assert "SERVING" in result.text
+    b.health = 2
+    result = await probe(Address(HOST, b.port), check)
+    assert not result.ok and "NOT_SERVING" in result.text, result
+    # over TLS (ALPN h2), verified as the traffic is
+    ca = tlskit.ca()
+    cert, key = ca.issue(["backend.test"])
+    (tmp_path / "ca.pem").write_bytes(ca.pem)
+    t = grpc_backend("t1", tls=(cert, key))
+    tls = BackendTLS(ca=str(tmp_path / "ca.pem"), sni="backend.test")
+    result = await probe(Address(HOST, t.port), check, tls)
+    assert result.ok, result
+    # nothing listening
+    result = await probe(Address(HOST, closed_port()), check)
+    assert not result.ok
+
+
+async def test_grpc_health_checks_steer_calls_away_from_a_not_serving_backend(
+        grpc_backend) -> None:
+    from watchers.model import HealthCheck
+
+    good, sick = grpc_backend("good"), grpc_backend("sick")
+    sick.health = 2
+    port = free_port()
+    check = HealthCheck(kind="grpc", interval=0.1, timeout=2, rise=1, fall=1)
+    async with running(grpc_service(port, good.port, sick.port, health_check=check)) as rt:
+        state = rt.services["g"]
+        await eventually(lambda: [b.check_ok for b in state.pool.backends].count(False) == 1, 10)
+        c = GrpcClient(port)
+        try:
+            answers = [await c.unary(b"x", timeout=10) for _ in range(10)]
+        finally:
+            c.close()
+    assert all(a == b"good:x" for a in answers)

@@ -33,10 +33,11 @@ class HealthCheck:
     timeout: float = 1.0
     rise: int = 2  # consecutive successes that make a down backend healthy
     fall: int = 3  # consecutive failures that make a healthy backend down
-    kind: str = "http"  # http | tcp (connect only)
+    kind: str = "http"  # http | tcp (connect only) | grpc (grpc.health.v1 Check over HTTP/2)
     method: str = "GET"
     status: tuple[int, int] = (200, 399)  # expected status range, inclusive
     host: str = ""  # Host header of the check; "" = the backend's address
+    service: str = ""  # grpc: the service name asked about ("": the server as a whole)
 
 
 OUTLIER_KINDS = ("connect", "reset", "timeout", "500", "502", "503", "504")
