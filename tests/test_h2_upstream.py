@@ -132,6 +132,21 @@ async def test_grpc_timeout_is_the_deadline_and_the_backend_sees_the_cancel(grpc
             c.close()
 
 
+async def test_a_client_cancel_reaches_the_backend_and_others_go_on(grpc_backend) -> None:
+    b = grpc_backend("b1")
+    port = free_port()
+    async with running(grpc_service(port, b.port)):
+        c = GrpcClient(port)
+        try:
+            future = c.channel.unary_unary("/t.Echo/Sleep").future(b"5", timeout=20)
+            await eventually(lambda: "Sleep" in b.calls, 5)
+            future.cancel()
+            await eventually(b.cancelled.is_set, 5)  # RST_STREAM passed on to the backend
+            assert await c.unary(b"on", timeout=10) == b"b1:on"  # same connections go on
+        finally:
+            c.close()
+
+
 async def test_grpcio_sees_edgelbs_own_answers_as_grpc_statuses(grpc_backend) -> None:
     """No route UNIMPLEMENTED; no backend up UNAVAILABLE: trailers-only, as grpcio reads
     them (the first helper built them; this is a real client)."""
