@@ -1055,7 +1055,7 @@ def test_outlier_false_turns_ejection_off_and_merges_over_defaults() -> None:
         ("panic_threshold: 1.5", "services[0].panic_threshold", "share from 0 to 1"),
         ("queue_size: -1", "services[0].queue_size", "at least 0"),
         ("adaptive: maybe", "services[0].adaptive", "true or false"),
-        ("health_check: {type: udp}", "services[0].health_check.type", "http or tcp"),
+        ("health_check: {type: udp}", "services[0].health_check.type", "http, tcp or grpc"),
         ("health_check: {status: 600}", "services[0].health_check.status", "range like"),
         ("health_check: {status: 399-200}", "services[0].health_check.status", "ends below"),
         ("health_check: {method: 'GE T'}", "services[0].health_check.method", "method token"),
@@ -1089,7 +1089,8 @@ def test_policy_from_annotations_names_each_bad_annotation_and_keeps_the_base() 
     assert any(e.startswith("edgelb.io/max-inflite: unknown annotation; did you mean "
                             "edgelb.io/max-inflight?") for e in errs)
     assert any(e.startswith("edgelb.io/retries: at most 5") for e in errs)
-    assert any(e.startswith("edgelb.io/health-check (type): expected http or tcp") for e in errs)
+    assert any(e.startswith("edgelb.io/health-check (type): expected http, tcp or grpc")
+               for e in errs)
 
 
 def test_passthrough_and_backend_tls_exclude_each_other() -> None:

@@ -413,7 +413,7 @@ async def test_unknown_kind_is_a_failed_check() -> None:
     srv = await CheckServer().start()
     result = await within(probe(srv.address, hc(kind="udp")))
     assert not result.ok
-    assert result.text == "unknown check kind 'udp' (use http or tcp)"
+    assert result.text == "unknown check kind 'udp' (use http, tcp or grpc)"
     await srv.close()
 
 

@@ -254,7 +254,7 @@ async def test_tls_client_plain_backend_relays_plaintext_and_counts(tmp_path: Pa
 
 async def test_a_tcp_tls_port_negotiates_no_alpn(tmp_path: Path) -> None:
     """The relayed protocol is the backend's: a client offering h2 must not be told
-    http/1.1 (an http static port still says http/1.1)."""
+    http/1.1 (an http static port says h2: edgelb speaks it)."""
     async with Recorder() as backend:
         async with tcp_proxy(tmp_path, [backend.port]) as p:
             ctx = client_ctx()
@@ -269,7 +269,7 @@ async def test_a_tcp_tls_port_negotiates_no_alpn(tmp_path: Path) -> None:
             assert http.listen is not None
             _, writer = await within(asyncio.open_connection(HOST, http.listen.port, ssl=ctx,
                                                              server_hostname=NAME))
-            assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+            assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
             writer.close()
 
 

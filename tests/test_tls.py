@@ -379,11 +379,14 @@ class Handshakes:
             ctx = tlskit.client_context()
             ctx.set_alpn_protocols(["h2", "http/1.1"])
             got = await tlskit.fetch(port, "www.example.com", ctx)
-            assert got.alpn == "http/1.1" and got.version == "TLSv1.3"
+            assert got.alpn == "h2" and got.version == "TLSv1.3"  # edgelb/h2 serves HTTP/2
 
-            only_h2 = tlskit.client_context()
-            only_h2.set_alpn_protocols(["h2"])
-            assert (await tlskit.fetch(port, "www.example.com", only_h2)).alpn is None
+            only_h1 = tlskit.client_context()
+            only_h1.set_alpn_protocols(["http/1.1"])
+            assert (await tlskit.fetch(port, "www.example.com", only_h1)).alpn == "http/1.1"
+            only_h2c = tlskit.client_context()
+            only_h2c.set_alpn_protocols(["h2c"])  # not a TLS protocol: nothing agreed
+            assert (await tlskit.fetch(port, "www.example.com", only_h2c)).alpn is None
 
             tls12 = tlskit.client_context()
             tls12.maximum_version = ssl.TLSVersion.TLSv1_2

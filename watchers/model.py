@@ -33,10 +33,11 @@ class HealthCheck:
     timeout: float = 1.0
     rise: int = 2  # consecutive successes that make a down backend healthy
     fall: int = 3  # consecutive failures that make a healthy backend down
-    kind: str = "http"  # http | tcp (connect only)
+    kind: str = "http"  # http | tcp (connect only) | grpc (grpc.health.v1 Check over HTTP/2)
     method: str = "GET"
     status: tuple[int, int] = (200, 399)  # expected status range, inclusive
     host: str = ""  # Host header of the check; "" = the backend's address
+    service: str = ""  # grpc: the service name asked about ("": the server as a whole)
 
 
 OUTLIER_KINDS = ("connect", "reset", "timeout", "500", "502", "503", "504")
@@ -96,6 +97,7 @@ class Policy:
     auth: Any = None  # basic auth users (401 with a challenge)
     backend_tls: Any = None  # speak TLS to the backends
     proxy_protocol: int = 0  # tcp mode: PROXY protocol header version to backends; 0 = none
+    backend_protocol: str = "http1"  # http mode: http1 | h2 (TLS, ALPN h2) | h2c (plain h2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +210,9 @@ class Service:
     path_rules: PathRules = PathRules()  # static port only: see PathRules
     # backends from DNS (watchers/dns fills `backends` from its answers), or None: a list
     dns: DnsQuery | None = None
+    # static http port only: HTTP/2 by ALPN with TLS (http2), by prior knowledge without (h2c)
+    http2: bool = True
+    h2c: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +224,8 @@ class Entrypoint:
     tls: tuple[str, str] | None = None  # (cert file, key file); ("", "") = watchers' only
     accept_proxy_protocol: Any = None  # edgelb.net.proxy_protocol.AcceptPolicy, None = off
     path_rules: PathRules = field(default_factory=PathRules)
+    http2: bool = True  # TLS: ALPN offers h2 before http/1.1
+    h2c: bool = False  # plain: a connection that opens with the HTTP/2 preface speaks h2c
 
 
 @dataclass(frozen=True, slots=True)

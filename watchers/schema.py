@@ -230,10 +230,12 @@ class Checker:
 # Readers of the compound keys (mappings merged over the defaults' value)
 
 HEALTH_KEYS = ("path", "interval", "timeout", "rise", "fall", "type", "method", "status",
-               "host")
+               "host", "service")
+HEALTH_KINDS = ("http", "tcp", "grpc")
 OUTLIER_KEYS = ("failures", "kinds", "ejection", "max_ejection", "max_ejected")
 RETRY_BUDGET_KEYS = ("ratio", "min")
 _METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_GRPC_SERVICE = re.compile(r"^[A-Za-z0-9_.]{0,200}$")
 _STATUS_RANGE = re.compile(r"^([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?$")
 _HOST_HEADER = re.compile(r"^[A-Za-z0-9.:\[\]_-]+$")
 _HEALTH_PATH = re.compile(r"^/\S*$")
@@ -282,8 +284,9 @@ def read_health_check(c: Checker, value: Any, path: str, base: HealthCheck | Non
             fields[key] = n
     if "type" in m:
         check_kind = m["type"]
-        if check_kind not in ("http", "tcp"):
-            c.error(join(path, "type"), f"expected http or tcp, got {check_kind!r}")
+        if check_kind not in HEALTH_KINDS:
+            c.error(join(path, "type"), f"expected http, tcp or grpc (grpc.health.v1 over "
+                    f"HTTP/2), got {check_kind!r}")
             ok = False
         fields["kind"] = check_kind
     if "method" in m:
@@ -300,6 +303,13 @@ def read_health_check(c: Checker, value: Any, path: str, base: HealthCheck | Non
                         "a host name (and port) for the Host header, e.g. app.internal")
         ok &= host is not None
         fields["host"] = host
+    if m.get("service") == "":
+        fields["service"] = ""
+    elif "service" in m:
+        name = c.string(m["service"], join(path, "service"), _GRPC_SERVICE,
+                        "a gRPC service name like shop.Cart, or \"\" for the whole server")
+        ok &= name is not None
+        fields["service"] = name
     if not ok:
         return INVALID
     return dataclasses.replace(base or HealthCheck(), **fields)
@@ -492,7 +502,8 @@ HEALTH_CHECK_JSON = {"anyOf": [{"type": ["boolean", "null"]}, strict_object({
     "path": {"type": "string", "pattern": _HEALTH_PATH.pattern},
     "interval": DURATION, "timeout": DURATION,
     "rise": integer(1), "fall": integer(1),
-    "type": {"enum": ["http", "tcp"]},
+    "type": {"enum": list(HEALTH_KINDS)},
+    "service": {"type": "string", "pattern": _GRPC_SERVICE.pattern},
     "method": {"type": "string", "pattern": _METHOD.pattern},
     "status": {"anyOf": [{"type": "integer", "minimum": 100, "maximum": 599},
                          {"type": "string", "pattern": _STATUS_RANGE.pattern}]},
@@ -563,6 +574,25 @@ def _balance(r: Reading, value: Any, path: str) -> Any:
                   f"known: {', '.join(sorted(names))}")
         return INVALID
     return value
+
+
+BACKEND_PROTOCOLS = ("http1", "h2", "h2c")
+
+
+def _backend_protocol(r: Reading, value: Any, path: str) -> Any:
+    if value not in BACKEND_PROTOCOLS:
+        close = closest(value, BACKEND_PROTOCOLS)
+        hint = f"did you mean {close!r}? " if close else ""
+        r.c.error(path, f"unknown backend protocol {value!r}; {hint}use http1 (the default), "
+                  "h2 (HTTP/2 over TLS with backend_tls) or h2c (HTTP/2 in the clear)")
+        return INVALID
+    return value
+
+
+def _sum_backend_protocol(p: Policy, mode: str) -> str | None:
+    if mode == "http" and p.backend_protocol != "http1":
+        return f"{p.backend_protocol} to backends"
+    return None
 
 
 def _hash_key(r: Reading, value: Any, path: str) -> Any:
@@ -664,7 +694,8 @@ def _sum_health(p: Policy, mode: str) -> str | None:
     hc = p.health_check
     if hc is None:
         return None
-    what = f"{hc.method} {hc.path}" if hc.kind == "http" else "tcp connect"
+    what = {"http": f"{hc.method} {hc.path}", "tcp": "tcp connect",
+            "grpc": f"grpc.health.v1 {hc.service or '(server)'}"}.get(hc.kind, hc.kind)
     return f"health {what} every {fmt_seconds(hc.interval)} (rise {hc.rise}, fall {hc.fall})"
 
 
@@ -741,8 +772,13 @@ KEYS: tuple[Key, ...] = (
         {"anyOf": [{"type": ["boolean", "null"]}, {"enum": [0, 1, 2]},
                    {"type": "string", "pattern": "^\\s*(?:[0-2]|[vV][12])\\s*$"}]},
         _proxy_protocol, shown="false", summary=_sum_proxy),
+    Key("backend_protocol", _D.backend_protocol, "http mode: what the backends speak: http1, "
+        "h2 (TLS with ALPN h2: set backend_tls) or h2c; h2 and h2c multiplex calls on few "
+        "connections (gRPC backends need one of them)", {"enum": list(BACKEND_PROTOCOLS)},
+        _backend_protocol, summary=_sum_backend_protocol),
     Key("health_check", _D.health_check, "active checks {path, interval, timeout, rise, fall, "
-        "type, method, status, host}, merged over the defaults'; null: none", HEALTH_CHECK_JSON,
+        "type (http, tcp, grpc: grpc.health.v1 over h2c, h2 with backend_tls), method, status, "
+        "host, service (grpc)}, merged over the defaults'; null: none", HEALTH_CHECK_JSON,
         _health_check, summary=_sum_health),
     Key("outlier", _D.outlier, "passive ejection {failures, kinds, ejection, max_ejection, "
         "max_ejected}; false: none", OUTLIER_JSON, _outlier,

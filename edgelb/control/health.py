@@ -266,19 +266,26 @@ async def probe(address: Address, check: HealthCheck, tls: Any = None,
     check passes on a completed handshake, an http check sends its request inside. With
     `proxy_protocol` a LOCAL header (v2; UNKNOWN in v1) goes first, before any TLS, as the
     backend expects on every connection (HAProxy's check-send-proxy)."""
-    if check.kind not in ("http", "tcp"):
-        return Result(False, f"unknown check kind {check.kind!r} (use http or tcp)")
+    if check.kind not in ("http", "tcp", "grpc"):
+        return Result(False, f"unknown check kind {check.kind!r} (use http, tcp or grpc)")
     loop = asyncio.get_running_loop()
     began = loop.time()
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(check.timeout):
             # an http check offers http/1.1 as the proxied requests do; a tcp one offers nothing
-            alpn = ("http/1.1",) if check.kind == "http" else ()
+            alpn = {"http": ("http/1.1",), "grpc": ("h2",)}.get(check.kind, ())
             reader, writer = await _connect(address, tls, proxy_protocol, alpn)
             if check.kind == "tcp":
                 what = "TLS handshake" if tls is not None else "TCP connect"
                 return Result(True, f"{what} in {_ms(loop.time() - began)}")
+            if check.kind == "grpc":  # grpc.health.v1 over h2c, or h2 over TLS
+                from edgelb.h2.health import grpc_health
+
+                healthy, seen = await grpc_health(
+                    reader, writer, check.host or str(address), check.service,
+                    "https" if tls is not None else "http")
+                return Result(healthy, f"gRPC {seen} in {_ms(loop.time() - began)}")
             writer.write(_request(address, check))
             line = await reader.readuntil(b"\n")
         code = _status_code(line)

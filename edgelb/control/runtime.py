@@ -37,11 +37,19 @@ from typing import Any
 import balancers
 from edgelb.control.health import HealthChecker, Target
 from edgelb.control.tasks import spawn
+from edgelb.h2.server import h2_entry
 from edgelb.http.listener import HttpListener
 from edgelb.http.router import Router
 from edgelb.net import tls
 from edgelb.net.sni import SniTable
-from edgelb.net.tls import ALPN, Certificate, CertificateStore, TLSConfigError, load_files
+from edgelb.net.tls import (
+    ALPN,
+    ALPN_HTTP1,
+    Certificate,
+    CertificateStore,
+    TLSConfigError,
+    load_files,
+)
 from edgelb.net.tls import Options as TLSOptions
 from edgelb.pool import ServiceState
 from watchers.model import (
@@ -507,6 +515,8 @@ class Runtime:
         accepts = _accepts(plan.settings, plan.services)
         path_rules = {("entrypoint", ep.name): ep.path_rules for ep in self.entrypoints}
         path_rules.update((("service", s.name), s.path_rules) for s in plan.services)
+        http2 = {("entrypoint", ep.name): (ep.http2, ep.h2c) for ep in self.entrypoints}
+        http2.update((("service", s.name), (s.http2, s.h2c)) for s in plan.services)
         states = self.services
         for key, (kind, name, _addr) in plan.wanted.items():
             listener = self.listeners[key]
@@ -523,6 +533,12 @@ class Runtime:
             set_path_rules = getattr(listener, "set_path_rules", None)  # http listeners
             if set_path_rules is not None:
                 set_path_rules(path_rules.get(_owner(kind, name), PathRules()))
+            if hasattr(listener, "h2"):  # http listeners: HTTP/2 by ALPN or prior knowledge
+                on, h2c = http2.get(_owner(kind, name), (True, False))
+                listener.h2 = h2_entry(listener.ssl is not None, on, h2c)
+                store = self.listener_stores.get(key)
+                if store is not None:  # watchers' certificates: offered with this list
+                    store.alpn = None if on else ALPN_HTTP1
             refresh = getattr(listener, "refresh", None)
             if refresh is not None:
                 refresh()
@@ -574,7 +590,8 @@ class Runtime:
         entrypoints: dict[str, Certificate] = {}
         for ep in settings.entrypoints:
             if ep.tls is not None and ep.tls[0]:  # ("", ""): certificates from watchers only
-                cert = load(ep.tls[0], ep.tls[1], ALPN, f"entrypoints.{ep.name}.tls")
+                cert = load(ep.tls[0], ep.tls[1], ALPN if ep.http2 else ALPN_HTTP1,
+                            f"entrypoints.{ep.name}.tls")
                 if cert is not None:
                     entrypoints[ep.name] = cert
         by_service: dict[str, Certificate] = {}
@@ -582,7 +599,7 @@ class Runtime:
             if svc.tls is None or svc.listen is None:
                 continue
             # tcp: no ALPN (the relayed protocol, e.g. h2 or a database's, is not ours)
-            alpn = ALPN if svc.mode == "http" else ()
+            alpn = (ALPN if svc.http2 else ALPN_HTTP1) if svc.mode == "http" else ()
             cert = load(svc.tls[0], svc.tls[1], alpn, f"service {svc.name}: tls")
             if cert is not None:
                 by_service[svc.name] = cert

@@ -144,6 +144,9 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         listener.clients.add(self)
         self.closing = listener.soft_closing
         self.deadline = self.loop.time() + listener.header_timeout_s
+        h2 = listener.h2  # HTTP/2 (edgelb/h2/server.py): by ALPN on a TLS listener
+        if h2 is not None and listener.ssl is not None:
+            h2.negotiated(self, transport)
 
     def connection_lost(self, exc) -> None:
         if self.closed and self not in self.listener.clients:
@@ -242,6 +245,9 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             return  # a refused request ends what this connection may send
         parser = self.parser
         if parser is None:
+            h2 = self.listener.h2  # h2c: the HTTP/2 preface on a plain listener
+            if h2 is not None and data[:1] == b"P" and h2.prior_knowledge(self, data):
+                return
             parser = self.parser = httptools.HttpRequestParser(self)
         before = self.parsing
         if before is not None and before.chunked and before.method:

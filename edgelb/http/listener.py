@@ -111,6 +111,8 @@ class HttpListener:
         self.accept_proxy: Any = None
         self.proxy_timeout = proxy_protocol.HEADER_TIMEOUT  # at most; tests shorten it
         self.proxy_pending: set[Any] = set()
+        # HTTP/2 (an edgelb.h2.server.H2Entry, set by the runtime; None: HTTP/1.1 only)
+        self.h2: Any = None
         self.refresh()
 
     def set_path_rules(self, rules: PathRules) -> None:

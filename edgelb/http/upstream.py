@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from edgelb.control.tasks import log_failure
+from edgelb.h2.upstream import open_lane
 from edgelb.http.accounting import (
     count,
     count_failure,
@@ -69,18 +70,20 @@ async def connect(ex: Exchange, service: ServiceState, backend: BackendState) ->
     timeout = service.policy.connect_timeout
     spec = backend.spec
     tls = service.policy.backend_tls
+    via = service.policy.backend_protocol
     extra: dict = {}
-    if tls is not None:
+    if tls is not None and via == "http1":
         extra = {"ssl": client_context(tls), "server_hostname": server_hostname(tls, spec.host)}
 
     def protocol() -> UpstreamProtocol:
         return UpstreamProtocol(backend, service, listener)
 
     try:
-        _, up = await asyncio.wait_for(
-            loop.create_connection(protocol, spec.host, spec.port, **extra),  # type: ignore[type-var]
-            timeout,
-        )
+        if via == "http1":
+            opening = loop.create_connection(protocol, spec.host, spec.port, **extra)  # type: ignore[type-var]
+        else:  # h2, h2c: a lane (one stream at a time) on a shared HTTP/2 connection
+            opening = open_lane(loop, protocol, spec.host, spec.port, via, tls)
+        _, up = await asyncio.wait_for(opening, timeout)
     except ssl.SSLError as e:
         why = getattr(e, "verify_message", None) or e.reason or e
         client.upstream_failed(ex, "connect", f"failed the TLS handshake ({why})", True)

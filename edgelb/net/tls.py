@@ -19,7 +19,8 @@ Defaults of every context (documented choices):
 - no compression (CRIME), no renegotiation (a client-driven CPU cost, and unneeded);
 - session tickets on (`OP_NO_TICKET` not set, OpenSSL's 2 TLS 1.3 tickets per handshake):
   resumption saves a full handshake;
-- ALPN offers only `http/1.1`, the one protocol the data path speaks.
+- ALPN offers `h2` then `http/1.1` (edgelb/h2 serves HTTP/2); a listener with `http2: false`
+  offers `http/1.1` only (`CertificateStore.alpn`: each certificate's context for that list).
 
 The config's top-level `tls:` block (`session_tickets`, `min_version`) is process-wide, like the
 process it configures: `configure()` records it and sets it on every live server context this
@@ -54,7 +55,8 @@ log = logging.getLogger("edgelb.net.tls")
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to finish its TLS handshake
 
 CIPHERS_TLS12 = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"
-ALPN = ("http/1.1",)
+ALPN = ("h2", "http/1.1")
+ALPN_HTTP1 = ("http/1.1",)  # a listener with http2: false
 OUTCOMES = ("exact", "wildcard", "default", "no_sni", "unrecognized")
 
 
@@ -183,6 +185,23 @@ class Certificate:
     source: str
     context: ssl.SSLContext = field(repr=False)
     serial: int = 0
+    alpn: tuple[str, ...] = ALPN  # what `context` offers
+    # contexts of the same pair for other ALPN lists (context_for), made once each
+    variants: dict[tuple[str, ...], ssl.SSLContext] = field(default_factory=dict, repr=False)
+
+    def context_for(self, alpn: tuple[str, ...]) -> ssl.SSLContext:
+        """A server context with this pair offering `alpn` (OpenSSL negotiates ALPN with the
+        context the SNI callback selects, so a listener's list needs a context of its own)."""
+        if alpn == self.alpn:
+            return self.context
+        ctx = self.variants.get(alpn)
+        if ctx is None:
+            ctx = new_server_context()
+            ctx.set_alpn_protocols(list(alpn))
+            with _as_path(self.cert_pem) as cert_path, _as_path(self.key_pem) as key_path:
+                ctx.load_cert_chain(cert_path, key_path, password=_no_password)
+            self.variants[alpn] = ctx
+        return ctx
 
     @property
     def expired(self) -> bool:
@@ -377,7 +396,7 @@ def load_pem(cert_pem: bytes, key_pem: bytes, source: str, *,
         raise err(f"OpenSSL cannot load the pair ({e.reason or e}); check that both are "
                   "valid PEM") from None
     cert = Certificate(names=names, not_after=not_after, cert_pem=cert_pem, key_pem=key_pem,
-                       source=source, context=ctx, serial=serial)
+                       source=source, context=ctx, serial=serial, alpn=tuple(alpn))
     if cert.expired:
         log.warning("%s: certificate for %s expired on %s; clients will refuse it; renew it",
                     source, ", ".join(names), cert.info()["not_after"])
@@ -481,6 +500,7 @@ class CertificateStore:
         self.swaps = 0
         self._context = new_server_context()
         self._context.sni_callback = self._on_sni
+        self.alpn: tuple[str, ...] | None = None  # None: each certificate's own list
 
     def set(self, certs: Iterable[Certificate], default: Certificate | None = None, *,
             hosts: Mapping[str, Certificate] | None = None) -> None:
@@ -532,7 +552,8 @@ class CertificateStore:
         self.handshakes[outcome] += 1
         if cert is None:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        ssl_obj.context = cert.context
+        alpn = self.alpn
+        ssl_obj.context = cert.context if alpn is None else cert.context_for(alpn)
         return None
 
     def certificates(self) -> tuple[Certificate, ...]:

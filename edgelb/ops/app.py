@@ -373,7 +373,8 @@ def file_snapshot(config: Config, pems: tuple[PemPair, ...] = ()) -> Snapshot:
     certificate pairs, and the process-wide settings only it sets."""
     settings = Settings(
         entrypoints=tuple(Entrypoint(e.name, e.listen, e.tls, e.accept_proxy_protocol,
-                                     e.path_rules) for e in config.entrypoints),
+                                     e.path_rules, e.http2, e.h2c)
+                          for e in config.entrypoints),
         defaults=config.defaults, instance=config.instance, limits=config.limits,
         grace=config.shutdown.grace, tls=config.tls,
     )

@@ -65,6 +65,8 @@ class Entrypoint:
     # edgelb.net.proxy_protocol.AcceptPolicy, None = off
     accept_proxy_protocol: Any = None
     path_rules: PathRules = field(default_factory=PathRules)  # merge_slashes, encoded_slashes
+    http2: bool = True  # TLS: ALPN offers h2
+    h2c: bool = False  # plain: HTTP/2 by prior knowledge
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,9 +237,10 @@ TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "watchers", "shutdow
             "limits", "tls", "resolvers", "metrics", *TELEMETRY_KEYS)
 POLICY_KEYS = KEY_NAMES  # the per-service keys: watchers/schema.py declares them
 PATH_RULE_KEYS = ("merge_slashes", "encoded_slashes")  # a listener's: entrypoint or static port
+HTTP2_KEYS = ("http2", "h2c")  # a listener's: HTTP/2 by ALPN (TLS) or prior knowledge (plain)
 ENCODED_SLASHES = ("reject", "keep")
 SERVICE_KEYS = ("name", "listen", "mode", "hosts", "paths", "backends", "dns", "tls",
-                "accept_proxy_protocol", *PATH_RULE_KEYS, *POLICY_KEYS)
+                "accept_proxy_protocol", *PATH_RULE_KEYS, *HTTP2_KEYS, *POLICY_KEYS)
 BACKEND_KEYS = ("address", "weight", "zone")
 MODES = ("http", "tcp")
 NOT_IN_DEFAULTS = {
@@ -312,7 +315,8 @@ def _entrypoints(c: _Checker, value: Any) -> tuple[Entrypoint, ...]:
         e = c.mapping(spec, path, "a mapping like {listen: 0.0.0.0:80}")
         if e is None:
             continue
-        c.keys(e, path, ("listen", "tls", "accept_proxy_protocol", *PATH_RULE_KEYS))
+        c.keys(e, path, ("listen", "tls", "accept_proxy_protocol", *PATH_RULE_KEYS,
+                         *HTTP2_KEYS))
         if "listen" not in e:
             c.missing(path, "listen", "listen is required; e.g. listen: 0.0.0.0:80")
             continue
@@ -339,10 +343,25 @@ def _entrypoints(c: _Checker, value: Any) -> tuple[Entrypoint, ...]:
                     tls = (files[0], files[1])
         accept = _accept_proxy(c, e, path)
         rules = _path_rules(c, e, path)
-        if listen is not None and accept is not False and rules is not None:
+        http2 = _http2(c, e, path)
+        if listen is not None and accept is not False and rules is not None and http2:
             out.append(Entrypoint(name=name, listen=listen, tls=tls,
-                                  accept_proxy_protocol=accept, path_rules=rules))
+                                  accept_proxy_protocol=accept, path_rules=rules,
+                                  http2=http2[0], h2c=http2[1]))
     return tuple(out)
+
+
+def _http2(c: _Checker, m: dict, path: str) -> tuple[bool, bool] | None:
+    """`http2` (default true: ALPN h2 on TLS) and `h2c` (default false: HTTP/2 by prior
+    knowledge on a plain listener) of an entrypoint or a static port (None: invalid)."""
+    out = [True, False]
+    for i, key in enumerate(HTTP2_KEYS):
+        if key in m:
+            b = c.boolean(m[key], _join(path, key))
+            if b is None:
+                return None
+            out[i] = b
+    return out[0], out[1]
 
 
 def _path_rules(c: _Checker, m: dict, path: str) -> PathRules | None:
@@ -706,7 +725,9 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
         ok = False
     rules = _path_rules(c, m, path)
     ok &= rules is not None
-    for key in PATH_RULE_KEYS:
+    http2 = _http2(c, m, path)
+    ok &= http2 is not None
+    for key in (*PATH_RULE_KEYS, *HTTP2_KEYS):
         if key in m and m.get("listen") is None:
             c.error(_join(path, key), f"{key} is a listener's: it applies on a service's own "
                     f"listen port; for routed hosts set {key} on the entrypoint, whose paths "
@@ -717,7 +738,8 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
         policy = dataclasses.replace(defaults, **policy_fields)
         svc = Service(name=name, mode=mode, listen=listen, backends=backends, policy=policy,
                       tls=tls, tls_passthrough=passthrough, accept_proxy_protocol=accept,
-                      path_rules=rules or PathRules(), dns=dns)
+                      path_rules=rules or PathRules(), dns=dns,
+                      http2=(http2 or (True, False))[0], h2c=(http2 or (True, False))[1])
     return _ServiceDraft(path=path, label=label, listen=listen, routes=routes, routed=routed,
                          service=svc)
 
@@ -1364,7 +1386,9 @@ def json_schema() -> dict[str, Any]:
               "CIDRs of the balancers that send one"}
     cert_key = strict_object({"cert": {"type": "string"}, "key": {"type": "string"}})
     paths_rules = {"merge_slashes": {"type": "boolean"},
-                   "encoded_slashes": {"enum": list(ENCODED_SLASHES)}}
+                   "encoded_slashes": {"enum": list(ENCODED_SLASHES)},
+                   "http2": {"type": "boolean", "description": "TLS: offer h2 by ALPN"},
+                   "h2c": {"type": "boolean", "description": "plain: HTTP/2 by prior knowledge"}}
     policy = POLICY.json_properties()
     entrypoint = strict_object({
         "listen": address,
