@@ -194,3 +194,30 @@ async def test_sampling_keeps_its_share_and_every_5xx(backend, free_port, tmp_pa
         await flush(tel)
     records = json_lines(log)
     assert [r["status"] for r in records] == [503, 503, 503]
+
+
+async def test_an_http2_stream_is_logged_as_http2_with_the_clients_port(backend, free_port,
+                                                                         tmp_path):
+    from h2kit import H2Client
+
+    from watchers.model import Address, Backend, Service
+
+    log = tmp_path / "access.log"
+    web = await backend("web", ok(b"hello"))
+    port = free_port()
+    snap = snapshot(Service(name="web", listen=Address("127.0.0.1", port), h2c=True,
+                            backends=(Backend("127.0.0.1", web.port),)))
+    async with proxy_with(settings(log), snap) as (_, tel):
+        client = H2Client()
+        await client.connect(port)
+        try:
+            r = await client.get("/h2?x=1")
+            assert r.status == 200
+            local_port = client.writer.get_extra_info("sockname")[1]
+        finally:
+            await client.close()
+        await flush(tel)
+    (record,) = json_lines(log)
+    assert record["protocol"] == "HTTP/2.0"
+    assert record["path"] == "/h2" and record["status"] == 200 and record["service"] == "web"
+    assert record["client_port"] == local_port

@@ -78,6 +78,7 @@ def take(client: ClientProtocol, transport: Any, data: bytes) -> None:
     """Hand the connection `client` accepted (and counted) to a new H2ServerConnection."""
     listener = client.listener
     conn = H2ServerConnection(listener, client.xff_ip, client.fwd_for)
+    conn.peer_port = client.peer_port
     listener.clients.discard(client)
     listener.clients.add(conn)  # type: ignore[arg-type]
     client.closed = True  # it serves nothing more (its connection_lost will not be called)
@@ -97,6 +98,7 @@ class H2ServerConnection:  # an asyncio.Protocol
         "h2",
         "listener",
         "loop",
+        "peer_port",
         "resets",
         "stall_since",
         "streams",
@@ -110,6 +112,7 @@ class H2ServerConnection:  # an asyncio.Protocol
         self.loop = listener.loop
         self.xff_ip = xff_ip
         self.fwd_for = fwd_for
+        self.peer_port = 0  # the client's port (the access log's client_port)
         self.transport: Any = None
         self.streams: dict[int, Stream] = {}
         self.closed = False

@@ -74,6 +74,8 @@ class Stream(asyncio.Transport):
         client.transport = self
         client.xff_ip = conn.xff_ip
         client.fwd_for = conn.fwd_for
+        client.peer_port = conn.peer_port
+        client.h2 = True
         self.paused = False  # the HTTP/1.1 side stopped reading the request body
         self.unacked = 0  # request bytes received while paused: acknowledged on resume
         self.request_ended = False

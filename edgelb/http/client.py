@@ -71,6 +71,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         "fwd_cache",
         "fwd_cache_host",
         "fwd_for",
+        "h2",
         "head_bytes",
         "listener",
         "loop",
@@ -117,6 +118,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         self.fwd_cache_host = b""
         self.telemetry: Any = listener.telemetry  # edgelb.telemetry.hub.Telemetry, None: off
         self.peer_port = 0
+        self.h2 = False  # drives one HTTP/2 stream (edgelb/h2/stream.py), not a connection
         self.tunnel_bytes = 0  # bytes from the client through an upgraded tunnel
 
     # -- connection events -------------------------------------------------------------

@@ -131,7 +131,8 @@ class Telemetry:
         trace_id = trace.trace if trace is not None else _trace_of(ex.traceparent)
         service = ex.service
         access.put((
-            start, client.xff_ip, client.peer_port, ex.method, ex.host, ex.url, ex.version,
+            start, client.xff_ip, client.peer_port, ex.method, ex.host, ex.url,
+            "2.0" if client.h2 else ex.version,
             status, ex.received + tunnel_bytes, ex.sent_head + ex.resp_body, ex.resp_body,
             duration, upstream, service.name if service is not None else "",
             backend.key if backend is not None else "", ex.retries, ex.request_id, trace_id,
@@ -150,7 +151,7 @@ class Telemetry:
             ("url.path", ex.url.partition(b"?")[0][:2048].decode("utf-8", "replace")),
             ("server.address", ex.host.decode("latin-1")),
             ("client.address", client.xff_ip.decode("latin-1")),
-            ("network.protocol.version", ex.version),
+            ("network.protocol.version", "2" if client.h2 else ex.version),
             ("edgelb.service", service.name if service is not None else ""),
             ("edgelb.backend", backend.key if backend is not None else ""),
             ("http.request.resend_count", ex.retries),
