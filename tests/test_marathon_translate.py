@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from edgelb.net.acl import parse_auth, parse_source_filter, sha_crypt
 from edgelb.ops.config import policy_from_annotations
+from watchers.marathon.labels import parse_bool
 from watchers.marathon.translate import (
     Options,
     Problem,
@@ -805,4 +806,7 @@ def test_any_json_in_place_of_the_apps_gives_a_translation(apps) -> None:
 def test_any_label_values_give_a_service_or_a_problem(labels) -> None:
     t = translate([app(labels={"HAPROXY_GROUP": "external", **labels})], Options(group="*"),
                   read_policy=policy_from_annotations)
-    assert t.snapshot.services or t.problems
+    if parse_bool(labels.get("HAPROXY_0_ENABLED", "")) is False:
+        assert not t.snapshot.services and not t.problems  # turned off, as asked: nothing
+    else:
+        assert t.snapshot.services or t.problems
