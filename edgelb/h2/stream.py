@@ -327,6 +327,8 @@ class Stream(asyncio.Transport):
                 self.hold(HELD_WINDOW)
 
     def on_message_complete(self) -> None:
+        if self.tunnel:  # the 101's end: the tunnel follows
+            return
         if self.status < 200 or self.ended:
             if self.status < 200:
                 self.fields = []

@@ -147,7 +147,8 @@ def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool,
         method = b"GET"
         target = path
     elif method == b"CONNECT":
-        target = authority
+        return LocalAnswer(400, "CONNECT is not supported by a reverse proxy (a WebSocket is "
+                                "an extended CONNECT with :protocol websocket)")
     else:
         if not path:
             return "no :path"
