@@ -34,7 +34,7 @@ from edgelb.h2.limits import (
     FloodMeter,
 )
 from edgelb.h2.stream import HELD_WRITE, Stream
-from edgelb.h2.translate import request_head, trailer_fields
+from edgelb.h2.translate import LocalAnswer, request_head, trailer_fields
 
 if TYPE_CHECKING:
     from edgelb.http.client import ClientProtocol
@@ -132,6 +132,7 @@ class H2ServerConnection:  # an asyncio.Protocol
             _SC.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
             _SC.HEADER_TABLE_SIZE: HPACK_TABLE,
             _SC.MAX_FRAME_SIZE: MAX_FRAME,
+            _SC.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441: WebSocket over extended CONNECT
         })
         conn.decoder.max_header_list_size = MAX_HEADER_LIST
         conn.decoder.max_allowed_table_size = HPACK_TABLE
@@ -250,11 +251,29 @@ class H2ServerConnection:  # an asyncio.Protocol
             self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             self._flood(self.control, self.loop.time())
             return
+        if isinstance(req, LocalAnswer):
+            self._answer(sid, req)
+            return
         st = Stream(self, sid, req)
         self.streams[sid] = st
         st.start(req.head)
         if end and not st.done:
             st.end_request(None)
+
+    def _answer(self, sid: int, answer: LocalAnswer) -> None:
+        """A whole response of edgelb's own on stream `sid`: its text when the windows have
+        room for it (they do unless the client closed them), else the status alone."""
+        local = self.listener.local_responses
+        local[answer.status] = local.get(answer.status, 0) + 1
+        body = answer.text.encode() + b"\n"
+        if self.h2.local_flow_control_window(sid) < len(body):
+            body = b""
+        self.h2.send_headers(sid, [(b":status", b"%d" % answer.status),
+                                   (b"content-type", b"text/plain; charset=utf-8"),
+                                   (b"content-length", b"%d" % len(body))],
+                             end_stream=not body)
+        if body:
+            self.h2.send_data(sid, body, end_stream=True)
 
     def _data(self, ev: Any, now: float) -> None:
         sid = ev.stream_id
@@ -418,7 +437,15 @@ class H2ServerConnection:  # an asyncio.Protocol
             self._fail(ErrorCodes.FLOW_CONTROL_ERROR, "left its window closed", "h2_stall")
             return
         if self.streams:
-            self.deadline = (self.stall_since + idle) if self.stall_since else now + idle
+            nxt = (self.stall_since + idle) if self.stall_since else now + idle
+            for st in list(self.streams.values()):
+                client = st.client  # a WebSocket tunnel: silent for tunnel_timeout, closed
+                if client.tunnel is not None and not client.closed and client.deadline:
+                    if client.deadline <= now:
+                        client.expire(now)
+                    else:
+                        nxt = min(nxt, client.deadline)
+            self.deadline = nxt
             return
         self._fail(ErrorCodes.NO_ERROR, "was idle", "h2_idle")
 

@@ -11,6 +11,13 @@ Flow control both ways, per stream: a request body is acknowledged (WINDOW_UPDAT
 the HTTP/1.1 side reads (it pauses when its backend connection's buffer is full), so a slow
 backend closes this stream's window and no other; a response is held up to RESPONSE_HIGH
 bytes while the client's window is closed, then the backend's reading pauses.
+
+WebSocket over HTTP/2 (RFC 8441): an extended CONNECT arrives here as the HTTP/1.1 upgrade
+translate.request_head made of it; the backend's 101, its Sec-WebSocket-Accept checked, goes
+out as a 200, and the stream is then a tunnel (`tunnel`): DATA payloads are the bytes the
+ClientProtocol relays to the backend and back, under the same flow control. The client's
+END_STREAM half-closes the backend connection (a TCP FIN, RFC 8441 5), its RST_STREAM closes
+it; the backend closing it ends the stream (END_STREAM once the data before it went out).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from h2.errors import ErrorCodes
 
 from edgelb.h2 import grpc
 from edgelb.h2.limits import GRPC_MESSAGE_MAX, RESPONSE_HIGH, RESPONSE_LOW
-from edgelb.h2.translate import RequestHead, response_fields, trailer_fields
+from edgelb.h2.translate import RequestHead, response_fields, trailer_fields, websocket_fields
 from edgelb.http.client import ClientProtocol
 
 if TYPE_CHECKING:
@@ -44,6 +51,7 @@ class Stream(asyncio.Transport):
         "conn",
         "done",
         "ended",
+        "eof_pending",
         "fields",
         "grpc",
         "head",
@@ -60,7 +68,9 @@ class Stream(asyncio.Transport):
         "status",
         "timer",
         "trailers",
+        "tunnel",
         "unacked",
+        "ws_accept",
     )
 
     def __init__(self, conn: H2ServerConnection, sid: int, req: RequestHead) -> None:
@@ -92,6 +102,9 @@ class Stream(asyncio.Transport):
         self.lost = False  # the ClientProtocol was told the connection is gone
         self.local: list[bytes] | None = None  # gRPC: the text of edgelb's own answer
         self.body_left = 0
+        self.ws_accept = req.ws_accept  # extended CONNECT: the Sec-WebSocket-Accept due
+        self.tunnel = False  # the 101 came: DATA both ways are the tunnel's bytes
+        self.eof_pending = False  # the client ended its side before the tunnel was up
         self.timer: asyncio.TimerHandle | None = None
         if req.grpc and req.timeout:
             self.timer = conn.loop.call_later(req.timeout, self.deadline_passed)
@@ -120,6 +133,11 @@ class Stream(asyncio.Transport):
         client = self.client
         if client.closed or self.lost:
             return
+        if self.ws_accept:
+            self.eof_pending = True
+            if client.tunnel is not None:
+                self._half_close()
+            return
         if self.chunked:
             lines = b"".join(b"%s: %s\r\n" % f for f in trailer_fields(trailers or [])
                              if f[0][:1] != b":")
@@ -128,6 +146,16 @@ class Stream(asyncio.Transport):
             # (hyper-h2 checks a content-length against the DATA received; this is a head
             # the HTTP/1.1 side still waits on)
             self.reset(ErrorCodes.PROTOCOL_ERROR)
+
+    def _half_close(self) -> None:
+        """The client's END_STREAM on a tunnel: FIN to the backend (what was sent goes first)."""
+        tunnel = self.client.tunnel
+        if tunnel is None or tunnel.is_closing():
+            return
+        if tunnel.can_write_eof():
+            tunnel.write_eof()
+        else:  # TLS to the backend has no half-close
+            tunnel.close()
 
     def cancelled(self) -> None:
         """The client reset the stream, or the connection is gone: abandon the exchange."""
@@ -160,11 +188,17 @@ class Stream(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.done:
             return
+        if self.tunnel:
+            self._tunnel_data(data)
+            return
         parser = self.parser
         if parser is None:
             parser = self.parser = httptools.HttpResponseParser(self)
         try:
             parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._switched(bytes(data[e.args[0]:]))
+            return
         except httptools.HttpParserError:
             if not self.ended:
                 self.reset(ErrorCodes.INTERNAL_ERROR)
@@ -174,12 +208,48 @@ class Stream(asyncio.Transport):
             self.conn.flush_stream(self)
         self.conn.flush()  # (a local gRPC answer ends the stream while parsed: it goes too)
 
+    def _switched(self, rest: bytes) -> None:
+        """The backend's 101 was parsed: the tunnel starts, or a handshake that does not
+        answer edgelb's key is refused with a 502 (the backend connection is then dropped)."""
+        conn = self.conn
+        if not self.tunnel:
+            text = b"the backend's WebSocket handshake did not answer the key edgelb sent\n"
+            self.head = [(b":status", b"502"), (b"content-type", b"text/plain; charset=utf-8"),
+                         (b"content-length", b"%d" % len(text))]
+            self.pending.append(memoryview(text))
+            self.pending_n += len(text)
+            self.ended = True
+            conn.flush_stream(self)
+            conn.flush()
+            return
+        conn.flush_stream(self)  # the 200
+        if rest:
+            self._tunnel_data(rest)
+        if self.eof_pending:
+            conn.loop.call_soon(self._half_close)  # once the ClientProtocol has its tunnel
+        conn.flush()
+
+    def _tunnel_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes from the backend through the tunnel: DATA within the client's windows."""
+        self.pending.append(memoryview(bytes(data)))
+        self.pending_n += len(data)
+        conn = self.conn
+        conn.flush_stream(self)
+        if self.pending_n > RESPONSE_HIGH:
+            self.hold(HELD_WINDOW)
+        conn.flush()
+
     def writelines(self, parts: Any) -> None:
         self.write(b"".join(parts))
 
     def close(self) -> None:
-        """The HTTP/1.1 side is done with this stream: a response cut short is reset."""
-        if not self.done and not self.ended:
+        """The HTTP/1.1 side is done with this stream: a response cut short is reset; a
+        tunnel the backend closed ends (END_STREAM after the data before it)."""
+        if self.tunnel and not self.done and not self.ended:
+            self.ended = True
+            self.conn.flush_stream(self)
+            self.conn.flush()
+        elif not self.done and not self.ended:
             self.reset(ErrorCodes.INTERNAL_ERROR)
             self.conn.flush()
         self.conn.loop.call_soon(self._lose)
@@ -221,6 +291,14 @@ class Stream(asyncio.Transport):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         fields = self.fields or []
+        if status == 101 and self.ws_accept:
+            self.fields = []
+            accept = next((v for n, v in fields if n.lower() == b"sec-websocket-accept"), b"")
+            if accept.strip() == self.ws_accept:
+                self.status = 200
+                self.head = websocket_fields(fields)
+                self.tunnel = True
+            return
         if status < 200:  # 100 Continue, 103: not relayed
             self.fields = []
             return
@@ -251,6 +329,8 @@ class Stream(asyncio.Transport):
                 self.hold(HELD_WINDOW)
 
     def on_message_complete(self) -> None:
+        if self.tunnel:  # the 101's end: the tunnel follows
+            return
         if self.status < 200 or self.ended:
             if self.status < 200:
                 self.fields = []
@@ -297,7 +377,8 @@ class Stream(asyncio.Transport):
             self.timer = None
             timer.cancel()
         self.conn.forget(self)
-        if not self.client.closed and self.client.active is not None:
+        client = self.client
+        if not client.closed and (client.active is not None or client.tunnel is not None):
             # the exchange did not end (a deadline, a reset): abandon it
             self.conn.loop.call_soon(self._lose)
 
