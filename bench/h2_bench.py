@@ -1,9 +1,11 @@
-"""HTTP/2 side by side: h2load against edgelb and HAProxy, both speaking h2c (HTTP/2 in the
-clear, so TLS costs do not hide the HTTP/2 ones) to clients, in front of the same two nginx
-backends over HTTP/1.1 keep-alive. Prints requests/s and proxy CPU per request; the ratio of
-each is what counts (this machine is shared: absolute numbers are noisy).
+"""HTTP/2 side by side: h2load against edgelb and HAProxy, in front of the same two nginx
+backends over HTTP/1.1 keep-alive. Both speak h2c (HTTP/2 in the clear, so TLS costs do not
+hide the HTTP/2 ones) to clients, or with `--tls` HTTP/2 over TLS chosen by ALPN (HAProxy
+`alpn h2`, edgelb's TLS port with its default `http2: true`), the same self-signed
+certificate on both. Prints requests/s and proxy CPU per request; the ratio of each is what
+counts (this machine is shared: absolute numbers are noisy).
 
-    .venv/bin/python bench/h2_bench.py [seconds] [rounds]
+    .venv/bin/python bench/h2_bench.py [--tls] [seconds] [rounds]
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ defaults
     timeout server 300s
     http-reuse always
 frontend fe
-    bind 127.0.0.1:{port} proto h2
+    bind 127.0.0.1:{port} {bind}
     default_backend be
 backend be
     balance leastconn
@@ -40,7 +42,7 @@ defaults: {{idle_timeout: 300s, header_timeout: 300s}}
 services:
   - name: web
     listen: 127.0.0.1:{port}
-    h2c: true
+    {tls}
     backends: [{{address: 127.0.0.1:{a}}}, {{address: 127.0.0.1:{b}}}]
 """
 
@@ -61,10 +63,15 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+SCHEME = "http"
+
+
 def h2load(port: int, seconds: int) -> float:
     out = subprocess.run(["h2load", "-c", "8", "-m", "16", "-t", "1", "-D", str(seconds),
-                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
+                          f"{SCHEME}://127.0.0.1:{port}/"], capture_output=True, text=True,
                          check=True).stdout
+    if SCHEME == "https" and "h2" not in re.findall(r"Application protocol: (\S+)", out):
+        raise RuntimeError(f"h2load did not negotiate h2:\n{out}")
     done = re.search(r"(\d+) succeeded, (\d+) failed", out)
     if done is None or done.group(2) != "0":
         raise RuntimeError(f"h2load failed:\n{out}")
@@ -81,9 +88,26 @@ def measure(pid: int, port: int, seconds: int) -> tuple[float, float]:
     return rps, cpu / n * 1e6
 
 
+def self_signed(d: Path) -> tuple[Path, Path, Path]:
+    """(certificate, key, both in one file for HAProxy) for localhost and 127.0.0.1, made
+    with openssl."""
+    cert, key, both = d / "c.pem", d / "k.pem", d / "both.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    both.write_bytes(cert.read_bytes() + key.read_bytes())
+    return cert, key, both
+
+
 def main() -> None:
-    seconds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    global SCHEME
+    args = sys.argv[1:]
+    tls = "--tls" in args
+    args = [a for a in args if a != "--tls"]
+    seconds = int(args[0]) if len(args) > 0 else 5
+    rounds = int(args[1]) if len(args) > 1 else 3
+    SCHEME = "https" if tls else "http"
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -99,8 +123,15 @@ def main() -> None:
                 procs.append(subprocess.Popen(["nginx", "-c", str(conf), "-g",
                                                "daemon off;"], stderr=subprocess.DEVNULL))
             hp, ep = free_port(), free_port()
-            (d / "h.cfg").write_text(HAPROXY.format(port=hp, **ports))
-            (d / "e.yaml").write_text(EDGELB.format(port=ep, admin=free_port(), **ports))
+            if tls:
+                cert, key, both = self_signed(d)
+                bind = f"ssl crt {both} alpn h2,http/1.1"
+                tls_line = f"tls: {{cert: {cert}, key: {key}}}"
+            else:
+                bind, tls_line = "proto h2", "h2c: true"
+            (d / "h.cfg").write_text(HAPROXY.format(port=hp, bind=bind, **ports))
+            (d / "e.yaml").write_text(EDGELB.format(port=ep, admin=free_port(), tls=tls_line,
+                                                    **ports))
             haproxy = subprocess.Popen(["haproxy", "-f", str(d / "h.cfg")])
             edgelb = subprocess.Popen([sys.executable, "-m", "edgelb", "run", "-c",
                                        str(d / "e.yaml")], stderr=subprocess.DEVNULL)
@@ -116,7 +147,8 @@ def main() -> None:
                       f"req/s {h[1]:6.1f} us CPU/req | ratio {e[0] / h[0]:.2f}", flush=True)
             rps = sorted(e[0] / h[0] for e, h in rows)[len(rows) // 2]
             cpu = sorted(h[1] / e[1] for e, h in rows)[len(rows) // 2]
-            print(f"median: edgelb/haproxy requests/s {rps:.2f}, CPU per request "
+            mode = "TLS, ALPN h2" if tls else "h2c"
+            print(f"{mode} median: edgelb/haproxy requests/s {rps:.2f}, CPU per request "
                   f"(haproxy/edgelb) {cpu:.2f}")
         finally:
             for p in procs:
