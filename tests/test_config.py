@@ -295,7 +295,7 @@ def test_unknown_key_suggests_nearest(text: str, path: str, suggestion: str) -> 
 def test_unknown_key_without_close_match_lists_valid_keys() -> None:
     err = one_error("zzz: 1\n", "zzz")
     assert ("valid keys: access_log, admin, defaults, entrypoints, instance, limits, metrics, "
-            "request_id, resolvers, services, shutdown, tls, tracing, watchers") in err
+            "request_id, resolvers, routes, services, shutdown, tls, tracing, watchers") in err
 
 
 # --------------------------------------------------------------------------- all errors at once
@@ -410,7 +410,8 @@ def test_not_exposed() -> None:
           - {name: c, backends: []}
     """)
     assert errs == ["services[2]: not exposed: service 'c' has no listen, hosts or paths; "
-                    "set listen, or hosts/paths for the entrypoints"]
+                    "set listen, or hosts/paths for the entrypoints, or name it in a route's "
+                    "backends"]
 
 
 def test_listen_null_is_not_exposed() -> None:

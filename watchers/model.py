@@ -165,18 +165,102 @@ class Backend:
 
 
 @dataclass(frozen=True, slots=True)
+class ValueMatch:
+    """A request header or query parameter that must be present with this value: equal
+    (headers: names case-insensitive, values exact) or, with `regex`, fully matching it."""
+
+    name: str
+    value: str
+    regex: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdits:
+    """A header modifier (Gateway API's): set replaces every field of the name, add appends
+    one, remove drops every field of the name. Names are lower-case."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Answer with a redirect instead of forwarding. Empty/zero parts keep the request's:
+    scheme, host (without its port), port (0: none unless the request's scheme is kept and it
+    named one), path (the whole path) or prefix (replaces the matched path prefix)."""
+
+    scheme: str = ""
+    host: str = ""
+    port: int = 0
+    path: str | None = None
+    prefix: str | None = None
+    status: int = 302
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """Rewrite the request before it is forwarded: the Host, the whole path, or the matched
+    path prefix (the query is kept)."""
+
+    host: str = ""
+    path: str | None = None
+    prefix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    request_headers: HeaderEdits | None = None
+    response_headers: HeaderEdits | None = None
+    redirect: Redirect | None = None
+    rewrite: Rewrite | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedService:
+    """One service of a route's traffic split; each keeps its own balancing policy."""
+
+    service: str
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """A host/path rule on the shared entrypoints that leads to a service.
 
     host: "" (any), "example.com" (exact) or "*.example.com" (one label wildcard).
     path: "/" style prefix, matched element-wise (`/foo` matches `/foo` and `/foo/bar`, not
-    `/foobar`), or an exact path when `exact` is true.
+    `/foobar`), or an exact path when `exact` is true, or a regular expression the whole path
+    must match when `regex` is true.
+
+    The rest is the routing power of the Gateway API's HTTPRoute (the file config's
+    `routes:`): conditions on headers, query parameters and the method; filters; a weighted
+    split over `backends` (empty: `service` alone; else `service` is the first of them, or ""
+    for a route that only redirects); a request timeout (None: the service's). `name` says
+    where it came from in messages; `order` breaks the ties the precedence leaves (lower
+    first; edgelb/http/router.py).
     """
 
     host: str
     path: str
     service: str
     exact: bool = False
+    regex: bool = False
+    method: str = ""
+    headers: tuple[ValueMatch, ...] = ()
+    query: tuple[ValueMatch, ...] = ()
+    filters: Filters | None = None
+    backends: tuple[WeightedService, ...] = ()
+    timeout: float | None = None
+    name: str = ""
+    order: int = 0
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """Every service this route may send to."""
+        if self.backends:
+            return tuple(b.service for b in self.backends)
+        return (self.service,) if self.service else ()
 
 
 @dataclass(frozen=True, slots=True)

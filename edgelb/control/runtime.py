@@ -377,9 +377,16 @@ class Runtime:
         names = {s.name: s for s in services}
         passthrough: dict[str, str] = {}  # SNI host -> service
         for r in routes:
+            where = f"route {r.name + ' ' if r.name else ''}{r.host or '*'}{r.path}"
+            for extra in r.services[1:]:
+                other = names.get(extra)
+                if other is None or other.mode != "http":
+                    errors.append(f"{where}: no http service named {extra!r} for its split")
+            if not r.service and r.filters is not None and r.filters.redirect is not None:
+                continue  # answers a redirect itself
             target = names.get(r.service)
             if target is None:
-                errors.append(f"route {r.host or '*'}{r.path}: no service named {r.service!r}")
+                errors.append(f"{where}: no service named {r.service!r}")
             elif target.tls_passthrough and target.mode == "tcp":
                 where = f"service {r.service}: tls: passthrough"
                 if not r.host:

@@ -1,24 +1,27 @@
-"""Host and path routing on the shared entrypoints.
+"""Host and path routing on the shared entrypoints, with the Gateway API's matches.
 
 Hosts: exact names first, then `*.example.com` wildcards (exactly one label), then rules
-without a host. Within a host, the longest matching path wins, an exact path before a prefix
-of the same length; prefixes match element-wise (`/foo` matches `/foo` and `/foo/bar`, never
-`/foobar`) and a trailing slash in a prefix is ignored. Paths arrive normalised
-(edgelb/http/target.py), and `;parameters` end an element (`/foo;x=1` is `/foo`).
+without a host; a host's rules are found by one dict lookup, so the cost of a request does not
+grow with the routes of other hosts. Within a host the rules are tried in the precedence of
+watchers/routing.py (exact path, regex, the longest prefix, then method, headers, query); a
+host whose rules all miss falls through to the wildcard's, then to the any-host rules.
+Prefixes match element-wise (`/foo` matches `/foo` and `/foo/bar`, never `/foobar`) and a
+trailing slash in a prefix is ignored. Paths arrive normalised (edgelb/http/target.py), and
+`;parameters` end an element (`/foo;x=1` is `/foo`). Regular expressions must match the whole
+path (or header value) and are compiled once, when the table is built.
+
+A Rule that only names a service (`plain`) costs what a host/path route always did; the
+others carry their conditions, their filters (edgelb/http/filters.py) and a weighted picker.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from urllib.parse import parse_qsl
 
-from watchers.model import Route
-
-# (path, exact, service name), sorted so that the first match is the right one
-_Rules = list[tuple[str, bool, str]]
-
-
-def _sort(rules: _Rules) -> _Rules:
-    return sorted(rules, key=lambda r: (-len(r[0]), not r[1]))
+from watchers.model import HeaderEdits, Route
+from watchers.routing import precedence
 
 
 def _normalise_prefix(path: str) -> str:
@@ -39,18 +42,141 @@ def path_matches(path: str, rule_path: str, exact: bool) -> bool:
     return not exact and path[n] == "/"
 
 
+class Picker:
+    """A deterministic weighted choice among a route's services: smooth weighted round robin
+    (nginx's), so N requests over weights 90/10 land exactly 90 % / 10 % of every 100."""
+
+    __slots__ = ("current", "names", "total", "weights")
+
+    def __init__(self, pairs: Iterable[tuple[str, int]]) -> None:
+        kept = [(n, w) for n, w in pairs if w > 0]
+        self.names = [n for n, _ in kept]
+        self.weights = [w for _, w in kept]
+        self.current = [0] * len(kept)
+        self.total = sum(self.weights)
+
+    def pick(self) -> str:
+        best = 0
+        current = self.current
+        for i, w in enumerate(self.weights):
+            current[i] += w
+            if current[i] > current[best]:
+                best = i
+        current[best] -= self.total
+        return self.names[best]
+
+
+class Edits:
+    """A header modifier as the data path applies it to raw header lines."""
+
+    __slots__ = ("drop", "lines")
+
+    def __init__(self, edits: HeaderEdits) -> None:
+        self.drop = tuple({n.encode("latin-1") + b":" for n, _ in edits.set}
+                          | {n.encode("latin-1") + b":" for n in edits.remove})
+        self.lines = b"".join(b"%s: %s\r\n" % (n.encode("latin-1"), v.encode("latin-1"))
+                              for n, v in (*edits.set, *edits.add))
+
+
+class Rule:
+    """One route compiled for the data path (mutable only in its picker)."""
+
+    __slots__ = ("exact", "headers", "method", "path", "picker", "plain", "query", "redirect",
+                 "regex", "req_edits", "resp_edits", "rewrite", "route", "service", "timeout")
+
+    def __init__(self, route: Route, picker: Picker | None) -> None:
+        self.route = route
+        self.service = route.service
+        self.exact = route.exact
+        self.path = route.path if route.exact or route.regex else _normalise_prefix(route.path)
+        self.regex = re.compile(route.path) if route.regex else None
+        self.method = route.method.encode("latin-1")
+        self.headers = tuple(
+            (m.name.lower().encode("latin-1") + b":",
+             re.compile(m.value) if m.regex else None, m.value.encode("latin-1"))
+            for m in route.headers)
+        self.query = tuple((m.name, re.compile(m.value) if m.regex else None, m.value)
+                           for m in route.query)
+        f = route.filters
+        self.req_edits = Edits(f.request_headers) if f and f.request_headers else None
+        self.resp_edits = Edits(f.response_headers) if f and f.response_headers else None
+        self.redirect = f.redirect if f else None
+        self.rewrite = f.rewrite if f else None
+        self.timeout = route.timeout or 0.0
+        self.picker = picker
+        self.plain = (not route.regex and not route.method and not route.headers
+                      and not route.query and f is None and picker is None and not self.timeout)
+
+    def pick(self) -> str:
+        """The service this request goes to ("" when the route only redirects)."""
+        picker = self.picker
+        return picker.pick() if picker is not None else self.service
+
+    def matches(self, path: str, query: str, method: bytes, lines: list[bytes]) -> bool:
+        regex = self.regex
+        if regex is not None:
+            if regex.fullmatch(path) is None:
+                return False
+        elif not path_matches(path, self.path, self.exact):
+            return False
+        if self.plain:
+            return True
+        if self.method and method != self.method:
+            return False
+        for prefix, pattern, value in self.headers:
+            got = _header(lines, prefix)
+            if got is None:
+                return False
+            if pattern is not None:
+                if pattern.fullmatch(got.decode("latin-1")) is None:
+                    return False
+            elif got != value:
+                return False
+        if self.query:
+            params: dict[str, str] = {}
+            for k, v in parse_qsl(query, keep_blank_values=True):
+                params.setdefault(k, v)
+            for name, qpattern, qvalue in self.query:
+                val = params.get(name)
+                if val is None:
+                    return False
+                if qpattern is not None:
+                    if qpattern.fullmatch(val) is None:
+                        return False
+                elif val != qvalue:
+                    return False
+        return True
+
+
+def _header(lines: list[bytes], prefix: bytes) -> bytes | None:
+    n = len(prefix)
+    for line in lines:
+        if line[:n].lower() == prefix:
+            return line[n:].strip()
+    return None
+
+
 class Router:
-    """An immutable routing table; the runtime builds a new one on every snapshot."""
+    """An immutable routing table (but for its pickers' positions); the runtime builds a new
+    one on every snapshot."""
 
     __slots__ = ("_any", "_exact", "_wild")
 
     def __init__(self, routes: Iterable[Route] = ()) -> None:
-        exact: dict[str, _Rules] = {}
-        wild: dict[str, _Rules] = {}
-        anyhost: _Rules = []
+        exact: dict[str, list[Rule]] = {}
+        wild: dict[str, list[Rule]] = {}
+        anyhost: list[Rule] = []
+        pickers: dict[tuple[str, tuple[tuple[str, int], ...]], Picker] = {}
         for r in routes:
-            path = r.path if r.exact else _normalise_prefix(r.path)
-            rule = (path, r.exact, r.service)
+            picker = None
+            if r.backends and (len(r.backends) > 1 or r.backends[0].service != r.service):
+                pairs = tuple((b.service, b.weight) for b in r.backends)
+                # one picker per route of the source, shared by its hosts and matches
+                key = (r.name, pairs)
+                picker = pickers.get(key) if r.name else None
+                if picker is None:
+                    picker = pickers[key] = Picker(pairs)
+            rule = Rule(r, picker)
             host = r.host.lower()
             if not host:
                 anyhost.append(rule)
@@ -62,32 +188,44 @@ class Router:
         self._wild = {h: _sort(v) for h, v in wild.items()}
         self._any = _sort(anyhost)
 
-    @staticmethod
-    def _first(rules: _Rules, path: str) -> str | None:
-        for rule_path, exact, service in rules:
-            if path_matches(path, rule_path, exact):
-                return service
-        return None
-
-    def lookup(self, host: str, path: str) -> str | None:
-        """The service for a request's Host (port allowed) and path (query allowed)."""
-        q = path.find("?")
-        if q >= 0:
-            path = path[:q]
+    def match(self, host: str, url: str, method: bytes = b"GET",
+              lines: list[bytes] | None = None) -> Rule | None:
+        """The rule for a request's Host (port allowed), target, method and header lines."""
+        q = url.find("?")
+        path, query = (url[:q], url[q + 1:]) if q >= 0 else (url, "")
         host = _strip_port(host).lower().rstrip(".")
+        head = lines if lines is not None else []
         rules = self._exact.get(host)
         if rules is not None:
-            found = self._first(rules, path)
-            if found is not None:
-                return found
+            for rule in rules:
+                if rule.matches(path, query, method, head):
+                    return rule
         dot = host.find(".")
         if dot > 0:
             rules = self._wild.get(host[dot:])
             if rules is not None:
-                found = self._first(rules, path)
-                if found is not None:
-                    return found
-        return self._first(self._any, path)
+                for rule in rules:
+                    if rule.matches(path, query, method, head):
+                        return rule
+        for rule in self._any:
+            if rule.matches(path, query, method, head):
+                return rule
+        return None
+
+    def lookup(self, host: str, path: str) -> str | None:
+        """The service for a request's Host (port allowed) and path (query allowed)."""
+        rule = self.match(host, path)
+        return rule.pick() if rule is not None else None
+
+
+def _sort(rules: list[Rule]) -> list[Rule]:
+    # a prefix is compared as normalised; stable: equal keys keep the source's order
+    return sorted(rules, key=_key)
+
+
+def _key(rule: Rule) -> tuple[int, ...]:
+    kind, _, *rest = precedence(rule.route)
+    return (kind, -len(rule.path), *rest)
 
 
 def _strip_port(host: str) -> str:

@@ -24,6 +24,7 @@ import yaml
 
 import balancers
 from edgelb.net.tls import Options as TLSOptions
+from edgelb.ops.routes_config import named_in_routes, parse_routes
 from edgelb.ops.telemetry_config import TOP_KEYS as TELEMETRY_KEYS
 from edgelb.ops.telemetry_config import json_schemas as telemetry_schemas
 from edgelb.ops.telemetry_config import parse_telemetry
@@ -42,6 +43,9 @@ from watchers.model import (  # InstanceConfig, LimitsConfig: the file source's 
     Service,
     Snapshot,
 )
+from watchers.routing import describe as describe_route
+from watchers.routing import explain as explain_conflicts
+from watchers.routing import precedence as route_precedence
 from watchers.schema import DURATION, KEY_NAMES, SIZE, Checker, Hooks, PolicySchema, strict_object
 from watchers.schema import INVALID as _INVALID
 from watchers.schema import fmt_seconds as _fmt_seconds
@@ -233,8 +237,8 @@ class _Checker(Checker):
 # ---------------------------------------------------------------------------------------------
 # Sections
 
-TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "watchers", "shutdown", "instance",
-            "limits", "tls", "resolvers", "metrics", *TELEMETRY_KEYS)
+TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "routes", "watchers", "shutdown",
+            "instance", "limits", "tls", "resolvers", "metrics", *TELEMETRY_KEYS)
 POLICY_KEYS = KEY_NAMES  # the per-service keys: watchers/schema.py declares them
 PATH_RULE_KEYS = ("merge_slashes", "encoded_slashes")  # a listener's: entrypoint or static port
 HTTP2_KEYS = ("http2", "h2c")  # a listener's: HTTP/2 by ALPN (TLS) or prior knowledge (plain)
@@ -597,7 +601,8 @@ class _ServiceDraft:
     service: Service | None
 
 
-def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDraft | None:
+def _service(c: _Checker, value: Any, path: str, defaults: Policy,
+             in_routes: frozenset[str] = frozenset()) -> _ServiceDraft | None:
     m = c.mapping(value, path, "a mapping like {name: web, listen: 0.0.0.0:10000, backends: []}")
     if m is None:
         return None
@@ -682,10 +687,11 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
                 ok = False
             else:
                 store.append((parsed, _join(kpath, i)))
-    if m.get("listen") is None and not m.get("hosts") and not m.get("paths"):
+    if m.get("listen") is None and not m.get("hosts") and not m.get("paths") \
+            and label not in in_routes:
         who = f"service {label!r}" if label else "the service"
         c.error(path, f"not exposed: {who} has no listen, hosts or paths; set listen, or "
-                "hosts/paths for the entrypoints")
+                "hosts/paths for the entrypoints, or name it in a route's backends")
         ok = False
     policy_fields = POLICY.read(c, m, path, defaults)
     ok &= len(policy_fields) == sum(1 for k in POLICY_KEYS if k in m)
@@ -744,7 +750,8 @@ def _service(c: _Checker, value: Any, path: str, defaults: Policy) -> _ServiceDr
                          service=svc)
 
 
-def _services(c: _Checker, value: Any, defaults: Policy) -> list[_ServiceDraft]:
+def _services(c: _Checker, value: Any, defaults: Policy,
+              in_routes: frozenset[str] = frozenset()) -> list[_ServiceDraft]:
     if value is None:
         return []
     items = c.list(value, "services", "services", "[{name: web, listen: 0.0.0.0:10000}]")
@@ -754,7 +761,7 @@ def _services(c: _Checker, value: Any, defaults: Policy) -> list[_ServiceDraft]:
     names: dict[str, str] = {}
     for i, item in enumerate(items):
         path = _join("services", i)
-        draft = _service(c, item, path, defaults)
+        draft = _service(c, item, path, defaults, in_routes)
         if draft is None:
             continue
         drafts.append(draft)
@@ -1069,6 +1076,22 @@ def _check_routes(c: _Checker, entrypoints: tuple[Entrypoint, ...],
     return routes
 
 
+def _file_routes(c: _Checker, value: Any, entrypoints: tuple[Entrypoint, ...],
+                 drafts: list[_ServiceDraft], service_routes: list[Route]) -> list[Route]:
+    """The `routes:` list (edgelb/ops/routes_config.py), and its precedence conflicts with
+    itself and with the services' hosts/paths."""
+    http = {d.label for d in drafts if d.service is not None and d.service.mode == "http"}
+    routes = parse_routes(c, value, _host, _path, http)
+    if routes and not entrypoints:
+        c.error("routes", "routes are served on entrypoints, and none is defined; add e.g. "
+                "entrypoints: {http: {listen: 0.0.0.0:80}}")
+    labelled = [dataclasses.replace(r, name=f"service {r.service} (hosts/paths)", order=-1)
+                for r in service_routes]
+    for problem in explain_conflicts([*labelled, *routes]):
+        c.error("routes", problem)
+    return routes
+
+
 # ---------------------------------------------------------------------------------------------
 # YAML
 
@@ -1136,7 +1159,7 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     admin_set = isinstance(top.get("admin"), dict) and "listen" in top["admin"]
     entrypoints = _entrypoints(c, top.get("entrypoints"))
     defaults = _defaults(c, top.get("defaults"))
-    drafts = _services(c, top.get("services"), defaults)
+    drafts = _services(c, top.get("services"), defaults, named_in_routes(top.get("routes")))
     kubernetes, marathon = _watchers(c, top.get("watchers"))
     shutdown = _shutdown(c, top.get("shutdown"))
     limits = _limits(c, top.get("limits"))
@@ -1147,6 +1170,7 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     metrics = _metrics(c, top.get("metrics"))
     _check_ports(c, admin, admin_set, entrypoints, drafts)
     routes = _check_routes(c, entrypoints, drafts)
+    routes += _file_routes(c, top.get("routes"), entrypoints, drafts, routes)
     if c.errors:
         raise ConfigError(c.errors, origin)
     snapshot = Snapshot(
@@ -1203,6 +1227,28 @@ def _fmt_paths(rules: PathRules) -> str:
     return out
 
 
+def _fmt_precedence(routes: tuple[Route, ...]) -> list[str]:
+    """The `routes:` in the order they are tried, per host (watchers/routing.py)."""
+    rich = [r for r in routes if r.name]
+    if not rich:
+        return []
+    out = [f"routes: {len(rich)} (tried in this order per host; exact hosts, then wildcards, "
+           "then any host)"]
+    by_host: dict[str, list[Route]] = {}
+    for r in routes:
+        by_host.setdefault(r.host, []).append(r)
+    for host in sorted(by_host, key=lambda h: (not h, h.startswith("*."), h)):
+        if not any(r.name for r in by_host[host]):
+            continue
+        out.append(f"  {host or '(any host)'}")
+        for r in sorted(by_host[host], key=route_precedence):
+            split = ", ".join(f"{b.service} {b.weight}" for b in r.backends) or r.service
+            if r.filters is not None and r.filters.redirect is not None:
+                split = f"redirect {r.filters.redirect.status}"
+            out.append(f"    {describe_route(r)} -> {split}  [{r.name or 'hosts/paths'}]")
+    return out
+
+
 def summarize(config: Config) -> str:
     """A human summary: listeners, services with their exposure, policy and backends."""
     lines = [f"admin: {config.admin}"]
@@ -1226,7 +1272,7 @@ def summarize(config: Config) -> str:
         if s.listen is not None:
             lines.append(f"    listen {s.listen}{_fmt_accept(s.accept_proxy_protocol)}"
                          f"{_fmt_paths(s.path_rules)}")
-        routes = [r for r in config.snapshot.routes if r.service == s.name]
+        routes = [r for r in config.snapshot.routes if r.service == s.name and not r.name]
         if routes and s.tls_passthrough:
             lines.append(f"    SNI names {', '.join(r.host for r in routes)} "
                          "(on the TLS entrypoints)")
@@ -1246,6 +1292,7 @@ def summarize(config: Config) -> str:
                 zone = f", zone {b.zone}" if b.zone else ""
                 share = 100.0 * b.weight / total
                 lines.append(f"      {b.key} weight {b.weight:g} ({share:.0f}%){zone}")
+    lines.extend(_fmt_precedence(config.snapshot.routes))
     k = config.kubernetes
     if k is not None:
         state = "enabled" if k.enabled else "disabled"
@@ -1433,6 +1480,7 @@ def json_schema() -> dict[str, Any]:
                         "additionalProperties": entrypoint},
         "defaults": strict_object(policy),
         "services": {"type": "array", "items": service},
+        "routes": {"type": "array", "items": _route_schema(strings)},
         "watchers": strict_object({"kubernetes": _nullable(kubernetes),
                                    "marathon": _nullable(marathon)}),
         "shutdown": strict_object({"delay": duration, "grace": duration}),
@@ -1462,6 +1510,37 @@ def json_schema() -> dict[str, Any]:
         "description": "The YAML config file of edgelb (edgelb run -c FILE)",
         **strict_object({key: _nullable(sections[key]) for key in TOP_KEYS}),
     }
+
+
+def _route_schema(strings: dict[str, Any]) -> dict[str, Any]:
+    """One item of `routes:` (edgelb/ops/routes_config.py)."""
+    text = {"type": ["string", "number"]}
+    values = {"anyOf": [{"type": "object", "additionalProperties": text},
+                        {"type": "array", "items": strict_object(
+                            {"name": {"type": "string"}, "value": text,
+                             "regex": {"type": "string"}}, required=["name"])}]}
+    edits = strict_object({"set": {"type": "object", "additionalProperties": text},
+                           "add": {"type": "object", "additionalProperties": text},
+                           "remove": strings})
+    path = {"type": "string", "pattern": "^/"}
+    match = strict_object({
+        "path": strict_object({"exact": path, "prefix": path, "regex": path}),
+        "headers": values, "query": values, "method": {"type": "string"}})
+    return strict_object({
+        "hosts": _nullable(strings),
+        "matches": {"type": "array", "items": match},
+        "filters": strict_object({
+            "request_headers": edits, "response_headers": edits,
+            "redirect": strict_object({
+                "scheme": {"enum": ["http", "https"]}, "host": {"type": "string"},
+                "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                "path": path, "prefix": path, "status": {"enum": [301, 302, 303, 307, 308]}}),
+            "rewrite": strict_object({"host": {"type": "string"}, "path": path,
+                                      "prefix": path})}),
+        "backends": {"type": "array", "items": {"anyOf": [{"type": "string"}, strict_object(
+            {"service": {"type": "string"}, "weight": {"type": "integer", "minimum": 0}},
+            required=["service"])]}},
+        "timeout": DURATION})
 
 
 def schema_command(markdown: bool = False) -> int:
