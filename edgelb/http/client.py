@@ -499,7 +499,7 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             if not ex.response_started:
                 # the request is whole: now the response timeout runs (from its start when
                 # no body was sent, which saves a clock read on the common GET)
-                timeout = service.policy.response_timeout
+                timeout = ex.timeout or service.policy.response_timeout
                 if ex.body_sent:
                     up.deadline = self.loop.time() + timeout
                 else:

@@ -36,9 +36,10 @@ def start(client: ClientProtocol, ex: Exchange) -> None:
     listener = client.listener
     service = listener.service
     if service is None:
-        service = listener.route(ex.host, ex.url)
+        service = listener.route(ex)
         if service is None:
-            client.answer(ex, 404, "no route for this host and path", None)
+            if not ex.response_started:  # (a route's redirect answered it)
+                client.answer(ex, 404, "no route for this host and path", None)
             return
     ex.service = service
     ex.state = ROUTED

@@ -69,6 +69,7 @@ class Exchange:
         "request_complete",
         "request_id",  # the client's X-Request-Id, then the one forwarded (telemetry on)
         "resp_body",  # response body bytes sent to the client
+        "resp_edits",  # a route's response header edits (edgelb.http.router.Edits), or None
         "resp_extra",  # header lines added to the response head (X-Request-Id)
         "response_started",
         "retries",
@@ -80,6 +81,7 @@ class Exchange:
         "status",
         "tail",  # chunked body: bytes read since the last body bytes (framing, trailers)
         "te_trailers",
+        "timeout",  # a route's response timeout (0: the service's)
         "trace",  # the trace context (edgelb.telemetry.hub.Trace) while tracing is on
         "traceparent",  # the client's traceparent header
         "trailers",
@@ -146,6 +148,8 @@ class Exchange:
         self.trace: Any = None
         self.fwd_extra = b""
         self.resp_extra = b""
+        self.resp_edits: Any = None
+        self.timeout = 0.0
 
     # A queued exchange is a waiter of its pool (edgelb.pool.Pool.enqueue).
     def resume(self) -> bool:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgelb.control.tasks import log_failure
 from edgelb.http.client import ClientProtocol
+from edgelb.http.filters import routed
 from edgelb.http.router import Router
 from edgelb.http.upstream import UpstreamProtocol
 from edgelb.net import proxy_protocol, sni
@@ -30,6 +31,7 @@ from edgelb.net.tls import HANDSHAKE_TIMEOUT
 from watchers.model import Address, LimitsConfig, PathRules, Policy
 
 if TYPE_CHECKING:
+    from edgelb.http.exchange import Exchange
     from edgelb.pool import ServiceState
 
 log = logging.getLogger("edgelb.http")
@@ -167,11 +169,16 @@ class HttpListener:
     def default_host(self) -> bytes:
         return self._host_header
 
-    def route(self, host: bytes, url: bytes) -> ServiceState | None:
-        name = self.router.lookup(host.decode("latin-1"), url.decode("latin-1"))
-        if name is None:
+    def route(self, ex: Exchange) -> ServiceState | None:
+        """The service `ex` goes to, with its route's filters applied (edgelb/http/filters.py);
+        None when no route matches (404), or when its route answered it (a redirect)."""
+        rule = self.router.match(ex.host.decode("latin-1"), ex.url.decode("latin-1"),
+                                 ex.method, ex.lines)
+        if rule is None:
             return None
-        return self.services.get(name)
+        if rule.plain:
+            return self.services.get(rule.service)
+        return routed(ex, rule, self)
 
     async def start(self) -> None:
         """Listen (net.accept.bind) and serve: uvloop accepts (and handshakes TLS) in C; a TLS

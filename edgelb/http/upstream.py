@@ -25,6 +25,7 @@ from edgelb.http.accounting import (
     record_response,
 )
 from edgelb.http.exchange import CONNECTING, DONE, SENT, TUNNEL
+from edgelb.http.filters import edit_head
 from edgelb.http.request import MAX_HEAD, Refuse, last_chunk
 from edgelb.http.response_head import (
     fast_heads,
@@ -194,7 +195,8 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         # the response timeout runs from the end of the request; while the body is still
         # coming, the idle timeout applies (each piece restarts it)
         self.deadline = ex.start + (
-            policy.response_timeout if ex.request_complete else policy.idle_timeout
+            (ex.timeout or policy.response_timeout) if ex.request_complete
+            else policy.idle_timeout
         )
         transport = self.transport
         buf = ex.body_buffer
@@ -280,7 +282,7 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         if ex.response_started:
             self._cut(ex)
         else:
-            timeout = self.service.policy.response_timeout
+            timeout = ex.timeout or self.service.policy.response_timeout
             ex.client.upstream_failed(ex, "timeout", f"did not answer in {timeout:g}s", False)
 
     def eof_received(self) -> bool | None:
@@ -379,6 +381,7 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         if len(data) - start != length or self.interim or ex.method == b"HEAD" or (
             ex.version != "1.1" or not ex.keep_alive or ex.te_trailers or ex.set_cookie
             or ex.upgrade or ex.client.closing or self.service.hsts_line
+            or ex.resp_edits is not None
         ):
             return False
         self.hbuf = None
@@ -495,6 +498,9 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             status_line, headers, chunked, has_cl, close, plain = rewrite
             if raw not in fast_heads:
                 remember_fast(raw, status, rewrite)
+        if ex.resp_edits is not None and status >= 200:  # a route's response header filter
+            headers = edit_head(headers, ex.resp_edits)
+            plain = b"HTTP/1.1 " + status_line + headers + b"\r\n"
         client = ex.client
         if status < 200:
             self.hbuf = hbuf[end + 4 :]  # another head follows
