@@ -2,7 +2,10 @@
 driven with fake transports, so the figure (microseconds per request) is free of syscall and
 scheduling noise. Use it before and after a change on the hot path.
 
-    .venv/bin/python bench/micro_http.py [requests]
+    .venv/bin/python bench/micro_http.py [requests] [routes]
+
+With `routes` (a number), the request crosses an entrypoint's router instead of a static
+port: that many host/path routes of other hosts, and the request's own host with a prefix.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import time
 
 from edgelb.http.client import ClientProtocol
 from edgelb.http.listener import HttpListener
+from edgelb.http.router import Router
 from edgelb.http.upstream import UpstreamProtocol
 from edgelb.pool import ServiceState
-from watchers.model import Address, Backend, Service
+from watchers.model import Address, Backend, Route, Service
 
 REQUEST = (
     b"GET /index.html?x=1 HTTP/1.1\r\nHost: www.example.com\r\nUser-Agent: wrk\r\n"
@@ -50,12 +54,19 @@ class FakeTransport:
     def resume_reading(self) -> None: ...
 
 
-def main(n: int) -> None:
+def main(n: int, routes: int = -1) -> None:
     loop = asyncio.new_event_loop()
     service = ServiceState(
         Service("web", backends=(Backend("127.0.0.1", 1), Backend("127.0.0.1", 2)))
     )
-    listener = HttpListener(Address("127.0.0.1", 8080), service=service, loop=loop)
+    if routes < 0:
+        listener = HttpListener(Address("127.0.0.1", 8080), service=service, loop=loop)
+    else:
+        listener = HttpListener(Address("127.0.0.1", 8080), loop=loop)
+        table = [Route(f"h{i}.example.com", "/", "web") for i in range(routes)]
+        table.append(Route("www.example.com", "/", "web"))
+        listener.router = Router(table)
+        listener.services = {"web": service}
     client = ClientProtocol(listener)
     ct = FakeTransport()
     client.connection_made(ct)
@@ -82,4 +93,5 @@ def main(n: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000,
+         int(sys.argv[2]) if len(sys.argv) > 2 else -1)

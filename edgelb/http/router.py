@@ -112,7 +112,8 @@ class Rule:
         picker = self.picker
         return picker.pick() if picker is not None else self.service
 
-    def matches(self, path: str, query: str, method: bytes, lines: list[bytes]) -> bool:
+    def matches(self, path: str, url: str, method: bytes, lines: list[bytes]) -> bool:
+        """`path`: the target's path; `url`: the whole target (its query is read here)."""
         regex = self.regex
         if regex is not None:
             if regex.fullmatch(path) is None:
@@ -134,7 +135,8 @@ class Rule:
                 return False
         if self.query:
             params: dict[str, str] = {}
-            for k, v in parse_qsl(query, keep_blank_values=True):
+            q = url.find("?")
+            for k, v in parse_qsl(url[q + 1:] if q >= 0 else "", keep_blank_values=True):
                 params.setdefault(k, v)
             for name, qpattern, qvalue in self.query:
                 val = params.get(name)
@@ -146,6 +148,20 @@ class Rule:
                 elif val != qvalue:
                     return False
         return True
+
+
+_NO_LINES: list[bytes] = []
+
+
+def _first(rules: list[Rule], path: str, url: str, method: bytes, lines: list[bytes]
+           ) -> Rule | None:
+    for rule in rules:
+        if rule.plain:  # a host/path route: its path alone, without another call
+            if path_matches(path, rule.path, rule.exact):
+                return rule
+        elif rule.matches(path, url, method, lines):
+            return rule
+    return None
 
 
 def _header(lines: list[bytes], prefix: bytes) -> bytes | None:
@@ -192,25 +208,22 @@ class Router:
               lines: list[bytes] | None = None) -> Rule | None:
         """The rule for a request's Host (port allowed), target, method and header lines."""
         q = url.find("?")
-        path, query = (url[:q], url[q + 1:]) if q >= 0 else (url, "")
+        path = url[:q] if q >= 0 else url
         host = _strip_port(host).lower().rstrip(".")
-        head = lines if lines is not None else []
+        head = lines if lines is not None else _NO_LINES
         rules = self._exact.get(host)
         if rules is not None:
-            for rule in rules:
-                if rule.matches(path, query, method, head):
-                    return rule
+            found = _first(rules, path, url, method, head)
+            if found is not None:
+                return found
         dot = host.find(".")
         if dot > 0:
             rules = self._wild.get(host[dot:])
             if rules is not None:
-                for rule in rules:
-                    if rule.matches(path, query, method, head):
-                        return rule
-        for rule in self._any:
-            if rule.matches(path, query, method, head):
-                return rule
-        return None
+                found = _first(rules, path, url, method, head)
+                if found is not None:
+                    return found
+        return _first(self._any, path, url, method, head)
 
     def lookup(self, host: str, path: str) -> str | None:
         """The service for a request's Host (port allowed) and path (query allowed)."""
