@@ -7,7 +7,11 @@ loop, as the proxy does in production; all others keep the default asyncio loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import sys
+import threading
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -33,8 +37,51 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     if item.get_closest_marker("uvloop") is not None:
-        return {"uvloop": uvloop.new_event_loop}
-    return {"asyncio": asyncio.new_event_loop}
+        return {"uvloop": _watched(uvloop.new_event_loop)}
+    return {"asyncio": _watched(asyncio.new_event_loop)}
+
+
+# A test whose loop waits forever is stopped here: pytest-timeout's alarm is a Python signal
+# handler, which never runs while a loop (uvloop above all) sleeps in C with nothing to do. The
+# watchdog prints every task's stack (where the test waits) and cancels them: the test fails
+# with CancelledError instead of hanging the suite.
+HANG_AFTER = float(os.environ.get("EDGELB_TEST_HANG_AFTER", "100"))  # s: before pytest-timeout
+_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def _watched(factory: Callable[[], asyncio.AbstractEventLoop]
+             ) -> Callable[[], asyncio.AbstractEventLoop]:
+    def make() -> asyncio.AbstractEventLoop:
+        loop = factory()
+        _LOOPS.add(loop)
+        return loop
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _hang_watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
+    timer = threading.Timer(HANG_AFTER, _unhang, args=(request.node.nodeid,))
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()
+
+
+def _unhang(nodeid: str) -> None:
+    for loop in list(_LOOPS):
+        if loop.is_running():
+            loop.call_soon_threadsafe(_dump_and_cancel, loop, nodeid)
+
+
+def _dump_and_cancel(loop: asyncio.AbstractEventLoop, nodeid: str) -> None:
+    out = sys.__stderr__
+    print(f"\n{nodeid}: its loop still runs after {HANG_AFTER:g} s; its tasks:", file=out)
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.print_stack(file=out)
+    for task in tasks:
+        task.cancel()
 
 
 @pytest.fixture(name="free_port")
