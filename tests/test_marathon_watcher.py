@@ -39,6 +39,26 @@ async def test_apps_become_services_and_task_events_move_traffic() -> None:
         await x.stop()
 
 
+async def test_stop_ends_the_loops_even_when_a_sync_is_asked_for_in_the_same_step() -> None:
+    """A cancel that lands as the sync loop's event is set is not lost (asyncio.wait_for on
+    Python 3.11 returned the event's result and dropped the cancel: stop() then waited for the
+    next resync, 300 s)."""
+    (a,) = await backends("a")
+    port = free_port()
+    async with fakes() as [m]:
+        m.put_app(tcp_app(APP, port))
+        m.add_task(APP, HOST, a.port)
+        async with watching([m.url]) as h:
+            await eventually(lambda: h.runtime.watcher_synced["marathon"], what="a sync")
+            await eventually(lambda: not h.watcher._dirty.is_set(), what="the loop waiting")
+            for _ in range(3):
+                await asyncio.sleep(0)  # the sync loop is back in its wait
+            h.watcher._want(urgent=True)
+            await asyncio.wait_for(h.watcher.stop(), 5)
+            assert all(t.done() for t in h.watcher._tasks)
+    await a.stop()
+
+
 async def test_fails_over_to_the_second_url_and_back_in_order() -> None:
     (a,) = await backends("a")
     port = free_port()

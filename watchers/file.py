@@ -170,7 +170,8 @@ class FileWatcher(Generic[T]):
         while not self._stopping:
             await self.poll(force=force)
             try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                async with asyncio.timeout(self.interval):  # (wait_for may lose a cancel)
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

@@ -219,7 +219,8 @@ class HttpListener:
         if self._busy():
             self._idle = asyncio.Event()
             try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._idle.wait()
             except TimeoutError:
                 pass
             finally:

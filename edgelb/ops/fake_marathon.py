@@ -323,7 +323,8 @@ class FakeMarathon:
         try:
             while True:
                 try:
-                    frame = await asyncio.wait_for(stream.queue.get(), self.keepalive)
+                    async with asyncio.timeout(self.keepalive):
+                        frame = await stream.queue.get()
                 except TimeoutError:
                     frame = KEEPALIVE
                 if frame is None:

@@ -789,7 +789,8 @@ class TcpListener:
                 self._idle = asyncio.Event()
             self._idle.clear()
             try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._idle.wait()
             except TimeoutError:
                 pass
         self._close_all()

@@ -175,7 +175,8 @@ class DnsSource:
             self._wake.clear()
             wait = min((e.next_refresh for e in self.names.values()), default=now + 3600.0)
             try:
-                await asyncio.wait_for(self._wake.wait(), max(0.0, wait - now))
+                async with asyncio.timeout(max(0.0, wait - now)):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 

@@ -249,7 +249,8 @@ class MarathonWatcher:
         parser = SseParser()
         while True:
             try:
-                data = await asyncio.wait_for(stream.read(), self.silence)
+                async with asyncio.timeout(self.silence):
+                    data = await stream.read()
             except TimeoutError:
                 return (f"the event stream of {stream.url} was silent for "
                         f"{self.silence:g}s; reconnecting")
@@ -278,7 +279,10 @@ class MarathonWatcher:
         delay = RETRY[0]
         while True:
             try:
-                await asyncio.wait_for(self._dirty.wait(), self.resync)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result
+                # and loses a cancel that lands as the event is set (stop() would then wait)
+                async with asyncio.timeout(self.resync):
+                    await self._dirty.wait()
             except TimeoutError:
                 self._want(urgent=True)  # the safety net
             while not self._urgent:
