@@ -627,8 +627,6 @@ class ServiceState:
         "auth_results",
         "bytes_in",
         "bytes_out",
-        "duration_buckets",
-        "duration_sum",
         "duration_sums",
         "durations",
         "hsts_line",
@@ -669,8 +667,6 @@ class ServiceState:
             instance=instance,
             policy=policy,
         )
-        self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket, not cumulative
-        self.duration_sum = 0.0
         self.bytes_in = 0  # from clients
         self.bytes_out = 0  # to clients
         self.tcp_connections = 0  # accepted client connections, tcp mode
@@ -704,7 +700,12 @@ class ServiceState:
 
     @property
     def duration_count(self) -> int:
-        return sum(self.duration_buckets)
+        """Responses timed (status.json, the page's rates): the labelled histogram's total."""
+        return sum(self.durations)
+
+    @property
+    def duration_sum(self) -> float:
+        return sum(self.duration_sums)
 
     def update(
         self, spec: Service, now: float = 0.0, instance: InstanceConfig | None = None
@@ -729,8 +730,6 @@ class ServiceState:
     def observe(self, seconds: float, method: int = 0, status: int = 200) -> None:
         """One response's duration (the data path inlines this: accounting.count)."""
         i = bisect_left(DURATION_BUCKETS, seconds)
-        self.duration_buckets[i] += 1
-        self.duration_sum += seconds
         c = method * N_CLASSES + min(status // 100, 5)
         self.durations[c * N_DURATION + i] += 1
         self.duration_sums[c] += seconds

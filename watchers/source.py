@@ -70,6 +70,14 @@ class Tasks:
     describe: Callable[[BaseException], str]
 
 
+async def cancel_and_wait(tasks: set[asyncio.Task[Any]]) -> None:
+    """Cancel a source's background tasks and wait until each has ended (its stop())."""
+    held = list(tasks)
+    for task in held:
+        task.cancel()
+    await asyncio.gather(*held, return_exceptions=True)
+
+
 class Source(Protocol):
     """A watcher: `run()` follows its source until cancelled, handing whole snapshots to its
     `emit` and its health to its `report` (both given to it when it is made)."""

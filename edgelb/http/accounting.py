@@ -84,8 +84,6 @@ def count(ex: Exchange, reason: str, now: float) -> None:
         return
     elapsed = now - ex.start
     i = bisect_left(DURATION_BUCKETS, elapsed)
-    service.duration_buckets[i] += 1
-    service.duration_sum += elapsed
     c = m * N_CLASSES + (status // 100 if status < 600 else 5)
     service.durations[c * N_DURATION + i] += 1
     service.duration_sums[c] += elapsed

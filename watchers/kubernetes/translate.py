@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from watchers.model import Address, Backend, Policy, Route, Service, Snapshot
+from watchers.values import path_prefix, positive
 
 Key = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped objects
 Obj = dict[str, Any]
@@ -193,18 +194,8 @@ def _quantity(value: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _positive(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        f = float(value.strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return f if math.isfinite(f) and f > 0 else None
 
 
-def _normal_prefix(path: str) -> str:
-    return path.rstrip("/") or "/"
 
 
 def _port_text(ports: list[Any]) -> str:
@@ -431,7 +422,7 @@ class _Translator:
             return
         exact = kind == "Exact"
         if not exact:
-            path = _normal_prefix(path)
+            path = path_prefix(path)
         if self.claim(key, (host, path, exact), claims, rule=True, where=where):
             self.add_route(Route(host=host, path=path, service=ref.name, exact=exact), ref, key)
 
@@ -667,7 +658,7 @@ class _Translator:
             return 1.0
         raw = _annotations(pod).get(WEIGHT_ANNOTATION)
         if raw is not None:
-            w = _positive(raw)
+            w = positive(raw)
             if w is not None:
                 return w
             self.problem("Pod", key, f"{WEIGHT_ANNOTATION}: {raw!r} is not a positive number; "

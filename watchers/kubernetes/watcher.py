@@ -54,7 +54,7 @@ from watchers.kubernetes.reflector import (
 from watchers.kubernetes.secrets import SecretError, secret_pem
 from watchers.kubernetes.translate import ClusterState, Problem, Translation, translate
 from watchers.model import Certificates, Notice, PemPair, Policy
-from watchers.source import Emit, Health, Report, Tasks
+from watchers.source import Emit, Health, Report, Tasks, cancel_and_wait
 
 log = logging.getLogger("edgelb.kubernetes")
 
@@ -165,10 +165,7 @@ class KubernetesWatcher:
 
     async def stop(self) -> None:
         self._stopped.set()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         if self._leader is not None:
             try:
                 await asyncio.wait_for(self._leader.release(), 2.0)

@@ -34,7 +34,6 @@ template) is a Problem too, but its app stays exposed. Choices marathon-lb leave
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -55,6 +54,7 @@ from watchers.model import (
     Snapshot,
 )
 from watchers.schema import KEY_NAMES, closest
+from watchers.values import path_prefix, positive
 
 SOURCE = "marathon"
 # (annotations `edgelb.io/<key>` -> value, base) -> (policy, errors naming the annotation): the
@@ -493,12 +493,12 @@ class _Translator:
         """Every task's weight: EDGELB_{n}_WEIGHT, else the app's cpus, else 1."""
         raw = labels.get(f"EDGELB_{n}_WEIGHT")
         if raw is not None:
-            w = _positive(raw)
+            w = positive(raw)
             if w is None:
                 errors.append(f"EDGELB_{n}_WEIGHT: {raw!r} is not a positive number; write "
                               "e.g. 2 or 0.5")
             return w
-        cpus = _positive(app.get("cpus"))
+        cpus = positive(app.get("cpus"))
         return cpus if cpus is not None else 1.0
 
     def certificates(self, app_id: str, value: str | None, label: str, errors: list[str],
@@ -659,7 +659,7 @@ class _Translator:
         for app_id in sorted(read):
             for p in read[app_id]:
                 for host in p.hosts:
-                    claims.setdefault((host, _prefix(p.path)), []).append(p)
+                    claims.setdefault((host, path_prefix(p.path)), []).append(p)
         for (host, path), contenders in sorted(claims.items()):
             if len(contenders) < 2:
                 continue
@@ -726,15 +726,5 @@ def _started_at(app: Obj) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _positive(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        f = float(value.strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return f if math.isfinite(f) and f > 0 else None
 
 
-def _prefix(path: str) -> str:
-    return path.rstrip("/") or "/"

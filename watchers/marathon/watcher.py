@@ -40,7 +40,7 @@ from watchers.marathon.client import AuthError, DcosCredentials, MarathonClient,
 from watchers.marathon.sse import SseError, SseParser
 from watchers.marathon.translate import Options, Translation, notice_problems, translate
 from watchers.model import Policy, Snapshot
-from watchers.source import Emit, Health, Rejected, Report, Tasks
+from watchers.source import Emit, Health, Rejected, Report, Tasks, cancel_and_wait
 
 log = logging.getLogger("edgelb.marathon")
 
@@ -149,10 +149,7 @@ class MarathonWatcher:
 
     async def stop(self) -> None:
         self._stopped.set()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         if self._own_client and self.client is not None:
             await self.client.close()
 
