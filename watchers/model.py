@@ -209,11 +209,54 @@ class Rewrite:
 
 
 @dataclass(frozen=True, slots=True)
+class Mirror:
+    """Copy requests to another service, fire-and-forget: its answer is dropped and it never
+    slows or fails the original (Gateway API's RequestMirror). `percent` of the requests are
+    copied (100: all)."""
+
+    service: str
+    percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Cors:
+    """Answer CORS preflights (OPTIONS with Origin and Access-Control-Request-Method) at the
+    proxy and add the CORS response headers to the others. Origins: "*", exact origins
+    ("https://app.example.com") or one-label wildcards ("https://*.example.com")."""
+
+    allow_origins: tuple[str, ...] = ("*",)
+    allow_methods: tuple[str, ...] = ("GET", "PUT", "POST", "DELETE", "PATCH", "OPTIONS")
+    allow_headers: tuple[str, ...] = ("DNT", "Keep-Alive", "User-Agent", "X-Requested-With",
+                                      "If-Modified-Since", "Cache-Control", "Content-Type",
+                                      "Range", "Authorization")
+    expose_headers: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    max_age: int = 1728000  # seconds a preflight may be cached (ingress-nginx's default)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """Per-client-address limits of one route (ingress-nginx's limit-rps / limit-connections):
+    a token bucket of `rps` per second holding `burst` (0: rps * 5, ingress-nginx's burst
+    multiplier) answers 429 with Retry-After when empty; at most `connections` requests of one
+    client in flight on the route at once (429 beyond). 0 = no limit. Addresses in `exempt`
+    (CIDRs) are not limited."""
+
+    rps: float = 0.0
+    burst: int = 0
+    connections: int = 0
+    exempt: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Filters:
     request_headers: HeaderEdits | None = None
     response_headers: HeaderEdits | None = None
     redirect: Redirect | None = None
     rewrite: Rewrite | None = None
+    mirrors: tuple[Mirror, ...] = ()
+    cors: Cors | None = None
+    limits: ClientLimits | None = None
 
 
 @dataclass(frozen=True, slots=True)
