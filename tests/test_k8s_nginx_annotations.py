@@ -11,7 +11,6 @@ from typing import Any
 import bcrypt
 import pytest
 from test_k8s_translate import (
-    backend,
     ep,
     ingress,
     ingress_class,
@@ -85,8 +84,6 @@ def pick(t: Translation, target: str, headers: dict[str, str] | None = None,
 
 
 # -- reading the two prefixes --------------------------------------------------------------------
-
-
 def test_nginx_annotations_are_read_only_when_the_option_is_on() -> None:
     ing = web(nginx(proxy_body_size="1k"))
     off = cluster(ing, nginx=False)
@@ -131,9 +128,7 @@ def test_a_value_that_is_not_a_string_is_a_problem() -> None:
     assert the_route(t).filters is None
 
 
-# -- paths, rewrites, redirects --------------------------------------------------------------------
-
-
+# -- paths, rewrites, redirects ------------------------------------------------------------------
 def test_use_regex_makes_a_case_insensitive_prefix_regex_route() -> None:
     t = cluster(web(nginx(use_regex="true"), p="/api/v[0-9]+"))
     r = the_route(t)
@@ -232,9 +227,7 @@ def test_x_forwarded_prefix_sets_the_header() -> None:
     assert f.request_headers == HeaderEdits(set=(("x-forwarded-prefix", "/api"),))
 
 
-# -- per-service policy, per Ingress ---------------------------------------------------------------
-
-
+# -- per-service policy, per Ingress -------------------------------------------------------------
 @pytest.mark.parametrize("value,want", [("8m", 8 * 1024**2), ("512k", 512 * 1024),
                                         ("1g", 1024**3), ("100", 100), ("0", None)])
 def test_proxy_body_size(value: str, want: int | None) -> None:
@@ -315,9 +308,7 @@ def test_the_ingress_policy_goes_over_the_services_own() -> None:
     assert (policy.max_inflight, policy.max_body) == (7, 1024)
 
 
-# -- filters ----------------------------------------------------------------------------------------
-
-
+# -- filters -------------------------------------------------------------------------------------
 def test_enable_cors_with_its_settings() -> None:
     t = cluster(web(nginx(enable_cors="true",
                           cors_allow_origin="https://app.example.com, https://*.example.org",
@@ -360,9 +351,7 @@ def test_limit_connections_alone() -> None:
     assert f is not None and f.limits == ClientLimits(connections=2)
 
 
-# -- canary -----------------------------------------------------------------------------------------
-
-
+# -- canary --------------------------------------------------------------------------------------
 def canary(**names: str) -> dict:
     return web(nginx(canary="true", **names), name="shop-canary", svc="canary",
                created="2024-01-02T00:00:00Z")
@@ -426,9 +415,7 @@ def test_a_canary_inherits_the_main_ingress_policy() -> None:
     assert svc_of(t, "default/canary:80~shop").policy.max_body == 1024
 
 
-# -- basic auth -------------------------------------------------------------------------------------
-
-
+# -- basic auth ----------------------------------------------------------------------------------
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
@@ -480,9 +467,7 @@ def test_auth_type_digest_fails_closed() -> None:
     assert svc_of(t, f"{WEB}~shop").backends == ()
 
 
-# -- the pure reader on its own ----------------------------------------------------------------------
-
-
+# -- the pure reader on its own ------------------------------------------------------------------
 def test_read_is_pure_and_never_raises_on_odd_values() -> None:
     odd: dict[str, Any] = {N + n: v for n, v in (
         ("limit-rps", "-1"), ("canary-weight", "x"), ("proxy-body-size", "1 TB"),

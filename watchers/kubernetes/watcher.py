@@ -71,8 +71,9 @@ class KubernetesWatcher:
 
     `config`: the `watchers.kubernetes` block (edgelb.ops.config.KubernetesWatcherConfig: its
     kubeconfig, namespaces, ingress_class, pod_weights, publish_address, publish_service,
-    leader_election and ingress_nginx_annotations are read). `read_policy(annotations, base)`: the per-service keys of a
-    Service's `edgelb.io/*` annotations (edgelb.ops.config.policy_from_annotations)."""
+    leader_election and ingress_nginx_annotations are read). `read_policy(annotations,
+    base)`: the per-service keys of a Service's `edgelb.io/*` annotations
+    (edgelb.ops.config.policy_from_annotations)."""
 
     name = NAME
 
