@@ -122,6 +122,25 @@ def test_unknown_and_unsupported_annotations_are_reported_once_and_never_fatal()
     assert the_route(t).service == WEB
 
 
+def test_a_per_service_key_on_an_ingress_points_at_the_service() -> None:
+    t = cluster(web({"edgelb.io/max-inflight": "4"}))
+    (msg,) = messages(t, "Ingress", "shop")
+    assert "set edgelb.io/max-inflight on the Service" in msg
+
+
+def test_use_regex_on_one_ingress_makes_the_hosts_prefix_paths_regexes() -> None:
+    regex = ingress("a", rule(HOST, path("/api/v[0-9]+", "web")),
+                    annotations=nginx(use_regex="true"))
+    plain = ingress("b", rule(HOST, path("/static", "canary"), path("/exact", "canary",
+                                                                     kind="Exact")))
+    other = ingress("c", rule("other.example.com", path("/static", "canary")))
+    t = cluster(regex, plain, other)
+    by_path = {r.path: r for r in routes(t)}
+    assert by_path["(?i:/static).*"].regex and by_path["/exact"].exact
+    assert pick(t, "/STATICfoo").service == "default/canary:80"  # nginx's ~* "^/static"
+    assert pick(t, "/staticfoo", host="other.example.com") is None  # other hosts keep Prefix
+
+
 def test_a_value_that_is_not_a_string_is_a_problem() -> None:
     t = cluster(web({N + "limit-rps": 5}))  # type: ignore[dict-item]
     assert any("in quotes" in m for m in messages(t, "Ingress"))

@@ -42,6 +42,7 @@ from watchers.model import (
     WeightedService,
 )
 from watchers.routing import regex_problem
+from watchers.schema import KEY_NAMES
 
 NGINX = "nginx.ingress.kubernetes.io/"
 EDGELB = "edgelb.io/"
@@ -63,8 +64,6 @@ SUPPORTED = frozenset({
     "limit-allowlist", "auth-type", "auth-secret", "auth-secret-type", "auth-realm",
     PASSTHROUGH,  # read by translate.py (passthrough_wanted)
 })
-# annotations the translation owns already (edgelb.io/ names that are not ingress-nginx's)
-OWN = frozenset({"port", "mode", "target-port", "weight"})
 # ingress-nginx annotations edgelb knows and does not implement (reported once, ignored);
 # the README table says why for each
 NOT_SUPPORTED = frozenset({
@@ -261,8 +260,11 @@ class _Reader:
             elif name in NOT_SUPPORTED:
                 self.problem(name, "not supported by edgelb (see the README's table of "
                                    "ingress-nginx annotations); ignored")
-            elif name not in SUPPORTED and name not in OWN:
-                self.problem(name, "unknown annotation; ignored")
+            elif name not in SUPPORTED:
+                key = name.replace("-", "_")
+                hint = (f"; {name} is a per-service key: set {EDGELB}{name} on the Service"
+                        if key in KEY_NAMES else "")
+                self.problem(name, f"unknown annotation on an Ingress; ignored{hint}")
         self.paths()
         self.redirects()
         self.policies()

@@ -29,11 +29,13 @@ the controller:
   HTTP routes. Rules without a host, and the default backend, cannot be passed through (there
   is no name to match): the former are problems, the latter stays an HTTP route.
 - Ingress annotations (`edgelb.io/<name>`, and ingress-nginx's under their own prefix with
-  `ingress_nginx`) are read by nginx_annotations.py; per-service ones give the Ingress services
-  of its own, `namespace/service:port~ingress`, so that they never change another Ingress's
-  traffic. A canary Ingress claims no path: it joins the main Ingress's route of the same
-  host, path and type (none: a problem). Basic auth that cannot be set up (Secret missing,
-  no usable users) fails closed: the Ingress's paths answer 503.
+  `ingress_nginx`) are read by nginx_annotations.py. As in ingress-nginx, use-regex or
+  rewrite-target on one Ingress makes the Prefix paths of its hosts regexes on every
+  Ingress (case-insensitive, matched at the start of the path). Per-service ones give the
+  Ingress services of its own, `namespace/service:port~ingress`, so that they never change
+  another Ingress's traffic. A canary Ingress claims no path: it joins the main Ingress's
+  route of the same host, path and type (none: a problem). Basic auth that cannot be set up
+  (Secret missing, no usable users) fails closed: the Ingress's paths answer 503.
 """
 
 from __future__ import annotations
@@ -245,6 +247,7 @@ class _Translator:
         self._mains: dict[tuple[str, str, bool], list[int]] = {}  # spot -> its routes' indexes
         self._canaries: list[tuple[Key, tuple[str, str, bool], _Ref]] = []
         self._canary_spots: set[tuple[str, str, bool]] = set()
+        self._regex_hosts: set[str] = set()  # hosts whose Prefix paths are all regexes
         self._ingress_policies: dict[tuple[Key, Policy], tuple[Policy, bool]] = {}
         self.sni_routing = sni_routing
         self.ingress_class = ingress_class
@@ -285,6 +288,8 @@ class _Translator:
     def run(self) -> Translation:
         ours = self.our_ingresses()
         claims: dict[tuple[str, str, bool], tuple[Key, bool]] = {}
+        for key, ing in ours:
+            self.guarded("Ingress", key, lambda k=key, i=ing: self.regex_host(k, i))
         for key, ing in ours:
             self.guarded("Ingress", key, lambda k=key, i=ing: self.ingress_rules(k, i, claims))
         for key, ing in ours:
@@ -454,7 +459,7 @@ class _Translator:
             return
         route = Route(host=host, path=path, service=self.service_name(ref, key), exact=exact,
                       name=f"Ingress {key[0]}/{key[1]}")
-        if reading.regex and not exact:
+        if (reading.regex or host in self._regex_hosts) and not exact:
             pattern = nginx.regex_path(_str(item.get("path")))
             why = regex_problem(pattern)
             if why:
@@ -572,6 +577,17 @@ class _Translator:
                                              "true, or write them as edgelb.io/<name>")
             self._readings[key] = reading
         return self._readings[key]
+
+    def regex_host(self, key: Key, ing: Obj) -> None:
+        """ingress-nginx's quirk: use-regex or rewrite-target on one Ingress makes every
+        Prefix path of its hosts, on any Ingress, a case-insensitive regex (and so their
+        precedence is the regexes' own: the longer pattern first)."""
+        if not self.read_annotations(key, ing).regex:
+            return
+        for rule in _list(_map(ing.get("spec")).get("rules")):
+            host = _map(rule).get("host")
+            if host is None or isinstance(host, str):
+                self._regex_hosts.add((host or "").lower().rstrip("."))
 
     def service_name(self, ref: _Ref, ingress: Key) -> str:
         """`ref.name`, or `ref.name~ingress` when the Ingress sets per-service annotations
