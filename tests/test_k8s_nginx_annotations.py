@@ -505,3 +505,20 @@ def test_the_header_match_of_a_canary_is_an_exact_value_match() -> None:
     out = na.canary_routes(main, "c", na.Canary(header="X-A", header_value="1"), "n")
     assert out[0].headers == (ValueMatch("X-A", "1"),) and out[0].service == "c"
     assert out[-1] == main
+
+
+def test_the_readme_table_lists_every_annotation_the_reader_knows() -> None:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    table = text[text.index("### Ingress annotations (ingress-nginx)"):]
+    table = table[:table.index("\n### ")]
+    names = set(re.findall(r"^\| `([a-z0-9-]+)` \|", table, re.M))
+    snippets = {n for n in names if n.endswith("-snippet")}
+    assert names - snippets == na.SUPPORTED | na.NOT_SUPPORTED
+    for n in snippets:
+        assert f"| `{n}` | refused (snippet) |" in table
+        assert any(n in m for m in na.read({N + n: "x"}, True).problems)
+    for n in na.SUPPORTED:
+        assert f"| `{n}` | not supported" not in table
