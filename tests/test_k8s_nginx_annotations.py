@@ -6,6 +6,8 @@ the real Router where matching matters."""
 from __future__ import annotations
 
 import base64
+import re
+from pathlib import Path
 from typing import Any
 
 import bcrypt
@@ -200,6 +202,13 @@ def test_ssl_redirect_defaults_on_with_tls_and_can_be_turned_off() -> None:
     assert not svc_of(off, WEB).policy.redirect_to_https
     plain = cluster(web())
     assert not svc_of(plain, WEB).policy.redirect_to_https
+    no_tls = cluster(web(nginx(ssl_redirect="true")))  # needs TLS, as in ingress-nginx
+    assert not svc_of(no_tls, WEB).policy.redirect_to_https
+    edgelb_only = cluster(web(tls=tls), extra=(secret("cert"),), nginx=False)
+    assert not svc_of(edgelb_only, WEB).policy.redirect_to_https  # no nginx default
+    asked = cluster(web({"edgelb.io/ssl-redirect": "true"}, tls=tls), extra=(secret("cert"),),
+                    nginx=False)
+    assert svc_of(asked, f"{WEB}~shop").policy.redirect_to_https
 
 
 def test_force_ssl_redirect_without_tls() -> None:
@@ -508,9 +517,6 @@ def test_the_header_match_of_a_canary_is_an_exact_value_match() -> None:
 
 
 def test_the_readme_table_lists_every_annotation_the_reader_knows() -> None:
-    import re
-    from pathlib import Path
-
     text = (Path(__file__).parent.parent / "README.md").read_text()
     table = text[text.index("### Ingress annotations (ingress-nginx)"):]
     table = table[:table.index("\n### ")]

@@ -174,12 +174,17 @@ class Reading:
 
     @property
     def per_ingress(self) -> bool:
-        """Whether the Ingress needs services of its own (per-service policy differs)."""
-        return bool(self.policy) or self.auth is not None or self.wants_https_redirect(False)
+        """Whether the Ingress needs services of its own (per-service policy differs; the
+        HTTPS redirect is asked separately: it depends on the Ingress's TLS)."""
+        return bool(self.policy) or self.auth is not None
 
-    def wants_https_redirect(self, has_tls: bool) -> bool:
-        return self.force_ssl_redirect or (self.ssl_redirect if self.ssl_redirect is not None
-                                           else has_tls)
+    def wants_https_redirect(self, has_tls: bool, nginx_default: bool) -> bool:
+        """force-ssl-redirect; else ssl-redirect for an Ingress with TLS, whose default is
+        ingress-nginx's (on) when `nginx_default`, else off."""
+        if self.force_ssl_redirect:
+            return True
+        wanted = self.ssl_redirect if self.ssl_redirect is not None else nginx_default
+        return has_tls and wanted
 
 
 # -- reading ------------------------------------------------------------------------------------

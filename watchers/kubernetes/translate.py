@@ -601,9 +601,9 @@ class _Translator:
         reading = self._readings.get(ingress)
         if reading is None:
             return False
-        has_tls = self.ingress_nginx and bool(_list(_map(_map(self.state.ingresses.get(
-            ingress)).get("spec")).get("tls")))
-        return reading.wants_https_redirect(has_tls)
+        has_tls = bool(_list(_map(_map(self.state.ingresses.get(ingress)).get("spec")).get(
+            "tls")))
+        return reading.wants_https_redirect(has_tls, self.ingress_nginx)
 
     def ingress_policy(self, ingress: Key, base: Policy) -> tuple[Policy, bool]:
         """`base` with the Ingress's per-service annotations, each read on its own (a bad one
