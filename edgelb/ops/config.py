@@ -1300,7 +1300,9 @@ def summarize(config: Config) -> str:
     if k is not None:
         state = "enabled" if k.enabled else "disabled"
         ns = ", ".join(k.namespaces) if k.namespaces else "all namespaces"
-        lines.append(f"watcher kubernetes: {state}, ingress class {k.ingress_class}, {ns}")
+        nginx = ", ingress-nginx annotations read" if k.ingress_nginx_annotations else ""
+        lines.append(f"watcher kubernetes: {state}, ingress class {k.ingress_class}, {ns}"
+                     f"{nginx}")
     m = config.marathon
     if m is not None:
         creds = ("basic auth as " + m.user if m.user else "a token file" if m.token_file
