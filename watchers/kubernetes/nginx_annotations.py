@@ -99,7 +99,7 @@ NOT_SUPPORTED = frozenset({
     "mirror-target", "mirror-host", "disable-proxy-intercept-errors",
 })
 
-BACKEND_PROTOCOLS = {  # ingress-nginx's -> edgelb's per-service keys
+BACKEND_PROTOCOLS: dict[str, dict[str, Any]] = {  # ingress-nginx's -> edgelb's keys
     "HTTP": {},
     "HTTPS": {"backend-tls": {"verify": False}},
     "GRPC": {"backend-protocol": "h2c"},
