@@ -158,6 +158,13 @@ def test_use_regex_makes_a_case_insensitive_prefix_regex_route() -> None:
     assert pick(t, "/api/vx") is None
 
 
+def test_a_regex_path_may_hold_a_question_mark_a_plain_one_may_not() -> None:
+    t = cluster(web(nginx(use_regex="true"), p="/shop/?(.*)"))
+    assert the_route(t).path == "(?i:/shop/?(.*)).*"
+    plain = cluster(web(p="/shop/?"))
+    assert routes(plain) == []
+
+
 def test_use_regex_with_an_unsafe_pattern_skips_the_path() -> None:
     t = cluster(web(nginx(use_regex="true"), p="/(a+)+"))
     assert routes(t) == []
@@ -487,6 +494,23 @@ def test_auth_that_cannot_be_set_up_fails_closed(secret_name: str, objs: tuple, 
     msgs = messages(t, "Ingress", "shop")
     assert any(fragment in m for m in msgs), msgs
     assert any("answer 503" in m for m in msgs)
+
+
+def test_auth_basic_without_a_secret_fails_closed() -> None:
+    t = cluster(web(nginx(auth_type="basic")))
+    assert svc_of(t, f"{WEB}~shop").backends == ()
+    assert any("needs auth-secret" in m for m in messages(t, "Ingress", "shop"))
+
+
+def test_an_ingress_over_a_service_with_its_own_auth_and_sources() -> None:
+    users = f'{{users: ["dave:{HASH}"]}}'
+    svc = service("web", annotations={"edgelb.io/auth": users,
+                                      "edgelb.io/sources": "[10.0.0.0/8]"})
+    t = tr(ingress_class(), svc, slice_("web", "web-1", ep("10.0.0.1")),
+           web(nginx(proxy_body_size="1k")), ingress_nginx=True)
+    policy = svc_of(t, f"{WEB}~shop").policy
+    assert policy.auth.users == ("dave",) and policy.max_body == 1024
+    assert policy.sources.permits("10.1.1.1") and not policy.sources.permits("127.0.0.1")
 
 
 def test_auth_type_digest_fails_closed() -> None:

@@ -516,6 +516,10 @@ class _Reader:
                                       "this is fixed")
             self.fields["auth"] = BasicAuth(secret="", annotation=self.found["auth-type"][0])
             return
+        if not secret:
+            self.problem("auth-type", "basic auth needs auth-secret naming a Secret of this "
+                                      "namespace; the Ingress's paths answer 503 until it is "
+                                      "set")
         source = self.found.get("auth-secret", self.found["auth-type"])[0]
         secret_type = (self.text("auth-secret-type") or AUTH_FILE).lower()
         if secret_type not in (AUTH_FILE, AUTH_MAP):

@@ -77,6 +77,7 @@ PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
 _LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
 _HOST = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
 _BAD_PATH_CHARS = re.compile(r"[\s?#]")
+_BAD_REGEX_CHARS = re.compile(r"[\s#]")
 _QUANTITY = re.compile(
     r"^\+?([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?"
     r"(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$"
@@ -244,11 +245,14 @@ class _Translator:
         self.state = state
         self.ingress_nginx = ingress_nginx
         self._readings: dict[Key, nginx.Reading] = {}  # an Ingress's annotations, read once
-        self._mains: dict[tuple[str, str, bool], list[int]] = {}  # spot -> its routes' indexes
+        # spot -> the indexes of its routes in self.routes, and their Ingresses
+        self._mains: dict[tuple[str, str, bool], list[tuple[int, Key]]] = {}
         self._canaries: list[tuple[Key, tuple[str, str, bool], _Ref]] = []
         self._canary_spots: set[tuple[str, str, bool]] = set()
         self._regex_hosts: set[str] = set()  # hosts whose Prefix paths are all regexes
-        self._ingress_policies: dict[tuple[Key, Policy], tuple[Policy, bool]] = {}
+        # (Ingress, id of the base policy) -> (base, policy, usable); the base is held so its
+        # id stays its own (a Policy may hold unhashable parts)
+        self._ingress_policies: dict[tuple[Key, int], tuple[Policy, Policy, bool]] = {}
         self.sni_routing = sni_routing
         self.ingress_class = ingress_class
         self.controller = controller
@@ -443,24 +447,27 @@ class _Translator:
         path = item.get("path")
         if (path is None or path == "") and kind == "ImplementationSpecific":
             path = "/"
-        if not isinstance(path, str) or not path.startswith("/") or _BAD_PATH_CHARS.search(path):
+        exact = kind == "Exact"
+        reading = self._readings.get(key, nginx.Reading())
+        regex = (reading.regex or host in self._regex_hosts) and not exact
+        bad = _BAD_REGEX_CHARS if regex else _BAD_PATH_CHARS  # a regex may hold `?`
+        if not isinstance(path, str) or not path.startswith("/") or bad.search(path):
             self.problem("Ingress", key, f"{where}.path: {path!r} is not an absolute path "
                                          "(start it with '/', no spaces, '?' or '#'); skipped")
             return
         ref = self.backend_ref(key, item.get("backend"), f"{where}.backend")
         if ref is None:
             return
-        exact = kind == "Exact"
+        written = path
         if not exact:
             path = path_prefix(path)
-        reading = self._readings.get(key, nginx.Reading())
         if reading.canary is not None:  # joins the main Ingress's route (canary())
             self._canaries.append((key, (host, path, exact), ref))
             return
         route = Route(host=host, path=path, service=self.service_name(ref, key), exact=exact,
                       name=f"Ingress {key[0]}/{key[1]}")
-        if (reading.regex or host in self._regex_hosts) and not exact:
-            pattern = nginx.regex_path(_str(item.get("path")))
+        if regex:
+            pattern = nginx.regex_path(written)
             why = regex_problem(pattern)
             if why:
                 self.problem("Ingress", key, f"{where}.path: as a regular expression "
@@ -468,7 +475,7 @@ class _Translator:
                 return
             route = replace(route, path=pattern, regex=True)
         if self.claim(key, (host, route.path, exact), claims, rule=True, where=where):
-            self._mains.setdefault((host, path, exact), []).append(len(self.routes))
+            self._mains.setdefault((host, path, exact), []).append((len(self.routes), key))
             self.add_route(nginx.shape(route, reading), ref, key)
 
     def default_backend(self, key: Key, ing: Obj,
@@ -609,9 +616,10 @@ class _Translator:
         """`base` with the Ingress's per-service annotations, each read on its own (a bad one
         is a problem and left out), and whether the service may be served (False: basic auth
         was asked for and cannot be set up)."""
-        cache_key = (ingress, base)
+        cache_key = (ingress, id(base))
         if cache_key in self._ingress_policies:
-            return self._ingress_policies[cache_key]
+            _, cached, ok = self._ingress_policies[cache_key]
+            return cached, ok
         reading = self._readings.get(ingress, nginx.Reading())
         items = dict(reading.policy)
         if self.https_redirect(ingress):
@@ -637,16 +645,13 @@ class _Translator:
         if not usable:
             self.problem("Ingress", ingress, "basic auth is asked for and cannot be set up; "
                                              "the Ingress's paths answer 503 until it can")
-        self._ingress_policies[cache_key] = (policy, usable)
+        self._ingress_policies[cache_key] = (base, policy, usable)
         return policy, usable
 
     def auth_users(self, ingress: Key, auth: nginx.BasicAuth) -> list[str] | None:
         """The `user:HASH` lines of the Ingress's basic-auth Secret, or None (a problem)."""
         if not auth.secret:
-            if not auth.annotation.endswith("auth-type") or "auth-secret" in auth.annotation:
-                self.problem("Ingress", ingress, f"{auth.annotation}: empty; name a Secret of "
-                                                 "this namespace")
-            return None
+            return None  # the reader said why
         ns, _, name = auth.secret.rpartition("/")
         if ns and ns != ingress[0]:
             self.problem("Ingress", ingress, f"{auth.annotation}: {auth.secret!r} is in "
@@ -678,20 +683,14 @@ class _Translator:
                                          "allows one per path); ignored")
             return
         self._canary_spots.add(spot)
-        for i in mains:
+        for i, owner in mains:
             main = self.routes[i]
-            owner = self._route_owner(main)
-            name = self.service_name(ref, owner) if owner else ref.name
+            name = self.service_name(ref, owner)
             if name not in self.services:
                 self.services[name] = self.route_service(ref, key, name, policy_of=owner)
             routes = nginx.canary_routes(main, name, canary, main.name)
             self.routes[i] = routes[-1]
             self.routes.extend(routes[:-1])
-
-    @staticmethod
-    def _route_owner(route: Route) -> Key | None:
-        ns, _, name = route.name.removeprefix("Ingress ").partition("/")
-        return (ns, name) if name else None
 
     def app_root(self, key: Key, ing: Obj,
                  claims: dict[tuple[str, str, bool], tuple[Key, bool]]) -> None:
