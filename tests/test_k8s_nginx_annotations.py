@@ -245,6 +245,25 @@ def test_temporal_redirect() -> None:
                                   status=302)
 
 
+@pytest.mark.parametrize("code,want", [(None, 302), ("307", 307), ("301", 302)])
+def test_temporal_redirect_code(code: str | None, want: int) -> None:
+    ann = nginx(temporal_redirect="/maintenance")
+    if code is not None:
+        ann[N + "temporal-redirect-code"] = code
+    f = the_route(cluster(web(ann))).filters
+    assert f is not None and f.redirect == Redirect(path="/maintenance", status=want)
+
+
+def test_ssl_passthrough_under_the_nginx_prefix() -> None:
+    t = cluster(web(nginx(ssl_passthrough="true"), p="/"))
+    name = f"{WEB}@{HOST}"
+    assert the_route(t).service == name
+    s = svc_of(t, name)
+    assert s.mode == "tcp" and s.tls_passthrough
+    off = cluster(web(nginx(ssl_passthrough="true"), p="/"), nginx=False)
+    assert the_route(off).service == WEB
+
+
 def test_a_redirect_that_is_not_a_url_is_a_problem() -> None:
     t = cluster(web(nginx(permanent_redirect="ftp://x")))
     assert the_route(t).filters is None
@@ -291,6 +310,12 @@ def test_whitelist_and_denylist_source_ranges() -> None:
     sources = svc_of(t, f"{WEB}~shop").policy.sources
     assert sources.permits("10.1.2.3") and sources.permits("192.168.1.7")
     assert not sources.permits("10.9.1.1") and not sources.permits("127.0.0.1")
+
+
+def test_allowlist_source_range_is_the_newer_name() -> None:
+    t = cluster(web(nginx(allowlist_source_range="192.0.2.0/24")))
+    sources = svc_of(t, f"{WEB}~shop").policy.sources
+    assert sources.permits("192.0.2.9") and not sources.permits("198.51.100.1")
 
 
 def test_a_bad_source_range_refuses_everyone() -> None:
@@ -374,6 +399,11 @@ def test_limit_rps_burst_multiplier_connections_and_whitelist() -> None:
     f = the_route(t).filters
     assert f is not None
     assert f.limits == ClientLimits(rps=10.0, burst=30, connections=4, exempt=("10.0.0.0/8",))
+
+
+def test_limit_allowlist_is_the_newer_name() -> None:
+    f = the_route(cluster(web(nginx(limit_rps="5", limit_allowlist="10.1.0.0/16")))).filters
+    assert f is not None and f.limits == ClientLimits(rps=5.0, burst=25, exempt=("10.1.0.0/16",))
 
 
 def test_limit_rpm_and_the_default_burst() -> None:
@@ -552,3 +582,10 @@ def test_the_readme_table_lists_every_annotation_the_reader_knows() -> None:
         assert any(n in m for m in na.read({N + n: "x"}, True).problems)
     for n in na.SUPPORTED:
         assert f"| `{n}` | not supported" not in table
+
+
+def test_every_supported_annotation_is_exercised_in_this_file() -> None:
+    source = Path(__file__).read_text()
+    untested = [n for n in sorted(na.SUPPORTED)
+                if f"{n.replace('-', '_')}=" not in source and f'N + "{n}"' not in source]
+    assert untested == []
