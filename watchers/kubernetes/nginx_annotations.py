@@ -111,8 +111,7 @@ DENY_ALL = ("0.0.0.0/0", "::/0")
 MAX_USERS = 10_000
 _SIZE = re.compile(r"^\s*([0-9]+)\s*([kKmMgG]?)\s*$")
 _SECONDS = re.compile(r"^\s*([0-9]+)\s*s?\s*$")
-_HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
-_COOKIE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")  # a header or cookie name
 _ORIGIN = re.compile(r"^(\*|https?://(\*\.)?[A-Za-z0-9.-]+(:[0-9]{1,5})?)$")
 _METHOD = re.compile(r"^[A-Za-z]+$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_*-]+$")
@@ -164,7 +163,7 @@ class Reading:
 
     @property
     def filters(self) -> Filters | None:
-        """The route filters (the rewrite's path is set per route: see shape())."""
+        """The route filters of the Ingress's paths (None: none)."""
         rewrite = None
         if self.rewrite_target is not None or self.upstream_host:
             rewrite = Rewrite(host=self.upstream_host, path=self.rewrite_target)
@@ -485,7 +484,7 @@ class _Reader:
             self.problem("canary-weight", f"{weight} is above the total {total}; using {total}")
             weight = total
         header = self.text("canary-by-header") or ""
-        if header and not _HEADER.match(header):
+        if header and not _NAME.match(header):
             self.problem("canary-by-header", f"{header!r} is not a header name; ignored")
             header = ""
         value = self.text("canary-by-header-value") or ""
@@ -496,7 +495,7 @@ class _Reader:
                 self.problem("canary-by-header-pattern", f"{why}; ignored")
                 pattern = ""
         cookie = self.text("canary-by-cookie") or ""
-        if cookie and not _COOKIE.match(cookie):
+        if cookie and not _NAME.match(cookie):
             self.problem("canary-by-cookie", f"{cookie!r} is not a cookie name; ignored")
             cookie = ""
         self.fields["canary"] = Canary(weight=weight, total=total, header=header,
@@ -520,6 +519,10 @@ class _Reader:
             self.problem("auth-type", "basic auth needs auth-secret naming a Secret of this "
                                       "namespace; the Ingress's paths answer 503 until it is "
                                       "set")
+        elif not _SECRET_NAME.match(secret.rpartition("/")[2]):
+            self.problem("auth-secret", f"{secret!r} is not a Secret name; the Ingress's paths "
+                                        "answer 503 until it is fixed")
+            secret = ""
         source = self.found.get("auth-secret", self.found["auth-type"])[0]
         secret_type = (self.text("auth-secret-type") or AUTH_FILE).lower()
         if secret_type not in (AUTH_FILE, AUTH_MAP):
