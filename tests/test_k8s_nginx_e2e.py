@@ -36,11 +36,12 @@ def data_path_has(marker: str) -> bool:
 
 
 def ingress(name: str, annotations: dict[str, str], svc: str = "web", path: str = "/",
-            path_type: str = "Prefix", created: str = "2026-11-25T10:00:00Z") -> dict[str, Any]:
+            path_type: str = "Prefix", created: str = "2026-11-25T10:00:00Z",
+            host: str = SITE) -> dict[str, Any]:
     m = meta(name, annotations)
     m["creationTimestamp"] = created
     return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": m,
-            "spec": {"ingressClassName": "edgelb", "rules": [{"host": SITE, "http": {"paths": [
+            "spec": {"ingressClassName": "edgelb", "rules": [{"host": host, "http": {"paths": [
                 {"path": path, "pathType": path_type,
                  "backend": {"service": {"name": svc, "port": {"name": "http"}}}}]}}]}}
 
@@ -86,11 +87,11 @@ class Cluster:
 
     async def request(self, method: str = "GET", target: str = "/",
                       headers: list[tuple[str, str]] | None = None, body: bytes = b"",
-                      client: Client | None = None) -> Response:
+                      client: Client | None = None, host: str = SITE) -> Response:
         own = client is None
         c = client or await Client.open(self.http)
         try:
-            return await within(c.request(method, target, headers or [], body, host=SITE))
+            return await within(c.request(method, target, headers or [], body, host=host))
         finally:
             if own:
                 c.close()
@@ -212,6 +213,33 @@ async def test_proxy_body_size(cluster: Cluster) -> None:
     assert (await cluster.request("POST", "/", body=b"x" * 1025)).status == 413
 
 
+async def test_two_ingresses_to_one_service_keep_their_own_body_size(cluster: Cluster
+                                                                      ) -> None:
+    await cluster.backend("web")
+    cluster.fake.put(ingress("small", {N + "proxy-body-size": "1k"}, host="small.example.com"))
+    cluster.fake.put(ingress("plain", {}, host="plain.example.com"))
+    await cluster.serves(f"{NS}/web:http~small")
+    await cluster.serves(f"{NS}/web:http")
+    body = b"x" * 2048
+    r = await cluster.request("POST", "/", body=body, host="small.example.com")
+    assert r.status == 413
+    r = await cluster.request("POST", "/", body=body, host="plain.example.com")
+    assert (r.status, r.body) == (200, b"web POST /")
+
+
+async def test_upstream_vhost_and_x_forwarded_prefix_reach_the_backend(cluster: Cluster
+                                                                       ) -> None:
+    web = await cluster.backend("web")
+    cluster.fake.put(ingress("shop", {N + "upstream-vhost": "internal.web",
+                                      N + "x-forwarded-prefix": "/shop"}))
+    await cluster.serves(f"{NS}/web:http")
+    r = await cluster.answer(lambda r: bool(web.requests)
+                             and web.requests[-1].get("host") == "internal.web")
+    assert r.status == 200
+    got = web.requests[-1]
+    assert got.get("host") == "internal.web" and got.get("x-forwarded-prefix") == "/shop"
+
+
 async def test_a_snippet_is_refused_with_an_event_and_the_ingress_served(cluster: Cluster
                                                                          ) -> None:
     await cluster.backend("web")
@@ -223,6 +251,8 @@ async def test_a_snippet_is_refused_with_an_event_and_the_ingress_served(cluster
                                     for e in fake.events), timeout=5, what="the Event")
     event = next(e for e in fake.events if "CVE-2025-1974" in e.get("message", ""))
     assert event["type"] == "Warning" and event["involvedObject"]["name"] == "shop"
+    runtime = cluster.app.runtime
+    assert runtime is not None and runtime.watcher_problems["kubernetes"] >= 1
 
 
 @pytest.mark.skipif(not data_path_has("Cors"), reason="the CORS data path (issue 18, another "
