@@ -474,10 +474,14 @@ def test_a_canary_without_a_main_ingress_is_a_problem() -> None:
 
 
 def test_a_canary_inherits_the_main_ingress_policy() -> None:
-    t = cluster(web(nginx(proxy_body_size="1k")), canary(canary_weight="10"))
+    t = cluster(web(nginx(proxy_body_size="1k", x_forwarded_prefix="/p")),
+                canary(canary_weight="10", proxy_body_size="5k"))
     (r,) = routes(t)
     assert r.services == (f"{WEB}~shop", "default/canary:80~shop")
     assert svc_of(t, "default/canary:80~shop").policy.max_body == 1024
+    assert r.filters is not None and r.filters.request_headers is not None
+    assert any("its own, other than canary-*, are ignored" in m
+               for m in messages(t, "Ingress", "shop-canary"))
 
 
 # -- basic auth ----------------------------------------------------------------------------------

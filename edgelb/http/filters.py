@@ -83,6 +83,8 @@ def rewrite_request(ex: Exchange, rule: Rule) -> None:
             path = rw.path
             if rule.regex is not None and "$" in path:  # `$1`..: the regex path's groups
                 path = expand_groups(path, rule.regex.fullmatch(path_only))
+                if not path.startswith("/"):
+                    path = "/" + path
         else:
             path = replace_path(path, rule.path, rw.prefix or "/")
         ex.url = (path + query).encode("latin-1")

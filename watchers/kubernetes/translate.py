@@ -683,6 +683,11 @@ class _Translator:
                                          "allows one per path); ignored")
             return
         self._canary_spots.add(spot)
+        reading = self._readings[key]
+        if reading.per_ingress or reading.filters is not None or reading.app_root:
+            self.problem("Ingress", key, "a canary Ingress takes the main Ingress's "
+                                         "annotations (as in ingress-nginx); its own, other "
+                                         "than canary-*, are ignored")
         for i, owner in mains:
             main = self.routes[i]
             name = self.service_name(ref, owner)
