@@ -753,6 +753,14 @@ def test_kubernetes_section() -> None:
     assert cfg("watchers: {kubernetes: }").kubernetes is None
 
 
+def test_kubernetes_ingress_nginx_annotations_key() -> None:
+    assert not cfg("watchers: {kubernetes: {}}").kubernetes.ingress_nginx_annotations
+    c = cfg("watchers: {kubernetes: {ingress_nginx_annotations: true}}")
+    assert c.kubernetes.ingress_nginx_annotations
+    one_error("watchers: {kubernetes: {ingress_nginx_annotations: maybe}}\n",
+              "watchers.kubernetes.ingress_nginx_annotations")
+
+
 def test_kubernetes_bad_namespace() -> None:
     one_error("watchers: {kubernetes: {namespaces: [Default]}}\n",
               "watchers.kubernetes.namespaces[0]")

@@ -201,7 +201,8 @@ class Redirect:
 @dataclass(frozen=True, slots=True)
 class Rewrite:
     """Rewrite the request before it is forwarded: the Host, the whole path, or the matched
-    path prefix (the query is kept)."""
+    path prefix (the query is kept). On a regex route, `$1`..`$9` in `path` are the groups of
+    the route's match (nginx's `rewrite`; ingress-nginx's rewrite-target)."""
 
     host: str = ""
     path: str | None = None

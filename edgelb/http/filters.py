@@ -7,6 +7,7 @@ Pure functions of the exchange's bytes; nothing here reaches the network.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -45,6 +46,24 @@ def replace_path(path: str, prefix: str, new: str) -> str:
     return (new + rest) or "/"
 
 
+_GROUP = re.compile(r"\$([0-9])")
+
+
+def expand_groups(template: str, match: re.Match[str] | None) -> str:
+    """`template` with `$1`..`$9` replaced by `match`'s groups ("" for a group that did not
+    take part or does not exist), as nginx's `rewrite` does (ingress-nginx's rewrite-target
+    on a regex path)."""
+    groups = match.re.groups if match is not None else 0
+
+    def group(m: re.Match[str]) -> str:
+        n = int(m.group(1))
+        if match is None or n > groups:
+            return ""
+        return match.group(n) or ""
+
+    return _GROUP.sub(group, template)
+
+
 def _split_target(url: str) -> tuple[str, str]:
     q = url.find("?")
     return (url[:q], url[q:]) if q >= 0 else (url, "")
@@ -59,8 +78,13 @@ def rewrite_request(ex: Exchange, rule: Rule) -> None:
         return
     if rw.path is not None or rw.prefix is not None:
         path, query = _split_target(ex.url.decode("latin-1"))
+        path_only = path
         if rw.path is not None:
             path = rw.path
+            if rule.regex is not None and "$" in path:  # `$1`..: the regex path's groups
+                path = expand_groups(path, rule.regex.fullmatch(path_only))
+                if not path.startswith("/"):
+                    path = "/" + path
         else:
             path = replace_path(path, rule.path, rw.prefix or "/")
         ex.url = (path + query).encode("latin-1")

@@ -83,6 +83,8 @@ class KubernetesWatcherConfig:
     publish_service: str | None = None  # "ns/name": its load balancer address goes to Ingresses
     publish_address: tuple[str, ...] = ()  # or these IPs / host names
     leader_election: bool = True  # one replica writes Ingress status (a Lease)
+    # read nginx.ingress.kubernetes.io/* annotations on Ingresses (edgelb.io/* always are)
+    ingress_nginx_annotations: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -779,7 +781,8 @@ def _kubernetes(c: _Checker, value: Any) -> KubernetesWatcherConfig | None:
     path = "watchers.kubernetes"
     m = c.section(value, path, "a mapping like {enabled: true, ingress_class: edgelb}",
                   ("enabled", "kubeconfig", "ingress_class", "namespaces", "pod_weights",
-                   "publish_service", "publish_address", "leader_election"))
+                   "publish_service", "publish_address", "leader_election",
+                   "ingress_nginx_annotations"))
     if m is None:
         return None
     # A section that is present is on unless it says `enabled: false`.
@@ -800,7 +803,7 @@ def _kubernetes(c: _Checker, value: Any) -> KubernetesWatcherConfig | None:
             ns.append(c.string(item, _join(npath, i), _K8S_NAME,
                                "a namespace is a lowercase DNS label, e.g. default"))
         fields["namespaces"] = None if items is None or None in ns else tuple(ns)
-    for key in ("pod_weights", "leader_election"):
+    for key in ("pod_weights", "leader_election", "ingress_nginx_annotations"):
         if key in m:
             fields[key] = c.boolean(m[key], _join(path, key))
     if m.get("publish_service") is not None:
@@ -1297,7 +1300,9 @@ def summarize(config: Config) -> str:
     if k is not None:
         state = "enabled" if k.enabled else "disabled"
         ns = ", ".join(k.namespaces) if k.namespaces else "all namespaces"
-        lines.append(f"watcher kubernetes: {state}, ingress class {k.ingress_class}, {ns}")
+        nginx = ", ingress-nginx annotations read" if k.ingress_nginx_annotations else ""
+        lines.append(f"watcher kubernetes: {state}, ingress class {k.ingress_class}, {ns}"
+                     f"{nginx}")
     m = config.marathon
     if m is not None:
         creds = ("basic auth as " + m.user if m.user else "a token file" if m.token_file
@@ -1465,7 +1470,8 @@ def json_schema() -> dict[str, Any]:
         "ingress_class": {"type": "string"}, "namespaces": _nullable(strings),
         "pod_weights": {"type": "boolean"}, "publish_service": {"type": ["string", "null"]},
         "publish_address": {"anyOf": [{"type": ["string", "null"]}, strings]},
-        "leader_election": {"type": "boolean"}})
+        "leader_election": {"type": "boolean"},
+        "ingress_nginx_annotations": {"type": "boolean"}})
     marathon = strict_object({
         "urls": {**strings, "minItems": 1}, "group": {"type": "string"},
         "health": {"type": "boolean"}, "resync": DURATION,

@@ -28,18 +28,29 @@ the controller:
   by SNI name, to the backend of the rule's `/` path (else its first path); the rule makes no
   HTTP routes. Rules without a host, and the default backend, cannot be passed through (there
   is no name to match): the former are problems, the latter stays an HTTP route.
+- Ingress annotations (`edgelb.io/<name>`, and ingress-nginx's under their own prefix with
+  `ingress_nginx`) are read by nginx_annotations.py. As in ingress-nginx, use-regex or
+  rewrite-target on one Ingress makes the Prefix paths of its hosts regexes on every
+  Ingress (case-insensitive, matched at the start of the path). Per-service ones give the
+  Ingress services of its own, `namespace/service:port~ingress`, so that they never change
+  another Ingress's traffic. A canary Ingress claims no path: it joins the main Ingress's
+  route of the same host, path and type (none: a problem). Basic auth that cannot be set up
+  (Secret missing, no usable users) fails closed: the Ingress's paths answer 503.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from watchers.kubernetes import nginx_annotations as nginx
 from watchers.model import Address, Backend, Policy, Route, Service, Snapshot
+from watchers.routing import regex_problem
 from watchers.values import path_prefix, positive
 
 Key = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped objects
@@ -66,6 +77,7 @@ PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
 _LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
 _HOST = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
 _BAD_PATH_CHARS = re.compile(r"[\s?#]")
+_BAD_REGEX_CHARS = re.compile(r"[\s#]")
 _QUANTITY = re.compile(
     r"^\+?([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?"
     r"(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$"
@@ -121,6 +133,7 @@ def translate(
     *,
     read_policy: PolicyReader,
     sni_routing: bool = True,
+    ingress_nginx: bool = False,
 ) -> Translation:
     """The Snapshot (source "kubernetes") for `state`, with every problem found on the way.
 
@@ -129,9 +142,10 @@ def translate(
     `edgelb.ops.config.policy_from_annotations` is); watchers never import edgelb. `sni_routing`:
     the proxy has a TLS entrypoint to route passthrough hosts by SNI; without one, a
     passthrough Ingress is a problem of its own rather than a snapshot the runtime would
-    reject whole."""
+    reject whole. `ingress_nginx`: read `nginx.ingress.kubernetes.io/*` annotations on
+    Ingresses as well (`watchers.kubernetes.ingress_nginx_annotations`)."""
     return _Translator(state, ingress_class, controller, defaults, zone, pod_weights,
-                       read_policy, sni_routing).run()
+                       read_policy, sni_routing, ingress_nginx).run()
 
 
 # -- reading raw JSON without trusting it -------------------------------------------------------
@@ -226,8 +240,19 @@ class _Ref:
 class _Translator:
     def __init__(self, state: ClusterState, ingress_class: str, controller: str,
                  defaults: Policy, zone: str, pod_weights: bool,
-                 read_policy: PolicyReader, sni_routing: bool = True) -> None:
+                 read_policy: PolicyReader, sni_routing: bool = True,
+                 ingress_nginx: bool = False) -> None:
         self.state = state
+        self.ingress_nginx = ingress_nginx
+        self._readings: dict[Key, nginx.Reading] = {}  # an Ingress's annotations, read once
+        # spot -> the indexes of its routes in self.routes, and their Ingresses
+        self._mains: dict[tuple[str, str, bool], list[tuple[int, Key]]] = {}
+        self._canaries: list[tuple[Key, tuple[str, str, bool], _Ref]] = []
+        self._canary_spots: set[tuple[str, str, bool]] = set()
+        self._regex_hosts: set[str] = set()  # hosts whose Prefix paths are all regexes
+        # (Ingress, id of the base policy) -> (base, policy, usable); the base is held so its
+        # id stays its own (a Policy may hold unhashable parts)
+        self._ingress_policies: dict[tuple[Key, int], tuple[Policy, Policy, bool]] = {}
         self.sni_routing = sni_routing
         self.ingress_class = ingress_class
         self.controller = controller
@@ -268,9 +293,15 @@ class _Translator:
         ours = self.our_ingresses()
         claims: dict[tuple[str, str, bool], tuple[Key, bool]] = {}
         for key, ing in ours:
+            self.guarded("Ingress", key, lambda k=key, i=ing: self.regex_host(k, i))
+        for key, ing in ours:
             self.guarded("Ingress", key, lambda k=key, i=ing: self.ingress_rules(k, i, claims))
         for key, ing in ours:
             self.guarded("Ingress", key, lambda k=key, i=ing: self.default_backend(k, i, claims))
+        for key, spot, ref in self._canaries:
+            self.guarded("Ingress", key, lambda k=key, s=spot, r=ref: self.canary(k, s, r))
+        for key, ing in ours:
+            self.guarded("Ingress", key, lambda k=key, i=ing: self.app_root(k, i, claims))
         for key, ing in ours:
             self.guarded("Ingress", key, lambda k=key, i=ing: self.ingress_tls(k, i))
         self.static_services()
@@ -317,6 +348,7 @@ class _Translator:
             self.problem("Ingress", key, "has neither spec.rules nor spec.defaultBackend; "
                                          "nothing to route")
         passthrough = self.passthrough_wanted(key, ing)
+        self.read_annotations(key, ing)
         for i, rule in enumerate(_list(rules)):
             where = f"spec.rules[{i}]"
             if not isinstance(rule, dict):
@@ -341,6 +373,8 @@ class _Translator:
 
     def passthrough_wanted(self, key: Key, ing: Obj) -> bool:
         raw = _annotations(ing).get(PASSTHROUGH_ANNOTATION)
+        if raw is None and self.ingress_nginx:
+            raw = _annotations(ing).get(nginx.NGINX + nginx.PASSTHROUGH)
         if raw is None:
             return False
         value = _str(raw).strip().lower()
@@ -413,23 +447,45 @@ class _Translator:
         path = item.get("path")
         if (path is None or path == "") and kind == "ImplementationSpecific":
             path = "/"
-        if not isinstance(path, str) or not path.startswith("/") or _BAD_PATH_CHARS.search(path):
+        exact = kind == "Exact"
+        reading = self._readings.get(key, nginx.Reading())
+        regex = (reading.regex or host in self._regex_hosts) and not exact
+        bad = _BAD_REGEX_CHARS if regex else _BAD_PATH_CHARS  # a regex may hold `?`
+        if not isinstance(path, str) or not path.startswith("/") or bad.search(path):
             self.problem("Ingress", key, f"{where}.path: {path!r} is not an absolute path "
                                          "(start it with '/', no spaces, '?' or '#'); skipped")
             return
         ref = self.backend_ref(key, item.get("backend"), f"{where}.backend")
         if ref is None:
             return
-        exact = kind == "Exact"
+        written = path
         if not exact:
             path = path_prefix(path)
-        if self.claim(key, (host, path, exact), claims, rule=True, where=where):
-            self.add_route(Route(host=host, path=path, service=ref.name, exact=exact), ref, key)
+        if reading.canary is not None:  # joins the main Ingress's route (canary())
+            self._canaries.append((key, (host, path, exact), ref))
+            return
+        route = Route(host=host, path=path, service=self.service_name(ref, key), exact=exact,
+                      name=f"Ingress {key[0]}/{key[1]}")
+        if regex:
+            pattern = nginx.regex_path(written)
+            why = regex_problem(pattern)
+            if why:
+                self.problem("Ingress", key, f"{where}.path: as a regular expression "
+                                             f"(use-regex or rewrite-target): {why}; skipped")
+                return
+            route = replace(route, path=pattern, regex=True)
+        if self.claim(key, (host, route.path, exact), claims, rule=True, where=where):
+            self._mains.setdefault((host, path, exact), []).append((len(self.routes), key))
+            self.add_route(nginx.shape(route, reading), ref, key)
 
     def default_backend(self, key: Key, ing: Obj,
                         claims: dict[tuple[str, str, bool], tuple[Key, bool]]) -> None:
         spec = _map(ing.get("spec"))
         if spec.get("defaultBackend") is None:
+            return
+        if self.read_annotations(key, ing).canary is not None:
+            self.problem("Ingress", key, "spec.defaultBackend of a canary Ingress is not used "
+                                         "(a canary joins the main Ingress's paths)")
             return
         ref = self.backend_ref(key, spec.get("defaultBackend"), "spec.defaultBackend")
         if ref is None:
@@ -438,7 +494,9 @@ class _Translator:
         if owner is not None and owner[1]:
             return  # a rule covers any host, path "/": the default backend is never reached
         if self.claim(key, ("", "/", False), claims, rule=False, where="spec.defaultBackend"):
-            self.add_route(Route(host="", path="/", service=ref.name), ref, key)
+            route = Route(host="", path="/", service=self.service_name(ref, key))
+            self.add_route(nginx.shape(route, self._readings.get(key, nginx.Reading())), ref,
+                           key)
 
     def claim(self, key: Key, spot: tuple[str, str, bool],
               claims: dict[tuple[str, str, bool], tuple[Key, bool]], rule: bool,
@@ -484,24 +542,176 @@ class _Translator:
 
     def add_route(self, route: Route, ref: _Ref, ingress: Key) -> None:
         self.routes.append(route)
-        if ref.name not in self.services:
-            self.services[ref.name] = self.route_service(ref, ingress)
+        if route.service not in self.services:
+            self.services[route.service] = self.route_service(ref, ingress, route.service)
 
-    def route_service(self, ref: _Ref, ingress: Key) -> Service:
+    def route_service(self, ref: _Ref, ingress: Key, name: str = "",
+                      policy_of: Key | None = None) -> Service:
+        """The service `name` (default `ref.name`) of an Ingress backend; one named for its
+        Ingress (service_name) has the Ingress's (or `policy_of`'s) per-service annotations
+        over the Service's policy."""
+        name = name or ref.name
         skey = (ref.namespace, ref.service)
         svc = self.state.services.get(skey)
         if not isinstance(svc, dict):
             self.problem("Ingress", ingress, f"backend Service {ref.namespace}/{ref.service} "
                                              "not found; its paths answer 503 until it exists")
-            return Service(name=ref.name, mode="http", policy=self.defaults)
+            return Service(name=name, mode="http", policy=self.defaults)
         policy, errs = self.policy(skey, svc)
         if errs:
             policy = self.defaults
         port = self.service_port(ingress, "Ingress", skey, svc, ref.port,
                                  f"backend {ref.namespace}/{ref.service}:{ref.port}")
         backends = () if port is None else self.backends(skey, svc, port)
-        return Service(name=ref.name, mode="http", backends=backends,
-                       policy=self.http_policy(skey, policy))
+        policy = self.http_policy(skey, policy)
+        if name != ref.name:
+            policy, usable = self.ingress_policy(policy_of or ingress, policy)
+            if not usable:
+                backends = ()  # fails closed: 503
+        return Service(name=name, mode="http", backends=backends, policy=policy)
+
+    # -- Ingress annotations (nginx_annotations.py) ----------------------------------------------
+
+    def read_annotations(self, key: Key, ing: Obj) -> nginx.Reading:
+        if key not in self._readings:
+            ann = _annotations(ing)
+            reading = nginx.read(ann, self.ingress_nginx)
+            for message in reading.problems:
+                self.problem("Ingress", key, message)
+            if nginx.ignored_nginx(ann, self.ingress_nginx):
+                self.problem("Ingress", key, f"{nginx.NGINX}* annotations are not read; set "
+                                             "watchers.kubernetes.ingress_nginx_annotations: "
+                                             "true, or write them as edgelb.io/<name>")
+            self._readings[key] = reading
+        return self._readings[key]
+
+    def regex_host(self, key: Key, ing: Obj) -> None:
+        """ingress-nginx's quirk: use-regex or rewrite-target on one Ingress makes every
+        Prefix path of its hosts, on any Ingress, a case-insensitive regex (and so their
+        precedence is the regexes' own: the longer pattern first)."""
+        if not self.read_annotations(key, ing).regex:
+            return
+        for rule in _list(_map(ing.get("spec")).get("rules")):
+            host = _map(rule).get("host")
+            if host is None or isinstance(host, str):
+                self._regex_hosts.add((host or "").lower().rstrip("."))
+
+    def service_name(self, ref: _Ref, ingress: Key) -> str:
+        """`ref.name`, or `ref.name~ingress` when the Ingress sets per-service annotations
+        (its own service: another Ingress's traffic to the same port is not changed)."""
+        reading = self._readings.get(ingress)
+        if reading is None or not (reading.per_ingress or self.https_redirect(ingress)):
+            return ref.name
+        return f"{ref.name}~{ingress[1]}"
+
+    def https_redirect(self, ingress: Key) -> bool:
+        reading = self._readings.get(ingress)
+        if reading is None:
+            return False
+        has_tls = bool(_list(_map(_map(self.state.ingresses.get(ingress)).get("spec")).get(
+            "tls")))
+        return reading.wants_https_redirect(has_tls, self.ingress_nginx)
+
+    def ingress_policy(self, ingress: Key, base: Policy) -> tuple[Policy, bool]:
+        """`base` with the Ingress's per-service annotations, each read on its own (a bad one
+        is a problem and left out), and whether the service may be served (False: basic auth
+        was asked for and cannot be set up)."""
+        cache_key = (ingress, id(base))
+        if cache_key in self._ingress_policies:
+            _, cached, ok = self._ingress_policies[cache_key]
+            return cached, ok
+        reading = self._readings.get(ingress, nginx.Reading())
+        items = dict(reading.policy)
+        if self.https_redirect(ingress):
+            items["redirect-to-https"] = ("true", "ssl-redirect")
+        usable = True
+        if reading.auth is not None:
+            users = self.auth_users(ingress, reading.auth)
+            usable = users is not None
+            if users is not None:
+                auth: dict[str, Any] = {"users": users}
+                if reading.auth.realm:
+                    auth["realm"] = reading.auth.realm
+                items["auth"] = (json.dumps(auth), reading.auth.annotation)
+        policy = base
+        for k, (value, source) in sorted(items.items()):
+            read, errs = self.read_policy({PREFIX + k: value}, policy)
+            for e in errs:
+                self.problem("Ingress", ingress, f"{source}: read as {e}")
+            if not errs:
+                policy = read
+            elif k == "auth":
+                usable = False
+        if not usable:
+            self.problem("Ingress", ingress, "basic auth is asked for and cannot be set up; "
+                                             "the Ingress's paths answer 503 until it can")
+        self._ingress_policies[cache_key] = (base, policy, usable)
+        return policy, usable
+
+    def auth_users(self, ingress: Key, auth: nginx.BasicAuth) -> list[str] | None:
+        """The `user:HASH` lines of the Ingress's basic-auth Secret, or None (a problem)."""
+        if not auth.secret:
+            return None  # the reader said why
+        ns, _, name = auth.secret.rpartition("/")
+        if ns and ns != ingress[0]:
+            self.problem("Ingress", ingress, f"{auth.annotation}: {auth.secret!r} is in "
+                                             "another namespace; edgelb reads auth Secrets "
+                                             "of the Ingress's own namespace only")
+            return None
+        users, why = nginx.auth_users(self.state.secrets.get((ingress[0], name)), auth.kind)
+        if why is not None:
+            self.problem("Ingress", ingress, f"{auth.annotation}: Secret {ingress[0]}/{name} "
+                                             f"{why}")
+            return None
+        return users
+
+    def canary(self, key: Key, spot: tuple[str, str, bool], ref: _Ref) -> None:
+        """A canary Ingress's path: the main Ingress's routes of the same spot gain the
+        canary's routes (nginx_annotations.canary_routes)."""
+        canary = self._readings[key].canary
+        if canary is None:
+            return
+        mains = self._mains.get(spot)
+        host, path, exact = spot
+        what = (f'host "{host}"' if host else "any host") + \
+            f' path "{path}" ({"Exact" if exact else "Prefix"})'
+        if not mains:
+            self.problem("Ingress", key, f"canary: no main Ingress routes {what}; ignored")
+            return
+        if spot in self._canary_spots:
+            self.problem("Ingress", key, f"canary: {what} already has a canary (ingress-nginx "
+                                         "allows one per path); ignored")
+            return
+        self._canary_spots.add(spot)
+        reading = self._readings[key]
+        if reading.per_ingress or reading.filters is not None or reading.app_root:
+            self.problem("Ingress", key, "a canary Ingress takes the main Ingress's "
+                                         "annotations (as in ingress-nginx); its own, other "
+                                         "than canary-*, are ignored")
+        for i, owner in mains:
+            main = self.routes[i]
+            name = self.service_name(ref, owner)
+            if name not in self.services:
+                self.services[name] = self.route_service(ref, key, name, policy_of=owner)
+            routes = nginx.canary_routes(main, name, canary, main.name)
+            self.routes[i] = routes[-1]
+            self.routes.extend(routes[:-1])
+
+    def app_root(self, key: Key, ing: Obj,
+                 claims: dict[tuple[str, str, bool], tuple[Key, bool]]) -> None:
+        """ingress-nginx's app-root: `/` on each host of the Ingress answers 302 to it."""
+        reading = self._readings.get(key)
+        if reading is None or reading.app_root is None or reading.canary is not None:
+            return
+        hosts: list[str] = []
+        for i, rule in enumerate(_list(_map(ing.get("spec")).get("rules"))):
+            host = self.host(key, _map(rule).get("host"), f"spec.rules[{i}].host")
+            if host is not None and host not in hosts:
+                hosts.append(host)
+        for host in hosts:
+            if self.claim(key, (host, "/", True), claims, rule=True, where="app-root"):
+                self.routes.append(nginx.app_root_route(host, reading.app_root,
+                                                        f"Ingress {key[0]}/{key[1]}"))
 
     def http_policy(self, skey: Key, policy: Policy) -> Policy:
         """An http service sends no PROXY protocol (X-Forwarded-For and Forwarded carry the

@@ -70,9 +70,10 @@ class KubernetesWatcher:
     `stop()`, or `run()`.
 
     `config`: the `watchers.kubernetes` block (edgelb.ops.config.KubernetesWatcherConfig: its
-    kubeconfig, namespaces, ingress_class, pod_weights, publish_address, publish_service and
-    leader_election are read). `read_policy(annotations, base)`: the per-service keys of a
-    Service's `edgelb.io/*` annotations (edgelb.ops.config.policy_from_annotations)."""
+    kubeconfig, namespaces, ingress_class, pod_weights, publish_address, publish_service,
+    leader_election and ingress_nginx_annotations are read). `read_policy(annotations,
+    base)`: the per-service keys of a Service's `edgelb.io/*` annotations
+    (edgelb.ops.config.policy_from_annotations)."""
 
     name = NAME
 
@@ -136,6 +137,8 @@ class KubernetesWatcher:
             "ingresses": (INGRESSES, "", ns),
             "ingressclasses": (INGRESSCLASSES, "", ()),
             "secrets": (SECRETS, "type=kubernetes.io/tls", ns),
+            # basic-auth Secrets of Ingress annotations (`kubectl create secret generic`)
+            "opaque_secrets": (SECRETS, "type=Opaque", ns),
         }
         if cfg.pod_weights:
             kinds["pods"] = (PODS, "", ns)
@@ -231,6 +234,9 @@ class KubernetesWatcher:
         # the reflectors' caches as they are: translate() reads them without awaiting
         state = ClusterState(**{kind: self._cache(kind) for kind in (
             "services", "endpointslices", "ingresses", "ingressclasses", "secrets", "pods")})
+        if self._cache("opaque_secrets"):  # a Secret has one type: the keys never collide
+            state = dataclasses.replace(state, secrets={**state.secrets,
+                                                        **self._cache("opaque_secrets")})
         translation = translate(
             state,
             ingress_class=self.config.ingress_class,
@@ -239,6 +245,7 @@ class KubernetesWatcher:
             pod_weights=self.config.pod_weights,
             read_policy=self.read_policy,
             sni_routing=self.sni_routing(),
+            ingress_nginx=getattr(self.config, "ingress_nginx_annotations", False),
         )
         problems = list(translation.problems)
         certificates, origins = self._certificates(translation, problems)
