@@ -3,12 +3,13 @@
 It serves, over plain HTTP on 127.0.0.1, the resources edgelb reads and writes: core/v1
 services, secrets, pods, nodes and events; discovery.k8s.io/v1 endpointslices;
 networking.k8s.io/v1 ingresses and ingressclasses; coordination.k8s.io/v1 leases; core/v1
-configmaps; and the Gateway API's gateway.networking.k8s.io/v1 (GatewayClass cluster-scoped;
-Gateway, HTTPRoute, GRPCRoute, ReferenceGrant, TLSRoute, TCPRoute, BackendTLSPolicy namespaced:
-all v1 in the standard channel of Gateway API v1.6) with API discovery of that group version
-(an `APIResourceList`). Those CRD kinds carry `metadata.generation`, raised when anything but
-the status changes. `FakeKubeAPI(gateway_api=False)` (or `absent={"tcproutes"}`) serves a
-cluster without those CRDs: their URLs answer 404 as a real server does. The official
+configmaps and namespaces; and the Gateway API's gateway.networking.k8s.io/v1 (GatewayClass
+cluster-scoped; Gateway, HTTPRoute, GRPCRoute, ReferenceGrant, TLSRoute, TCPRoute and
+BackendTLSPolicy namespaced: all v1 in the standard channel of Gateway API v1.6) with API
+discovery of that group version (an `APIResourceList`). Those CRD kinds carry
+`metadata.generation`, raised when anything but the status changes.
+`FakeKubeAPI(gateway_api=False)` (or `absent={"tcproutes"}`) serves a cluster without those
+CRDs: their URLs answer 404 as a real server does. The official
 client (`kubernetes.aio`) talks to it through a kubeconfig written by `kubeconfig(path)`.
 
 What is faithful (because the code under test depends on it):
@@ -79,6 +80,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("networking.k8s.io", "v1", "ingressclasses", "IngressClass", False),
     Kind("coordination.k8s.io", "v1", "leases", "Lease", True),
     Kind("", "v1", "configmaps", "ConfigMap", True),
+    Kind("", "v1", "namespaces", "Namespace", False),
 )
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 GATEWAY_KINDS: tuple[Kind, ...] = (
