@@ -384,3 +384,39 @@ async def test_without_the_crds_ingress_keeps_working(cluster: Cluster) -> None:
     assert watcher is not None and not watcher.gateway_on
     assert watcher._gateway_problem is not None
     assert "install the Gateway API CRDs" in watcher._gateway_problem.message
+
+
+async def test_every_request_is_granted_by_the_manifests(cluster: Cluster, tmp_path: Path
+                                                         ) -> None:
+    """What the watcher asks of the API (lists, watches, status patches) is exactly what
+    `edgelb manifests` grants with gateway_api on (discovery is every client's)."""
+    import yaml
+    from test_k8s_e2e import _used
+
+    from edgelb.ops.cli import build_parser
+    from edgelb.ops.manifests import options_from_args, render
+
+    fake = cluster.fake
+    base(fake)
+    await cluster.pod("web")
+    fake.put(http_route("r", [parent("gw")], [rule([backend("web")])],
+                        hostnames=["r.example.com"]))
+    await fake.wait_for(lambda: bool(cluster.status("HTTPRoute", "r").get("parents")),
+                        what="the route's status")
+    config = tmp_path / "m.yaml"
+    config.write_text("admin: {listen: 0.0.0.0:9090}\n"
+                      "entrypoints: {http: {listen: 0.0.0.0:8080}}\n"
+                      "watchers: {kubernetes: {gateway_api: true}}\n")
+    text = render(options_from_args(build_parser().parse_args(
+        ["manifests", "--config", str(config)]))).text
+    granted = {(g, res, v) for doc in yaml.safe_load_all(text)
+               if doc and doc["kind"] in ("ClusterRole", "Role")
+               for rule_ in doc["rules"] for g in rule_["apiGroups"]
+               for res in rule_["resources"] for v in rule_["verbs"]}
+    discovery = "/apis/gateway.networking.k8s.io/v1"
+    fake.requests = [r for r in fake.requests if r.path.rstrip("/") != discovery]
+    used = _used(fake)
+    assert ("gateway.networking.k8s.io", "httproutes/status", "patch") in used
+    assert ("gateway.networking.k8s.io", "gateways", "watch") in used
+    missing = used - granted
+    assert not missing, f"requests the RBAC of `edgelb manifests` does not allow: {missing}"
