@@ -366,6 +366,35 @@ async def test_tls_route_passthrough(cluster: Cluster) -> None:
         server.close()
 
 
+async def test_backend_tls_policy_verifies_the_backend_with_the_configmap_ca(
+        cluster: Cluster, tmp_path: Path) -> None:
+    fake = cluster.fake
+    cert, key = tlskit.ca().issue(["web.internal"], serial=99)
+    (tmp_path / "c.pem").write_bytes(cert)
+    (tmp_path / "k.pem").write_bytes(key)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    server, port = await tlskit.serve(ctx)
+    try:
+        base(fake)
+        fake.put(service("web", port=443))
+        fake.put(endpoints("web", port))
+        fake.put(http_route("r", [parent("gw")], [rule([backend("web", 443)])],
+                            hostnames=["t.example.com"]))
+        await cluster.until("t.example.com", "/", 502)  # plain HTTP to a TLS server
+        fake.put({"apiVersion": "v1", "kind": "ConfigMap",
+                  "metadata": {"name": "ca", "namespace": "default"},
+                  "data": {"ca.crt": tlskit.ca().pem.decode()}})
+        fake.put({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "BackendTLSPolicy",
+                  "metadata": {"name": "web-tls", "namespace": "default"},
+                  "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                           "validation": {"hostname": "web.internal", "caCertificateRefs": [
+                               {"group": "", "kind": "ConfigMap", "name": "ca"}]}}})
+        await cluster.until("t.example.com", "/", (200, "ok"))
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("cluster", [False], indirect=True)
 async def test_without_the_crds_ingress_keeps_working(cluster: Cluster) -> None:
     fake = cluster.fake
