@@ -197,6 +197,41 @@ def test_hostname_intersection_of_listener_and_route() -> None:
     assert [r.host for r in t.routes] == ["*.example.com"]
 
 
+def test_invalid_route_hostnames_are_ignored_and_never_widen_the_route() -> None:
+    t = run(*BASE, http_route("r", [parent("gw")], [rule([backend("web")])],
+                              hostnames=["Bad_Host!", "ok.example.com"]),
+            http_route("bad", [parent("gw")], [rule([backend("web")])], hostnames=["a b"]))
+    assert [r.host for r in t.routes] == ["ok.example.com"]
+    assert parent_conds(t, "bad")[0]["Accepted"] == ("False", "NoMatchingListenerHostname")
+    assert any("'Bad_Host!' is not a host name" in p.message for p in t.problems)
+
+
+def test_what_the_ingresses_hold_stays_theirs() -> None:
+    gw = gateway("gw", [listener("tls", "TLS", 443, mode="Passthrough"),
+                        listener("db", "TCP", 15432)])
+    objs = [gateway_class(), gw, service("pg", port=5432), slice_for("pg", ["10.0.0.7"], 5432),
+            http_route("t", [parent("gw", section="tls")], [rule([backend("pg", 5432)])],
+                       hostnames=["db.example.com"], kind="TLSRoute"),
+            http_route("c", [parent("gw", section="db")], [rule([backend("pg", 5432)])],
+                       kind="TCPRoute")]
+    cluster: dict[str, dict] = {"services": {}, "endpointslices": {}}
+    gwstate: dict[str, dict] = {v: {} for v in _GATEWAY.values()}
+    for o in objs:
+        m = o["metadata"]
+        key = (m.get("namespace", ""), m["name"])
+        if o["kind"] in _CLUSTER:
+            cluster[_CLUSTER[o["kind"]]][key] = o
+        else:
+            gwstate[_GATEWAY[o["kind"]]][key] = o
+    t = translate_gateway(ClusterState(**cluster), GatewayState(**gwstate),
+                          read_policy=no_policy, passthrough_taken=["db.example.com"],
+                          ports_taken=[15432])
+    assert t.routes == () and t.services == ()
+    by = {ln["name"]: conds(ln) for ln in status(t, "gateways", "gw")["listeners"]}
+    assert by["db"]["Conflicted"] == ("True", "ProtocolConflict")
+    assert any("ssl-passthrough" in p.message for p in t.problems)
+
+
 def test_allowed_routes_namespaces_and_section_name() -> None:
     ns_obj = {"apiVersion": "v1", "kind": "Namespace",
               "metadata": {"name": "team", "labels": {"expose": "yes"}}}

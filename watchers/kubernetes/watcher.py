@@ -270,7 +270,9 @@ class KubernetesWatcher:
                 state, GatewayState(**{kind: self._cache(kind) for kind in GATEWAY_CACHES}),
                 read_policy=self.read_policy, defaults=self.defaults(),
                 zone=self.zone() or self.node_zone, pod_weights=self.config.pod_weights,
-                sni_routing=self.sni_routing(), tls_taken=translation.tls)
+                sni_routing=self.sni_routing(), tls_taken=translation.tls,
+                passthrough_taken=_passthrough_hosts(translation),
+                ports_taken=[s.listen.port for s in translation.snapshot.services if s.listen])
             translation = self._with_gateway(translation, gateway)
             self.gateway_translation = gateway
         problems = list(translation.problems)
@@ -571,6 +573,13 @@ class KubernetesWatcher:
                 **{r.kind: name for name, r in KINDS.items()}}.get(p.kind)
         r = self.reflectors.get(kind) if kind else None
         return r.cache.get((p.namespace, p.name)) if r is not None else None
+
+
+def _passthrough_hosts(translation: Translation) -> list[str]:
+    """The host names the Ingresses pass through undecrypted."""
+    snap = translation.snapshot
+    relayed = {s.name for s in snap.services if s.tls_passthrough}
+    return [r.host for r in snap.routes if r.service in relayed]
 
 
 def _secret_problem(origins: dict[str, tuple[str, str]], notice: Notice) -> Problem:

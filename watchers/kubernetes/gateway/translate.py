@@ -29,7 +29,7 @@ What edgelb does with a Gateway of a class whose `controllerName` is `edgelb.io/
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -127,15 +127,22 @@ def translate_gateway(
     pod_weights: bool = False,
     sni_routing: bool = True,
     tls_taken: Mapping[str, Any] | None = None,
+    passthrough_taken: Iterable[str] = (),
+    ports_taken: Iterable[int] = (),
     controller: str = CONTROLLER,
 ) -> GatewayTranslation:
     """Everything the Gateway API objects of `state` ask of edgelb (see the module docstring).
 
     `cluster` gives the Services, EndpointSlices, Secrets and Pods; `sni_routing`: the proxy
-    has a TLS entrypoint; `tls_taken`: SNI patterns whose certificate the Ingresses already
-    set (they keep it; a listener asking for another is reported)."""
-    return _Gateways(cluster, state, read_policy, defaults, zone, pod_weights, sni_routing,
-                     dict(tls_taken or {}), controller).run()
+    has a TLS entrypoint. What the Ingresses already hold stays theirs (a Gateway asking for it
+    is reported, so that the runtime never rejects the whole snapshot over it): `tls_taken`,
+    the SNI patterns whose certificate they set; `passthrough_taken`, the host names they pass
+    through; `ports_taken`, the static ports of their Services."""
+    g = _Gateways(cluster, state, read_policy, defaults, zone, pod_weights, sni_routing,
+                  dict(tls_taken or {}), controller)
+    g.passthrough.update((h, ("", "")) for h in passthrough_taken)
+    g.tcp_ports.update((p, ("", "")) for p in ports_taken)
+    return g.run()
 
 
 def _cond(kind: str, ok: bool, reason: str, message: str, generation: int) -> Obj:
@@ -392,9 +399,9 @@ class _Gateways:
             if ln.protocol == "TCP" and ln.usable:
                 owner = self.tcp_ports.setdefault(ln.port, key)
                 if owner != key:
-                    ln.conflicted = (True, "ProtocolConflict",
-                                     f"port {ln.port} is bound by the older Gateway "
-                                     f"{owner[0]}/{owner[1]}")
+                    by = (f"the older Gateway {owner[0]}/{owner[1]}" if owner[1]
+                          else "a Service annotated edgelb.io/port")
+                    ln.conflicted = (True, "ProtocolConflict", f"port {ln.port} is bound by {by}")
             if ln.conflicted[0]:
                 ln.programmed = (False, "Invalid", ln.conflicted[2])
                 self.problem("Gateway", key, f"listener {ln.name}: {ln.conflicted[2]}")
@@ -466,9 +473,16 @@ class _Gateways:
     def route(self, kind: str, key: Key, obj: Obj, rank: int) -> None:
         spec = _map(obj.get("spec"))
         gen = _generation(obj)
-        hostnames = [h.lower().rstrip(".") for h in _list(spec.get("hostnames"))
-                     if isinstance(h, str)] if kind in ("HTTPRoute", "GRPCRoute", "TLSRoute") \
-            else []
+        hostnames: list[str] | None = None  # None: any
+        if kind != "TCPRoute" and _list(spec.get("hostnames")):
+            hostnames = []  # none valid: the route matches no listener
+            for h in _list(spec.get("hostnames")):
+                host = _str(h).lower().rstrip(".")
+                if _HOST.match(host):
+                    hostnames.append(host)
+                else:
+                    self.problem(kind, key, f"spec.hostnames: {h!r} is not a host name; "
+                                            "ignored")
         parents: list[tuple[Obj, list[tuple[_Listener, list[str]]] | None, tuple[str, str]]] = []
         for ref in _list(spec.get("parentRefs")):
             ref = _map(ref)
@@ -496,7 +510,7 @@ class _Gateways:
                 self.problem(kind, key, f"parent Gateway {ref.get('name')}: {message}")
         self.statuses.append(StatusUpdate(kind.lower() + "s", key, {"parents": status_parents}))
 
-    def attach(self, kind: str, key: Key, ref: Obj, gw: Key, hostnames: list[str]
+    def attach(self, kind: str, key: Key, ref: Obj, gw: Key, hostnames: list[str] | None
                ) -> tuple[Obj, list[tuple[_Listener, list[str]]] | None, tuple[str, str]]:
         """The listeners of `gw` that take this route, with its hosts on each."""
         section = ref.get("sectionName")
@@ -514,7 +528,12 @@ class _Gateways:
                                                         f"namespace {key[0]}")
         found = []
         for ln in allowed:
-            hosts = route_hosts(ln.hostname, hostnames) if kind != "TCPRoute" else [""]
+            if kind == "TCPRoute":
+                hosts = [""]
+            elif hostnames is None:
+                hosts = [ln.hostname]
+            else:
+                hosts = route_hosts(ln.hostname, hostnames) if hostnames else []
             if hosts:
                 found.append((ln, hosts))
         if not found:
@@ -902,8 +921,10 @@ class _Gateways:
                 continue
             owner = self.passthrough.setdefault(host, key)
             if owner != key:
-                self.problem("TLSRoute", key, f"host {host} is already relayed by the older "
-                                              f"TLSRoute {owner[0]}/{owner[1]}; ignored")
+                by = (f"the older TLSRoute {owner[0]}/{owner[1]}" if owner[1]
+                      else "an Ingress annotated edgelb.io/ssl-passthrough")
+                self.problem("TLSRoute", key, f"host {host} is already relayed by {by}; "
+                                              "ignored")
                 continue
             name = f"{share.service}@{host}"
             self.services[name] = Service(name=name, mode="tcp", backends=share.backends,
