@@ -34,7 +34,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from watchers.kubernetes.gateway.resources import CONTROLLER, GROUP
-from watchers.kubernetes.gateway.values import duration, route_hosts, selector_matches
+from watchers.kubernetes.gateway.rules import HttpRules, Share
+from watchers.kubernetes.gateway.values import route_hosts, selector_matches
 from watchers.kubernetes.translate import (
     LISTEN_HOST,
     ClusterState,
@@ -51,31 +52,13 @@ from watchers.kubernetes.translate import (
     _Translator,
     _valid_port,
 )
-from watchers.model import (
-    Address,
-    Backend,
-    Cors,
-    Filters,
-    HeaderEdits,
-    Mirror,
-    Policy,
-    Redirect,
-    Rewrite,
-    Route,
-    Service,
-    ValueMatch,
-    WeightedService,
-)
-from watchers.routing import regex_problem
-from watchers.values import path_prefix
+from watchers.model import Address, Policy, Route, Service
 
 SERVICE_PREFIX = "gateway:"  # names of the services Gateway API routes lead to
 PROTOCOLS = ("HTTP", "HTTPS", "TLS", "TCP")
 ROUTE_KINDS = {"HTTP": ("HTTPRoute", "GRPCRoute"), "HTTPS": ("HTTPRoute", "GRPCRoute"),
                "TLS": ("TLSRoute",), "TCP": ("TCPRoute",)}
 _HOST = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
-_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
-_REDIRECT_CODES = (301, 302, 303, 307, 308)
 _FAMILY = {"HTTP": "http", "HTTPS": "tls", "TLS": "tls", "TCP": "tcp"}  # what shares a port
 
 
@@ -177,19 +160,7 @@ class _Listener:
         return self.accepted[0] and not self.conflicted[0]
 
 
-@dataclass
-class _Share:
-    """A backendRef as resolved: the service it leads to, or why it cannot."""
-
-    service: str
-    weight: int
-    reason: str = ""  # "" resolved; else the ResolvedRefs reason
-    message: str = ""
-    backends: tuple[Backend, ...] = ()
-    policy: Policy | None = None
-
-
-class _Gateways:
+class _Gateways(HttpRules):
     def __init__(self, cluster: ClusterState, state: GatewayState, read_policy: PolicyReader,
                  defaults: Policy, zone: str, pod_weights: bool, sni_routing: bool,
                  tls_taken: dict[str, Any], controller: str) -> None:
@@ -556,7 +527,7 @@ class _Gateways:
         """Routes and services for an attached route; its ResolvedRefs condition."""
         spec = _map(obj.get("spec"))
         rules = _list(spec.get("rules"))
-        failures: list[_Share] = []
+        failures: list[Share] = []
         if kind in ("HTTPRoute", "GRPCRoute"):
             hosts = list(dict.fromkeys(h for _, hs in attached for h in hs))
             for i, rule in enumerate(rules):
@@ -574,7 +545,7 @@ class _Gateways:
     # -- backends -------------------------------------------------------------------------------
 
     def share(self, kind: str, key: Key, ref: Obj, mode: str = "http",
-              protocol: str = "http1") -> _Share:
+              protocol: str = "http1") -> Share:
         """One backendRef: its service (made here), or why it is unresolved."""
         group, bkind = _str(ref.get("group")), _str(ref.get("kind")) or "Service"
         name = _str(ref.get("name"))
@@ -585,22 +556,22 @@ class _Gateways:
             and weight >= 0 else 1
         label = f"{ns}/{name}:{port}"
         if group or bkind != "Service":
-            return _Share(label, weight, "InvalidKind", f"backendRef {group or 'core'}/{bkind} "
+            return Share(label, weight, "InvalidKind", f"backendRef {group or 'core'}/{bkind} "
                                                         f"{name}: only Services are supported")
         if ns != key[0] and not self.granted(kind, key[0], "", "Service", ns, name):
-            return _Share(label, weight, "RefNotPermitted",
+            return Share(label, weight, "RefNotPermitted",
                           f"Service {ns}/{name} is in another namespace and no ReferenceGrant "
                           "there allows it")
         svc = self.cluster.services.get((ns, name))
         if not isinstance(svc, dict):
-            return _Share(label, weight, "BackendNotFound", f"Service {ns}/{name} not found")
+            return Share(label, weight, "BackendNotFound", f"Service {ns}/{name} not found")
         if not _valid_port(port):
-            return _Share(label, weight, "UnsupportedValue", f"backendRef to Service {ns}/{name} "
+            return Share(label, weight, "UnsupportedValue", f"backendRef to Service {ns}/{name} "
                                                              "needs a port")
         skey = (ns, name)
         sport = self.k8s.service_port(key, kind, skey, svc, port, f"backendRef {label}")
         if sport is None:
-            return _Share(label, weight, "BackendNotFound", f"Service {ns}/{name} has no port "
+            return Share(label, weight, "BackendNotFound", f"Service {ns}/{name} has no port "
                                                             f"{port}")
         policy, errs = self.k8s.policy(skey, svc)
         if errs:
@@ -613,14 +584,14 @@ class _Gateways:
             policy = replace(policy, backend_protocol=protocol)
         backends = self.k8s.backends(skey, svc, sport)
         if mode != "http":  # the caller makes the tcp service
-            return _Share(sname, weight, backends=backends, policy=policy)
+            return Share(sname, weight, backends=backends, policy=policy)
         tls = self._policies.get((ns, name))
         if tls is not None:
             self.backend_tls[sname] = tls
         if sname not in self.services:
             self.services[sname] = Service(name=sname, mode=mode, policy=policy,
                                            backends=backends)
-        return _Share(sname, weight, backends=backends, policy=policy)
+        return Share(sname, weight, backends=backends, policy=policy)
 
     def backend_tls_policies(self) -> dict[Key, tuple[tuple[str, str, str] | None, str]]:
         """Service -> (CA ConfigMap (namespace, name, key) or None: system store, host)."""
@@ -657,255 +628,9 @@ class _Gateways:
                     out.setdefault((key[0], _str(t.get("name"))), (ca, host))
         return out
 
-    # -- HTTPRoute and GRPCRoute ------------------------------------------------------------------
-
-    def http_rule(self, kind: str, key: Key, rule: Obj, index: int, hosts: list[str],
-                  rank: int) -> list[_Share]:
-        where = f"spec.rules[{index}]"
-        grpc = kind == "GRPCRoute"
-        filters, redirect_only = self.filters(kind, key, _list(rule.get("filters")), where)
-        if filters is False:
-            return []
-        shares = [] if redirect_only else [
-            self.share(kind, key, _map(r), protocol="h2c" if grpc else "http1")
-            for r in _list(rule.get("backendRefs"))]
-        for r in _list(rule.get("backendRefs")):
-            if _list(_map(r).get("filters")):
-                self.problem(kind, key, f"{where}: filters on a backendRef are not supported; "
-                                        "put them on the rule")
-        failures = [s for s in shares if s.reason]
-        for s in failures:
-            self.problem(kind, key, f"{where}: {s.message}; its share answers 500")
-        backends = tuple(WeightedService(s.service, s.weight, not s.reason)
-                         for s in shares if s.weight > 0)
-        service = next((b.service for b in backends if b.resolved), "")
-        if not redirect_only and not backends:  # nothing to send to: every request gets 500
-            backends = (WeightedService(f"{key[0]}/{key[1]} {where}", 1, False),)
-        if backends and backends[0].service != service and len(backends) == 1:
-            service = ""  # the router picks from the split, and the share answers 500
-        timeout = None
-        raw = _map(rule.get("timeouts")).get("request")
-        if raw is not None:
-            timeout = duration(raw)
-            if timeout is None:
-                self.problem(kind, key, f"{where}.timeouts.request: {raw!r} is not a duration "
-                                        "like 10s or 1m30s; no timeout of its own")
-            timeout = timeout or None
-        matches = _list(rule.get("matches")) or [{}]
-        for j, m in enumerate(matches):
-            conds = self.grpc_match(key, _map(m), f"{where}.matches[{j}]") if grpc \
-                else self.http_match(key, _map(m), f"{where}.matches[{j}]")
-            if conds is None:
-                continue
-            path, exact, regex, method, headers, query = conds
-            for host in hosts:
-                self.routes.append(Route(
-                    host=host, path=path, service=service, exact=exact, regex=regex,
-                    method=method, headers=headers, query=query, filters=filters or None,
-                    backends=backends, timeout=timeout,
-                    name=f"{kind} {key[0]}/{key[1]} rule {index}",
-                    order=rank * 1024 + min(index, 1023)))
-        return failures
-
-    def value_matches(self, kind: str, key: Key, items: list[Any], where: str,
-                      header: bool) -> tuple[ValueMatch, ...] | None:
-        out = []
-        for i, m in enumerate(items):
-            m = _map(m)
-            name, value = _str(m.get("name")), m.get("value")
-            typ = _str(m.get("type")) or "Exact"
-            if not name or not isinstance(value, str) or typ not in ("Exact",
-                                                                     "RegularExpression"):
-                self.problem(kind, key, f"{where}[{i}]: needs a name, a value and type Exact "
-                                        "or RegularExpression; match skipped")
-                return None
-            if typ == "RegularExpression" and (why := regex_problem(value)) is not None:
-                self.problem(kind, key, f"{where}[{i}]: {why}; match skipped")
-                return None
-            out.append(ValueMatch(name.lower() if header else name, value,
-                                  typ == "RegularExpression"))
-        return tuple(out)
-
-    def http_match(self, key: Key, m: Obj, where: str) -> tuple[Any, ...] | None:
-        path = _map(m.get("path"))
-        typ = _str(path.get("type")) or "PathPrefix"
-        value = path.get("value", "/")
-        if not isinstance(value, str) or (typ != "RegularExpression"
-                                          and not value.startswith("/")):
-            self.problem("HTTPRoute", key, f"{where}.path.value: {value!r} is not an absolute "
-                                           "path; match skipped")
-            return None
-        if typ == "RegularExpression":
-            if (why := regex_problem(value)) is not None:
-                self.problem("HTTPRoute", key, f"{where}.path: {why}; match skipped")
-                return None
-        elif typ == "PathPrefix":
-            value = path_prefix(value)
-        elif typ != "Exact":
-            self.problem("HTTPRoute", key, f"{where}.path.type: {typ!r} is not Exact, "
-                                           "PathPrefix or RegularExpression; match skipped")
-            return None
-        headers = self.value_matches("HTTPRoute", key, _list(m.get("headers")),
-                                     f"{where}.headers", True)
-        query = self.value_matches("HTTPRoute", key, _list(m.get("queryParams")),
-                                   f"{where}.queryParams", False)
-        if headers is None or query is None:
-            return None
-        return (value, typ == "Exact", typ == "RegularExpression", _str(m.get("method")),
-                headers, query)
-
-    def grpc_match(self, key: Key, m: Obj, where: str) -> tuple[Any, ...] | None:
-        method = _map(m.get("method"))
-        typ = _str(method.get("type")) or "Exact"
-        svc, name = _str(method.get("service")), _str(method.get("method"))
-        headers = self.value_matches("GRPCRoute", key, _list(m.get("headers")),
-                                     f"{where}.headers", True)
-        if headers is None:
-            return None
-        if typ == "RegularExpression":
-            for part in (svc, name):
-                if part and (why := regex_problem(part)) is not None:
-                    self.problem("GRPCRoute", key, f"{where}.method: {why}; match skipped")
-                    return None
-            return (f"/{svc or '[^/]+'}/{name or '[^/]+'}", False, True, "POST", headers, ())
-        if typ != "Exact" or any(c in svc + name for c in "/?# "):
-            self.problem("GRPCRoute", key, f"{where}.method: type {typ!r}, service {svc!r}, "
-                                           f"method {name!r} is not a gRPC method match; "
-                                           "match skipped")
-            return None
-        if svc and name:
-            return (f"/{svc}/{name}", True, False, "POST", headers, ())
-        if svc:
-            return (f"/{svc}", False, False, "POST", headers, ())
-        if name:
-            return (f"/[^/]+/{re.escape(name)}", False, True, "POST", headers, ())
-        return ("/", False, False, "POST", headers, ())
-
-    def header_edits(self, kind: str, key: Key, raw: Obj, where: str) -> HeaderEdits | None:
-        pairs: dict[str, list[tuple[str, str]]] = {"set": [], "add": []}
-        for part in ("set", "add"):
-            for h in _list(raw.get(part)):
-                h = _map(h)
-                name, value = _str(h.get("name")), h.get("value")
-                if not _HEADER_NAME.match(name) or not isinstance(value, str) \
-                        or any(c in value for c in "\r\n\0"):
-                    self.problem(kind, key, f"{where}.{part}: {name!r}={value!r} is not a "
-                                            "header; rule skipped")
-                    return None
-                pairs[part].append((name.lower(), value))
-        remove = tuple(_str(n).lower() for n in _list(raw.get("remove")) if _str(n))
-        return HeaderEdits(set=tuple(pairs["set"]), add=tuple(pairs["add"]), remove=remove)
-
-    def filters(self, kind: str, key: Key, items: list[Any], where: str
-                ) -> tuple[Filters | bool | None, bool]:
-        """The rule's Filters (None: none; False: a filter that cannot be honoured, the rule is
-        skipped), and whether the rule only redirects."""
-        found: dict[str, Any] = {}
-        mirrors: list[Mirror] = []
-        for i, f in enumerate(items):
-            f = _map(f)
-            typ = _str(f.get("type"))
-            at = f"{where}.filters[{i}]"
-            if typ in ("RequestHeaderModifier", "ResponseHeaderModifier"):
-                raw = _map(f.get("requestHeaderModifier" if typ.startswith("Request")
-                                 else "responseHeaderModifier"))
-                edits = self.header_edits(kind, key, raw, at)
-                if edits is None:
-                    return False, False
-                found["request_headers" if typ.startswith("Request")
-                      else "response_headers"] = edits
-            elif typ == "RequestRedirect" and kind == "HTTPRoute":
-                r = self.redirect(key, _map(f.get("requestRedirect")), at)
-                if r is None:
-                    return False, False
-                found["redirect"] = r
-            elif typ == "URLRewrite" and kind == "HTTPRoute":
-                raw = _map(f.get("urlRewrite"))
-                path = _map(raw.get("path"))
-                full, prefix = self.path_modifier(key, path, at)
-                if full is False:
-                    return False, False
-                found["rewrite"] = Rewrite(host=_str(raw.get("hostname")).lower(), path=full,
-                                           prefix=prefix)
-            elif typ == "RequestMirror":
-                raw = _map(f.get("requestMirror"))
-                s = self.share(kind, key, _map(raw.get("backendRef")),
-                               protocol="h2c" if kind == "GRPCRoute" else "http1")
-                if s.reason:
-                    self.problem(kind, key, f"{at}: {s.message}; not mirrored")
-                    continue
-                percent = raw.get("percent")
-                frac = _map(raw.get("fraction"))
-                if isinstance(percent, int):
-                    pct = float(percent)
-                elif isinstance(frac.get("numerator"), int):
-                    denom = frac.get("denominator") or 100
-                    pct = 100.0 * frac["numerator"] / denom if isinstance(denom, int) and \
-                        denom > 0 else 100.0
-                else:
-                    pct = 100.0
-                mirrors.append(Mirror(s.service, max(0.0, min(100.0, pct))))
-            elif typ == "CORS" and kind == "HTTPRoute":
-                found["cors"] = self.cors(_map(f.get("cors")))
-            else:
-                self.problem(kind, key, f"{at}: filter type {typ!r} is not supported by "
-                                        "edgelb; rule skipped")
-                return False, False
-        if mirrors:
-            found["mirrors"] = tuple(mirrors)
-        if not found:
-            return None, False
-        return Filters(**found), "redirect" in found
-
-    def path_modifier(self, key: Key, path: Obj, where: str
-                      ) -> tuple[str | bool | None, str | None]:
-        if not path:
-            return None, None
-        typ = _str(path.get("type"))
-        if typ == "ReplaceFullPath" and _str(path.get("replaceFullPath")).startswith("/"):
-            return _str(path.get("replaceFullPath")), None
-        if typ == "ReplacePrefixMatch" and isinstance(path.get("replacePrefixMatch"), str):
-            return None, _str(path.get("replacePrefixMatch")) or "/"
-        self.problem("HTTPRoute", key, f"{where}.path: type {typ!r} with its value is not a "
-                                       "path modifier; rule skipped")
-        return False, None
-
-    def redirect(self, key: Key, raw: Obj, where: str) -> Redirect | None:
-        status = raw.get("statusCode", 302)
-        if status not in _REDIRECT_CODES:
-            self.problem("HTTPRoute", key, f"{where}.statusCode: {status!r} is not 301 or 302; "
-                                           "rule skipped")
-            return None
-        port = raw.get("port")
-        full, prefix = self.path_modifier(key, _map(raw.get("path")), where)
-        if full is False:
-            return None
-        scheme = _str(raw.get("scheme")).lower()
-        if scheme not in ("", "http", "https"):
-            self.problem("HTTPRoute", key, f"{where}.scheme: {scheme!r} is not http or https; "
-                                           "rule skipped")
-            return None
-        return Redirect(scheme=scheme, host=_str(raw.get("hostname")).lower(),
-                        port=port if _valid_port(port) else 0, path=full, prefix=prefix,
-                        status=status)
-
-    def cors(self, raw: Obj) -> Cors:
-        def strings(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-            got = tuple(_str(v) for v in _list(raw.get(name)) if _str(v))
-            return got or default
-
-        base = Cors()
-        age = raw.get("maxAge")
-        return Cors(allow_origins=strings("allowOrigins", base.allow_origins),
-                    allow_methods=strings("allowMethods", base.allow_methods),
-                    allow_headers=strings("allowHeaders", base.allow_headers),
-                    expose_headers=strings("exposeHeaders", ()),
-                    allow_credentials=raw.get("allowCredentials") is True,
-                    max_age=age if isinstance(age, int) and age >= 0 else 5)
-
     # -- TLSRoute and TCPRoute ------------------------------------------------------------------
 
-    def tls_route(self, key: Key, rules: list[Any], hosts: list[str]) -> list[_Share]:
+    def tls_route(self, key: Key, rules: list[Any], hosts: list[str]) -> list[Share]:
         refs = [_map(r) for rule in rules[:1] for r in _list(_map(rule).get("backendRefs"))]
         if not refs:
             self.problem("TLSRoute", key, "spec.rules[0] has no backendRefs; nothing to relay")
@@ -933,7 +658,7 @@ class _Gateways:
             self.routes.append(Route(host=host, path="/", service=name))
         return []
 
-    def tcp_route(self, key: Key, rules: list[Any], listeners: list[_Listener]) -> list[_Share]:
+    def tcp_route(self, key: Key, rules: list[Any], listeners: list[_Listener]) -> list[Share]:
         refs = [_map(r) for rule in rules[:1] for r in _list(_map(rule).get("backendRefs"))]
         shares = [self.share("TCPRoute", key, r, mode="tcp") for r in refs]
         good = [s for s in shares if not s.reason and s.weight > 0]
