@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from httpkit import HOST, HttpBackend, eventually, fetch, free_port, tcp_echo_se
 from k8s_fake import FakeKubeAPI
 
 from edgelb.ops.app import App
+from watchers.kubernetes.leader import micro_time
 
 pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]
 
@@ -97,9 +99,14 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("POD_NAME", "edgelb-0")
     monkeypatch.setenv("POD_NAMESPACE", "edgelb")
-    crds = getattr(request, "param", True)
-    fake = FakeKubeAPI(bookmark_interval=0.2, gateway_api=crds)
+    param = getattr(request, "param", {})
+    fake = FakeKubeAPI(bookmark_interval=0.2, gateway_api=param.get("crds", True))
     await fake.start()
+    if param.get("leader"):  # another replica holds the lease: this one only follows
+        fake.put({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                  "metadata": {"name": "edgelb-leader-edgelb", "namespace": "edgelb"},
+                  "spec": {"holderIdentity": param["leader"], "leaseDurationSeconds": 3600,
+                           "renewTime": micro_time(time.time())}})
     kubeconfig = fake.kubeconfig(tmp_path / "kubeconfig")
     http, https, admin = free_port(), free_port(), free_port()
     path = tmp_path / "edgelb.yaml"
@@ -395,7 +402,54 @@ async def test_backend_tls_policy_verifies_the_backend_with_the_configmap_ca(
         server.close()
 
 
-@pytest.mark.parametrize("cluster", [False], indirect=True)
+async def test_other_controllers_entries_are_kept_and_ours_leave_with_the_route(
+        cluster: Cluster) -> None:
+    fake = cluster.fake
+    base(fake)
+    await cluster.pod("web")
+    theirs = {"parentRef": {"name": "theirs"}, "controllerName": "example.com/other",
+              "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                              "message": "", "observedGeneration": 1,
+                              "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    route = http_route("r", [parent("gw"), parent("theirs")], [rule([backend("web")])],
+                       hostnames=["r.example.com"])
+    route["status"] = {"parents": [theirs]}
+    fake.put(route)
+
+    def controllers() -> list[str]:
+        return [p["controllerName"] for p in cluster.status("HTTPRoute", "r").get("parents", [])]
+
+    await fake.wait_for(lambda: controllers() == ["example.com/other",
+                                                  "edgelb.io/gateway-controller"],
+                        what="both controllers' entries")
+    assert cluster.status("HTTPRoute", "r")["parents"][0] == theirs
+    route = fake.get("HTTPRoute", "default", "r")
+    assert route is not None
+    route["spec"]["parentRefs"] = [parent("theirs")]
+    fake.put(route)
+    await fake.wait_for(lambda: controllers() == ["example.com/other"],
+                        what="our entry taken off")
+    await cluster.until("r.example.com", "/", 404)
+
+
+@pytest.mark.parametrize("cluster", [{"leader": "edgelb-1"}], indirect=True)
+async def test_a_follower_serves_but_writes_no_status(cluster: Cluster) -> None:
+    fake = cluster.fake
+    base(fake)
+    await cluster.pod("web")
+    fake.put(http_route("r", [parent("gw")], [rule([backend("web")])],
+                        hostnames=["r.example.com"]))
+    await cluster.until("r.example.com", "/", (200, "web GET /"))
+    watcher = cluster.app.kubernetes
+    assert watcher is not None
+    applies = watcher.applies
+    await cluster.pod("more")  # one more translation, still as a follower
+    await eventually(lambda: watcher.applies > applies, timeout=5, what="another apply")
+    assert fake.status_updates == []
+    assert not any(r.method == "PATCH" and r.path.endswith("/status") for r in fake.requests)
+
+
+@pytest.mark.parametrize("cluster", [{"crds": False}], indirect=True)
 async def test_without_the_crds_ingress_keeps_working(cluster: Cluster) -> None:
     fake = cluster.fake
     await cluster.pod("web")
