@@ -112,7 +112,7 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     path = tmp_path / "edgelb.yaml"
     path.write_text(
         f"admin: {{listen: {HOST}:{admin}}}\n"
-        f"entrypoints: {{http: {{listen: {HOST}:{http}}}, "
+        f"entrypoints: {{http: {{listen: {HOST}:{http}, h2c: true}}, "
         f"https: {{listen: {HOST}:{https}, tls: {{}}}}}}\n"
         "shutdown: {grace: 1s}\n"
         "watchers:\n"
@@ -430,6 +430,41 @@ async def test_other_controllers_entries_are_kept_and_ours_leave_with_the_route(
     await fake.wait_for(lambda: controllers() == ["example.com/other"],
                         what="our entry taken off")
     await cluster.until("r.example.com", "/", 404)
+
+
+async def test_grpc_route_by_service_and_method(cluster: Cluster) -> None:
+    from grpckit import GrpcBackend, GrpcClient
+
+    fake = cluster.fake
+    base(fake, listener("http", allowed="All"))
+    a, b = GrpcBackend("a"), GrpcBackend("b")
+    client = GrpcClient(cluster.http)
+    try:
+        for name, g in (("a", a), ("b", b)):
+            fake.put(service(name, port=50051))
+            fake.put(endpoints(name, g.port))
+        fake.put(http_route("g", [parent("gw")], [
+            {"matches": [{"method": {"service": "t.Echo", "method": "Unary"}}],
+             "backendRefs": [backend("a", 50051)]},
+            {"matches": [{"method": {"service": "t.Echo"}}],
+             "backendRefs": [backend("b", 50051)]}], kind="GRPCRoute"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            try:
+                got = await client.unary(b"hi", timeout=2)
+                break
+            except Exception:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        assert got == b"a:hi"
+        assert await client.bidi([b"x", b"y"]) == [b"X", b"Y"]
+        assert b.calls == ["Bidi"] and a.calls == ["Unary"]
+    finally:
+        client.close()
+        a.stop()
+        b.stop()
 
 
 @pytest.mark.parametrize("cluster", [{"leader": "edgelb-1"}], indirect=True)
