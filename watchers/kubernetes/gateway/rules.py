@@ -9,8 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from watchers.kubernetes.gateway.values import duration
-from watchers.kubernetes.translate import Key, Obj, _list, _map, _str, _valid_port
+from watchers.kubernetes.gateway.values import duration, port_number
+from watchers.kubernetes.translate import Key, Obj, _list, _map, _str
 from watchers.model import (
     Backend,
     Cors,
@@ -43,6 +43,10 @@ class Share:
     policy: Policy | None = None
 
 
+class _SkipRule(Exception):
+    """A filter of the rule cannot be honoured: the rule is skipped (reported already)."""
+
+
 class HttpRules:
     """Reads the rules of an attached HTTPRoute or GRPCRoute (see the module docstring)."""
 
@@ -59,8 +63,9 @@ class HttpRules:
                   rank: int) -> list[Share]:
         where = f"spec.rules[{index}]"
         grpc = kind == "GRPCRoute"
-        filters, redirect_only = self.filters(kind, key, _list(rule.get("filters")), where)
-        if filters is False:
+        try:
+            filters, redirect_only = self.filters(kind, key, _list(rule.get("filters")), where)
+        except _SkipRule:
             return []
         shares = [] if redirect_only else [
             self.share(kind, key, _map(r), protocol="h2c" if grpc else "http1")
@@ -193,9 +198,9 @@ class HttpRules:
         return HeaderEdits(set=tuple(pairs["set"]), add=tuple(pairs["add"]), remove=remove)
 
     def filters(self, kind: str, key: Key, items: list[Any], where: str
-                ) -> tuple[Filters | bool | None, bool]:
-        """The rule's Filters (None: none; False: a filter that cannot be honoured, the rule is
-        skipped), and whether the rule only redirects."""
+                ) -> tuple[Filters | None, bool]:
+        """The rule's Filters (None: none) and whether the rule only redirects; _SkipRule when
+        a filter cannot be honoured."""
         found: dict[str, Any] = {}
         mirrors: list[Mirror] = []
         for i, f in enumerate(items):
@@ -207,20 +212,18 @@ class HttpRules:
                                  else "responseHeaderModifier"))
                 edits = self.header_edits(kind, key, raw, at)
                 if edits is None:
-                    return False, False
+                    raise _SkipRule
                 found["request_headers" if typ.startswith("Request")
                       else "response_headers"] = edits
             elif typ == "RequestRedirect" and kind == "HTTPRoute":
                 r = self.redirect(key, _map(f.get("requestRedirect")), at)
                 if r is None:
-                    return False, False
+                    raise _SkipRule
                 found["redirect"] = r
             elif typ == "URLRewrite" and kind == "HTTPRoute":
                 raw = _map(f.get("urlRewrite"))
                 path = _map(raw.get("path"))
                 full, prefix = self.path_modifier(key, path, at)
-                if full is False:
-                    return False, False
                 found["rewrite"] = Rewrite(host=_str(raw.get("hostname")).lower(), path=full,
                                            prefix=prefix)
             elif typ == "RequestMirror":
@@ -246,7 +249,7 @@ class HttpRules:
             else:
                 self.problem(kind, key, f"{at}: filter type {typ!r} is not supported by "
                                         "edgelb; rule skipped")
-                return False, False
+                raise _SkipRule
         if mirrors:
             found["mirrors"] = tuple(mirrors)
         if not found:
@@ -254,7 +257,8 @@ class HttpRules:
         return Filters(**found), "redirect" in found
 
     def path_modifier(self, key: Key, path: Obj, where: str
-                      ) -> tuple[str | bool | None, str | None]:
+                      ) -> tuple[str | None, str | None]:
+        """(full path, prefix replacement) of a path modifier; _SkipRule when malformed."""
         if not path:
             return None, None
         typ = _str(path.get("type"))
@@ -264,7 +268,7 @@ class HttpRules:
             return None, _str(path.get("replacePrefixMatch")) or "/"
         self.problem("HTTPRoute", key, f"{where}.path: type {typ!r} with its value is not a "
                                        "path modifier; rule skipped")
-        return False, None
+        raise _SkipRule
 
     def redirect(self, key: Key, raw: Obj, where: str) -> Redirect | None:
         status = raw.get("statusCode", 302)
@@ -274,15 +278,13 @@ class HttpRules:
             return None
         port = raw.get("port")
         full, prefix = self.path_modifier(key, _map(raw.get("path")), where)
-        if full is False:
-            return None
         scheme = _str(raw.get("scheme")).lower()
         if scheme not in ("", "http", "https"):
             self.problem("HTTPRoute", key, f"{where}.scheme: {scheme!r} is not http or https; "
                                            "rule skipped")
             return None
         return Redirect(scheme=scheme, host=_str(raw.get("hostname")).lower(),
-                        port=port if _valid_port(port) else 0, path=full, prefix=prefix,
+                        port=port_number(port), path=full, prefix=prefix,
                         status=status)
 
     def cors(self, raw: Obj) -> Cors:

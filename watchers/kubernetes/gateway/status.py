@@ -66,6 +66,11 @@ def _stamp(conditions: list[Obj], old: Any, now: str) -> list[Obj]:
     return out
 
 
+def _status(obj: Obj) -> Obj:
+    got = obj.get("status")
+    return got if isinstance(got, dict) else {}
+
+
 def _rv(obj: Obj | None) -> str:
     return str(((obj or {}).get("metadata") or {}).get("resourceVersion") or "")
 
@@ -122,7 +127,7 @@ class GatewayStatusWriter:
 
     def _desired(self, u: StatusUpdate, obj: Obj, addrs: list[Obj], now: str) -> Obj:
         """What we own of `obj`'s status, as it should be."""
-        status = obj.get("status") if isinstance(obj.get("status"), dict) else {}
+        status = _status(obj)
         if u.resource in ROUTES:
             old = {}
             for p in status.get("parents") or []:
@@ -144,7 +149,7 @@ class GatewayStatusWriter:
         return part
 
     async def _write(self, resource: str, key: Key, obj: Obj, part: Obj) -> int:
-        status = obj.get("status") if isinstance(obj.get("status"), dict) else {}
+        status = _status(obj)
         current = {k: status.get(k) for k in part}
         tag = (resource, key)
         if current == part or self._written.get(tag) == (_rv(obj), part):

@@ -31,11 +31,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from watchers.kubernetes.gateway.resources import CONTROLLER, GROUP
 from watchers.kubernetes.gateway.rules import HttpRules, Share
-from watchers.kubernetes.gateway.values import route_hosts, selector_matches
+from watchers.kubernetes.gateway.values import port_number, route_hosts, selector_matches
 from watchers.kubernetes.translate import (
     LISTEN_HOST,
     ClusterState,
@@ -207,7 +208,7 @@ class _Gateways(HttpRules):
         gateways = [(k, g) for k, g in _keyed(self.state.gateways)
                     if _str(_map(g.get("spec")).get("gatewayClassName")) in classes]
         for key, gw in sorted(gateways, key=lambda kv: _age(*kv)):
-            self.guarded("Gateway", key, lambda k=key, g=gw: self.gateway(k, g))
+            self.guarded("Gateway", key, partial(self.gateway, key, gw))
         routes: list[tuple[str, Key, Obj]] = []
         for kind, cache in (("HTTPRoute", self.state.httproutes),
                             ("GRPCRoute", self.state.grpcroutes),
@@ -216,7 +217,7 @@ class _Gateways(HttpRules):
             routes.extend((kind, k, o) for k, o in _keyed(cache))
         routes.sort(key=lambda r: _age(r[1], r[2]))
         for rank, (kind, key, obj) in enumerate(routes):
-            self.guarded(kind, key, lambda kd=kind, k=key, o=obj, r=rank: self.route(kd, k, o, r))
+            self.guarded(kind, key, partial(self.route, kind, key, obj, rank))
         for key, gw in gateways:
             self.statuses.append(self.gateway_status(key, gw))
         self.problems.extend(p for p in self.k8s.problems if p not in self._seen)
@@ -252,7 +253,7 @@ class _Gateways(HttpRules):
             protocol = _str(item.get("protocol"))
             hostname = _str(item.get("hostname")).lower().rstrip(".")
             allowed = _map(item.get("allowedRoutes"))
-            ln = _Listener(key, name, port if _valid_port(port) else 0, protocol, hostname,
+            ln = _Listener(key, name, port_number(port), protocol, hostname,
                            ROUTE_KINDS.get(protocol, ()), _map(allowed.get("namespaces")), gen)
             out.append(ln)
             if name in seen:
@@ -569,7 +570,8 @@ class _Gateways(HttpRules):
             return Share(label, weight, "UnsupportedValue", f"backendRef to Service {ns}/{name} "
                                                              "needs a port")
         skey = (ns, name)
-        sport = self.k8s.service_port(key, kind, skey, svc, port, f"backendRef {label}")
+        sport = self.k8s.service_port(key, kind, skey, svc, port_number(port),
+                                      f"backendRef {label}")
         if sport is None:
             return Share(label, weight, "BackendNotFound", f"Service {ns}/{name} has no port "
                                                             f"{port}")

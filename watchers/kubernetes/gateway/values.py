@@ -18,6 +18,13 @@ def duration(value: Any) -> float | None:
     return sum(int(n) * _SECONDS[u] for n, u in _PART.findall(value))
 
 
+def port_number(value: Any) -> int:
+    """A port (1-65535) as written, or 0 when it is none."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+        return value
+    return 0
+
+
 def _covers(wild: str, host: str) -> bool:
     """`*.example.com` covers `a.example.com` and `*.a.example.com`."""
     suffix = wild[1:]  # ".example.com"
