@@ -24,6 +24,7 @@ from gateway_objects import (
 )
 
 from watchers.kubernetes.gateway.translate import (
+    BackendTLSWanted,
     GatewayState,
     GatewayTranslation,
     StatusUpdate,
@@ -425,8 +426,8 @@ def test_backend_tls_policy_reported_per_service() -> None:
                     "validation": {"hostname": "web.internal", "caCertificateRefs": [
                         {"group": "", "kind": "ConfigMap", "name": "ca"}]}}}
     t = run(*BASE, cm, pol, http_route("r", [parent("gw")], [rule([backend("web")])]))
-    assert t.backend_tls == {"gateway:default/web:80": (("default", "ca", "ca.crt"),
-                                                        "web.internal")}
+    assert t.backend_tls == {"gateway:default/web:80": BackendTLSWanted(
+        ("default", "p"), ("default", "ca", "ca.crt"), "web.internal")}
 
 
 def test_garbage_never_raises() -> None:

@@ -25,7 +25,13 @@ API server would otherwise pull every replica out of its Service at the same mom
 first sync it is not ready anyway.
 
 One replica (leader election on a Lease, when `leader_election` is on) writes the Ingresses'
-`status.loadBalancer` with `publish_address`, or the address of `publish_service`. Problems
+`status.loadBalancer` with `publish_address`, or the address of `publish_service`.
+
+With `gateway_api` on, the Gateway API is followed too (watchers/kubernetes/gateway): at start
+API discovery says which of its kinds the cluster serves; without the CRDs a problem is
+reported, Ingresses are served as ever and discovery is tried again every GATEWAY_RECHECK
+seconds. Its routes, services and certificates join the Ingresses' in the one snapshot (what
+the Ingresses hold stays theirs), and the leader writes its status (gateway/status.py). Problems
 found in objects are logged once each and posted as Warning Events on the object.
 """
 
@@ -370,8 +376,8 @@ class KubernetesWatcher:
         want = gateway.backend_tls.get(svc.name)
         if want is None:
             return svc
-        ca_ref, host = want
-        spec: dict[str, Any] = {"sni": host}
+        ca_ref = want.ca
+        spec: dict[str, Any] = {"sni": want.hostname}
         if ca_ref is not None:
             cm = self._cache("configmaps").get((ca_ref[0], ca_ref[1])) or {}
             pem = ((cm.get("data") or {}).get(ca_ref[2]) or "")
@@ -380,8 +386,8 @@ class KubernetesWatcher:
 
         policy, errs = self.read_policy({BACKEND_TLS_ANNOTATION: json.dumps(spec)}, svc.policy)
         for e in errs:
-            problems.append(Problem("BackendTLSPolicy", ca_ref[0] if ca_ref else "",
-                                    svc.name, e))
+            problems.append(Problem("BackendTLSPolicy", *want.policy,
+                                    f"Service {svc.name}: {e}"))
         return svc if errs else dataclasses.replace(svc, policy=policy)
 
     def _ca_file(self, pem: str) -> str:

@@ -80,6 +80,17 @@ class GatewayState:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendTLSWanted:
+    """What a BackendTLSPolicy asks for a Service's backends: the CA of a ConfigMap
+    (namespace, name, key) or None for the system store, and the host name (SNI and
+    verification). The watcher makes the service's backend TLS of it."""
+
+    policy: Key
+    ca: tuple[str, str, str] | None
+    hostname: str
+
+
+@dataclass(frozen=True, slots=True)
 class StatusUpdate:
     """The status one object should have. Conditions carry no lastTransitionTime (the writer
     keeps the one already there when nothing changed, else stamps now); a Gateway's
@@ -97,8 +108,8 @@ class GatewayTranslation:
     tls: dict[str, Key] = field(default_factory=dict)  # SNI pattern -> Secret
     problems: list[Problem] = field(default_factory=list)
     statuses: list[StatusUpdate] = field(default_factory=list)
-    # service name -> (the CA ConfigMap and its key, or None: the system store; the host name)
-    backend_tls: dict[str, tuple[tuple[str, str, str] | None, str]] = field(default_factory=dict)
+    # service name -> the TLS its backends are spoken to with (a BackendTLSPolicy)
+    backend_tls: dict[str, BackendTLSWanted] = field(default_factory=dict)
 
 
 def translate_gateway(
@@ -183,7 +194,7 @@ class _Gateways(HttpRules):
         self.listeners: dict[Key, list[_Listener]] = {}
         self.passthrough: dict[str, Key] = {}  # host -> the TLSRoute that has it
         self.tcp_ports: dict[int, Key] = {}  # port -> the Gateway whose TCP listener has it
-        self.backend_tls: dict[str, tuple[tuple[str, str, str] | None, str]] = {}
+        self.backend_tls: dict[str, BackendTLSWanted] = {}
         self._policies = self.backend_tls_policies()
 
     # -- problems -------------------------------------------------------------------------------
@@ -595,9 +606,9 @@ class _Gateways(HttpRules):
                                            backends=backends)
         return Share(sname, weight, backends=backends, policy=policy)
 
-    def backend_tls_policies(self) -> dict[Key, tuple[tuple[str, str, str] | None, str]]:
+    def backend_tls_policies(self) -> dict[Key, BackendTLSWanted]:
         """Service -> (CA ConfigMap (namespace, name, key) or None: system store, host)."""
-        out: dict[Key, tuple[tuple[str, str, str] | None, str]] = {}
+        out: dict[Key, BackendTLSWanted] = {}
         for key, pol in sorted(_keyed(self.state.backendtlspolicies),
                                key=lambda kv: _age(*kv)):
             spec = _map(pol.get("spec"))
@@ -627,7 +638,8 @@ class _Gateways(HttpRules):
             for t in _list(spec.get("targetRefs")):
                 t = _map(t)
                 if not _str(t.get("group")) and t.get("kind") == "Service":
-                    out.setdefault((key[0], _str(t.get("name"))), (ca, host))
+                    out.setdefault((key[0], _str(t.get("name"))),
+                                   BackendTLSWanted(key, ca, host))
         return out
 
     # -- TLSRoute and TCPRoute ------------------------------------------------------------------
