@@ -2,7 +2,14 @@
 
 It serves, over plain HTTP on 127.0.0.1, the resources edgelb reads and writes: core/v1
 services, secrets, pods, nodes and events; discovery.k8s.io/v1 endpointslices;
-networking.k8s.io/v1 ingresses and ingressclasses; coordination.k8s.io/v1 leases. The official
+networking.k8s.io/v1 ingresses and ingressclasses; coordination.k8s.io/v1 leases; core/v1
+configmaps and namespaces; and the Gateway API's gateway.networking.k8s.io/v1 (GatewayClass
+cluster-scoped; Gateway, HTTPRoute, GRPCRoute, ReferenceGrant, TLSRoute, TCPRoute and
+BackendTLSPolicy namespaced: all v1 in the standard channel of Gateway API v1.6) with API
+discovery of that group version (an `APIResourceList`). Those CRD kinds carry
+`metadata.generation`, raised when anything but the status changes.
+`FakeKubeAPI(gateway_api=False)` (or `absent={"tcproutes"}`) serves a cluster without those
+CRDs: their URLs answer 404 as a real server does. The official
 client (`kubernetes.aio`) talks to it through a kubeconfig written by `kubeconfig(path)`.
 
 What is faithful (because the code under test depends on it):
@@ -19,7 +26,8 @@ What is faithful (because the code under test depends on it):
 - `labelSelector` (=, ==, !=, exists, !exists, in, notin) and `fieldSelector` (dotted paths with
   =, ==, !=), namespaced and cluster-wide collection URLs;
 - get/create/replace/merge-patch/delete of single objects with optimistic concurrency (409 on a
-  stale resourceVersion), `PUT .../{name}/status`, errors as `Status` objects.
+  stale resourceVersion), `PUT` and merge `PATCH` of `.../{name}/status` (the status only),
+  errors as `Status` objects.
 
 Test controls: `put`, `delete`, `get`, `objects`, `compact`, `drop_watches`, `hang_watches`,
 `stop`/`start` (state survives a restart on the same port), counters `list_calls` and
@@ -71,7 +79,21 @@ KINDS: tuple[Kind, ...] = (
     Kind("networking.k8s.io", "v1", "ingresses", "Ingress", True),
     Kind("networking.k8s.io", "v1", "ingressclasses", "IngressClass", False),
     Kind("coordination.k8s.io", "v1", "leases", "Lease", True),
+    Kind("", "v1", "configmaps", "ConfigMap", True),
+    Kind("", "v1", "namespaces", "Namespace", False),
 )
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+GATEWAY_KINDS: tuple[Kind, ...] = (
+    Kind(GATEWAY_GROUP, "v1", "gatewayclasses", "GatewayClass", False),
+    Kind(GATEWAY_GROUP, "v1", "gateways", "Gateway", True),
+    Kind(GATEWAY_GROUP, "v1", "httproutes", "HTTPRoute", True),
+    Kind(GATEWAY_GROUP, "v1", "grpcroutes", "GRPCRoute", True),
+    Kind(GATEWAY_GROUP, "v1", "referencegrants", "ReferenceGrant", True),
+    Kind(GATEWAY_GROUP, "v1", "tlsroutes", "TLSRoute", True),
+    Kind(GATEWAY_GROUP, "v1", "tcproutes", "TCPRoute", True),
+    Kind(GATEWAY_GROUP, "v1", "backendtlspolicies", "BackendTLSPolicy", True),
+)
+KINDS = KINDS + GATEWAY_KINDS
 _BY_PATH = {(k.group, k.version, k.plural): k for k in KINDS}
 _BY_NAME = {**{k.kind: k for k in KINDS}, **{k.plural: k for k in KINDS}}
 
@@ -226,8 +248,12 @@ class _Watch:
 class FakeKubeAPI:
     """See the module docstring. `async with FakeKubeAPI() as api:` starts and stops it."""
 
-    def __init__(self, token: str | None = None, bookmark_interval: float = 0.1) -> None:
+    def __init__(self, token: str | None = None, bookmark_interval: float = 0.1,
+                 gateway_api: bool = True, absent: Iterable[str] = ()) -> None:
         self.token = token
+        # plurals whose CRD is not installed: their URLs answer 404
+        self.absent: set[str] = set(absent) | (
+            set() if gateway_api else {k.plural for k in GATEWAY_KINDS})
         self.bookmark_interval = bookmark_interval
         self.port = 0
         self.rv = 0  # the global resourceVersion, as an int
@@ -411,6 +437,12 @@ class FakeKubeAPI:
         else:
             meta["uid"] = old["metadata"].get("uid")
             meta["creationTimestamp"] = old["metadata"].get("creationTimestamp")
+        if kind.group == GATEWAY_GROUP:  # CRDs with a status subresource count generations
+            if old is None:
+                meta["generation"] = 1
+            else:
+                before = int(old["metadata"].get("generation") or 1)
+                meta["generation"] = before + (_spec_of(old) != _spec_of(obj))
         self.rv += 1
         meta["resourceVersion"] = str(self.rv)
         self._store[kind.plural][key] = obj
@@ -436,6 +468,9 @@ class FakeKubeAPI:
             if self.token is not None and (
                     request.headers.get("Authorization", "") != f"Bearer {self.token}"):
                 raise ApiError(401, "Unauthorized", "Unauthorized")
+            discovery = self._discovery(request.path)
+            if discovery is not None:
+                return web.json_response(discovery)
             kind, ns, name, sub = self._route(request.path)
             rec.plural, rec.namespace = kind.plural, ns
             if request.method == "GET" and name is None:
@@ -471,13 +506,32 @@ class FakeKubeAPI:
         if not rest or len(rest) > 3:
             raise not_found
         kind = _BY_PATH.get((group, version, rest[0]))
-        if kind is None or (ns is not None and not kind.namespaced):
+        if kind is None or kind.plural in self.absent or (ns is not None and not kind.namespaced):
             raise not_found
         name = rest[1] if len(rest) > 1 else None
         sub = rest[2] if len(rest) > 2 else None
         if name is not None and kind.namespaced and ns is None:
             raise not_found
         return kind, ns, name, sub
+
+    def _discovery(self, path: str) -> Obj | None:
+        """The APIResourceList of the Gateway API group version, as `kubectl api-resources`
+        reads it; None for other paths. Absent kinds are left out; none served: 404."""
+        if path.rstrip("/") != f"/apis/{GATEWAY_GROUP}/v1":
+            return None
+        served = [k for k in GATEWAY_KINDS if k.plural not in self.absent]
+        if not served:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        resources = []
+        for k in served:
+            verbs = ["create", "delete", "get", "list", "patch", "update", "watch"]
+            resources.append({"name": k.plural, "singularName": k.kind.lower(),
+                              "namespaced": k.namespaced, "kind": k.kind, "verbs": verbs})
+            resources.append({"name": f"{k.plural}/status", "singularName": "",
+                              "namespaced": k.namespaced, "kind": k.kind,
+                              "verbs": ["get", "patch", "update"]})
+        return {"kind": "APIResourceList", "apiVersion": "v1",
+                "groupVersion": f"{GATEWAY_GROUP}/v1", "resources": resources}
 
     def _matcher(self, query: dict[str, str]) -> Callable[[Obj], bool]:
         labels = label_matcher(query.get("labelSelector", ""))
@@ -629,8 +683,14 @@ class FakeKubeAPI:
             return gone
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", f"{method} needs a JSON object body")
-        if method == "PATCH":
+        if method == "PATCH" and sub == "status":
+            new = copy.deepcopy(current)
+            new["status"] = merge_patch(current.get("status") or {}, body.get("status") or {})
+            self.status_updates.append((ns or "", name, copy.deepcopy(new["status"])))
+        elif method == "PATCH":
             new = merge_patch(current, body)
+            if "status" in current and kind.group == GATEWAY_GROUP:  # the subresource's part
+                new["status"] = copy.deepcopy(current["status"])
             if kind.kind == "Event":
                 self.events.append(copy.deepcopy(new))
         elif method == "PUT":
@@ -676,6 +736,12 @@ class FakeKubeAPI:
         if kind.kind == "Event":
             self.events.append(copy.deepcopy(stored))
         return stored
+
+
+def _spec_of(obj: Obj) -> Any:
+    """What counts for `metadata.generation`: everything but metadata and status."""
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status", "kind",
+                                                      "apiVersion")}
 
 
 def objs(kind: str, names: Iterable[str], namespace: str = "default",

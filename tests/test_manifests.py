@@ -318,6 +318,44 @@ def test_namespaced_rbac_grants_only_the_watched_namespaces(
     assert config.kubernetes.namespaces == ("web", "api")
 
 
+GATEWAY_KINDS = ("gateways httproutes grpcroutes tlsroutes tcproutes referencegrants "
+                 "backendtlspolicies")
+GATEWAY_STATUS = ("gateways/status httproutes/status grpcroutes/status tlsroutes/status "
+                  "tcproutes/status")
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+
+
+def test_gateway_api_rbac_grows_by_exactly_the_verbs_it_uses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = write(tmp_path, """
+        admin: {listen: "0.0.0.0:9100"}
+        entrypoints: {http: {listen: "0.0.0.0:8080"}}
+        watchers: {kubernetes: {enabled: true, gateway_api: true}}
+    """)
+    docs = render(["--config", config], capsys)
+    assert rbac_rules(docs) == CLUSTER_WIDE_RBAC | leases("edgelb") | (
+        expand("ClusterRole", "", GATEWAY_GROUP, f"gatewayclasses {GATEWAY_KINDS}", WATCH)
+        | expand("ClusterRole", "", GATEWAY_GROUP, f"gatewayclasses/status {GATEWAY_STATUS}",
+                 "patch")
+        | expand("ClusterRole", "", "", "namespaces configmaps", WATCH))
+    config = write(tmp_path, """
+        admin: {listen: "0.0.0.0:9100"}
+        entrypoints: {http: {listen: "0.0.0.0:8080"}}
+        watchers: {kubernetes: {enabled: true, gateway_api: true, namespaces: [web]}}
+    """)
+    docs = render(["--config", config], capsys)
+    assert rbac_rules(docs) == (
+        expand("ClusterRole", "", "", "nodes namespaces", WATCH)
+        | expand("ClusterRole", "", "networking.k8s.io", "ingressclasses", WATCH)
+        | expand("ClusterRole", "", GATEWAY_GROUP, "gatewayclasses", WATCH)
+        | expand("ClusterRole", "", GATEWAY_GROUP, "gatewayclasses/status", "patch")
+        | namespaced_rbac("web") | leases("edgelb")
+        | expand("Role", "web", GATEWAY_GROUP, GATEWAY_KINDS, WATCH)
+        | expand("Role", "web", GATEWAY_GROUP, GATEWAY_STATUS, "patch")
+        | expand("Role", "web", "", "configmaps", WATCH))
+
+
 def test_cluster_scoped_names_do_not_collide_between_installs(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

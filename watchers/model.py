@@ -262,10 +262,16 @@ class Filters:
 
 @dataclass(frozen=True, slots=True)
 class WeightedService:
-    """One service of a route's traffic split; each keeps its own balancing policy."""
+    """One service of a route's traffic split; each keeps its own balancing policy.
+
+    `resolved` false: a reference a source could not resolve (the Gateway API's backendRef to a
+    missing Service, or across namespaces without a ReferenceGrant); `service` then only names
+    it, no such service exists, and the requests of this share answer 500, as the Gateway API
+    requires (they do not vanish from the split)."""
 
     service: str
     weight: int = 1
+    resolved: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,10 +285,10 @@ class Route:
 
     The rest is the routing power of the Gateway API's HTTPRoute (the file config's
     `routes:`): conditions on headers, query parameters and the method; filters; a weighted
-    split over `backends` (empty: `service` alone; else `service` is the first of them, or ""
-    for a route that only redirects); a request timeout (None: the service's). `name` says
-    where it came from in messages; `order` breaks the ties the precedence leaves (lower
-    first; edgelb/http/router.py).
+    split over `backends` (empty: `service` alone; else `service` is the first resolved one, or
+    "" for a route that only redirects or has no resolved share); a request timeout (None: the
+    service's). `name` says where it came from in messages; `order` breaks the ties the
+    precedence leaves (lower first; edgelb/http/router.py).
     """
 
     host: str

@@ -378,12 +378,17 @@ class Runtime:
         passthrough: dict[str, str] = {}  # SNI host -> service
         for r in routes:
             where = f"route {r.name + ' ' if r.name else ''}{r.host or '*'}{r.path}"
-            for extra in r.services[1:]:
-                other = names.get(extra)
+            for share in r.backends:
+                if share.service == r.service or not share.resolved:
+                    continue  # checked below; an unresolved share answers 500
+                other = names.get(share.service)
                 if other is None or other.mode != "http":
-                    errors.append(f"{where}: no http service named {extra!r} for its split")
+                    errors.append(f"{where}: no http service named {share.service!r} for its "
+                                  "split")
             if not r.service and r.filters is not None and r.filters.redirect is not None:
                 continue  # answers a redirect itself
+            if not r.service and r.backends:
+                continue  # its first share is unresolved: the router answers it with 500
             target = names.get(r.service)
             if target is None:
                 errors.append(f"{where}: no service named {r.service!r}")

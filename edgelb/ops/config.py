@@ -85,6 +85,8 @@ class KubernetesWatcherConfig:
     leader_election: bool = True  # one replica writes Ingress status (a Lease)
     # read nginx.ingress.kubernetes.io/* annotations on Ingresses (edgelb.io/* always are)
     ingress_nginx_annotations: bool = False
+    # also serve the Gateway API (GatewayClass controllerName edgelb.io/gateway-controller)
+    gateway_api: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -782,7 +784,7 @@ def _kubernetes(c: _Checker, value: Any) -> KubernetesWatcherConfig | None:
     m = c.section(value, path, "a mapping like {enabled: true, ingress_class: edgelb}",
                   ("enabled", "kubeconfig", "ingress_class", "namespaces", "pod_weights",
                    "publish_service", "publish_address", "leader_election",
-                   "ingress_nginx_annotations"))
+                   "ingress_nginx_annotations", "gateway_api"))
     if m is None:
         return None
     # A section that is present is on unless it says `enabled: false`.
@@ -803,7 +805,7 @@ def _kubernetes(c: _Checker, value: Any) -> KubernetesWatcherConfig | None:
             ns.append(c.string(item, _join(npath, i), _K8S_NAME,
                                "a namespace is a lowercase DNS label, e.g. default"))
         fields["namespaces"] = None if items is None or None in ns else tuple(ns)
-    for key in ("pod_weights", "leader_election", "ingress_nginx_annotations"):
+    for key in ("pod_weights", "leader_election", "ingress_nginx_annotations", "gateway_api"):
         if key in m:
             fields[key] = c.boolean(m[key], _join(path, key))
     if m.get("publish_service") is not None:
@@ -1471,7 +1473,7 @@ def json_schema() -> dict[str, Any]:
         "pod_weights": {"type": "boolean"}, "publish_service": {"type": ["string", "null"]},
         "publish_address": {"anyOf": [{"type": ["string", "null"]}, strings]},
         "leader_election": {"type": "boolean"},
-        "ingress_nginx_annotations": {"type": "boolean"}})
+        "ingress_nginx_annotations": {"type": "boolean"}, "gateway_api": {"type": "boolean"}})
     marathon = strict_object({
         "urls": {**strings, "minItems": 1}, "group": {"type": "string"},
         "health": {"type": "boolean"}, "resync": DURATION,

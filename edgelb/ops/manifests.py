@@ -521,6 +521,8 @@ def render(options: Options) -> Rendered:
         "ingress_class": ingress_class,
         "controller": CONTROLLER,
         "watch_namespaces": list(watched),
+        "gateway_api": bool(config.kubernetes is not None and config.kubernetes.enabled
+                            and config.kubernetes.gateway_api),
         "cluster_rbac_name": f"{NAME}-{options.namespace}",
         "lease_rbac_name": f"{NAME}-leader-election",
         "config_text": text,

@@ -25,7 +25,13 @@ API server would otherwise pull every replica out of its Service at the same mom
 first sync it is not ready anyway.
 
 One replica (leader election on a Lease, when `leader_election` is on) writes the Ingresses'
-`status.loadBalancer` with `publish_address`, or the address of `publish_service`. Problems
+`status.loadBalancer` with `publish_address`, or the address of `publish_service`.
+
+With `gateway_api` on, the Gateway API is followed too (watchers/kubernetes/gateway): at start
+API discovery says which of its kinds the cluster serves; without the CRDs a problem is
+reported, Ingresses are served as ever and discovery is tried again every GATEWAY_RECHECK
+seconds. Its routes, services and certificates join the Ingresses' in the one snapshot (what
+the Ingresses hold stays theirs), and the leader writes its status (gateway/status.py). Problems
 found in objects are logged once each and posted as Warning Events on the object.
 """
 
@@ -41,6 +47,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
+from watchers.kubernetes.gateway.resources import CONFIGMAPS, KINDS, NAMESPACES, REQUIRED
+from watchers.kubernetes.gateway.translate import (
+    GatewayState,
+    GatewayTranslation,
+    translate_gateway,
+)
+from watchers.kubernetes.leader import REQUEST_ERRORS
 from watchers.kubernetes.reflector import (
     ENDPOINTSLICES,
     INGRESSCLASSES,
@@ -53,7 +66,7 @@ from watchers.kubernetes.reflector import (
 )
 from watchers.kubernetes.secrets import SecretError, secret_pem
 from watchers.kubernetes.translate import ClusterState, Problem, Translation, translate
-from watchers.model import Certificates, Notice, PemPair, Policy
+from watchers.model import Certificates, Notice, PemPair, Policy, Service
 from watchers.source import Emit, Health, Report, Tasks, cancel_and_wait
 
 log = logging.getLogger("edgelb.kubernetes")
@@ -63,6 +76,9 @@ DEBOUNCE = 0.05  # seconds: coalesce a burst of events into one apply
 ZONE_LABEL = "topology.kubernetes.io/zone"
 LEADER_LEASE = "edgelb-leader"
 TRANSLATE_LOOP = "kubernetes translate loop"
+GATEWAY_RECHECK = 30.0  # seconds between looks for the Gateway API CRDs while they are absent
+GATEWAY_CACHES = (*KINDS, "configmaps", "namespaces")
+BACKEND_TLS_ANNOTATION = "edgelb.io/backend-tls"
 
 
 class KubernetesWatcher:
@@ -119,6 +135,13 @@ class KubernetesWatcher:
         self._leader: Any = None
         self._status: Any = None
         self._events: Any = None
+        # the Gateway API (config `gateway_api`): its reflectors are in self.reflectors once
+        # discovery found the CRDs; until then a problem says why it is not served
+        self.gateway_on = False
+        self.gateway_translation: GatewayTranslation | None = None
+        self._gateway_problem: Problem | None = None
+        self._gateway_status: Any = None
+        self._ca_dir: str | None = None  # BackendTLSPolicy CA files (a private temp dir)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -150,9 +173,13 @@ class KubernetesWatcher:
                 self.api, resource, self._changed, namespaces=scope, field_selector=fields,
                 read_timeout=self.read_timeout,
             )
+        if getattr(cfg, "gateway_api", False):
+            await self._discover_gateway_api()
         self._report_health()
         for k, r in self.reflectors.items():
             self._supervise(f"kubernetes reflector {k}", r.run)
+        if getattr(cfg, "gateway_api", False) and not self.gateway_on:
+            self._supervise("kubernetes gateway api discovery", self._recheck_gateway_api)
         # restarted, the translate loop translates at once; it is up once that applied
         self._supervise(TRANSLATE_LOOP, self._loop, on_up=self._dirty.set)
         self._supervise("kubernetes health watch", self._watch_health)
@@ -169,6 +196,10 @@ class KubernetesWatcher:
     async def stop(self) -> None:
         self._stopped.set()
         await cancel_and_wait(self._tasks)
+        if self._ca_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._ca_dir, ignore_errors=True)
         if self._leader is not None:
             try:
                 await asyncio.wait_for(self._leader.release(), 2.0)
@@ -247,7 +278,19 @@ class KubernetesWatcher:
             sni_routing=self.sni_routing(),
             ingress_nginx=getattr(self.config, "ingress_nginx_annotations", False),
         )
+        if self.gateway_on:
+            gateway = translate_gateway(
+                state, GatewayState(**{kind: self._cache(kind) for kind in GATEWAY_CACHES}),
+                read_policy=self.read_policy, defaults=self.defaults(),
+                zone=self.zone() or self.node_zone, pod_weights=self.config.pod_weights,
+                sni_routing=self.sni_routing(), tls_taken=translation.tls,
+                passthrough_taken=_passthrough_hosts(translation),
+                ports_taken=[s.listen.port for s in translation.snapshot.services if s.listen])
+            translation = self._with_gateway(translation, gateway)
+            self.gateway_translation = gateway
         problems = list(translation.problems)
+        if self._gateway_problem is not None:
+            problems.append(self._gateway_problem)
         certificates, origins = self._certificates(translation, problems)
         # the Secrets' certificates go with the snapshot that routes their hosts: in the same
         # step when it is accepted, not at all when it is rejected
@@ -268,6 +311,110 @@ class KubernetesWatcher:
         self.translation = translation
         self.applies += 1
         await self._publish_status()
+
+    # -- the Gateway API -----------------------------------------------------------------------
+
+    async def _discover_gateway_api(self) -> bool:
+        """Add the reflectors of the Gateway API kinds the cluster serves; False (and a problem
+        reported with every snapshot) while its CRDs are not installed."""
+        from watchers.kubernetes.gateway.resources import served_kinds
+
+        what = "watchers.kubernetes.gateway_api is on, but"
+        try:
+            served = await served_kinds(self.api)
+        except REQUEST_ERRORS as e:
+            self._gateway_problem = Problem(
+                "CustomResourceDefinition", "", "gateway.networking.k8s.io",
+                f"{what} the API could not be asked which Gateway API kinds it serves ({e}); "
+                f"asking again every {GATEWAY_RECHECK:g}s; Ingresses are served meanwhile")
+            return False
+        missing = [k for k in REQUIRED if k not in served]
+        if missing:
+            self._gateway_problem = Problem(
+                "CustomResourceDefinition", "", "gateway.networking.k8s.io",
+                f"{what} the cluster does not serve {', '.join(missing)} of "
+                "gateway.networking.k8s.io/v1; install the Gateway API CRDs (standard "
+                "channel); Ingresses are served meanwhile")
+            return False
+        self._gateway_problem = None
+        ns = self.config.namespaces
+        for name, resource in KINDS.items():
+            if name in served:
+                self._add_reflector(name, resource, ns)
+        self._add_reflector("namespaces", NAMESPACES, ())
+        self._add_reflector("configmaps", CONFIGMAPS, ns)
+        self.gateway_on = True
+        self._gateway_status_writer()
+        return True
+
+    def _add_reflector(self, name: str, resource: Any, scope: tuple[str, ...]) -> None:
+        self.reflectors[name] = Reflector(self.api, resource, self._changed, namespaces=scope,
+                                          read_timeout=self.read_timeout)
+
+    async def _recheck_gateway_api(self) -> None:
+        """While the CRDs are absent, look again now and then; start following once found."""
+        while not self.gateway_on:
+            await asyncio.sleep(GATEWAY_RECHECK)
+            before = set(self.reflectors)
+            if await self._discover_gateway_api():
+                for k in set(self.reflectors) - before:
+                    self._supervise(f"kubernetes reflector {k}", self.reflectors[k].run)
+                log.warning("kubernetes: the Gateway API CRDs are installed; following them")
+            self._dirty.set()
+
+    def _with_gateway(self, translation: Translation, gateway: GatewayTranslation
+                      ) -> Translation:
+        """The Ingress translation with the Gateway API's routes, services, certificates and
+        problems added (Ingress certificates keep their host names)."""
+        services = list(translation.snapshot.services)
+        for svc in gateway.services:
+            services.append(self._backend_tls(svc, gateway, translation.problems))
+        snapshot = dataclasses.replace(
+            translation.snapshot, services=tuple(services),
+            routes=translation.snapshot.routes + gateway.routes)
+        return dataclasses.replace(
+            translation, snapshot=snapshot, tls={**gateway.tls, **translation.tls},
+            problems=[*translation.problems, *gateway.problems])
+
+    def _backend_tls(self, svc: Service, gateway: GatewayTranslation,
+                     problems: list[Problem]) -> Service:
+        """A service a BackendTLSPolicy targets speaks TLS to its backends: its CA (from the
+        ConfigMap, written to a private file) or the system store, and the host name."""
+        want = gateway.backend_tls.get(svc.name)
+        if want is None:
+            return svc
+        ca_ref = want.ca
+        spec: dict[str, Any] = {"sni": want.hostname}
+        if ca_ref is not None:
+            cm = self._cache("configmaps").get((ca_ref[0], ca_ref[1])) or {}
+            pem = ((cm.get("data") or {}).get(ca_ref[2]) or "")
+            spec["ca"] = self._ca_file(pem)
+        import json
+
+        policy, errs = self.read_policy({BACKEND_TLS_ANNOTATION: json.dumps(spec)}, svc.policy)
+        for e in errs:
+            problems.append(Problem("BackendTLSPolicy", *want.policy,
+                                    f"Service {svc.name}: {e}"))
+        return svc if errs else dataclasses.replace(svc, policy=policy)
+
+    def _ca_file(self, pem: str) -> str:
+        """A file holding `pem`, named by its digest (edgelb's backend TLS reads CA files)."""
+        import hashlib
+        import tempfile
+
+        if self._ca_dir is None:
+            self._ca_dir = tempfile.mkdtemp(prefix="edgelb-ca-")
+        path = os.path.join(self._ca_dir, hashlib.sha256(pem.encode()).hexdigest() + ".pem")
+        if not os.path.exists(path):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(pem)
+        return path
+
+    def _gateway_status_writer(self) -> None:
+        from watchers.kubernetes.gateway.status import GatewayStatusWriter
+
+        if self._gateway_status is None:
+            self._gateway_status = GatewayStatusWriter(self.api)
 
     def _certificates(self, translation: Translation, problems: list[Problem]
                       ) -> tuple[Certificates, dict[str, tuple[str, str]]]:
@@ -331,7 +478,8 @@ class KubernetesWatcher:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(1.0)
-            if self._status is not None and self._status.needs_retry:
+            if any(w is not None and w.needs_retry
+                   for w in (self._status, self._gateway_status)):
                 self._dirty.set()  # a status write failed: try again
             last = max((r.last_event for r in self.reflectors.values()), default=0.0)
             if last:  # watch events and bookmarks: the source is alive
@@ -361,9 +509,13 @@ class KubernetesWatcher:
         except ImportError:  # pragma: no cover - shipped together
             return
         self._events = EventRecorder(self.api, host=self._identity())
-        if not (self.config.publish_address or self.config.publish_service):
+        if self.gateway_on:
+            self._gateway_status_writer()
+        publish = bool(self.config.publish_address or self.config.publish_service)
+        if not (publish or getattr(self.config, "gateway_api", False)):
             return  # nothing to write: no status, no election needed
-        self._status = StatusWriter(self.api)
+        if publish:
+            self._status = StatusWriter(self.api)
         if not self.config.leader_election:
             return
         namespace = self.environ.get("POD_NAMESPACE", "default")
@@ -380,20 +532,31 @@ class KubernetesWatcher:
             self._dirty.set()  # publish at once
 
     def _is_writer(self) -> bool:
-        if self._status is None:
+        if self._status is None and self._gateway_status is None:
             return False
         return self._leader is None or self._leader.is_leader
 
-    async def _publish_status(self) -> None:
-        if not self._is_writer() or self.translation is None:
-            return
+    def _addresses(self) -> list[str]:
         addresses = list(self.config.publish_address)
         if not addresses and self.config.publish_service:
             from watchers.kubernetes.status import addresses_from_service
 
             ns, _, name = self.config.publish_service.partition("/")
             addresses = addresses_from_service(self._cache("services").get((ns, name)))
-        if not addresses:
+        return addresses
+
+    async def _publish_status(self) -> None:
+        if not self._is_writer() or self.translation is None:
+            return
+        addresses = self._addresses()
+        if self._gateway_status is not None and self.gateway_translation is not None:
+            caches = {kind: dict(self._cache(kind)) for kind in KINDS}
+            try:
+                await self._gateway_status.publish(self.gateway_translation.statuses,
+                                                   addresses, caches)
+            except Exception as e:
+                log.warning("kubernetes: could not write Gateway API status: %s", e)
+        if not addresses or self._status is None:
             return
         ingresses = dict(self._cache("ingresses"))  # read across awaits: a copy
         try:
@@ -405,8 +568,8 @@ class KubernetesWatcher:
             log.warning("kubernetes: could not write Ingress status: %s", e)
 
     def _post_event(self, p: Problem) -> None:
-        if self._events is None:
-            return
+        if self._events is None or p.kind == "CustomResourceDefinition":
+            return  # not an object of the cluster: logged and counted only
         obj = self._find(p)
         meta = (obj or {}).get("metadata") or {}
         coro = self._events.warn(
@@ -419,9 +582,17 @@ class KubernetesWatcher:
     def _find(self, p: Problem) -> dict | None:
         kind = {"Service": "services", "Ingress": "ingresses", "Pod": "pods",
                 "EndpointSlice": "endpointslices", "Secret": "secrets",
-                "IngressClass": "ingressclasses"}.get(p.kind)
+                "IngressClass": "ingressclasses", "ConfigMap": "configmaps",
+                **{r.kind: name for name, r in KINDS.items()}}.get(p.kind)
         r = self.reflectors.get(kind) if kind else None
         return r.cache.get((p.namespace, p.name)) if r is not None else None
+
+
+def _passthrough_hosts(translation: Translation) -> list[str]:
+    """The host names the Ingresses pass through undecrypted."""
+    snap = translation.snapshot
+    relayed = {s.name for s in snap.services if s.tls_passthrough}
+    return [r.host for r in snap.routes if r.service in relayed]
 
 
 def _secret_problem(origins: dict[str, tuple[str, str]], notice: Notice) -> Problem:
@@ -434,4 +605,5 @@ _API_VERSIONS = {
     "Ingress": "networking.k8s.io/v1",
     "IngressClass": "networking.k8s.io/v1",
     "EndpointSlice": "discovery.k8s.io/v1",
+    **{r.kind: r.api_version for r in KINDS.values()},
 }
