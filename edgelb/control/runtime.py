@@ -382,6 +382,11 @@ class Runtime:
                 other = names.get(extra)
                 if other is None or other.mode != "http":
                     errors.append(f"{where}: no http service named {extra!r} for its split")
+            for m in r.filters.mirrors if r.filters is not None else ():
+                other = names.get(m.service)
+                if other is None or other.mode != "http":
+                    errors.append(f"{where}: no http service named {m.service!r} to mirror "
+                                  "requests to; add it or drop the mirror")
             if not r.service and r.filters is not None and r.filters.redirect is not None:
                 continue  # answers a redirect itself
             target = names.get(r.service)

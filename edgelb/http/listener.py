@@ -84,6 +84,7 @@ class HttpListener:
         self.max_headers = self.limits.headers
         self.min_body_rate = 0
         self.connecting: set[asyncio.Task[Any]] = set()  # upstream connects in progress
+        self.mirroring: set[asyncio.Task[Any]] = set()  # request copies (edgelb/http/mirror.py)
         self.merge_slashes = True  # see set_path_rules
         self.keep_encoded_slashes = False
         self.per_client: dict[bytes, int] = {}  # open connections per client address
