@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from h2kit import H2Client
 from httpkit import Client, closed_port, eventually, fetch, free_port, hang, ok, within
-from routeskit import serve
+from routeskit import config_text, serve
 
 from edgelb.control.runtime import SnapshotError
 from edgelb.http import client_limits, mirror
@@ -199,7 +199,7 @@ async def test_cors_headers_on_responses(backend, proxy) -> None:
 
 async def test_rate_limit_answers_429_with_retry_after(backend, proxy) -> None:
     web = await backend("web")
-    port, rt = await serve(proxy, {"web": web}, """
+    routes = """
   - matches: [{path: {prefix: /api}}]
     filters: {limits: {rps: 0.5, burst: 3}}
     backends: [web]
@@ -207,7 +207,8 @@ async def test_rate_limit_answers_429_with_retry_after(backend, proxy) -> None:
     filters: {limits: {rps: 0.5, burst: 1, exempt: [127.0.0.0/8]}}
     backends: [web]
   - backends: [web]
-""")
+"""
+    port, rt = await serve(proxy, {"web": web}, routes)
     client = await Client.open(port)
     try:
         got = [(await within(client.request("GET", "/api/x"))) for _ in range(5)]
@@ -220,6 +221,25 @@ async def test_rate_limit_answers_429_with_retry_after(backend, proxy) -> None:
         client.close()
     assert metric(rt, "web", "shed", "rate_limit") == 2
     assert len(web.requests) == 13
+    # a reload that keeps the route's limits keeps its buckets; a changed limit starts afresh
+    for rps, status in ((0.5, 429), (0.25, 200)):
+        text = config_text(port, {"web": web}, routes.replace("rps: 0.5, burst: 3",
+                                                              f"rps: {rps}, burst: 3"))
+        await rt.apply(parse_config(text).snapshot)
+        assert (await within(fetch(port, "GET", "/api/y"))).status == status
+
+
+async def test_cors_headers_on_a_429(backend, proxy) -> None:
+    web = await backend("web")
+    port, _ = await serve(proxy, {"web": web}, """
+  - filters: {cors: {allow_origins: ["https://app.example.com"]}, limits: {rps: 1, burst: 1}}
+    backends: [web]
+""")
+    origin = [("Origin", "https://app.example.com")]
+    assert (await within(fetch(port, "GET", "/", headers=origin))).status == 200
+    resp = await within(fetch(port, "GET", "/", headers=origin))
+    assert resp.status == 429
+    assert resp.get("access-control-allow-origin") == "https://app.example.com"
 
 
 async def test_client_connections_limit_on_http1_and_h2(backend, proxy) -> None:

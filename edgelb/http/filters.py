@@ -134,14 +134,14 @@ def routed(ex: Exchange, rule: Rule, listener: Any) -> ServiceState | None:
     if service is None:  # the Gateway API: an unresolved share of a split answers 500
         client.answer(ex, 500, f"service {name} of this route does not exist", None)
         return None
+    if cors is not None:  # (before the limits: a 429 is readable by the page too)
+        ex.resp_extra += cors.response(origin)
     limiter = rule.limiter
     if limiter is not None and limited(ex, limiter, service):
         return None
     rewrite_request(ex, rule)
     ex.resp_edits = rule.resp_edits
     ex.timeout = rule.timeout
-    if cors is not None:
-        ex.resp_extra += cors.response(origin)
     if rule.mirrors:
         mirror.start(ex, rule, listener)
     return service

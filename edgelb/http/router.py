@@ -188,14 +188,17 @@ class Router:
     """An immutable routing table (but for its pickers' positions); the runtime builds a new
     one on every snapshot."""
 
-    __slots__ = ("_any", "_exact", "_wild")
+    __slots__ = ("_any", "_exact", "_limiters", "_wild")
 
-    def __init__(self, routes: Iterable[Route] = ()) -> None:
+    def __init__(self, routes: Iterable[Route] = (), previous: Router | None = None) -> None:
+        """`previous`: the table this one replaces; a route (by name) whose limits did not
+        change keeps its clients' buckets and requests in flight."""
         exact: dict[str, list[Rule]] = {}
         wild: dict[str, list[Rule]] = {}
         anyhost: list[Rule] = []
         pickers: dict[tuple[str, tuple[tuple[str, int], ...]], Picker] = {}
         limiters: dict[tuple[str, object], ClientLimiter] = {}
+        kept = previous._limiters if previous is not None else {}
         for r in routes:
             picker = None
             if r.backends and (len(r.backends) > 1 or r.backends[0].service != r.service):
@@ -210,9 +213,10 @@ class Router:
             if lim is not None and (lim.rps > 0 or lim.connections > 0):
                 # one per route of the source: its hosts and matches share a client's budget
                 lkey = (r.name, lim)
-                limiter = limiters.get(lkey) if r.name else None
+                limiter = (limiters.get(lkey) or kept.get(lkey)) if r.name else None
                 if limiter is None:
-                    limiter = limiters[lkey] = ClientLimiter(lim)
+                    limiter = ClientLimiter(lim)
+                limiters[lkey] = limiter
             rule = Rule(r, picker, limiter)
             host = r.host.lower()
             if not host:
@@ -224,6 +228,7 @@ class Router:
         self._exact = {h: _sort(v) for h, v in exact.items()}
         self._wild = {h: _sort(v) for h, v in wild.items()}
         self._any = _sort(anyhost)
+        self._limiters = {k: v for k, v in limiters.items() if k[0]}
 
     def match(self, host: str, url: str, method: bytes = b"GET",
               lines: list[bytes] | None = None) -> Rule | None:
