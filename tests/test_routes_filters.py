@@ -49,6 +49,7 @@ async def test_mirror_copies_head_and_body_and_drops_its_answer(backend, proxy) 
     assert (copy.method, copy.target, copy.body) == ("POST", "/orders?id=7", b"a body of bytes")
     assert copy.get("host") == "shop.example.com"
     assert copy.get("x-trace") == "t1" and copy.get("x-env") == "prod"  # after the filters
+    assert copy.get("x-forwarded-for") == "127.0.0.1" and copy.get("connection") == "close"
     chunked = await within(fetch(port, "PUT", "/c", headers=[("Transfer-Encoding", "chunked")],
                                  body=b"5\r\nhello\r\n0\r\n\r\n", length=False))
     assert chunked.status == 200

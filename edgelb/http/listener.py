@@ -253,6 +253,8 @@ class HttpListener:
             self._drop(peek, "closed")
         for task in list(self._handshakes):
             task.cancel()
+        for task in list(self.mirroring):  # request copies still on their way
+            task.cancel()
         if self.relay is not None:
             self.relay.abort()
 

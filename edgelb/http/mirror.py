@@ -2,14 +2,16 @@
 request goes to another service's balancer, fire-and-forget; its answer is read and dropped.
 
 The original never waits for, fails with or is held by its copy: the copy is made from bytes
-the proxy already has (the head as the route's filters left it, the body as it streams by)
+the proxy already has (the head as the route's filters left it, with the forwarding fields
+the original gets, and the body as it streams by)
 and sent on a connection of its own, in a task held by the listener, after the original was
 handed on. Bounds:
 
 - a body over MIRROR_BODY_MAX bytes is not mirrored (skipped): by its Content-Length at once,
   or, for a chunked body, once that much was seen (what was gathered is dropped);
 - at most MIRRORS_IN_FLIGHT copies are on their way at once per listener; beyond, skipped;
-- a copy waits for its service's connect_timeout, then response_timeout, and is abandoned.
+- a copy waits for its service's connect_timeout, then response_timeout, and is abandoned;
+  copies still on their way when a listener is aborted (the end of its grace) are dropped.
 
 So one exchange holds at most MIRROR_BODY_MAX bytes per copy target. Counted per mirrored-to
 service in `ServiceState.mirrors` (edgelb_mirror_requests_total): "sent" (an answer came
@@ -26,6 +28,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from edgelb.control.tasks import log_failure
+from edgelb.http.request import forwarding_lines
 from edgelb.net.backend_tls import client_context, server_hostname
 
 if TYPE_CHECKING:
@@ -55,11 +58,12 @@ def _content_length(lines: list[bytes]) -> int:
 class MirrorCopy:
     """What an exchange keeps for its copies while its body streams by."""
 
-    __slots__ = ("chunks", "head", "size", "targets")
+    __slots__ = ("chunks", "head", "size", "tail", "targets")
 
-    def __init__(self, targets: list[ServiceState], head: bytes) -> None:
+    def __init__(self, targets: list[ServiceState], head: bytes, tail: bytes) -> None:
         self.targets = targets
-        self.head = head
+        self.head = head  # the request line and fields, less the framing
+        self.tail = tail  # the forwarding fields and the blank line
         self.chunks: list[bytes] = []
         self.size = 0
 
@@ -87,7 +91,7 @@ def start(ex: Exchange, rule: Rule, listener: Any) -> None:
         lines.append(b"host: %s\r\n" % listener.default_host())
     head = b"".join((ex.method, b" ", ex.url, b" HTTP/1.1\r\n", *lines,
                      b"connection: close\r\n"))
-    copy = MirrorCopy(targets, head)
+    copy = MirrorCopy(targets, head, forwarding_lines(ex.client, ex))
     if ex.body_buffer:  # read before the request was routed (it waited its turn)
         copy.chunks = list(ex.body_buffer)
         copy.size = ex.buffered
@@ -123,7 +127,8 @@ def complete(ex: Exchange) -> None:
 def send(ex: Exchange, copy: MirrorCopy) -> None:
     client = ex.client
     listener = client.listener
-    payload = b"".join((copy.head, b"content-length: %d\r\n\r\n" % copy.size, *copy.chunks))
+    payload = b"".join((copy.head, b"content-length: %d\r\n" % copy.size, copy.tail,
+                        *copy.chunks))
     held: set[asyncio.Task[Any]] = listener.connecting
     for target in copy.targets:
         policy = target.policy
