@@ -90,7 +90,7 @@ def env_list(name: str, default: tuple[str, ...], allowed: tuple[str, ...]) -> l
     return items
 
 
-SCENARIOS = ("http", "tcp", "idle", "balance")
+SCENARIOS = ("http", "tcp", "idle", "balance", "routes")
 
 
 @dataclass
@@ -380,9 +380,9 @@ class Lab:
 
 
 def run_wrk(cfg: Settings, url: str, conns: int, seconds: int,
-            raw_name: str | None) -> dict[str, Any]:
+            raw_name: str | None, headers: tuple[str, ...] = ()) -> dict[str, Any]:
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s", "--latency",
-            "-s", str(LUA), url]
+            *(x for h in headers for x in ("-H", h)), "-s", str(LUA), url]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
     if raw_name:
         (cfg.results / "raw" / f"{raw_name}.txt").write_text(
@@ -679,6 +679,147 @@ def scenario_balance(cfg: Settings, lab: Lab, notes: list[str]) -> dict[str, Any
 # ---------------------------------------------------------------- report
 
 
+# The routes scenario: ROUTE_HOSTS hosts x ROUTE_VARIANTS header-matched rules and a catch-all;
+# the measured requests go to a host in the middle and match its last rule.
+ROUTE_HOSTS = 50
+ROUTE_VARIANTS = 4
+ROUTE_REQUEST = ("Host: h25.bench.test", "X-Variant: v3")
+
+
+def routes_edgelb_config(port: int, admin_port: int, a: int, b: int) -> str:
+    services = "".join(
+        f"  - {{name: svc{k}, balance: least-loaded, backends: [{{address: 127.0.0.1:{a}}}, "
+        f"{{address: 127.0.0.1:{b}}}]}}\n" for k in range(ROUTE_VARIANTS))
+    routes = "".join(
+        f"  - {{hosts: [h{h}.bench.test], matches: [{{headers: {{x-variant: v{k}}}}}], "
+        f"backends: [svc{k}]}}\n"
+        for h in range(ROUTE_HOSTS) for k in range(ROUTE_VARIANTS))
+    return (f"# edgelb: {ROUTE_HOSTS * ROUTE_VARIANTS} header-matched routes and a catch-all\n"
+            f"admin: {{listen: 127.0.0.1:{admin_port}}}\n"
+            "defaults: {connect_timeout: 2s, header_timeout: 300s, idle_timeout: 300s, "
+            "response_timeout: 60s}\n"
+            f"entrypoints: {{web: {{listen: 127.0.0.1:{port}}}}}\n"
+            f"services:\n{services}routes:\n{routes}  - {{backends: [svc0]}}\n")
+
+
+def routes_haproxy_config(port: int, a: int, b: int, maxconn: int) -> str:
+    """The same routes as HAProxy ACLs: one use_backend per rule, tried in order."""
+    rules = "".join(
+        f"    use_backend be_svc{k} if {{ hdr(host) -i h{h}.bench.test }} "
+        f"{{ hdr(x-variant) v{k} }}\n"
+        for h in range(ROUTE_HOSTS) for k in range(ROUTE_VARIANTS))
+    backends = "".join(
+        f"backend be_svc{k}\n    balance leastconn\n    server a 127.0.0.1:{a}\n"
+        f"    server b 127.0.0.1:{b}\n\n" for k in range(ROUTE_VARIANTS))
+    return (f"global\n    nbthread 1\n    maxconn {maxconn}\n\n"
+            f"defaults\n    mode http\n    maxconn {maxconn}\n    option http-keep-alive\n"
+            "    http-reuse always\n    timeout connect 2s\n    timeout client 300s\n"
+            "    timeout server 300s\n    timeout http-request 300s\n"
+            "    timeout http-keep-alive 300s\n\n"
+            f"frontend fe_web\n    bind 127.0.0.1:{port}\n{rules}    default_backend be_svc0\n\n"
+            f"{backends}")
+
+
+def start_routes_proxy(lab: Lab, proxy: str) -> Server:
+    name = f"{proxy}-routes"
+    port = free_port()
+    a, b = (s.port for s in lab.backends)
+    if proxy == "haproxy":
+        conf = lab.tmp / f"{name}.cfg"
+        conf.write_text(routes_haproxy_config(port, a, b, lab.maxconn["http"]))
+        proc = lab.procs.start(name, ["haproxy", "-db", "-f", str(conf)])
+    else:
+        conf = lab.tmp / f"{name}.yaml"
+        conf.write_text(routes_edgelb_config(port, free_port(), a, b))
+        proc = lab.procs.start(
+            name, [lab.cfg.python, "-m", "edgelb", "run", "-c", str(conf)], cwd=REPO)
+    wait_ready(lab.procs, proc, name, port)
+    return Server(name, port, proc)
+
+
+def routed_ok(port: int) -> bool:
+    """The measured request reaches a backend through the routes (200, not a 404)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(("GET / HTTP/1.1\r\n" + "\r\n".join(ROUTE_REQUEST)
+                   + "\r\nConnection: close\r\n\r\n").encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.startswith(b"HTTP/1.1 200")
+
+
+def scenario_routes(cfg: Settings, lab: Lab, notes: list[str]) -> dict[str, Any]:
+    """The HTTP ratio to HAProxy with the plain config and with 200 header-matched routes
+    (HAProxy: the equivalent acl + use_backend rules), then bench/route_lookup.py."""
+    names = [p for p in cfg.proxies if p in ("edgelb", "haproxy")]
+    log(f"Routes: plain vs {ROUTE_HOSTS * ROUTE_VARIANTS} header-matched routes, wrk -t1 "
+        f"-c{cfg.conns} -d{cfg.duration}s x {cfg.rounds} rounds")
+    servers: dict[str, Server] = {}
+    out: dict[str, Any] = {"rounds": [], "lookup": None}
+    try:
+        for p in names:
+            for kind in ("plain", "routes"):
+                try:
+                    servers[f"{p}-{kind}"] = (lab.start_proxy(p, "http", "routes-plain")
+                                              if kind == "plain" else start_routes_proxy(lab, p))
+                except Exception as exc:
+                    notes.append(f"{p} ({kind} routes): did not start: {exc}")
+        for key, s in servers.items():
+            if not routed_ok(s.port):
+                notes.append(f"{key}: the measured request was not answered 200")
+        for s in servers.values():
+            if cfg.warmup:
+                run_wrk(cfg, f"http://127.0.0.1:{s.port}/", cfg.conns, cfg.warmup, None,
+                        ROUTE_REQUEST)
+        for rnd in range(1, cfg.rounds + 1):
+            row: dict[str, Any] = {}
+            for key, s in servers.items():
+                r = run_wrk(cfg, f"http://127.0.0.1:{s.port}/", cfg.conns, cfg.duration,
+                            f"routes-{key}-r{rnd}", ROUTE_REQUEST)
+                row[key] = r
+                log(f"  round {rnd} {key}: {r['rps']:.0f} req/s errors {r['errors']}")
+            out["rounds"].append(row)
+    finally:
+        for s in servers.values():
+            lab.procs.stop(s.proc)
+    micro = subprocess.run([cfg.python, str(BENCH_DIR / "route_lookup.py")], cwd=REPO,
+                           capture_output=True, text=True, timeout=600, check=False)
+    m = re.search(r"^BENCHJSON (\{.*\})$", micro.stdout, re.M)
+    if m:
+        out["lookup"] = json.loads(m.group(1))
+        log("  route lookup ns by other hosts: " + str(out["lookup"]))
+    else:
+        notes.append(f"route_lookup.py failed: {micro.stderr[-300:]}")
+    return out
+
+
+def _routes_section(cfg: Settings, r: dict[str, Any]) -> list[str]:
+    keys = [k for k in ("edgelb-plain", "haproxy-plain", "edgelb-routes", "haproxy-routes")
+            if any(k in row for row in r["rounds"])]
+    med = {k: median([row[k]["rps"] for row in r["rounds"] if k in row]) for k in keys}
+    lines = [
+        f"## Routes: {ROUTE_HOSTS} hosts x {ROUTE_VARIANTS} header-matched rules and a "
+        f"catch-all (wrk -t1 -c{cfg.conns} -d{cfg.duration}s)",
+        "",
+        "The requests name a host in the middle (h25) and match its last rule "
+        "(`X-Variant: v3`); HAProxy has the same rules as `use_backend ... if { hdr(host) } "
+        "{ hdr(x-variant) }`, tried in order.",
+        "",
+        "| config | edgelb req/s | HAProxy req/s | edgelb vs HAProxy |",
+        "|---|---:|---:|---:|",
+    ]
+    for kind in ("plain", "routes"):
+        e, h = med.get(f"edgelb-{kind}"), med.get(f"haproxy-{kind}")
+        lines.append(f"| {kind} | {fmt(e)} | {fmt(h)} | {ratio(e, h)} |")
+    lines += ["", _rounds_table(r["rounds"], keys, "rps", "req/s"), ""]
+    if r.get("lookup"):
+        lines += ["Route lookup (bench/route_lookup.py, `Router.match` of a request matching "
+                  "its host's 4th header rule), ns per lookup by the number of other hosts "
+                  "(4 rules each): " + ", ".join(f"{k}: {v:.0f}" for k, v in
+                                                 r["lookup"].items()), ""]
+    return lines
+
+
 def version_info(cfg: Settings) -> dict[str, str]:
     def first_line(argv: list[str], cwd: Path | None = None) -> str:
         try:
@@ -822,6 +963,8 @@ def summarize(cfg: Settings, info: dict[str, str], res: dict[str, Any],
         lines.append("")
     if "balance" in res:
         lines += _balance_section(cfg, res["balance"])
+    if "routes" in res:
+        lines += _routes_section(cfg, res["routes"])
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
@@ -1006,7 +1149,7 @@ def main() -> int:
     started = time.monotonic()
     info = version_info(cfg)
     res, notes = run(cfg, {"http": scenario_http, "tcp": scenario_tcp, "idle": scenario_idle,
-                           "balance": scenario_balance})
+                           "balance": scenario_balance, "routes": scenario_routes})
     info["load_end"] = loadavg()
     summary = summarize(cfg, info, res, notes)
     summary += f"\nTotal bench time: {time.monotonic() - started:.0f}s\n"

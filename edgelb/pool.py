@@ -632,6 +632,7 @@ class ServiceState:
         "hsts_line",
         "local_counts",
         "local_responses",
+        "mirrors",
         "name",
         "policy",
         "pool",
@@ -677,6 +678,7 @@ class ServiceState:
         # basic auth verdicts, indexed as edgelb.net.acl.AUTH_RESULTS (ok, cached, failed, ...)
         self.auth_results = [0] * 6
         self.local_responses: dict[int, int] = {}  # answered by edgelb itself, no backend
+        self.mirrors: dict[str, int] = {}  # copies sent here by routes' mirrors, by result
         self.local_counts: dict[int, int] = {}  # the same by method: method_index << 10 | status
         # edgelb_request_duration_seconds by method and status class: N_DURATION buckets for
         # each (method_index * N_CLASSES + status // 100), and their sums

@@ -385,6 +385,11 @@ class Runtime:
                 if other is None or other.mode != "http":
                     errors.append(f"{where}: no http service named {share.service!r} for its "
                                   "split")
+            for m in r.filters.mirrors if r.filters is not None else ():
+                other = names.get(m.service)
+                if other is None or other.mode != "http":
+                    errors.append(f"{where}: no http service named {m.service!r} to mirror "
+                                  "requests to; add it or drop the mirror")
             if not r.service and r.filters is not None and r.filters.redirect is not None:
                 continue  # answers a redirect itself
             if not r.service and r.backends:
@@ -424,7 +429,7 @@ class Runtime:
             zone = next((s.zone for s in snapshots.values() if s.zone), "")
             if zone:
                 instance = dataclasses.replace(instance, zone=zone)
-        router, sni_table = _split_routes(routes, {s.name: s for s in services})
+        router, sni_table = _split_routes(routes, {s.name: s for s in services}, self.router)
         certs = self._load_certificates(services, settings, snapshots, reload_files)
         new: list[Service] = []
         changed: list[Service] = []
@@ -897,8 +902,8 @@ class Runtime:
             task.cancel()
 
 
-def _split_routes(routes: Iterable[Route], services: dict[str, Service]
-                  ) -> tuple[Router, SniTable]:
+def _split_routes(routes: Iterable[Route], services: dict[str, Service],
+                  previous: Router | None = None) -> tuple[Router, SniTable]:
     """The HTTP router and the TLS entrypoints' SNI table. Routes to passthrough services go
     to the table only. A host that is both passed through and routed as https is passed
     through on TLS entrypoints (as ingress-nginx does); its https routes serve plain-HTTP
@@ -923,7 +928,8 @@ def _split_routes(routes: Iterable[Route], services: dict[str, Service]
     if wildcard:
         for host in terminated:
             exact.setdefault(host, "")
-    return Router(http), SniTable(exact, wildcard)
+    # `previous`: its routes' per-client limiters carry on where a route keeps its limits
+    return Router(http, previous), SniTable(exact, wildcard)
 
 
 async def _restart(listener: Any) -> None:

@@ -38,7 +38,7 @@ _OVERLOAD = frozenset({"timeout", "503", "504"})  # failures that tell a backend
 BACKEND_REASONS = frozenset({"timeout", "upstream_error", "upstream_reset", "upgraded",
                              "client_closed"})
 REASONS = (*sorted(BACKEND_REASONS), "no_route", "shed", "refused", "auth", "redirect",
-           "bad_request", "too_large", "client_timeout", "internal_error")
+           "bad_request", "too_large", "client_timeout", "internal_error", "cors")
 
 
 _LOCAL_REASONS = {404: "no_route", 403: "refused", 401: "auth", 429: "auth", 308: "redirect",
@@ -102,6 +102,10 @@ def finish(ex: Exchange, reason: str, now: float) -> None:
     if ex.logged:
         return
     ex.logged = True
+    limiter = ex.client_limit
+    if limiter is not None:  # a route's per-client limit: the request's slot back
+        ex.client_limit = None
+        limiter.release(ex.client.xff_ip)
     if ex.status and reason != "upgraded":
         count(ex, reason, now)
     client = ex.client

@@ -29,6 +29,8 @@ from edgelb.http.exchange import (
     Exchange,
 )
 from edgelb.http.headers import forwarded_for
+from edgelb.http.mirror import body as mirror_body
+from edgelb.http.mirror import complete as mirror_complete
 from edgelb.http.request import (
     MAX_HEAD,
     MAX_TARGET,
@@ -433,6 +435,8 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         ex.tail = 0
         if ex.state == DONE:
             return
+        if ex.mirror is not None:  # a route's mirrors keep a copy (bounded)
+            mirror_body(ex, body)
         received = ex.received = ex.received + len(body)
         service = ex.service
         if service is not None:  # None while a pipelined request waits for its turn
@@ -491,6 +495,8 @@ class ClientProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
             if ex.backend is None and self.active is None and not self.closed:
                 self.response_done(ex)
             return
+        if ex.mirror is not None:
+            mirror_complete(ex)
         up = ex.upstream
         service = ex.service
         if up is not None and service is not None:  # (sent: routed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 REASONS = {
+    204: b"No Content",
     308: b"Permanent Redirect",
     400: b"Bad Request",
     401: b"Unauthorized",
@@ -21,8 +22,11 @@ REASONS = {
 
 
 def local_response(status: int, detail: str, keep_alive: bool, extra: bytes = b"") -> bytes:
-    """A complete HTTP/1.1 response with a one-line plain text body."""
+    """A complete HTTP/1.1 response with a one-line plain text body (none for a 204)."""
     reason = REASONS.get(status, b"Error")
+    if status == 204:  # (a CORS preflight's answer)
+        conn = b"keep-alive" if keep_alive else b"close"
+        return b"HTTP/1.1 204 No Content\r\nconnection: %s\r\n%s\r\n" % (conn, extra)
     body = b"%d %s: %s\n" % (status, reason, detail.encode("utf-8", "replace"))
     conn = b"keep-alive" if keep_alive else b"close"
     return (

@@ -53,6 +53,7 @@ class Exchange:
         "chunked",
         "client",
         "client_chunked",
+        "client_limit",  # a route's ClientLimiter holding a slot of this request, or None
         "conn_tokens",
         "fwd",
         "fwd_extra",  # header lines added to the forwarded head (request ID, traceparent)
@@ -63,6 +64,7 @@ class Exchange:
         "lines",
         "logged",  # accounting.finish has seen it (once per request)
         "method",
+        "mirror",  # copies of the request gathering its body (edgelb.http.mirror), or None
         "queued",
         "received",  # request body bytes so far
         "req_trailers",
@@ -150,6 +152,8 @@ class Exchange:
         self.resp_extra = b""
         self.resp_edits: Any = None
         self.timeout = 0.0
+        self.client_limit: Any = None
+        self.mirror: Any = None
 
     # A queued exchange is a waiter of its pool (edgelb.pool.Pool.enqueue).
     def resume(self) -> bool:

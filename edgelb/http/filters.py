@@ -1,14 +1,18 @@
 """A route's filters applied to one exchange (edgelb/http/router.py compiles them): request
-header edits, URL rewrite (Host, whole path, matched prefix), the redirect's Location, and the
-response header edits the upstream protocol applies to the head it relays.
-
-Pure functions of the exchange's bytes; nothing here reaches the network.
+header edits, URL rewrite (Host, whole path, matched prefix), the redirect's Location, the
+response header edits the upstream protocol applies to the head it relays, CORS
+(edgelb/http/cors.py), per-client limits (edgelb/http/client_limits.py) and the start of
+mirrored copies (edgelb/http/mirror.py, the only part that reaches the network).
 """
 
 from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING, Any
+
+from edgelb.http import mirror
+from edgelb.http.client_limits import ADMITTED, EXEMPT, RATE_LIMITED, ClientLimiter
+from edgelb.http.request import header
 
 if TYPE_CHECKING:
     from edgelb.http.exchange import Exchange
@@ -131,8 +135,9 @@ def _host_port(host: str) -> tuple[str, int]:
 
 
 def routed(ex: Exchange, rule: Rule, listener: Any) -> ServiceState | None:
-    """Apply `rule` to `ex`: answer its redirect (None), or rewrite the request, remember the
-    response edits and timeout, and pick the service of the split that takes it."""
+    """Apply `rule` to `ex`: answer its redirect, CORS preflight or per-client limit (None),
+    or rewrite the request, remember the response edits and timeout, start its mirrors, and
+    pick the service of the split that takes it."""
     client = ex.client
     if rule.redirect is not None:
         location = redirect_location(rule, listener.scheme, ex.host or listener.default_host(),
@@ -140,12 +145,53 @@ def routed(ex: Exchange, rule: Rule, listener: Any) -> ServiceState | None:
         client.answer(ex, rule.redirect.status, f"moved to {location}", None,
                       b"location: %s\r\n" % location.encode("latin-1"), "redirect")
         return None
+    cors = rule.cors
+    origin = None
+    if cors is not None:
+        origin = header(ex.lines, b"origin")
+        if (origin is not None and ex.method == b"OPTIONS"
+                and header(ex.lines, b"access-control-request-method") is not None):
+            client.answer(ex, 204, "", None, cors.preflight(origin), "cors")
+            return None
     name = rule.pick()
     service: ServiceState | None = listener.services.get(name)
     if service is None:  # the Gateway API: an unresolved share of a split answers 500
         client.answer(ex, 500, f"service {name} of this route does not exist", None)
         return None
+    if cors is not None:  # (before the limits: a 429 is readable by the page too)
+        ex.resp_extra += cors.response(origin)
+    limiter = rule.limiter
+    if limiter is not None and limited(ex, limiter, service):
+        return None
     rewrite_request(ex, rule)
     ex.resp_edits = rule.resp_edits
     ex.timeout = rule.timeout
+    if rule.mirrors:
+        mirror.start(ex, rule, listener)
     return service
+
+
+def limited(ex: Exchange, limiter: ClientLimiter, service: ServiceState) -> bool:
+    """The route's per-client limits: True when `ex` was answered 429 (counted in the
+    service's shed: rate_limit or client_connections); else it may hold a slot until it
+    ends (accounting.finish gives it back)."""
+    client = ex.client
+    ip = client.xff_ip
+    verdict = limiter.admit(ip, client.loop.time())
+    if verdict == ADMITTED:
+        if limiter.connections:
+            ex.client_limit = limiter
+        return False
+    if verdict == EXEMPT:
+        return False
+    if verdict == RATE_LIMITED:
+        reason = "rate_limit"
+        detail = "too many requests from your address; slow down"
+        wait = limiter.retry_after(ip)
+    else:
+        reason = "client_connections"
+        detail = "too many requests from your address at once"
+        wait = 1
+    service.shed[reason] = service.shed.get(reason, 0) + 1
+    client.answer(ex, 429, detail, service, b"retry-after: %d\r\n" % wait, "shed")
+    return True

@@ -84,6 +84,7 @@ class HttpListener:
         self.max_headers = self.limits.headers
         self.min_body_rate = 0
         self.connecting: set[asyncio.Task[Any]] = set()  # upstream connects in progress
+        self.mirroring: set[asyncio.Task[Any]] = set()  # request copies (edgelb/http/mirror.py)
         self.merge_slashes = True  # see set_path_rules
         self.keep_encoded_slashes = False
         self.per_client: dict[bytes, int] = {}  # open connections per client address
@@ -251,6 +252,8 @@ class HttpListener:
         for peek in list(self._peeking):
             self._drop(peek, "closed")
         for task in list(self._handshakes):
+            task.cancel()
+        for task in list(self.mirroring):  # request copies still on their way
             task.cancel()
         if self.relay is not None:
             self.relay.abort()

@@ -20,6 +20,8 @@ import re
 from collections.abc import Iterable
 from urllib.parse import parse_qsl
 
+from edgelb.http.client_limits import ClientLimiter
+from edgelb.http.cors import RESPONSE_FIELDS, CompiledCors
 from watchers.model import HeaderEdits, Route
 from watchers.routing import precedence
 
@@ -81,10 +83,12 @@ class Edits:
 class Rule:
     """One route compiled for the data path (mutable only in its picker)."""
 
-    __slots__ = ("exact", "headers", "method", "path", "picker", "plain", "query", "redirect",
-                 "regex", "req_edits", "resp_edits", "rewrite", "route", "service", "timeout")
+    __slots__ = ("cors", "exact", "headers", "limiter", "method", "mirrors", "path", "picker",
+                 "plain", "query", "redirect", "regex", "req_edits", "resp_edits", "rewrite",
+                 "route", "service", "timeout")
 
-    def __init__(self, route: Route, picker: Picker | None) -> None:
+    def __init__(self, route: Route, picker: Picker | None,
+                 limiter: ClientLimiter | None = None) -> None:
         self.route = route
         self.service = route.service
         self.exact = route.exact
@@ -99,7 +103,15 @@ class Rule:
                            for m in route.query)
         f = route.filters
         self.req_edits = Edits(f.request_headers) if f and f.request_headers else None
-        self.resp_edits = Edits(f.response_headers) if f and f.response_headers else None
+        resp = f.response_headers if f else None
+        self.cors = CompiledCors(f.cors) if f and f.cors else None
+        if self.cors is not None:  # the route's CORS fields are the only ones
+            resp = resp or HeaderEdits()
+            resp = HeaderEdits(set=resp.set, add=resp.add,
+                               remove=tuple(dict.fromkeys((*resp.remove, *RESPONSE_FIELDS))))
+        self.resp_edits = Edits(resp) if resp else None
+        self.limiter = limiter
+        self.mirrors = f.mirrors if f else ()
         self.redirect = f.redirect if f else None
         self.rewrite = f.rewrite if f else None
         self.timeout = route.timeout or 0.0
@@ -176,13 +188,17 @@ class Router:
     """An immutable routing table (but for its pickers' positions); the runtime builds a new
     one on every snapshot."""
 
-    __slots__ = ("_any", "_exact", "_wild")
+    __slots__ = ("_any", "_exact", "_limiters", "_wild")
 
-    def __init__(self, routes: Iterable[Route] = ()) -> None:
+    def __init__(self, routes: Iterable[Route] = (), previous: Router | None = None) -> None:
+        """`previous`: the table this one replaces; a route (by name) whose limits did not
+        change keeps its clients' buckets and requests in flight."""
         exact: dict[str, list[Rule]] = {}
         wild: dict[str, list[Rule]] = {}
         anyhost: list[Rule] = []
         pickers: dict[tuple[str, tuple[tuple[str, int], ...]], Picker] = {}
+        limiters: dict[tuple[str, object], ClientLimiter] = {}
+        kept = previous._limiters if previous is not None else {}
         for r in routes:
             picker = None
             if r.backends and (len(r.backends) > 1 or r.backends[0].service != r.service):
@@ -192,7 +208,16 @@ class Router:
                 picker = pickers.get(key) if r.name else None
                 if picker is None:
                     picker = pickers[key] = Picker(pairs)
-            rule = Rule(r, picker)
+            limiter = None
+            lim = r.filters.limits if r.filters else None
+            if lim is not None and (lim.rps > 0 or lim.connections > 0):
+                # one per route of the source: its hosts and matches share a client's budget
+                lkey = (r.name, lim)
+                limiter = (limiters.get(lkey) or kept.get(lkey)) if r.name else None
+                if limiter is None:
+                    limiter = ClientLimiter(lim)
+                limiters[lkey] = limiter
+            rule = Rule(r, picker, limiter)
             host = r.host.lower()
             if not host:
                 anyhost.append(rule)
@@ -203,6 +228,7 @@ class Router:
         self._exact = {h: _sort(v) for h, v in exact.items()}
         self._wild = {h: _sort(v) for h, v in wild.items()}
         self._any = _sort(anyhost)
+        self._limiters = {k: v for k, v in limiters.items() if k[0]}
 
     def match(self, host: str, url: str, method: bytes = b"GET",
               lines: list[bytes] | None = None) -> Rule | None:

@@ -119,8 +119,16 @@ class RuntimeCollector:
         )
         shed = CounterMetricFamily(
             "edgelb_shed_total",
-            "Requests or connections refused to protect backends, by reason.",
+            "Requests or connections refused to protect backends, by reason (rate_limit and "
+            "client_connections: a route's per-client limits).",
             labels=["service", "reason"],
+        )
+        mirrored = CounterMetricFamily(
+            "edgelb_mirror_requests_total",
+            'Copies of requests sent to the service by routes\' mirrors: result="sent" (it '
+            'answered), "failed" (no connection or no answer in time), "skipped" (not sent: '
+            "body over the bound, no backend, too many in flight).",
+            labels=["service", "result"],
         )
         tcp = CounterMetricFamily(
             "edgelb_tcp_connections_total",
@@ -175,12 +183,14 @@ class RuntimeCollector:
                                  svc.resp_size_sum)
             for reason, count in sorted(svc.shed.items()):
                 shed.add_metric([name, reason], count)
+            for result, count in sorted(svc.mirrors.items()):
+                mirrored.add_metric([name, result], count)
             tcp.add_metric([name], svc.tcp_connections)
             nbytes.add_metric([name, "in"], svc.bytes_in)
             nbytes.add_metric([name, "out"], svc.bytes_out)
         _add_counts(requests, "", "", global_local)
-        yield from (requests, duration, req_size, resp_size, shed, tcp, nbytes, retries, waiting,
-                    panic, auth)
+        yield from (requests, duration, req_size, resp_size, shed, mirrored, tcp, nbytes, retries,
+                    waiting, panic, auth)
 
     # -- per backend --------------------------------------------------------------------
 

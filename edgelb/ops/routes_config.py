@@ -14,6 +14,9 @@ path. The shape:
           response_headers: {set: {cache-control: no-store}}
           rewrite: {host: api.internal, prefix: /v2}    # or path: /whole
           redirect: {scheme: https, host: h, port: 8443, path: /p, status: 301}
+          mirrors: [{service: web-shadow, percent: 10}]   # or [web-shadow] (100 %)
+          cors: {allow_origins: ["https://*.example.com"], allow_credentials: true}  # or true
+          limits: {rps: 10, burst: 50, connections: 20, exempt: [10.0.0.0/8]}
         backends: [{service: web, weight: 90}, {service: web-canary, weight: 10}]
         timeout: 5s
 """
@@ -23,9 +26,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from edgelb.net.acl import parse_cidrs
 from watchers.model import (
+    ClientLimits,
+    Cors,
     Filters,
     HeaderEdits,
+    Mirror,
     Redirect,
     Rewrite,
     Route,
@@ -45,7 +52,12 @@ def _join(path: str, *keys: str | int) -> str:
 ROUTE_KEYS = ("hosts", "matches", "filters", "backends", "timeout")
 MATCH_KEYS = ("path", "headers", "query", "method")
 PATH_KINDS = ("exact", "prefix", "regex")
-FILTER_KEYS = ("request_headers", "response_headers", "redirect", "rewrite")
+FILTER_KEYS = ("request_headers", "response_headers", "redirect", "rewrite", "mirrors", "cors",
+               "limits")
+CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers",
+             "allow_credentials", "max_age")
+LIMIT_KEYS = ("rps", "burst", "connections", "exempt")
+_ORIGIN = re.compile(r"^https?://(\*\.)?[a-z0-9.-]+(:[0-9]{1,5})?$")
 EDIT_KEYS = ("set", "add", "remove")
 REDIRECT_KEYS = ("scheme", "host", "port", "path", "prefix", "status")
 REWRITE_KEYS = ("host", "path", "prefix")
@@ -67,7 +79,10 @@ def named_in_routes(value: Any) -> frozenset[str]:
     names: set[str] = set()
     for item in value if isinstance(value, list) else ():
         backends = item.get("backends") if isinstance(item, dict) else None
-        for b in backends if isinstance(backends, list) else ():
+        filters = item.get("filters") if isinstance(item, dict) else None
+        mirrors = filters.get("mirrors") if isinstance(filters, dict) else None
+        for b in [*(backends if isinstance(backends, list) else ()),
+                  *(mirrors if isinstance(mirrors, list) else ())]:
             name = b.get("service") if isinstance(b, dict) else b
             if isinstance(name, str):
                 names.add(name)
@@ -105,7 +120,7 @@ def _route(c: Checker, item: Any, path: str, order: int, host_parser: Any, path_
             if host is not None:
                 hosts.append(host)
     matches = _matches(c, m.get("matches"), _join(path, "matches"), path_parser)
-    filters = _filters(c, m.get("filters"), _join(path, "filters"))
+    filters = _filters(c, m.get("filters"), _join(path, "filters"), services)
     backends = _backends(c, m.get("backends"), _join(path, "backends"), services)
     timeout = None
     if m.get("timeout") is not None:
@@ -119,6 +134,9 @@ def _route(c: Checker, item: Any, path: str, order: int, host_parser: Any, path_
                 "drop the backends, or the redirect")
     if filters is not None and filters.rewrite is not None and redirect is not None:
         c.error(_join(path, "filters"), "give a redirect or a rewrite, not both")
+    if filters is not None and redirect is not None and (filters.mirrors or filters.limits):
+        c.error(_join(path, "filters"), "a redirect answers the request itself: there is no "
+                "request to mirror or to limit; drop mirrors and limits, or the redirect")
     for j, (kind, *_rest) in enumerate(matches):
         uses_prefix = (filters is not None and (
             (filters.rewrite is not None and filters.rewrite.prefix is not None)
@@ -262,19 +280,146 @@ def _values(c: Checker, value: Any, path: str, headers: bool
     return tuple(out)
 
 
-def _filters(c: Checker, value: Any, path: str) -> Filters | None:
+def _filters(c: Checker, value: Any, path: str, services: set[str]) -> Filters | None:
     m = c.section(value, path, "filters (request_headers, response_headers, redirect, "
-                  "rewrite)", FILTER_KEYS)
+                  "rewrite, mirrors, cors, limits)", FILTER_KEYS)
     if m is None:
         return None
     req = _edits(c, m.get("request_headers"), _join(path, "request_headers"))
     resp = _edits(c, m.get("response_headers"), _join(path, "response_headers"))
     redirect = _redirect(c, m.get("redirect"), _join(path, "redirect"))
     rewrite = _rewrite(c, m.get("rewrite"), _join(path, "rewrite"))
-    if req is resp is redirect is rewrite is None:
+    mirrors = _mirrors(c, m.get("mirrors"), _join(path, "mirrors"), services)
+    cors = _cors(c, m.get("cors"), _join(path, "cors"))
+    limits = _limits(c, m.get("limits"), _join(path, "limits"))
+    if req is resp is redirect is rewrite is cors is limits is None and not mirrors:
         return None
     return Filters(request_headers=req, response_headers=resp, redirect=redirect,
-                   rewrite=rewrite)
+                   rewrite=rewrite, mirrors=mirrors, cors=cors, limits=limits)
+
+
+def _mirrors(c: Checker, value: Any, path: str, services: set[str]) -> tuple[Mirror, ...]:
+    """[{service: NAME, percent: P}] or [NAME]: copies of the requests, fire-and-forget."""
+    if value is None:
+        return ()
+    items = c.list(value, path, "mirrors", "[{service: web-shadow, percent: 10}]")
+    out: list[Mirror] = []
+    for j, item in enumerate(items or []):
+        mpath = _join(path, j)
+        if isinstance(item, str):
+            item = {"service": item}
+        m = c.mapping(item, mpath, "{service: NAME, percent: P}")
+        if m is None:
+            continue
+        c.keys(m, mpath, ("service", "percent"))
+        name = m.get("service")
+        if not isinstance(name, str) or name not in services:
+            known = ", ".join(sorted(services)) or "none"
+            c.error(_join(mpath, "service"), f"no http service named {name!r} to mirror to; "
+                    f"known: {known}")
+            continue
+        percent = m.get("percent", 100)
+        if isinstance(percent, bool) or not isinstance(percent, (int, float)) \
+                or not 0 < percent <= 100:
+            c.error(_join(mpath, "percent"), f"{percent!r}: a number more than 0, at most 100")
+            continue
+        if any(x.service == name for x in out):
+            c.error(_join(mpath, "service"), f"{name} is mirrored to twice; list it once")
+            continue
+        out.append(Mirror(service=name, percent=float(percent)))
+    return tuple(out)
+
+
+def _strings(c: Checker, value: Any, path: str, example: str,
+             pattern: re.Pattern[str] | None = None, rule: str = "") -> tuple[str, ...] | None:
+    items = c.list(value, path, "a list of strings", example)
+    if items is None:
+        return None
+    out = []
+    for j, item in enumerate(items):
+        text = c.string(item, _join(path, j), pattern, rule)
+        if text is None:
+            return None
+        out.append(text)
+    return tuple(out)
+
+
+def _cors(c: Checker, value: Any, path: str) -> Cors | None:
+    """true (ingress-nginx's enable-cors defaults) or a mapping of CORS_KEYS."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return Cors()
+    m = c.section(value, path, "CORS settings (true for the defaults, or a mapping of "
+                  f"{', '.join(CORS_KEYS)})", CORS_KEYS)
+    if m is None:
+        return None
+    got: dict[str, Any] = {}
+    if m.get("allow_origins") is not None:
+        opath = _join(path, "allow_origins")
+        origins = _strings(c, m["allow_origins"], opath, '["https://app.example.com"]')
+        if origins is None:
+            return None
+        for j, o in enumerate(origins):
+            if o != "*" and not _ORIGIN.match(o.lower()):
+                c.error(_join(opath, j), f"{o!r} is not an origin; \"*\", "
+                        "\"https://app.example.com\" or \"https://*.example.com\" (scheme and "
+                        "host, an optional port, no path)")
+                return None
+        if not origins:
+            c.error(opath, "an empty list allows no origin; give [\"*\"] or the origins")
+            return None
+        got["allow_origins"] = origins
+    for key, example in (("allow_methods", "[GET, POST]"), ("allow_headers", "[Content-Type]"),
+                         ("expose_headers", "[X-Total-Count]")):
+        if m.get(key) is not None:
+            names = _strings(c, m[key], _join(path, key), example, _TOKEN,
+                             "a method or header name (letters, digits, '-')")
+            if names is None:
+                return None
+            got[key] = tuple(n.upper() for n in names) if key == "allow_methods" else names
+    if m.get("allow_credentials") is not None:
+        flag = c.boolean(m["allow_credentials"], _join(path, "allow_credentials"))
+        if flag is None:
+            return None
+        got["allow_credentials"] = flag
+    if m.get("max_age") is not None:
+        age = c.duration(m["max_age"], _join(path, "max_age"))
+        if age is None:
+            return None
+        got["max_age"] = int(age)
+    return Cors(**got)
+
+
+def _limits(c: Checker, value: Any, path: str) -> ClientLimits | None:
+    m = c.section(value, path, f"per-client limits ({', '.join(LIMIT_KEYS)})", LIMIT_KEYS)
+    if m is None:
+        return None
+    rps = m.get("rps", 0)
+    if isinstance(rps, bool) or not isinstance(rps, (int, float)) or rps < 0:
+        c.error(_join(path, "rps"), f"{rps!r}: requests per second per client, a number >= 0")
+        return None
+    got = {}
+    for key in ("burst", "connections"):
+        n = c.integer(m.get(key, 0), _join(path, key), 0)
+        if not isinstance(n, int):
+            return None
+        got[key] = n
+    if got["burst"] and not rps:
+        c.error(_join(path, "burst"), "a burst needs rps; set rps, or drop burst")
+        return None
+    if not rps and not got["connections"]:
+        c.error(path, "give rps or connections (or both); without them nothing is limited")
+        return None
+    epath = _join(path, "exempt")
+    nets, errors = parse_cidrs(m.get("exempt"), epath)
+    for e in errors:
+        where, _, why = e.partition(": ")
+        c.error(where, why)
+    if errors:
+        return None
+    return ClientLimits(rps=float(rps), burst=got["burst"], connections=got["connections"],
+                        exempt=tuple(str(n) for n in nets))
 
 
 def _header_name(c: Checker, name: Any, path: str) -> str | None:
