@@ -197,6 +197,7 @@ def keyed_pick(client: ClientProtocol, ex: Exchange,
     """The pick for a sticky service (its cookie first) or a hashing balancer (the key the
     policy names: the source address, a cookie or a header), zone-aware when configured."""
     pool = service.pool
+    pool.sync()  # with a shared view: the group's load, before `eligible` is read
     policy = service.policy
     if policy.sticky:
         sid = cookie(ex.lines, STICKY_COOKIE)
