@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgelb.pool import ServiceState
+from edgelb.pool import LATENCY_EVERY, ServiceState
 from edgelb.workers.shared_load import (
     KEY_MAX,
     SharedLoad,
@@ -255,7 +255,8 @@ def test_least_loaded_sees_the_other_workers_load_and_their_latency():
         a.acquire(slow)
         slow.latency, slow.latency_t = 2.0, 5.0
         a.release(slow)
-        b.sync()
+        for _ in range(LATENCY_EVERY + 1):  # read at every LATENCY_EVERY + 1 picks
+            b.sync()
         mirror = b.by_key[slow.key]
         assert (mirror.latency, mirror.latency_t) == (2.0, 5.0)
         assert all(b.pick().key == b.backends[1].key for _ in range(50))
@@ -290,3 +291,49 @@ def test_a_removed_backend_drains_by_this_workers_own_requests():
         b.release(b.draining[gone.key])
         assert gone.key not in b.draining  # its own count is zero, whatever worker 0 has
         assert shared.total(gone.slot) == 1
+
+
+def test_the_bound_is_reached_when_every_worker_decides_on_the_same_picture():
+    """cap + workers - 1 is tight: three workers each pick while the group has cap - 1 open
+    (each sees room for one), then each takes its slot."""
+    with SharedLoad.create(workers=3, slots=8) as shared:
+        svc = Service("s", backends=(Backend("10.0.0.1", 80),), policy=Policy(max_inflight=2))
+        pools = [s.pool for s in _group(shared, svc)]
+        pools[0].acquire(pools[0].backends[0])  # cap - 1 open
+        picked = [pool.pick() for pool in pools]  # each decides, none has taken it yet
+        assert all(p is not None for p in picked)
+        for pool, backend in zip(pools, picked, strict=True):
+            pool.acquire(backend)
+        assert shared.total(pools[0].backends[0].slot) == 2 + 3 - 1
+        assert all(pool.pick() is None for pool in pools)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4),
+       st.lists(st.tuples(st.integers(0, 3), st.booleans()), max_size=120))
+def test_no_interleaving_of_scans_admissions_and_releases_exceeds_the_bound(workers, cap,
+                                                                             steps):
+    """The proof in edgelb/workers/shared_load.py, checked on a model of the algorithm where a
+    worker's scan reads the other workers' cells one at a time, interleaved with the others'
+    steps (as processes on other cores do): admissions never exceed cap + workers - 1."""
+    own = [0] * workers
+    scan: list[tuple[int, int] | None] = [None] * workers  # (next worker to read, sum so far)
+    for who, release in steps:
+        w = who % workers
+        if release:
+            if own[w] and scan[w] is None:  # a release happens between admissions
+                own[w] -= 1
+            continue
+        if scan[w] is None:
+            scan[w] = (0, 0)
+            continue
+        nxt, seen = scan[w]
+        if nxt == w:
+            nxt += 1
+        if nxt < workers:
+            scan[w] = (nxt + 1, seen + own[nxt])  # one other worker's cell, read now
+            continue
+        scan[w] = None  # decided, and committed in the same step of its loop
+        if seen + own[w] < cap:
+            own[w] += 1
+        assert sum(own) <= cap + workers - 1
