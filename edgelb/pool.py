@@ -316,12 +316,22 @@ class Pool:
             self._bind(b)
 
     def _bind(self, backend: BackendState) -> None:
-        """Give `backend` its slot (once the control process has assigned it one) and put its
-        open requests into this worker's cell."""
-        if backend.slot < 0:
-            backend.slot = self.shared.slot(backend.key)
-            if backend.slot >= 0 and backend.own:
-                self.load_words[self.load_own + backend.slot * 4] += backend.own
+        """Give `backend` the slot the control process assigned its key (-1: none yet), its
+        open requests moving with it into this worker's cell of that slot."""
+        slot = self.shared.slot(backend.key)
+        old = backend.slot
+        if slot != old:
+            own = backend.own
+            if own and old >= 0:
+                self.load_words[self.load_own + old * 4] -= own
+            if own and slot >= 0:
+                self.load_words[self.load_own + slot * 4] += own
+            backend.slot = slot
+
+    def open_here(self, backend: BackendState) -> int:
+        """This process's requests open on `backend` (what adds up across workers): its own
+        count with a shared view, where `inflight` is the group's as last read."""
+        return backend.own if self.sharing else backend.inflight
 
     def sync(self) -> None:
         """Read the group's load of the candidates (and spares) before a pick that does not go

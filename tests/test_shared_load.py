@@ -337,3 +337,49 @@ def test_no_interleaving_of_scans_admissions_and_releases_exceeds_the_bound(work
         if seen + own[w] < cap:
             own[w] += 1
         assert sum(own) <= cap + workers - 1
+
+
+def test_a_backend_whose_key_got_another_slot_moves_its_open_requests_with_it():
+    """After the grace a removed key's slot goes to another key; when the key comes back
+    (here to a worker still draining it) its open requests count in its new slot."""
+    with SharedLoad.create(workers=2, slots=3, settle=0.0, grace=5.0) as shared:
+        svc = Service("s", backends=(Backend("10.0.0.1", 80), Backend("10.0.0.1", 81)))
+        shared.assign([b.key for b in svc.backends], now=0.0)
+        state = ServiceState(svc)
+        pool = state.pool
+        pool.use_shared(SharedLoad.attach(shared.handle(), 1))
+        kept, moving = pool.backends
+        pool.acquire(moving)
+        old = moving.slot
+        shared.assign([kept.key, "10.0.0.9:80"], now=1.0)  # moving's slot: retired, busy
+        pool.update(svc.backends[:1], "least-loaded", policy=svc.policy)
+        assert moving.key in pool.draining
+        shared.assign([kept.key, "10.0.0.8:80"], now=10.0)  # past the grace: reused
+        assert shared.slot_of("10.0.0.8:80") == old
+        shared.assign([kept.key, moving.key], now=11.0)
+        new = shared.slot_of(moving.key)
+        assert new is not None and new != old
+        pool.update(svc.backends, "least-loaded", policy=svc.policy)
+        assert moving.slot == new
+        assert (shared.total(old), shared.total(new)) == (0, 1)
+        pool.release(moving)
+        assert shared.total(new) == 0
+
+
+def test_status_and_metrics_show_this_workers_own_count_which_adds_up():
+    from edgelb.ops.admin import service_status
+
+    with SharedLoad.create(workers=2, slots=8) as shared:
+        states = _group(shared, _service())
+        for w, state in enumerate(states):
+            for _ in range(w + 1):
+                state.pool.acquire(state.pool.backends[0])
+        for state in states:
+            state.pool.sync()
+        status = [service_status(s, ())["backends"][0] for s in states]
+        assert [s["inflight"] for s in status] == [1, 2]  # summed by the group: 3
+        assert [s["inflight_group"] for s in status] == [3, 3]
+    single = ServiceState(_service())
+    single.pool.acquire(single.pool.backends[0])
+    status = service_status(single, ())["backends"][0]
+    assert status["inflight"] == 1 and "inflight_group" not in status

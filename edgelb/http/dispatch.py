@@ -272,7 +272,8 @@ def retry_target(ex: Exchange, service: ServiceState, failed: BackendState, kind
             return None
         if not ex.retries:
             budget = service.policy.retry_budget
-            active = sum(b.inflight for b in service.pool.backends)
+            pool = service.pool  # this process's requests (its budget is its own)
+            active = sum(pool.open_here(b) for b in pool.backends)
             if not retry_allowed(active, service.retrying, budget.ratio, budget.min):
                 service.retries_denied += 1
                 return None
