@@ -207,6 +207,7 @@ class Pool:
         "draining",
         "ejected",
         "keyed",
+        "load_counts",
         "load_first",
         "load_floats",
         "load_own",
@@ -268,6 +269,9 @@ class Pool:
         self.shared: Any = None
         self.sharing = False
         self.load_words: memoryview[int] = _NO_WORDS  # int64 words of the table
+        # this worker's in-flight per slot (all its pools): what its cells hold, kept here so
+        # the data path writes its cells without reading them back
+        self.load_counts: list[int] = []
         self.load_floats: memoryview[float] = _NO_FLOATS  # the same bytes as float64
         self.load_first = 0  # word index of worker 0's cell of slot 0
         self.load_own = 0  # word index of this worker's cell of slot 0
@@ -305,6 +309,7 @@ class Pool:
             return
         self.shared = view
         self.load_words = view.words
+        self.load_counts = view.counts
         self.load_floats = view.floats
         self.load_stride = view.stride
         self.load_first = view.cells
@@ -323,9 +328,9 @@ class Pool:
         if slot != old:
             own = backend.own
             if own and old >= 0:
-                self.load_words[self.load_own + old * 4] -= own
+                self._add(old, -own)
             if own and slot >= 0:
-                self.load_words[self.load_own + slot * 4] += own
+                self._add(slot, own)
             backend.slot = slot
 
     def open_here(self, backend: BackendState) -> int:
@@ -346,8 +351,10 @@ class Pool:
         is under its cap now (in the same step of the loop as the pick and the acquire that
         follow it: what the bound in edgelb/workers/shared_load.py rests on)."""
         words = self.load_words
+        counts = self.load_counts
         stride = self.load_stride
         workers = self.load_workers
+        mine = self.load_own
         ticks = self.load_ticks = self.load_ticks + 1
         if not ticks & LATENCY_EVERY:
             self._sync_latency(backends)
@@ -356,14 +363,23 @@ class Pool:
             if slot < 0:
                 total = b.own
             else:
-                i = self.load_first + slot * 4
-                total = 0
+                at = slot * 4
+                i = self.load_first + at
+                mine_i = mine + at
+                total = counts[slot]  # this worker's own, known without reading its cell
                 for _ in range(workers):
-                    total += words[i]
+                    if i != mine_i:
+                        total += words[i]
                     i += stride
             b.inflight = total
             cap = b.cap
             b.eligible = b.usable and (cap <= 0 or total < cap)
+
+    def _add(self, slot: int, n: int) -> None:
+        """`n` more (or fewer) requests of this worker open on `slot`, in its cell."""
+        counts = self.load_counts
+        c = counts[slot] = counts[slot] + n
+        self.load_words[self.load_own + slot * 4] = c
 
     def _sync_latency(self, backends: list[BackendState]) -> None:
         """Adopt the freshest latency estimate of each of `backends` (every LATENCY_EVERY + 1
@@ -390,7 +406,7 @@ class Pool:
         backend.own += 1
         slot = backend.slot
         if slot >= 0:
-            self.load_words[self.load_own + slot * 4] += 1
+            self._add(slot, 1)
         if 0 < backend.cap <= k:
             backend.eligible = False
 
@@ -400,8 +416,8 @@ class Pool:
         backend.own -= 1
         slot = backend.slot
         if slot >= 0:
+            self._add(slot, -1)
             i = self.load_own + slot * 4
-            self.load_words[i] -= 1
             floats = self.load_floats
             floats[i + 1] = backend.latency
             floats[i + 2] = backend.latency_t

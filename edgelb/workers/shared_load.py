@@ -332,7 +332,9 @@ class SharedLoad(_Table):
 
 class WorkerView(_Table):
     """One worker's view: what edgelb.pool reads and writes on the data path (`words`,
-    `floats`, `cells`, `stride`, `workers`, `worker`) and the slot of a key."""
+    `floats`, `cells`, `stride`, `workers`, `worker`, and `counts`: the worker's own cells'
+    in-flight values, which it alone writes, kept in a list so that it need not read them
+    back) and the slot of a key."""
 
     def __init__(self, handle: SharedLoadHandle, worker: int) -> None:
         if not 0 <= worker < handle.workers:
@@ -345,6 +347,7 @@ class WorkerView(_Table):
                              f"{VERSION}")
         super().__init__(m, handle.workers, handle.slots)
         self.worker = worker
+        self.counts = [0] * handle.slots  # this worker's in-flight per slot: its cells' value
         self.words = m.words
         self.floats = m.floats
         self._known: dict[bytes, int] = {}
