@@ -15,9 +15,11 @@ one thread), readers add the cells of every worker up.
 A cell holds three 8-byte words: the worker's in-flight count on the backend (all of its
 services that list that address), and its peak-EWMA latency estimate with the loop time it
 was last updated (CLOCK_MONOTONIC, the same clock in every process of the machine). A reader
-takes the group's in-flight as the sum of the cells and the latency estimate as the freshest
-cell's: each worker updates the estimate it last read (pool.Pool.sync adopts the freshest one),
-so the group keeps one peak EWMA fed by every worker's samples.
+takes the group's in-flight as the sum of the cells (at every pick) and the latency estimate as
+the freshest cell's (every 8th pick: pool.Pool._sync_latency); a worker then updates the
+estimate it adopted with its own samples and publishes it at each release, so the group keeps
+about one peak EWMA fed by every worker's samples (two workers updating the same estimate at
+once keep one of the two samples: an estimate, not a count).
 
 Storage: a file under /dev/shm (tmpfs; the temporary directory where there is none) mapped
 with mmap, named by the handle. Chosen over an anonymous mapping made before fork because a
