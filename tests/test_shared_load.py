@@ -153,6 +153,23 @@ def test_a_view_attached_in_another_process_finds_the_slots_and_its_counts_add_u
     assert os.path.exists(table.handle().path)  # the workers' exits did not remove it
 
 
+def _create_and_exit(directory: str, out) -> None:
+    shared = SharedLoad.create(workers=2, slots=2, directory=directory)
+    out.send(shared.handle().path)  # and exit without closing it
+
+
+def test_the_table_is_removed_when_its_process_exits_without_closing_it(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_create_and_exit, args=(str(tmp_path), send))
+    proc.start()
+    assert recv.poll(20), "the process did not answer"
+    path = recv.recv()
+    proc.join(10)
+    assert proc.exitcode == 0
+    assert path.startswith(str(tmp_path)) and not os.path.exists(path)
+
+
 def test_the_table_is_removed_on_close_and_a_bad_handle_is_refused(tmp_path):
     shared = SharedLoad.create(workers=2, slots=2, directory=str(tmp_path))
     path = shared.handle().path

@@ -75,6 +75,7 @@ import os
 import secrets
 import tempfile
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -210,7 +211,9 @@ class SharedLoad(_Table):
         self._live: dict[bytes, int] = {}  # name -> slot
         self._retired: dict[bytes, tuple[int, float]] = {}  # name -> (slot, retired at)
         self._free = list(range(slots - 1, -1, -1))  # never used; pop() gives the lowest
-        self._owner = os.getpid()  # a forked child never removes the table
+        # the file goes when the table is closed, collected, or its process exits (a forked
+        # child inheriting this object never removes it)
+        self._remove = weakref.finalize(self, _remove_table, m.path, os.getpid())
 
     @classmethod
     def create(cls, workers: int, slots: int, *, settle: float = SETTLE,
@@ -320,9 +323,7 @@ class SharedLoad(_Table):
 
     def close(self) -> None:
         """Unmap, and remove the table (in the process that created it)."""
-        if os.getpid() == self._owner:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.m.path)
+        self._remove()
         self.m.close()
 
     def __enter__(self) -> SharedLoad:
@@ -330,6 +331,12 @@ class SharedLoad(_Table):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _remove_table(path: str, owner: int) -> None:
+    if os.getpid() == owner:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 class WorkerView(_Table):
