@@ -2,10 +2,12 @@
 driven with fake transports, so the figure (microseconds per request) is free of syscall and
 scheduling noise. Use it before and after a change on the hot path.
 
-    .venv/bin/python bench/micro_http.py [requests] [routes]
+    .venv/bin/python bench/micro_http.py [requests] [routes] [workers]
 
-With `routes` (a number), the request crosses an entrypoint's router instead of a static
-port: that many host/path routes of other hosts, and the request's own host with a prefix.
+With `routes` (a number; -1: none), the request crosses an entrypoint's router instead of a
+static port: that many host/path routes of other hosts, and the request's own host with a
+prefix. With `workers` (> 1), the pool reads a shared load table of that many workers
+(edgelb/workers/shared_load.py), as worker 0 of a group does.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from edgelb.http.listener import HttpListener
 from edgelb.http.router import Router
 from edgelb.http.upstream import UpstreamProtocol
 from edgelb.pool import ServiceState
+from edgelb.workers.shared_load import SharedLoad
 from watchers.model import Address, Backend, Route, Service
 
 REQUEST = (
@@ -54,11 +57,16 @@ class FakeTransport:
     def resume_reading(self) -> None: ...
 
 
-def main(n: int, routes: int = -1) -> None:
+def main(n: int, routes: int = -1, workers: int = 1) -> None:
     loop = asyncio.new_event_loop()
     service = ServiceState(
         Service("web", backends=(Backend("127.0.0.1", 1), Backend("127.0.0.1", 2)))
     )
+    shared = None
+    if workers > 1:
+        shared = SharedLoad.create(workers, 64)
+        shared.assign(b.key for b in service.pool.backends)
+        service.pool.use_shared(SharedLoad.attach(shared.handle(), 0))
     if routes < 0:
         listener = HttpListener(Address("127.0.0.1", 8080), service=service, loop=loop)
     else:
@@ -90,8 +98,12 @@ def main(n: int, routes: int = -1) -> None:
         if round_:
             print(f"{dt / n * 1e6:.2f} us per request (python only, {n} requests)")
     assert sum(b.requests for b in service.pool.backends) == 2 * n
+    if shared is not None:
+        assert all(shared.total(b.slot) == 0 for b in service.pool.backends)
+        shared.close()
 
 
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000,
-         int(sys.argv[2]) if len(sys.argv) > 2 else -1)
+         int(sys.argv[2]) if len(sys.argv) > 2 else -1,
+         int(sys.argv[3]) if len(sys.argv) > 3 else 1)

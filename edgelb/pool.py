@@ -48,6 +48,11 @@ METHOD_NAMES = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CON
 METHOD_INDEX = {name.encode(): i for i, name in enumerate(METHOD_NAMES[:-1])}
 OTHER_METHOD = len(METHOD_NAMES) - 1
 N_CLASSES = 6
+LATENCY_EVERY = 7  # a mask: the group's latency estimates are read at every 8th pick
+POLL_INTERVAL = 0.002  # seconds: with a shared view, how often waiters look for a free slot
+# a pool's cells before it has a shared view (the table's words, as int64 and as float64)
+_NO_WORDS: memoryview[int] = memoryview(b"").cast("q")
+_NO_FLOATS: memoryview[float] = memoryview(b"").cast("d")
 
 
 class BackendState:
@@ -77,10 +82,12 @@ class BackendState:
         "latency_t",
         "limiter",
         "open_connections",
+        "own",
         "ramp_start",
         "requests",
         "responses",
         "returned_at",
+        "slot",
         "spec",
         "static_cap",
         "sticky_id",
@@ -103,6 +110,11 @@ class BackendState:
         self.capacity = 1.0  # what the balancer reads: max(1, weight), lowered to cap
         self.ramp_start = 0.0  # loop time its slow start began; 0.0 = not ramping
         self.inflight = 0  # requests (http) or connections (tcp) now open
+        # With a shared view of load (Pool.use_shared): `inflight` is the group's count as last
+        # read (own + the other workers'), `own` this worker's, `slot` the backend's slot in
+        # the table (-1: none, counted here only). Without one, `own` stays 0.
+        self.own = 0
+        self.slot = -1
         # peak EWMA of response latency (balancers.ewma), updated by the data path
         self.latency = 0.0  # seconds; 0.0 = nothing measured yet
         self.latency_t = 0.0  # loop time of the last update
@@ -195,15 +207,26 @@ class Pool:
         "draining",
         "ejected",
         "keyed",
+        "load_counts",
+        "load_first",
+        "load_floats",
+        "load_own",
+        "load_stride",
+        "load_ticks",
+        "load_words",
+        "load_workers",
         "outlier",
         "panic",
         "panic_routed",
         "panic_threshold",
         "policy_name",
+        "poll",
         "queue_size",
         "queue_timeout",
         "ramping",
         "rng",
+        "shared",
+        "sharing",
         "spare",
         "tier",
         "tiered",
@@ -242,25 +265,187 @@ class Pool:
         self.queue_timeout = 1.0
         self.waiters: deque[Any] = deque()  # FIFO of waiting requests/connections (Waiter)
         self.timer: asyncio.TimerHandle | None = None  # fires at the first waiter's deadline
+        # the shared view of load (edgelb.workers.shared_load.WorkerView; see use_shared)
+        self.shared: Any = None
+        self.sharing = False
+        self.load_words: memoryview[int] = _NO_WORDS  # int64 words of the table
+        # this worker's in-flight per slot (all its pools): what its cells hold, kept here so
+        # the data path writes its cells without reading them back
+        self.load_counts: list[int] = []
+        self.load_floats: memoryview[float] = _NO_FLOATS  # the same bytes as float64
+        self.load_first = 0  # word index of worker 0's cell of slot 0
+        self.load_own = 0  # word index of this worker's cell of slot 0
+        self.load_stride = 0  # words from one worker's cells to the next one's
+        self.load_workers = 0
+        self.load_ticks = 0  # syncs so far (every LATENCY_EVERY + 1, latency estimates too)
+        self.poll: asyncio.TimerHandle | None = None  # with waiters: looks for others' releases
 
     def pick(self, key: bytes | None = None) -> BackendState | None:
         """The balancer's pick among the eligible backends (`key`: for a hashing policy)."""
+        if self.sharing:
+            self._sync(self.candidates)
         return self.balancer.pick(self.candidates, key)  # type: ignore[return-value]
 
     def pick_from(self, candidates: Sequence[Candidate], key: bytes | None) -> BackendState | None:
-        """The balancer's pick among `candidates`, some of this pool's (e.g. one zone's)."""
+        """The balancer's pick among `candidates`, some of this pool's (e.g. one zone's), as
+        they stand: the caller has called `sync` first."""
         return self.balancer.pick(candidates, key)  # type: ignore[return-value]
 
     def pick_spare(self) -> BackendState | None:
         """In panic: an unhealthy backend under its cap for work that would otherwise be shed."""
-        return self.balancer.pick(self.spare) if self.spare else None  # type: ignore[return-value]
+        if not self.spare:
+            return None
+        if self.sharing:
+            self._sync(self.spare)
+        return self.balancer.pick(self.spare)  # type: ignore[return-value]
+
+    # -- the shared view of load (workers > 1) -------------------------------------------------
+
+    def use_shared(self, view: Any) -> None:
+        """Read the group's load from `view` (edgelb.workers.shared_load.WorkerView) from now
+        on: picks, caps and the queue see every worker's in-flight on a backend, and this
+        worker's own is added to its cells. Requests already open are carried over."""
+        if view is None or self.sharing:
+            return
+        self.shared = view
+        self.load_words = view.words
+        self.load_counts = view.counts
+        self.load_floats = view.floats
+        self.load_stride = view.stride
+        self.load_first = view.cells
+        self.load_own = view.cells + view.worker * view.stride
+        self.load_workers = view.workers
+        self.sharing = True
+        for b in self.all_backends():
+            b.own = b.inflight
+            self._bind(b)
+
+    def _bind(self, backend: BackendState) -> None:
+        """Give `backend` the slot the control process assigned its key (-1: none yet), its
+        open requests moving with it into this worker's cell of that slot."""
+        slot = self.shared.slot(backend.key)
+        old = backend.slot
+        if slot != old:
+            own = backend.own
+            if own and old >= 0:
+                self._add(old, -own)
+            if own and slot >= 0:
+                self._add(slot, own)
+            backend.slot = slot
+
+    def open_here(self, backend: BackendState) -> int:
+        """This process's requests open on `backend` (what adds up across workers): its own
+        count with a shared view, where `inflight` is the group's as last read."""
+        return backend.own if self.sharing else backend.inflight
+
+    def sync(self) -> None:
+        """Read the group's load of the candidates (and spares) before a pick that does not go
+        through `pick` (a sticky cookie, a zone's subset); nothing without a shared view."""
+        if self.sharing:
+            self._sync(self.candidates)
+            if self.spare:
+                self._sync(self.spare)
+
+    def _sync(self, backends: list[BackendState]) -> None:
+        """The group's in-flight and freshest latency estimate of `backends`, and whether each
+        is under its cap now (in the same step of the loop as the pick and the acquire that
+        follow it: what the bound in edgelb/workers/shared_load.py rests on)."""
+        words = self.load_words
+        counts = self.load_counts
+        stride = self.load_stride
+        workers = self.load_workers
+        mine = self.load_own
+        ticks = self.load_ticks = self.load_ticks + 1
+        if not ticks & LATENCY_EVERY:
+            self._sync_latency(backends)
+        for b in backends:
+            slot = b.slot
+            if slot < 0:
+                total = b.own
+            else:
+                at = slot * 4
+                i = self.load_first + at
+                mine_i = mine + at
+                total = counts[slot]  # this worker's own, known without reading its cell
+                for _ in range(workers):
+                    if i != mine_i:
+                        total += words[i]
+                    i += stride
+            b.inflight = total
+            cap = b.cap
+            b.eligible = b.usable and (cap <= 0 or total < cap)
+
+    def _add(self, slot: int, n: int) -> None:
+        """`n` more (or fewer) requests of this worker open on `slot`, in its cell."""
+        counts = self.load_counts
+        c = counts[slot] = counts[slot] + n
+        self.load_words[self.load_own + slot * 4] = c
+
+    def _sync_latency(self, backends: list[BackendState]) -> None:
+        """Adopt the freshest latency estimate of each of `backends` (every LATENCY_EVERY + 1
+        picks: an estimate moves at responses, over tens of milliseconds; in-flight counts are
+        read at every pick)."""
+        floats = self.load_floats
+        stride = self.load_stride
+        for b in backends:
+            slot = b.slot
+            if slot >= 0:
+                i = self.load_first + slot * 4 + 2
+                fresh = b.latency_t
+                found = -1
+                for _ in range(self.load_workers):
+                    if floats[i] > fresh:
+                        fresh = floats[i]
+                        found = i
+                    i += stride
+                if found >= 0:
+                    b.latency = floats[found - 1]
+                    b.latency_t = fresh
+
+    def _acquire_shared(self, backend: BackendState, k: int) -> None:
+        backend.own += 1
+        slot = backend.slot
+        if slot >= 0:
+            self._add(slot, 1)
+        if 0 < backend.cap <= k:
+            backend.eligible = False
+
+    def _release_shared(self, backend: BackendState, k: int) -> None:
+        """The rest of `release` with a shared view: this worker's cell, the latency estimate
+        published, eligibility, and a waiter may go (a slot of the group's cap came free)."""
+        backend.own -= 1
+        slot = backend.slot
+        if slot >= 0:
+            self._add(slot, -1)
+            i = self.load_own + slot * 4
+            floats = self.load_floats
+            floats[i + 1] = backend.latency
+            floats[i + 2] = backend.latency_t
+        cap = backend.cap
+        backend.eligible = backend.usable and (cap <= 0 or k - 1 < cap)
+        if backend.draining:
+            self._forget_if_drained(backend)
+        if self.waiters:
+            self.dispatch()
+
+    def _poll_waiters(self) -> None:
+        """With a shared view, another worker's release frees a slot this worker is not told
+        of: while requests wait, look every POLL_INTERVAL."""
+        self.poll = None
+        if self.waiters:
+            self.dispatch()
+            if self.waiters:
+                self.poll = asyncio.get_running_loop().call_later(POLL_INTERVAL,
+                                                                  self._poll_waiters)
 
     # -- caps and the wait queue ---------------------------------------------------------------
 
     def acquire(self, backend: BackendState) -> None:
         """One more request (connection) on `backend`; at its cap it is not eligible."""
         k = backend.inflight = backend.inflight + 1
-        if k == backend.cap:
+        if self.sharing:
+            self._acquire_shared(backend, k)
+        elif k == backend.cap:
             backend.eligible = False
 
     def release(self, backend: BackendState, rtt: float = -1.0, now: float = 0.0) -> None:
@@ -273,7 +458,9 @@ class Pool:
             lim = backend.limiter
             if lim is not None and lim.sample(rtt, now, k):
                 self.cap_changed(backend, lim.limit)
-        if k == backend.cap or backend.draining:
+        if self.sharing:
+            self._release_shared(backend, k)
+        elif k == backend.cap or backend.draining:
             self._release_slow(backend, k)
 
     def _release_slow(self, backend: BackendState, k: int) -> None:
@@ -312,6 +499,8 @@ class Pool:
         if self.timer is None:
             loop = asyncio.get_running_loop()
             self.timer = loop.call_at(waiter.wait_until, self._expire_waiters)
+        if self.sharing and self.poll is None:
+            self.poll = asyncio.get_running_loop().call_later(POLL_INTERVAL, self._poll_waiters)
         return True
 
     def forget(self, waiter: Any) -> None:
@@ -349,6 +538,9 @@ class Pool:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.poll is not None:
+            self.poll.cancel()
+            self.poll = None
         waiters, self.waiters = self.waiters, deque()
         for w in waiters:
             w.shed(reason)
@@ -492,6 +684,7 @@ class Pool:
 
     def pick_other(self, exclude: BackendState) -> BackendState | None:
         """A second choice for a retry: any eligible backend but `exclude`."""
+        self.sync()
         others = [b for b in self.candidates if b is not exclude]
         other = self.balancer.pick(others)
         if other is None and self.spare:
@@ -539,11 +732,13 @@ class Pool:
             else:
                 state.draining = False
                 state.set_spec(spec)
+            if self.sharing:
+                self._bind(state)
             new[spec.key] = state
         for key, state in self.by_key.items():
             if key not in new:
                 state.start_draining()
-                if state.inflight:
+                if state.own if self.sharing else state.inflight:
                     self.draining[key] = state
         self.by_key = new
         self.backends = list(new.values())
@@ -600,7 +795,7 @@ class Pool:
 
     def _forget_if_drained(self, backend: BackendState) -> None:
         """A draining backend whose in-flight count reached zero leaves the pool."""
-        if backend.draining and backend.inflight == 0:
+        if backend.draining and (backend.own if self.sharing else backend.inflight) == 0:
             self.draining.pop(backend.key, None)
 
     def all_backends(self) -> list[BackendState]:

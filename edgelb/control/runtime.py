@@ -193,6 +193,9 @@ class Runtime:
         # to every listener made from now on (set before the first apply)
         self.telemetry: Any = None
         self.upstreams: set[Any] = set()
+        # a worker's view of the group's load (edgelb.workers.shared_load.WorkerView; None: a
+        # single process), given to every pool
+        self.shared_load: Any = None
         self._lock = asyncio.Lock()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closers: set[asyncio.Task] = set()
@@ -212,6 +215,14 @@ class Runtime:
         self._last_good: dict[str, Certificate] = {}  # a watcher pair's origin -> last good
         self.last_reload_ok: dict[str, bool] = {}  # whether each source's last snapshot applied
         self.last_reload_success: dict[str, float] = {}  # unix time of each one's last success
+
+    def use_shared_load(self, view: Any) -> None:
+        """A worker of a group: from now on every pool reads the group's in-flight and latency
+        estimates from `view` (edgelb.workers.shared_load.WorkerView), so least-loaded picks,
+        `max_inflight` and the queue hold for the group (within the bound stated there)."""
+        self.shared_load = view
+        for state in self.services.values():
+            state.pool.use_shared(view)
 
     # -- the file config's settings, as applied (read-only: only `apply` changes them) --------
 
@@ -507,7 +518,8 @@ class Runtime:
             state = states.pop(name)
             state.pool.update((), state.policy.balance)  # everything drains
         for svc in plan.new:
-            states[svc.name] = ServiceState(svc, self.rng, self.instance)
+            state = states[svc.name] = ServiceState(svc, self.rng, self.instance)
+            state.pool.use_shared(self.shared_load)
         if list(states) != [s.name for s in plan.services]:  # keep the snapshots' order
             order = {s.name: i for i, s in enumerate(plan.services)}
             ordered = sorted(states.items(), key=lambda item: order[item[0]])

@@ -197,6 +197,7 @@ def keyed_pick(client: ClientProtocol, ex: Exchange,
     """The pick for a sticky service (its cookie first) or a hashing balancer (the key the
     policy names: the source address, a cookie or a header), zone-aware when configured."""
     pool = service.pool
+    pool.sync()  # with a shared view: the group's load, before `eligible` is read
     policy = service.policy
     if policy.sticky:
         sid = cookie(ex.lines, STICKY_COOKIE)
@@ -271,7 +272,8 @@ def retry_target(ex: Exchange, service: ServiceState, failed: BackendState, kind
             return None
         if not ex.retries:
             budget = service.policy.retry_budget
-            active = sum(b.inflight for b in service.pool.backends)
+            pool = service.pool  # this process's requests (its budget is its own)
+            active = sum(pool.open_here(b) for b in pool.backends)
             if not retry_allowed(active, service.retrying, budget.ratio, budget.min):
                 service.retries_denied += 1
                 return None

@@ -70,8 +70,11 @@ def _codes(responses: dict[int, int]) -> dict[str, int]:
     return {str(code): n for code, n in sorted(responses.items())}
 
 
-def backend_status(b: BackendState, check: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
+def backend_status(b: BackendState, check: dict[str, Any] | None = None,
+                   inflight: int | None = None) -> dict[str, Any]:
+    """`inflight`: this process's requests open on it, when a shared view of load makes
+    `b.inflight` the group's (then shown as `inflight_group`)."""
+    out = {
         "key": b.key,
         "host": b.spec.host,
         "port": b.spec.port,
@@ -103,6 +106,10 @@ def backend_status(b: BackendState, check: dict[str, Any] | None = None) -> dict
         },
         "bytes": {"in": b.bytes_in, "out": b.bytes_out},
     }
+    if inflight is not None:
+        out["inflight_group"] = b.inflight
+        out["inflight"] = inflight
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -120,7 +127,8 @@ def service_status(svc: ServiceState, routes: tuple[Any, ...], health: Any = Non
                    ) -> dict[str, Any]:
     checked = svc.policy.health_check is not None and health is not None
     backends = [
-        backend_status(b, health.status(svc.name, b.key) if checked else None)
+        backend_status(b, health.status(svc.name, b.key) if checked else None,
+                       svc.pool.open_here(b) if svc.pool.sharing else None)
         for b in svc.pool.all_backends()
     ]
     responses: dict[int, int] = dict(svc.local_responses)

@@ -254,7 +254,7 @@ class RuntimeCollector:
         for svc in services:
             for b in svc.pool.all_backends():
                 lv = [svc.name, b.key]
-                inflight.add_metric(lv, b.inflight)
+                inflight.add_metric(lv, svc.pool.open_here(b))  # adds up across workers
                 healthy.add_metric(lv, 1.0 if b.healthy and b.check_ok else 0.0)
                 eligible.add_metric(lv, 1.0 if b.eligible else 0.0)
                 ejected.add_metric(lv, 1.0 if b.ejected_until else 0.0)
