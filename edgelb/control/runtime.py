@@ -776,6 +776,11 @@ class Runtime:
         if not self.draining:  # once shutting down, the checker closes
             self.health.sync(targets)
 
+    def health_changed(self, service: str, key: str, healthy: bool) -> None:
+        """The health door: a verdict change of the active checks, from this runtime's
+        HealthChecker, or relayed from the control process's (edgelb.workers)."""
+        self._on_health(service, key, healthy)
+
     def _on_health(self, service: str, key: str, healthy: bool) -> None:
         state = self.services.get(service)
         backend = state.pool.by_key.get(key) if state is not None else None
