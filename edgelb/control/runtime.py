@@ -776,17 +776,21 @@ class Runtime:
         if not self.draining:  # once shutting down, the checker closes
             self.health.sync(targets)
 
-    def health_changed(self, service: str, key: str, healthy: bool) -> None:
+    def health_changed(self, service: str, key: str, healthy: bool, announce: bool = True
+                       ) -> None:
         """The health door: a verdict change of the active checks, from this runtime's
-        HealthChecker, or relayed from the control process's (edgelb.workers)."""
-        self._on_health(service, key, healthy)
+        HealthChecker, or relayed from the control process's (edgelb.workers: not logged
+        again there, `announce=False`)."""
+        self._on_health(service, key, healthy, announce)
 
-    def _on_health(self, service: str, key: str, healthy: bool) -> None:
+    def _on_health(self, service: str, key: str, healthy: bool, announce: bool = True) -> None:
         state = self.services.get(service)
         backend = state.pool.by_key.get(key) if state is not None else None
         if backend is None:
             return
-        if healthy:
+        if not announce:
+            pass
+        elif healthy:
             log.warning("service %s: backend %s passes its health check", service, key)
         else:
             log.warning("service %s: backend %s fails its health check (%s)", service, key,

@@ -347,15 +347,20 @@ class AdminServer:
 
     def __init__(self, runtime: Any, address: Address,
                  per_backend: Callable[[], bool] | None = None,
-                 refresh: float | None = None, window: float | None = None) -> None:
+                 refresh: float | None = None, window: float | None = None,
+                 group: Any = None) -> None:
+        """`group`: the worker group (edgelb.workers.control.WorkerGroup) when this is the
+        control process of `workers: N`: /metrics and /status.json are the group's."""
         self.runtime = runtime
+        self.group = group
         self.address = address
         self.refresh = refresh or REFRESH_SECONDS  # (read now: tests may shorten them)
         self.history = RateHistory(self.refresh, window or WINDOW_SECONDS)
         self._script = load_script()
         self._tasks: set[asyncio.Task[Any]] = set()
         # per_backend: whether /metrics has per-backend series now (the config's metrics:)
-        self.registry = make_registry(runtime, per_backend=per_backend)
+        self.registry = (make_registry(runtime, per_backend=per_backend) if group is None
+                         else group.registry(runtime, per_backend or (lambda: True)))
         self._template = load_template()
         self._runner: web.AppRunner | None = None
         self.bound: Address | None = None  # the address actually listened on
@@ -431,6 +436,8 @@ class AdminServer:
         return web.Response(text="ready\n")
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if self.group is not None:
+            await self.group.refresh()  # every worker's counters as of now
         body = generate_latest(self.registry)
         response = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
         response.enable_compression()  # only if the client accepts it
@@ -440,6 +447,8 @@ class AdminServer:
         """?history=1 adds each service's points over the window (the page's first load)."""
         with_history = request.query.get("history", "") not in ("", "0")
         doc = status(self.runtime, self.history, with_history)
+        if self.group is not None:  # the group's total, or ?worker=N: that worker's own
+            doc = await self.group.status(doc, request.query.get("worker"))
         return web.json_response(doc, dumps=_dumps, headers={"Cache-Control": "no-store"})
 
     async def _status_script(self, request: web.Request) -> web.Response:

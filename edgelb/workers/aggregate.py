@@ -92,9 +92,9 @@ def group_families(workers: Iterable[Any]) -> Iterator[Metric]:
     """The families with a `worker` label: one sample per worker slot (edgelb.workers.control
     WorkerSlot: index, up, restarts, cpu_seconds)."""
     up = Metric("edgelb_worker_up", "1 while the worker process runs and serves.", "gauge")
-    restarts = Metric("edgelb_worker_restarts_total",
+    restarts = Metric("edgelb_worker_restarts",
                       "Times the worker process died and was replaced.", "counter")
-    cpu = Metric("edgelb_worker_cpu_seconds_total",
+    cpu = Metric("edgelb_worker_cpu_seconds",
                  "User and system CPU time of the worker's processes (its replaced ones "
                  "included).", "counter")
     for w in workers:

@@ -43,12 +43,11 @@ class Channel(asyncio.Protocol):
     def __init__(self, on_message: Callable[[Any], None], on_lost: Callable[[], None]) -> None:
         self.on_message = on_message
         self.on_lost = on_lost
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None  # asyncio.Transport (uvloop's is not a subclass)
         self._buf = bytearray()
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:

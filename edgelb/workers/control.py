@@ -116,8 +116,8 @@ class ControlRuntime(Runtime):
     def _make_listener(self, kind: str, name: str, addr: Address, store: Any = None) -> Any:
         return Reservation(kind, name, addr, self.loop, store is not None)
 
-    def _on_health(self, service: str, key: str, healthy: bool) -> None:
-        super()._on_health(service, key, healthy)
+    def _on_health(self, service: str, key: str, healthy: bool, announce: bool = True) -> None:
+        super()._on_health(service, key, healthy, announce)
         self.on_health(HealthResult(service, key, healthy, self.health.status(service, key)))
 
     def verdicts(self) -> list[HealthResult]:

@@ -132,7 +132,8 @@ class Worker:
         elif isinstance(message, HealthResult):
             self.health.record(message)
             if self.runtime is not None:
-                self.runtime.health_changed(message.service, message.key, message.healthy)
+                self.runtime.health_changed(message.service, message.key, message.healthy,
+                                           announce=False)
         elif isinstance(message, Synced):
             assert self.channel is not None
             self.channel.send(Hello(self.index, os.getpid()))
