@@ -432,3 +432,55 @@ def _sample(text: str, prefix: str) -> float:
         if line.startswith(prefix + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no sample {prefix} in /metrics")
+
+
+# -- the shared load table's wiring (a stand-in: edgelb.workers.shared_load is the sharedload
+# branch's; these check when control calls it, not what it does) -----------------------------
+
+
+class _Table:
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def assign(self, keys) -> None:
+        self.log.append(("assign", sorted(keys)))
+
+    def reset_worker(self, worker: int) -> None:
+        self.log.append(("reset", worker))
+
+
+class _Channel:
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def send(self, message) -> bool:
+        self.log.append(("send", type(message).__name__))
+        return True
+
+
+async def test_backend_keys_get_their_slots_before_a_snapshot_reaches_a_worker():
+    from edgelb.workers.control import ControlRuntime, WorkerGroup
+    from edgelb.workers.messages import Apply
+    from watchers.model import Backend, Service, Snapshot
+
+    calls: list = []
+    runtime = ControlRuntime(on_apply=lambda m: group.applied(m), on_health=lambda m: None,
+                             loop=asyncio.get_running_loop())
+    group = WorkerGroup(2, runtime, init=lambda i: None, per_backend=lambda: True,
+                        shared=_Table(calls))
+    for slot in group.slots:
+        slot.channel = _Channel(calls)
+    snapshot = Snapshot("file", services=(
+        Service("a", backends=(Backend(HOST, 1001), Backend(HOST, 1002))),
+        Service("b", backends=(Backend(HOST, 1002),))))
+    await runtime.apply(snapshot)
+    assert calls == [("assign", [f"{HOST}:1001", f"{HOST}:1002"]),
+                     ("send", Apply.__name__), ("send", Apply.__name__)]
+    calls.clear()
+
+    async def spawn_stub(slot) -> None:
+        calls.append(("spawn", slot.index))
+
+    group._spawn = spawn_stub  # type: ignore[method-assign]
+    await group._replace(group.slots[1], None)
+    assert calls == [("reset", 1), ("spawn", 1)]  # a dead worker's cells zeroed first

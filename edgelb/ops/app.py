@@ -167,17 +167,21 @@ class App:
         """workers > 1: this process is control (edgelb.workers.control): its runtime holds
         the ports and runs the checks; the worker group serves."""
         from edgelb.workers.control import ControlRuntime, WorkerGroup
+        from edgelb.workers.load import table
         from edgelb.workers.messages import Init
 
         telemetry = config.telemetry if config.telemetry.active else None
         admin = config.admin
-        runtime = ControlRuntime(on_apply=lambda m: self.group.send_all(m),
+        runtime = ControlRuntime(on_apply=lambda m: self.group.applied(m),
                                  on_health=lambda m: self.group.send_all(m),
                                  loop=loop, reserved=[admin])
+        shared = table(workers)  # made before any worker starts
+        handle = shared.handle() if shared is not None else None
         self.group = WorkerGroup(
             workers, runtime,
-            init=lambda index: Init(index, admin, telemetry, self._per_backend_metrics()),
-            per_backend=self._per_backend_metrics, log_args=self.log_args)
+            init=lambda index: Init(index, admin, telemetry, self._per_backend_metrics(),
+                                    handle),
+            per_backend=self._per_backend_metrics, log_args=self.log_args, shared=shared)
         return runtime
 
     async def _start_marathon(self, config: Config) -> None:

@@ -34,6 +34,7 @@ from edgelb.net.accept import bind, share_ports
 from edgelb.ops.metrics import RuntimeCollector
 from edgelb.workers.aggregate import Retired, group_families, merge, sum_status
 from edgelb.workers.channel import Channel, open_channel
+from edgelb.workers.load import backend_keys
 from edgelb.workers.messages import Answer, Apply, Ask, Drain, HealthResult, Hello, Init, Synced
 from watchers.model import Address, Notice, Snapshot
 
@@ -167,8 +168,11 @@ def _cpu(pid: int) -> float:
 
 class WorkerGroup:
     def __init__(self, count: int, runtime: Runtime, init: Callable[[int], Init],
-                 per_backend: Callable[[], bool], log_args: tuple[str, ...] = ()) -> None:
+                 per_backend: Callable[[], bool], log_args: tuple[str, ...] = (),
+                 shared: Any = None) -> None:
+        """`shared`: the shared load table (edgelb.workers.load.table; None: none)."""
         self.count = count
+        self.shared = shared
         self.runtime = runtime
         self.init = init
         self.per_backend = per_backend
@@ -262,9 +266,22 @@ class WorkerGroup:
         log.error("worker %d (pid %s) died (%s); replacing it", slot.index,
                   proc.pid if proc is not None else "?", _exit_text(proc))
         if not self.stopping:
+            if self.shared is not None:
+                self.shared.reset_worker(slot.index)  # what it had in flight ended with it
             await self._spawn(slot)
 
     # -- handing on --------------------------------------------------------------------------
+
+    def applied(self, message: Apply) -> None:
+        """Control's runtime accepted a snapshot: every backend key gets its slot in the
+        shared table first, then every worker gets the snapshot."""
+        if self.shared is not None:
+            try:
+                self.shared.assign(backend_keys(self.runtime))
+            except Exception as e:  # e.g. more backend keys than slots
+                log.error("shared load table: %s; the backends without a slot are balanced on "
+                          "each worker's own counts", e)
+        self.send_all(message)
 
     def send_all(self, message: Any) -> None:
         for slot in self.slots:
@@ -352,6 +369,9 @@ class WorkerGroup:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        close = getattr(self.shared, "close", None)
+        if close is not None:
+            close()  # the table's memory goes with the group
 
 
 class _GroupCollector:

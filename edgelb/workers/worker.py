@@ -145,6 +145,10 @@ class Worker:
         self.index = init.index
         runtime = Runtime(loop=loop, reserved=[init.admin])
         runtime.health = self.health  # type: ignore[assignment]
+        if init.shared_load is not None:
+            from edgelb.workers.load import attach
+
+            attach(init.shared_load, init.index, runtime)
         if init.telemetry is not None and init.telemetry.active:
             from edgelb.telemetry.hub import Telemetry
 

@@ -1,0 +1,39 @@
+"""The group's shared load table (edgelb.workers.shared_load: per-backend in-flight and
+latency estimates summed over the workers), wired here: control creates it before the workers
+start, gives every backend key a slot before a snapshot is sent, and zeroes a dead worker's
+cells before its replacement starts; a worker attaches to it and hands its view to the runtime
+(`Runtime.use_shared_load`). Until that module is part of the build, each worker balances on
+its own counts (as Envoy's worker threads do) and `table()` says so by returning None."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("edgelb.workers")
+
+SLOTS = 16384  # backend keys the table holds (24 bytes per key per worker)
+
+
+def table(workers: int) -> Any:
+    """A new table for `workers` workers, or None when this build has none."""
+    try:
+        from edgelb.workers.shared_load import SharedLoad
+    except ModuleNotFoundError:
+        log.warning("no shared load table in this build: each worker balances and caps on "
+                    "its own in-flight counts")
+        return None
+    return SharedLoad.create(workers, SLOTS)
+
+
+def attach(handle: Any, worker: int, runtime: Any) -> None:
+    """A worker: its pools read the group's load from now on."""
+    from edgelb.workers.shared_load import SharedLoad
+
+    runtime.use_shared_load(SharedLoad.attach(handle, worker))
+
+
+def backend_keys(runtime: Any) -> list[str]:
+    """Every backend key of the live state (the table's slots are per backend key)."""
+    return list(dict.fromkeys(b.key for state in runtime.services.values()
+                              for b in state.pool.all_backends()))
