@@ -182,6 +182,7 @@ async def running(tmp_path: Path, text: str, *args: str) -> AsyncIterator[Group]
                 return
 
     group = Group(proc, admin, path)
+    drain = None
     try:
         await within(started(), 30)
         drain = asyncio.ensure_future(_drain_stderr(proc))
@@ -201,7 +202,8 @@ async def running(tmp_path: Path, text: str, *args: str) -> AsyncIterator[Group]
                 await proc.wait()
         for pid in pids:  # no worker outlives its control process
             await eventually(lambda pid=pid: not _alive(pid), 10, f"worker {pid} exited")
-        drain.cancel()
+        if drain is not None:
+            drain.cancel()
 
 
 async def _drain_stderr(proc: asyncio.subprocess.Process) -> None:
@@ -264,6 +266,7 @@ class Load:
         self.ok = 0
         self.failed: list[int] = [0] * clients  # per client
         self.bodies: set[bytes] = set()
+        self.why: list = []  # (client, what went wrong, when)
         self.stop = asyncio.Event()
         self.tasks = [asyncio.ensure_future(self._client(i)) for i in range(clients)]
 
@@ -279,8 +282,10 @@ class Load:
                     self.bodies.add(r.body)
                     continue
                 self.failed[i] += 1
-            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                self.why.append((i, r.status, asyncio.get_running_loop().time()))
+            except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
                 self.failed[i] += 1
+                self.why.append((i, repr(e), asyncio.get_running_loop().time()))
             if client is not None:
                 client.close()
             client = None
@@ -350,10 +355,14 @@ async def test_sigkill_of_a_worker_loses_only_its_own_connections_and_it_comes_b
         seen = load.ok
         await eventually(lambda: load.ok > seen + 100, 10, "load after the kill")
         await load.finish()
-        # each client on the killed worker lost its one connection (and at most the request
-        # on it); every other client never saw a failure
-        assert sum(1 for f in load.failed if f) == on_victim
-        assert all(f <= 1 for f in load.failed)
+        # only the clients on the killed worker saw failures: their connection (and the
+        # request on it) was lost, and a reconnect that raced into the dying worker's listening
+        # socket before the kernel closed it was reset too (SO_REUSEPORT: a closing
+        # listener's queue is not handed over); nothing failed once it was gone
+        assert sum(1 for f in load.failed if f) == on_victim, load.why
+        assert all(what.startswith(("ConnectionResetError", "IncompleteReadError"))
+                   for _, what, _ in load.why), load.why
+        assert all(when - started < 0.5 for _, _, when in load.why), load.why
         workers = await group.workers()
         assert workers[0]["restarts"] == 1 and workers[1]["restarts"] == 0
         text = await group.metrics()

@@ -212,6 +212,10 @@ class Runtime:
         self._last_good: dict[str, Certificate] = {}  # a watcher pair's origin -> last good
         self.last_reload_ok: dict[str, bool] = {}  # whether each source's last snapshot applied
         self.last_reload_success: dict[str, float] = {}  # unix time of each one's last success
+        # a worker of a group (edgelb.workers): a new listener listens at bind but accepts
+        # only once the commit gave it its state, for its port may already be served by the
+        # other workers (connections wait in its backlog meanwhile)
+        self.serve_after_commit = False
 
     # -- the file config's settings, as applied (read-only: only `apply` changes them) --------
 
@@ -326,6 +330,8 @@ class Runtime:
                       record_as or snapshot.source, e)
             raise
         self._commit(plan, snapshots, fresh, fresh_stores)
+        if self.serve_after_commit:
+            await self._serve(fresh)
         if record:
             self.record(record_as or snapshot.source, True)
         return _notices(snapshot, plan.certs.failed)
@@ -449,6 +455,13 @@ class Runtime:
         return _Plan(settings, instance, services, routes, new, changed, unchanged, removed,
                      router, sni_table, certs, wanted, bind, stop)
 
+    async def _serve(self, fresh: dict[str, Any]) -> None:
+        for key, listener in fresh.items():
+            try:
+                await listener.serve()
+            except OSError:
+                log.exception("listener %s could not start accepting", key)
+
     async def _bind(self, plan: _Plan) -> tuple[dict[str, Any], dict[str, CertificateStore]]:
         """Bind what is new (the only await). A listener whose kind changes is stopped first,
         to free its port; a new TLS listener gets a new store, filled before it accepts. A
@@ -471,7 +484,7 @@ class Runtime:
             if kind == "entrypoint-tls":
                 listener.sni_table = plan.sni_table  # start() serves or peeks accordingly
             try:
-                await listener.start()
+                await listener.start(serve=not self.serve_after_commit)
             except OSError as e:
                 for lst in fresh.values():
                     lst.abort()

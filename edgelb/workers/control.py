@@ -71,9 +71,12 @@ class Reservation:
         self.relay = None
         self._socks: list[socket.socket] = []
 
-    async def start(self) -> None:
+    async def start(self, serve: bool = True) -> None:
         self._socks = await bind(self.loop, self.address.host, self.address.port,
                                  f"{self.kind} {self.name}", listen=False)
+
+    async def serve(self) -> None:
+        pass
 
     def set_accept_proxy(self, accept: Any) -> None:
         pass

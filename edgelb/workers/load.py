@@ -20,7 +20,7 @@ def table(workers: int) -> Any:
     try:
         from edgelb.workers.shared_load import SharedLoad
     except ModuleNotFoundError:
-        log.warning("no shared load table in this build: each worker balances and caps on "
+        log.info("no shared load table in this build: each worker balances and caps on "
                     "its own in-flight counts")
         return None
     return SharedLoad.create(workers, SLOTS)

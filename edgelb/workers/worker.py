@@ -145,6 +145,7 @@ class Worker:
         self.index = init.index
         runtime = Runtime(loop=loop, reserved=[init.admin])
         runtime.health = self.health  # type: ignore[assignment]
+        runtime.serve_after_commit = True  # the group's ports: accept with the state only
         if init.shared_load is not None:
             from edgelb.workers.load import attach
 
