@@ -254,6 +254,10 @@ async def test_every_worker_serves_on_every_listener(n, backend, tmp_path):
             assert all(count > 0 for count in accepted.values()), (w, accepted)
         total = await group.json("/status.json")
         assert sum(lst["accepted"] for lst in total["listeners"]) == 3 * 12 * n
+        web_total = next(s for s in total["services"] if s["name"] == "web")
+        assert web_total["requests"] == 2 * 12 * n  # the static port's and the entrypoint's
+        page = await within(fetch(group.admin, "GET", "/status"))
+        assert page.status == 200 and b"web" in page.body
     server.close()
 
 

@@ -456,7 +456,10 @@ class AdminServer:
                             headers={"Cache-Control": "no-cache"})
 
     async def _status_html(self, request: web.Request) -> web.Response:
-        html = self._template.render(s=status(self.runtime, self.history, with_history=True),
+        doc = status(self.runtime, self.history, with_history=True)
+        if self.group is not None:  # the group's totals (rates: control's sampling)
+            doc = await self.group.status(doc, None)
+        html = self._template.render(s=doc,
                                      refresh=_fmt_number(self.refresh),
                                      points=self.history.points)
         return web.Response(text=html, content_type="text/html",

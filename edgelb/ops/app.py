@@ -179,8 +179,7 @@ class App:
         handle = shared.handle() if shared is not None else None
         self.group = WorkerGroup(
             workers, runtime,
-            init=lambda index: Init(index, admin, telemetry, self._per_backend_metrics(),
-                                    handle),
+            init=lambda index: Init(index, admin, telemetry, handle),
             per_backend=self._per_backend_metrics, log_args=self.log_args, shared=shared)
         return runtime
 

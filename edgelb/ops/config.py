@@ -1335,6 +1335,10 @@ def summarize(config: Config) -> str:
     lines.extend(telemetry_summary(config.telemetry))
     sd = config.shutdown
     lines.append(f"shutdown: delay {_fmt_seconds(sd.delay)}, grace {_fmt_seconds(sd.grace)}")
+    if config.workers != 1:
+        what = ("one per usable core" if config.workers == "auto"
+                else f"{config.workers} processes")
+        lines.append(f"workers: {config.workers} ({what}, and a control process)")
     return "\n".join(lines)
 
 

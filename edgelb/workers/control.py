@@ -44,6 +44,8 @@ ASK_TIMEOUT = 2.0  # seconds a worker gets to answer a scrape (else its last ans
 POLL_INTERVAL = 1.0  # seconds between metric polls (what a worker that dies had counted)
 START_TIMEOUT = 30.0  # seconds the workers get to serve at start
 EXIT_MARGIN = 5.0  # seconds past delay + grace before a draining worker is killed
+QUICK_DEATH = 2.0  # seconds: a worker that dies sooner after its start died "as it started"
+MAX_BACKOFF = 10.0  # seconds between starts of a worker that keeps dying as it starts
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -145,7 +147,7 @@ class WorkerSlot:
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: Channel | None = None
         self.up = False  # serving: it applied the state it was sent at start
-        self.ready: asyncio.Future[None] | None = None
+        self.quick_deaths = 0  # deaths in a row within QUICK_DEATH of the start
         self.restarts = 0
         self.started_at = 0.0
         self.metrics: list[Any] = []  # its last answer to a metrics question
@@ -187,6 +189,7 @@ class WorkerGroup:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._all_up = asyncio.Event()
 
     def signal_all(self, signum: int) -> None:
         """Forward a signal (SIGUSR1: reopen the access log) to every worker."""
@@ -200,10 +203,9 @@ class WorkerGroup:
         share_ports(True)
         for slot in self.slots:
             await self._spawn(slot)
-        ready = [s.ready for s in self.slots if s.ready is not None]
         try:
             async with asyncio.timeout(START_TIMEOUT):
-                await asyncio.gather(*ready)
+                await self._all_up.wait()  # (a worker that died meanwhile was replaced)
         except TimeoutError:
             raise OSError(f"edgelb workers did not start within {START_TIMEOUT:.0f}s; "
                           "see their log lines above") from None
@@ -220,7 +222,6 @@ class WorkerGroup:
         finally:
             theirs.close()
         slot.started_at = time.time()
-        slot.ready = asyncio.get_running_loop().create_future()
         slot.channel = await open_channel(ours, lambda m: self._received(slot, m),
                                           lambda: self._lost(slot))
         # the state so far, then (from the broadcasts) whatever comes next: no await between
@@ -240,8 +241,8 @@ class WorkerGroup:
                 future.set_result(message.value)
         elif isinstance(message, Hello):
             slot.up = True
-            if slot.ready is not None and not slot.ready.done():
-                slot.ready.set_result(None)
+            if all(s.up for s in self.slots):
+                self._all_up.set()
             if slot.restarts:
                 log.warning("worker %d is back (pid %d)", slot.index, message.pid)
 
@@ -261,13 +262,22 @@ class WorkerGroup:
         if self.stopping:
             return
         slot.restarts += 1
+        quick = time.time() - slot.started_at < QUICK_DEATH
+        slot.quick_deaths = slot.quick_deaths + 1 if quick else 0
         spawn(self._replace(slot, proc), name=f"replace worker {slot.index}", held=self._tasks)
 
     async def _replace(self, slot: WorkerSlot, proc: subprocess.Popen[bytes] | None) -> None:
         if proc is not None:
             await _reap(proc)
-        log.error("worker %d (pid %s) died (%s); replacing it", slot.index,
-                  proc.pid if proc is not None else "?", _exit_text(proc))
+        # at once; a worker that keeps dying as it starts is started again after a backoff
+        backoff = 0.0 if slot.quick_deaths < 2 else min(MAX_BACKOFF,
+                                                         0.25 * 2 ** (slot.quick_deaths - 2))
+        log.error("worker %d (pid %s) died (%s); replacing it%s", slot.index,
+                  proc.pid if proc is not None else "?", _exit_text(proc),
+                  f" in {backoff:g}s (it died as it started {slot.quick_deaths} times in a row)"
+                  if backoff else "")
+        if backoff:
+            await asyncio.sleep(backoff)
         if not self.stopping:
             if self.shared is not None:
                 self.shared.reset_worker(slot.index)  # what it had in flight ended with it

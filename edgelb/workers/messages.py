@@ -21,7 +21,6 @@ class Init:
     index: int
     admin: Address  # reserved: never a data port
     telemetry: Any = None  # edgelb.telemetry.settings.TelemetrySettings when active
-    per_backend: bool = True  # metrics.per_backend
     shared_load: Any = None  # the shared load table's handle (None: none)
 
 
