@@ -149,8 +149,9 @@ def summarize(rows: dict[str, list[dict[str, Any]]], cfg: Settings, info: dict[s
                      f"{m['busy_cores']:.2f} | {m['machine_cores']:.2f} | {m['errors']:.0f} |")
     derived: dict[str, Any] = {}
     lines += ["", "| proxy | raw req/s 2 vs 1 | CPU/req 1 vs 2 (efficiency of the added core) | "
-              f"req/s per proxy core (1) | projected {CORES_PROJECTED} cores |",
-              "|---|---|---|---|---|"]
+              f"req/s per proxy core (1) | projected {CORES_PROJECTED} cores: linear | "
+              "compounding |",
+              "|---|---|---|---|---|---|"]
     for proxy, unit in (("edgelb", "workers"), ("haproxy", "threads")):
         one, two = med.get(f"{proxy} 1 {unit[:-1]}"), med.get(f"{proxy} 2 {unit}")
         if not one or not two:
@@ -158,18 +159,21 @@ def summarize(rows: dict[str, list[dict[str, Any]]], cfg: Settings, info: dict[s
         raw = two["rps"] / one["rps"]
         eff = one["proxy_us"] / two["proxy_us"]
         per_core = 1e6 / one["proxy_us"]
-        projected = CORES_PROJECTED * per_core * eff
+        projected = CORES_PROJECTED * per_core * min(1.0, eff)
+        compounding = per_core * sum(min(1.0, eff) ** k for k in range(CORES_PROJECTED))
         derived[proxy] = {"raw": raw, "efficiency": eff, "per_core": per_core,
-                          "projected": projected}
+                          "projected": projected, "compounding": compounding}
         lines.append(f"| {proxy} | {raw:.2f}x | {eff:.2f} | {per_core:.0f} | "
-                     f"{projected:.0f} req/s |")
+                     f"{projected:.0f} req/s | {compounding:.0f} req/s |")
     lines += ["", "How to read it: wrk and the backends take a share of the same 2 cores, so "
               "the raw rate of a second worker or thread cannot double; the scaling of the "
               "proxy itself is its CPU per request (the efficiency column: 1.00 = the added "
-              "core does as much work per request as the first). The projection is "
+              "core does as much work per request as the first). The linear projection is "
               f"{CORES_PROJECTED} x (requests per proxy CPU-second with one worker) x that "
-              "efficiency, assuming the load generator and backends run elsewhere, the "
-              "efficiency measured at 2 holds at 16 (no shared lock or cache line grows with "
+              "efficiency (at most 1); the compounding one assumes every added core loses that "
+              "fraction again (core k adds efficiency^k). Both assume the load generator and "
+              "backends run elsewhere, the efficiency measured at 2 holds at 16 (no shared "
+              "lock or cache line grows with "
               "the count: each edgelb worker is its own process), the control process's CPU "
               "stays negligible, and the NIC and kernel are not the limit."]
     return "\n".join(lines) + "\n", {"medians": med, "derived": derived}
