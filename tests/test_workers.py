@@ -254,8 +254,13 @@ async def test_every_worker_serves_on_every_listener(n, backend, tmp_path):
             assert all(count > 0 for count in accepted.values()), (w, accepted)
         total = await group.json("/status.json")
         assert sum(lst["accepted"] for lst in total["listeners"]) == 3 * 12 * n
-        web_total = next(s for s in total["services"] if s["name"] == "web")
-        assert web_total["requests"] == 2 * 12 * n  # the static port's and the entrypoint's
+
+        async def web_requests() -> int:  # the static port's and the entrypoint's
+            doc = await group.json("/status.json")
+            return next(s for s in doc["services"] if s["name"] == "web")["requests"]
+
+        # (a request is counted as its exchange ends, a moment after the client has it all)
+        await until(web_requests, 2 * 12 * n)
         page = await within(fetch(group.admin, "GET", "/status"))
         assert page.status == 200 and b"web" in page.body
     server.close()
@@ -408,6 +413,20 @@ async def test_sigterm_drains_every_worker(backend, tmp_path):
     server.close()
 
 
+async def test_workers_drain_and_exit_when_control_is_killed(backend, tmp_path):
+    b, server, echo, (admin, entry, web, tcp) = await _ports(backend)
+    text = _config(admin, entry, web, tcp, b.port, echo, workers=2, grace="1s")
+    async with running(tmp_path, text) as group:
+        pids = [w["pid"] for w in await group.workers()]
+        group.proc.kill()
+        await group.proc.wait()
+        for pid in pids:  # the channel's end tells them: no orphan keeps the ports
+            await eventually(lambda pid=pid: not _alive(pid), 10, f"worker {pid} exited")
+        with pytest.raises(OSError):
+            await within(Client.open(web))
+    server.close()
+
+
 async def test_metrics_count_the_traffic_sent_across_workers(backend, tmp_path):
     b, server, echo, (admin, entry, web, tcp) = await _ports(backend)
     text = _config(admin, entry, web, tcp, b.port, echo, workers=2)
@@ -420,6 +439,10 @@ async def test_metrics_count_the_traffic_sent_across_workers(backend, tmp_path):
         keep.close()
         for _ in range(5):
             assert await within(_echo(tcp)) == b"ping"
+        async def requests_total() -> float:
+            return _requests_total(await group.metrics())
+
+        await until(requests_total, 50)
         text = await group.metrics()
         assert _requests_total(text) == 50
         accepted = f'edgelb_listener_accepted_total{{kind="http",listener="{HOST}:{web}"}}'
@@ -438,6 +461,16 @@ async def test_metrics_count_the_traffic_sent_across_workers(backend, tmp_path):
                              text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
     server.close()
+
+
+async def until(read, expected, timeout: float = 5.0) -> None:
+    """Poll an async reading until it equals `expected`; fail with the last value after
+    `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (value := await read()) != expected:
+        assert loop.time() < deadline, f"{value} != {expected} after {timeout:g}s"
+        await asyncio.sleep(0.02)
 
 
 def _sample(text: str, prefix: str) -> float:
