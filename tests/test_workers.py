@@ -530,3 +530,26 @@ async def test_backend_keys_get_their_slots_before_a_snapshot_reaches_a_worker()
     group._spawn = spawn_stub  # type: ignore[method-assign]
     await group._replace(group.slots[1], None)
     assert calls == [("reset", 1), ("spawn", 1)]  # a dead worker's cells zeroed first
+
+
+def test_the_status_pages_rates_read_the_workers_counters():
+    from types import SimpleNamespace
+
+    from edgelb.ops.history import Counters
+    from edgelb.workers.control import WorkerGroup
+
+    def families(ok: float, failed: float, count: float, total: float) -> list:
+        return [("edgelb_requests", "counter", "doc", [
+                    ("edgelb_requests_total", {"service": "web", "code_class": "2xx"}, ok),
+                    ("edgelb_requests_total", {"service": "web", "code_class": "5xx"}, failed)]),
+                ("edgelb_request_duration_seconds", "histogram", "doc", [
+                    ("edgelb_request_duration_seconds_count", {"service": "web"}, count),
+                    ("edgelb_request_duration_seconds_sum", {"service": "web"}, total)])]
+
+    runtime = SimpleNamespace(services={"web": None, "idle": None})
+    group = WorkerGroup(2, runtime, init=lambda i: None, per_backend=lambda: True)
+    group.slots[0].metrics = families(10, 1, 11, 1.5)
+    group.slots[1].metrics = families(4, 0, 4, 0.5)
+    group.retired.add(families(3, 3, 6, 1.0))  # a worker that died
+    assert dict(group.service_counters()) == {"web": Counters(21, 4, 21, 3.0),
+                                             "idle": Counters(0, 0, 0, 0.0)}

@@ -403,7 +403,10 @@ class AdminServer:
     async def _sample(self) -> None:
         """Every `refresh` seconds: the counters, for the page's rates and charts."""
         while True:
-            self.history.sample(list(self.runtime.services.values()), time.time())
+            if self.group is not None:  # the workers' counters, summed
+                self.history.sample_counters(self.group.service_counters(), time.time())
+            else:
+                self.history.sample(list(self.runtime.services.values()), time.time())
             await asyncio.sleep(self.refresh)
 
     async def stop(self) -> None:

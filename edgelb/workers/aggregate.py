@@ -10,7 +10,8 @@ estimate, health, ejection) show the highest worker's value. Families about the 
 `worker` label: edgelb_worker_up, edgelb_worker_restarts_total, edgelb_worker_cpu_seconds_total.
 
 Status: the group's document is control's (watchers, routes, health checks, certificates)
-with each service's and listener's traffic figures summed over the workers (SUMMED_STATUS)."""
+with each service's and listener's traffic figures summed over the workers (SUMMED_STATUS);
+the status page's rates come from the workers' counters as last polled (at most a second old)."""
 
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from edgelb.control.runtime import Runtime
 from edgelb.control.tasks import spawn
 from edgelb.net.accept import bind, share_ports
+from edgelb.ops.history import Counters
 from edgelb.ops.metrics import RuntimeCollector
 from edgelb.workers.aggregate import Retired, group_families, merge, sum_status
 from edgelb.workers.channel import Channel, open_channel
@@ -346,6 +347,28 @@ class WorkerGroup:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         return registry
+
+    def service_counters(self) -> list[tuple[str, Counters]]:
+        """Each service's requests, 5xx and durations summed over the workers (as last
+        polled, the dead ones' included): the status page's rates."""
+        requests: dict[str, float] = {}
+        errors: dict[str, float] = {}
+        count: dict[str, float] = {}
+        total: dict[str, float] = {}
+        for family in merge((), (s.metrics for s in self.slots), self.retired):
+            for sample in family.samples:
+                svc = sample.labels.get("service", "")
+                if sample.name == "edgelb_requests_total":
+                    requests[svc] = requests.get(svc, 0.0) + sample.value
+                    if sample.labels.get("code_class") == "5xx":
+                        errors[svc] = errors.get(svc, 0.0) + sample.value
+                elif sample.name == "edgelb_request_duration_seconds_count":
+                    count[svc] = count.get(svc, 0.0) + sample.value
+                elif sample.name == "edgelb_request_duration_seconds_sum":
+                    total[svc] = total.get(svc, 0.0) + sample.value
+        return [(name, Counters(int(requests.get(name, 0)), int(errors.get(name, 0)),
+                                int(count.get(name, 0)), total.get(name, 0.0)))
+                for name in self.runtime.services]
 
     async def status(self, control: dict[str, Any], worker: str | None) -> dict[str, Any]:
         """/status.json: the group's (control's, traffic summed) with a `workers` list, or one
