@@ -113,10 +113,13 @@ class ControlRuntime(Runtime):
         self.on_health = on_health
         super().__init__(**kwargs)
 
-    async def apply(self, snapshot: Snapshot, *, reload_files: bool = False,
-                    record_as: str | None = None) -> tuple[Notice, ...]:
-        notices = await super().apply(snapshot, reload_files=reload_files, record_as=record_as)
-        # (no await since the commit: the workers get the snapshots in the order they applied)
+    async def _apply(self, snapshot: Snapshot, *, record: bool, reload_files: bool = False,
+                     record_as: str | None = None) -> tuple[Notice, ...]:
+        """The one path of `apply` and `set_entrypoints`, under the runtime's lock: what it
+        committed is handed on before the next snapshot is looked at, so the workers get the
+        snapshots in the order they applied here; a rejected one raises and goes nowhere."""
+        notices = await super()._apply(snapshot, record=record, reload_files=reload_files,
+                                       record_as=record_as)
         self.on_apply(Apply(snapshot, reload_files, record_as))
         return notices
 
