@@ -485,11 +485,16 @@ def _sample(text: str, prefix: str) -> float:
 
 
 class _Table:
-    def __init__(self, log: list) -> None:
+    def __init__(self, log: list, slots: int = 100) -> None:
         self.log = log
+        self.slots = slots
 
     def assign(self, keys) -> None:
-        self.log.append(("assign", sorted(keys)))
+        keys = sorted(set(keys))
+        if len(keys) > self.slots:  # as shared_load.SlotsExhausted (a ValueError)
+            raise ValueError(f"the shared load table has {self.slots} slots and this snapshot "
+                             f"needs {len(keys)} backend keys")
+        self.log.append(("assign", keys))
 
     def reset_worker(self, worker: int) -> None:
         self.log.append(("reset", worker))
@@ -505,15 +510,17 @@ class _Channel:
 
 
 async def test_backend_keys_get_their_slots_before_a_snapshot_reaches_a_worker():
+    from edgelb.control.runtime import SnapshotError
     from edgelb.workers.control import ControlRuntime, WorkerGroup
     from edgelb.workers.messages import Apply
     from watchers.model import Backend, Service, Snapshot
 
     calls: list = []
-    runtime = ControlRuntime(on_apply=lambda m: group.applied(m), on_health=lambda m: None,
-                             loop=asyncio.get_running_loop())
+    table = _Table(calls, slots=2)
+    runtime = ControlRuntime(on_apply=lambda m: group.send_all(m), on_health=lambda m: None,
+                             assign=table.assign, loop=asyncio.get_running_loop())
     group = WorkerGroup(2, runtime, init=lambda i: None, per_backend=lambda: True,
-                        shared=_Table(calls))
+                        shared=table)
     for slot in group.slots:
         slot.channel = _Channel(calls)
     snapshot = Snapshot("file", services=(
@@ -522,6 +529,13 @@ async def test_backend_keys_get_their_slots_before_a_snapshot_reaches_a_worker()
     await runtime.apply(snapshot)
     assert calls == [("assign", [f"{HOST}:1001", f"{HOST}:1002"]),
                      ("send", Apply.__name__), ("send", Apply.__name__)]
+    calls.clear()
+    bigger = Snapshot("file", services=(
+        Service("a", backends=tuple(Backend(HOST, p) for p in (1001, 1002, 1003))),))
+    with pytest.raises(SnapshotError, match="2 slots"):  # rejected whole, sent nowhere
+        await runtime.apply(bigger)
+    assert calls == [("assign", [f"{HOST}:1001", f"{HOST}:1002"])]  # the live keys again
+    assert len(runtime.services["a"].pool.backends) == 2
     calls.clear()
 
     async def spawn_stub(slot) -> None:

@@ -172,11 +172,12 @@ class App:
 
         telemetry = config.telemetry if config.telemetry.active else None
         admin = config.admin
-        runtime = ControlRuntime(on_apply=lambda m: self.group.applied(m),
-                                 on_health=lambda m: self.group.send_all(m),
-                                 loop=loop, reserved=[admin])
         shared = table(workers)  # made before any worker starts
         handle = shared.handle() if shared is not None else None
+        runtime = ControlRuntime(on_apply=lambda m: self.group.send_all(m),
+                                 on_health=lambda m: self.group.send_all(m),
+                                 assign=shared.assign if shared is not None else None,
+                                 loop=loop, reserved=[admin])
         self.group = WorkerGroup(
             workers, runtime,
             init=lambda index: Init(index, admin, telemetry, handle),

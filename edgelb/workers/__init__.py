@@ -1,2 +1,2 @@
-"""Every core: one control process (watchers, health checks, admin, leader election) and N
-data-plane worker processes that apply the snapshots it accepted (`workers: N | auto`)."""
+"""Many worker processes, one proxy: the process model (issue 19) and the shared view of load
+(`shared_load`: per-backend in-flight and latency estimates shared between the workers)."""

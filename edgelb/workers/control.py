@@ -28,7 +28,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
-from edgelb.control.runtime import Runtime
+from edgelb.control.runtime import Runtime, SnapshotError
 from edgelb.control.tasks import spawn
 from edgelb.net.accept import bind, share_ports
 from edgelb.ops.history import Counters
@@ -108,18 +108,37 @@ class ControlRuntime(Runtime):
     does, holds the ports, runs the health checks, and hands on what it accepted."""
 
     def __init__(self, *, on_apply: Callable[[Apply], None],
-                 on_health: Callable[[HealthResult], None], **kwargs: Any) -> None:
+                 on_health: Callable[[HealthResult], None],
+                 assign: Callable[[list[str]], None] | None = None, **kwargs: Any) -> None:
+        """`assign`: the shared load table's (edgelb.workers.load), given every backend key
+        of a snapshot as it is planned; when it raises (more keys than slots), the snapshot
+        is rejected like any other."""
         self.on_apply = on_apply
         self.on_health = on_health
+        self.assign = assign
         super().__init__(**kwargs)
+
+    def _plan(self, snapshots: dict[str, Snapshot], settings: Any, reload_files: bool) -> Any:
+        plan = super()._plan(snapshots, settings, reload_files)
+        if self.assign is not None:  # before the bind: a rejection changes nothing
+            try:
+                self.assign([b.key for svc in plan.services for b in svc.backends])
+            except ValueError as e:  # shared_load.SlotsExhausted
+                raise SnapshotError([str(e)]) from e
+        return plan
 
     async def _apply(self, snapshot: Snapshot, *, record: bool, reload_files: bool = False,
                      record_as: str | None = None) -> tuple[Notice, ...]:
         """The one path of `apply` and `set_entrypoints`, under the runtime's lock: what it
         committed is handed on before the next snapshot is looked at, so the workers get the
         snapshots in the order they applied here; a rejected one raises and goes nowhere."""
-        notices = await super()._apply(snapshot, record=record, reload_files=reload_files,
-                                       record_as=record_as)
+        try:
+            notices = await super()._apply(snapshot, record=record, reload_files=reload_files,
+                                           record_as=record_as)
+        except SnapshotError:
+            if self.assign is not None:  # planned, then a port failed: the live keys again
+                self.assign(backend_keys(self))
+            raise
         self.on_apply(Apply(snapshot, reload_files, record_as))
         return notices
 
@@ -288,17 +307,6 @@ class WorkerGroup:
             await self._spawn(slot)
 
     # -- handing on --------------------------------------------------------------------------
-
-    def applied(self, message: Apply) -> None:
-        """Control's runtime accepted a snapshot: every backend key gets its slot in the
-        shared table first, then every worker gets the snapshot."""
-        if self.shared is not None:
-            try:
-                self.shared.assign(backend_keys(self.runtime))
-            except Exception as e:  # e.g. more backend keys than slots
-                log.error("shared load table: %s; the backends without a slot are balanced on "
-                          "each worker's own counts", e)
-        self.send_all(message)
 
     def send_all(self, message: Any) -> None:
         for slot in self.slots:

@@ -1,9 +1,11 @@
 """The group's shared load table (edgelb.workers.shared_load: per-backend in-flight and
 latency estimates summed over the workers), wired here: control creates it before the workers
-start, gives every backend key a slot before a snapshot is sent, and zeroes a dead worker's
-cells before its replacement starts; a worker attaches to it and hands its view to the runtime
-(`Runtime.use_shared_load`). Until that module is part of the build, each worker balances on
-its own counts (as Envoy's worker threads do) and `table()` says so by returning None."""
+start, gives every backend key of a snapshot a slot as its runtime plans it (before the bind,
+so a snapshot with more keys than slots is rejected whole; edgelb.workers.control), and zeroes
+a dead worker's cells before its replacement starts; a worker attaches to it and hands its
+view to the runtime (`Runtime.use_shared_load`). Until that module is part of the build,
+each worker balances on its own counts (as Envoy's worker threads do) and `table()` says so
+by returning None."""
 
 from __future__ import annotations
 
