@@ -567,3 +567,33 @@ def test_the_status_pages_rates_read_the_workers_counters():
     group.retired.add(families(3, 3, 6, 1.0))  # a worker that died
     assert dict(group.service_counters()) == {"web": Counters(21, 4, 21, 3.0),
                                              "idle": Counters(0, 0, 0, 0.0)}
+
+
+async def test_a_burst_over_the_cap_stays_within_the_group_bound(backend, tmp_path):
+    """With the shared load table (edgelb.workers.shared_load, the sharedload branch's), the
+    group admits at most max_inflight + workers - 1 requests to a backend at once."""
+    pytest.importorskip("edgelb.workers.shared_load", reason="no shared load table in this build")
+    open_now = peak = 0
+
+    async def counting(call) -> None:
+        nonlocal open_now, peak
+        open_now += 1
+        peak = max(peak, open_now)
+        await call.read_body()
+        await asyncio.sleep(0.2)
+        open_now -= 1
+        await call.respond(200, b"ok")
+
+    b = await backend("b", counting)
+    server, echo = await tcp_echo_server()
+    admin, entry, web, tcp = (free_port() for _ in range(4))
+    text = _config(admin, entry, web, tcp, b.port, echo, workers=2).replace(
+        f"listen: {HOST}:{web}, hosts", f"listen: {HOST}:{web}, max_inflight: 2, "
+        "queue_timeout: 10s, hosts")
+    async with running(tmp_path, text) as group:
+        per_worker = await group.workers()
+        assert all(w["up"] for w in per_worker)
+        answers = await within(asyncio.gather(*(fetch(web, "GET", "/") for _ in range(16))), 20)
+        assert [r.status for r in answers] == [200] * 16
+        assert peak <= 2 + 2 - 1, peak
+    server.close()
