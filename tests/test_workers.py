@@ -330,6 +330,12 @@ async def test_a_config_change_under_load_reaches_every_worker_without_a_failed_
             await asyncio.sleep(0.05)
         seen = load.ok
         await eventually(lambda: load.ok > seen + 200, 10, "load after the change")
+        pids = [w["pid"] for w in await group.workers()]
+        group.proc.send_signal(signal.SIGHUP)  # a reload in control (the same config)
+        os.kill(pids[0], signal.SIGHUP)  # e.g. a terminal's hangup reaching the whole group
+        seen = load.ok
+        await eventually(lambda: load.ok > seen + 200, 10, "load after SIGHUP")
+        assert [w["pid"] for w in await group.workers()] == pids  # nobody restarted
         await load.finish()
         assert sum(load.failed) == 0
         assert b"changed" in load.bodies

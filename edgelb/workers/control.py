@@ -239,7 +239,7 @@ class WorkerGroup:
     async def _spawn(self, slot: WorkerSlot) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = [sys.executable, "-m", "edgelb.workers.worker", "--fd", str(theirs.fileno()),
-                *self.log_args]
+                "--index", str(slot.index), *self.log_args]
         try:
             slot.proc = subprocess.Popen(args, pass_fds=(theirs.fileno(),))
         finally:

@@ -182,8 +182,7 @@ class Worker:
 
     def _control_gone(self) -> None:
         if not self._draining:
-            log.error("worker %d: the control process is gone; draining and exiting",
-                      self.index)
+            log.error("the control process is gone; draining and exiting")
             self._sigterm()
 
     def _spawn(self, coro: Any) -> None:
@@ -219,12 +218,22 @@ class Worker:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgelb-worker")
     parser.add_argument("--fd", type=int, required=True, help="this worker's channel")
+    parser.add_argument("--index", type=int, default=-1, help="this worker's slot")
     parser.add_argument("--log-level", default=None)
     parser.add_argument("--log-format", default=None)
     args = parser.parse_args(argv)
     from edgelb.ops.logfmt import configure
 
     configure(args.log_level, args.log_format)  # as control's
+    tag = f"[worker {args.index}]"
+
+    def tagged(record: logging.LogRecord) -> bool:  # which worker a line is from
+        if not record.name.endswith(tag):
+            record.name = f"{record.name}{tag}"
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(tagged)
     sock = socket.socket(fileno=args.fd)
     from edgelb.ops.app import _install_uvloop
 
