@@ -254,6 +254,8 @@ async def test_every_worker_serves_on_every_listener(n, backend, tmp_path):
             assert all(count > 0 for count in accepted.values()), (w, accepted)
         total = await group.json("/status.json")
         assert sum(lst["accepted"] for lst in total["listeners"]) == 3 * 12 * n
+        missing = await within(fetch(group.admin, "GET", f"/status.json?worker={n}"))
+        assert missing.status == 404 and b"workers are 0.." in missing.body
 
         async def web_requests() -> int:  # the static port's and the entrypoint's
             doc = await group.json("/status.json")

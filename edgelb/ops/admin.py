@@ -451,7 +451,10 @@ class AdminServer:
         with_history = request.query.get("history", "") not in ("", "0")
         doc = status(self.runtime, self.history, with_history)
         if self.group is not None:  # the group's total, or ?worker=N: that worker's own
-            doc = await self.group.status(doc, request.query.get("worker"))
+            try:
+                doc = await self.group.status(doc, request.query.get("worker"))
+            except LookupError as e:
+                return web.Response(status=404, text=f"{e}\n")
         return web.json_response(doc, dumps=_dumps, headers={"Cache-Control": "no-store"})
 
     async def _status_script(self, request: web.Request) -> web.Response:

@@ -385,11 +385,15 @@ class WorkerGroup:
         """/status.json: the group's (control's, traffic summed) with a `workers` list, or one
         worker's own with ?worker=N."""
         answers = await self.ask("status")
-        if worker is not None:
+        if worker is not None:  # LookupError: the admin endpoint answers 404
             try:
-                return answers[int(worker)] or {"error": f"worker {worker} did not answer"}
+                own = answers[int(worker)]
             except (ValueError, KeyError):
-                return {"error": f"no worker {worker!r} serving; workers are 0..{self.count - 1}"}
+                raise LookupError(f"no worker {worker!r} answered; workers are 0.."
+                                  f"{self.count - 1} (see /status.json's workers)") from None
+            if own is None:
+                raise LookupError(f"worker {worker} has not applied its first snapshot yet")
+            return own
         doc = sum_status(control, [d for d in answers.values() if d])
         doc["workers"] = [{"index": s.index, "pid": s.pid, "up": s.up, "restarts": s.restarts,
                            "started_at": s.started_at, "cpu_seconds": s.cpu_seconds(),
