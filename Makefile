@@ -6,6 +6,7 @@
 #   make lint                ruff check + hadolint on the Dockerfile
 #   make compiled            compile the data path in place with mypyc (run, test, bench do it)
 #   make bench               bench/run.sh (side-by-side benchmarks, not tests)
+#   make bench-workers       1 and 2 edgelb workers vs HAProxy nbthread 1 and 2
 #   make clean               build artifacts and caches (keeps .venv)
 #   make distclean           clean, and remove .venv too
 
@@ -32,7 +33,7 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test lint bench clean distclean venv compiled
+.PHONY: run test lint bench bench-workers clean distclean venv compiled
 
 # Reinstalled whenever pyproject.toml changes; editable so the tree under edit is what runs
 # (installed uncompiled: $(COMPILED) builds the C modules into the tree).
@@ -89,6 +90,10 @@ lint: $(STAMP)
 
 bench: $(COMPILED)
 	bash bench/run.sh
+
+# edgelb with 1 and 2 workers beside HAProxy with nbthread 1 and 2 (bench/workers_bench.py)
+bench-workers: $(COMPILED)
+	BENCH_SCRIPT=workers_bench.py bash bench/run.sh
 
 clean:
 	rm -rf build dist .pytest_cache .ruff_cache .hypothesis .mypy_cache $(COMPILED)

@@ -221,15 +221,15 @@ def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, byt
 
 
 def wait_ready(procs: ProcessSet, proc: subprocess.Popen[bytes], name: str, port: int,
-               timeout: float = 20.0) -> None:
-    """Until GET / answers 200 on port; fail early (with the log) when the process died."""
+               timeout: float = 20.0, path: str = "/") -> None:
+    """Until GET `path` answers 200 on port; fail early (with the log) when the process died."""
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with {proc.returncode}:\n{procs.log_tail(name)}")
         try:
-            status, _, _ = http_get(port, timeout=1.0)
+            status, _, _ = http_get(port, path, timeout=1.0)
             if status == 200:
                 return
             last = f"status {status}"

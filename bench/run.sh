@@ -9,6 +9,7 @@
 #   BENCH_PROXIES (edgelb,haproxy,nginx), BENCH_SCENARIOS (http,tcp,idle),
 #   BENCH_RESULTS (bench/results), BENCH_EDGELB_PYTHON (the repo's .venv python).
 #   BENCH_ACCESS_LOG (json or combined: edgelb logs every request to a file; off by default).
+#   BENCH_SCRIPT (bench.py): the bench to run, e.g. workers_bench.py (make bench-workers).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -103,6 +104,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-"$python" "$here/bench.py" &
+"$python" "$here/${BENCH_SCRIPT:-bench.py}" &
 bench_pid=$!
 wait "$bench_pid"

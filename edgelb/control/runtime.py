@@ -215,6 +215,10 @@ class Runtime:
         self._last_good: dict[str, Certificate] = {}  # a watcher pair's origin -> last good
         self.last_reload_ok: dict[str, bool] = {}  # whether each source's last snapshot applied
         self.last_reload_success: dict[str, float] = {}  # unix time of each one's last success
+        # a worker of a group (edgelb.workers): a new listener listens at bind but accepts
+        # only once the commit gave it its state, for its port may already be served by the
+        # other workers (connections wait in its backlog meanwhile)
+        self.serve_after_commit = False
 
     def use_shared_load(self, view: Any) -> None:
         """A worker of a group: from now on every pool reads the group's in-flight and latency
@@ -337,6 +341,8 @@ class Runtime:
                       record_as or snapshot.source, e)
             raise
         self._commit(plan, snapshots, fresh, fresh_stores)
+        if self.serve_after_commit:
+            await self._serve(fresh)
         if record:
             self.record(record_as or snapshot.source, True)
         return _notices(snapshot, plan.certs.failed)
@@ -470,6 +476,13 @@ class Runtime:
         return _Plan(settings, instance, services, routes, new, changed, unchanged, removed,
                      router, sni_table, certs, wanted, bind, stop)
 
+    async def _serve(self, fresh: dict[str, Any]) -> None:
+        for key, listener in fresh.items():
+            try:
+                await listener.serve()
+            except OSError:
+                log.exception("listener %s could not start accepting", key)
+
     async def _bind(self, plan: _Plan) -> tuple[dict[str, Any], dict[str, CertificateStore]]:
         """Bind what is new (the only await). A listener whose kind changes is stopped first,
         to free its port; a new TLS listener gets a new store, filled before it accepts. A
@@ -492,7 +505,7 @@ class Runtime:
             if kind == "entrypoint-tls":
                 listener.sni_table = plan.sni_table  # start() serves or peeks accordingly
             try:
-                await listener.start()
+                await listener.start(serve=not self.serve_after_commit)
             except OSError as e:
                 for lst in fresh.values():
                     lst.abort()
@@ -798,12 +811,21 @@ class Runtime:
         if not self.draining:  # once shutting down, the checker closes
             self.health.sync(targets)
 
-    def _on_health(self, service: str, key: str, healthy: bool) -> None:
+    def health_changed(self, service: str, key: str, healthy: bool, announce: bool = True
+                       ) -> None:
+        """The health door: a verdict change of the active checks, from this runtime's
+        HealthChecker, or relayed from the control process's (edgelb.workers: not logged
+        again there, `announce=False`)."""
+        self._on_health(service, key, healthy, announce)
+
+    def _on_health(self, service: str, key: str, healthy: bool, announce: bool = True) -> None:
         state = self.services.get(service)
         backend = state.pool.by_key.get(key) if state is not None else None
         if backend is None:
             return
-        if healthy:
+        if not announce:
+            pass
+        elif healthy:
             log.warning("service %s: backend %s passes its health check", service, key)
         else:
             log.warning("service %s: backend %s fails its health check (%s)", service, key,

@@ -181,11 +181,19 @@ class HttpListener:
             return self.services.get(rule.service)
         return routed(ex, rule, self)
 
-    async def start(self) -> None:
+    async def start(self, serve: bool = True) -> None:
         """Listen (net.accept.bind) and serve: uvloop accepts (and handshakes TLS) in C; a TLS
-        entrypoint with passthrough names or a PROXY header to read accepts here instead."""
+        entrypoint with passthrough names or a PROXY header to read accepts here instead.
+        `serve=False`: listen only (connections wait in the backlog) until `serve()`."""
         self._socks = await bind(self.loop, self.address.host, self.address.port,
                                  f"{self.kind} {self.name}")
+        if serve:
+            await self.serve()
+
+    async def serve(self) -> None:
+        """Accept on the listening sockets (a no-op when it does already)."""
+        if self._own or self._servers or self.closing or not self._socks:
+            return
         if self.ssl is not None and (self.sni_table or self.accept_proxy is not None):
             self._accept_here()
             return

@@ -17,12 +17,24 @@ ACCEPT_BATCH = 64  # connections accepted per readiness callback
 ACCEPT_PAUSE = 0.1  # seconds to stop accepting when out of file descriptors
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
+# Worker processes (edgelb.workers) each bind their own listening socket with SO_REUSEPORT
+# (the kernel spreads new connections over them); control holds one more, bound and never
+# listening, so that the port stays this process group's whatever becomes of the workers.
+_reuse_port = False
 
-async def bind(loop: asyncio.AbstractEventLoop, host: str, port: int, what: str
-               ) -> list[socket.socket]:
+
+def share_ports(on: bool) -> None:
+    """Bind every listening socket from now on with SO_REUSEPORT (worker processes)."""
+    global _reuse_port
+    _reuse_port = on
+
+
+async def bind(loop: asyncio.AbstractEventLoop, host: str, port: int, what: str,
+               listen: bool = True) -> list[socket.socket]:
     """Non-blocking listening sockets for `host`:`port`, one per address family when `host` is
     "" or "*" (the IPv6 one v6-only, so both can hold the port). `what` names the listener in
-    the error (an OSError, with the errno of the failure) when it cannot listen there."""
+    the error (an OSError, with the errno of the failure) when it cannot listen there.
+    `listen=False`: bound only, to hold the port (control's, with share_ports)."""
     where = f"{what} cannot listen on {host or '*'}:{port}"
     try:
         infos = await loop.getaddrinfo(None if host in ("", "*") else host, port,
@@ -35,10 +47,13 @@ async def bind(loop: asyncio.AbstractEventLoop, host: str, port: int, what: str
             sock = socket.socket(family, type_, proto)
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if _reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(sockaddr)
-            sock.listen(BACKLOG)
+            if listen:
+                sock.listen(BACKLOG)
             sock.setblocking(False)
             try:  # inherited by accepted sockets
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

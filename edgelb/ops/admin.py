@@ -355,15 +355,20 @@ class AdminServer:
 
     def __init__(self, runtime: Any, address: Address,
                  per_backend: Callable[[], bool] | None = None,
-                 refresh: float | None = None, window: float | None = None) -> None:
+                 refresh: float | None = None, window: float | None = None,
+                 group: Any = None) -> None:
+        """`group`: the worker group (edgelb.workers.control.WorkerGroup) when this is the
+        control process of `workers: N`: /metrics and /status.json are the group's."""
         self.runtime = runtime
+        self.group = group
         self.address = address
         self.refresh = refresh or REFRESH_SECONDS  # (read now: tests may shorten them)
         self.history = RateHistory(self.refresh, window or WINDOW_SECONDS)
         self._script = load_script()
         self._tasks: set[asyncio.Task[Any]] = set()
         # per_backend: whether /metrics has per-backend series now (the config's metrics:)
-        self.registry = make_registry(runtime, per_backend=per_backend)
+        self.registry = (make_registry(runtime, per_backend=per_backend) if group is None
+                         else group.registry(runtime, per_backend or (lambda: True)))
         self._template = load_template()
         self._runner: web.AppRunner | None = None
         self.bound: Address | None = None  # the address actually listened on
@@ -406,7 +411,10 @@ class AdminServer:
     async def _sample(self) -> None:
         """Every `refresh` seconds: the counters, for the page's rates and charts."""
         while True:
-            self.history.sample(list(self.runtime.services.values()), time.time())
+            if self.group is not None:  # the workers' counters, summed
+                self.history.sample_counters(self.group.service_counters(), time.time())
+            else:
+                self.history.sample(list(self.runtime.services.values()), time.time())
             await asyncio.sleep(self.refresh)
 
     async def stop(self) -> None:
@@ -439,6 +447,8 @@ class AdminServer:
         return web.Response(text="ready\n")
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if self.group is not None:
+            await self.group.refresh()  # every worker's counters as of now
         body = generate_latest(self.registry)
         response = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
         response.enable_compression()  # only if the client accepts it
@@ -448,6 +458,11 @@ class AdminServer:
         """?history=1 adds each service's points over the window (the page's first load)."""
         with_history = request.query.get("history", "") not in ("", "0")
         doc = status(self.runtime, self.history, with_history)
+        if self.group is not None:  # the group's total, or ?worker=N: that worker's own
+            try:
+                doc = await self.group.status(doc, request.query.get("worker"))
+            except LookupError as e:
+                return web.Response(status=404, text=f"{e}\n")
         return web.json_response(doc, dumps=_dumps, headers={"Cache-Control": "no-store"})
 
     async def _status_script(self, request: web.Request) -> web.Response:
@@ -455,7 +470,10 @@ class AdminServer:
                             headers={"Cache-Control": "no-cache"})
 
     async def _status_html(self, request: web.Request) -> web.Response:
-        html = self._template.render(s=status(self.runtime, self.history, with_history=True),
+        doc = status(self.runtime, self.history, with_history=True)
+        if self.group is not None:  # the group's totals (rates: control's sampling)
+            doc = await self.group.status(doc, None)
+        html = self._template.render(s=doc,
                                      refresh=_fmt_number(self.refresh),
                                      points=self.history.points)
         return web.Response(text=html, content_type="text/html",

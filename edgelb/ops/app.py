@@ -28,7 +28,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgelb import __version__, compiled
 from edgelb.control.runtime import Runtime, SnapshotError
@@ -70,8 +70,14 @@ def _install_uvloop() -> None:
 class App:
     """Everything one `edgelb run` owns; also used by tests to run the whole process in-loop."""
 
-    def __init__(self, config_path: str | Path) -> None:
+    def __init__(self, config_path: str | Path, workers: int | str | None = None,
+                 log_args: tuple[str, ...] = ()) -> None:
+        """`workers`: --workers (None: the config's `workers:`); `log_args`: the command
+        line's logging options, handed to worker processes."""
         self.config_path = Path(config_path)
+        self.workers_option = workers
+        self.log_args = log_args
+        self.group: Any = None  # edgelb.workers.control.WorkerGroup when workers > 1
         self.config: Config | None = None
         self.pems: tuple[PemPair, ...] = ()  # the certificate pairs of the applied config
         self.runtime: Runtime | None = None
@@ -98,11 +104,13 @@ class App:
         loaded = _load(load_config(self.config_path), _read)
         config = loaded[0]
         loop = asyncio.get_running_loop()
-        runtime = Runtime(loop=loop, reserved=[config.admin])
+        workers = self._worker_count(config)
+        runtime = (Runtime(loop=loop, reserved=[config.admin]) if workers == 1
+                   else self._control_runtime(workers, config, loop))
         runtime.register_watcher("file")
         self.runtime = runtime
         self._start_dns(runtime, loop)
-        if config.telemetry.active:  # set before the first listener is made
+        if config.telemetry.active and self.group is None:  # before the first listener
             from edgelb.telemetry.hub import Telemetry
 
             self.telemetry = runtime.telemetry = Telemetry(config.telemetry, __version__)
@@ -111,6 +119,8 @@ class App:
         if runtime.last_errors.get("file"):
             raise SystemExit(f"edgelb: {runtime.last_errors['file']}")
         runtime.start_sweeper()
+        if self.group is not None:
+            await self.group.start()
         k8s = config.kubernetes
         if k8s is not None and k8s.enabled:
             from watchers.kubernetes.client import CredentialsError
@@ -128,7 +138,8 @@ class App:
                 raise SystemExit(f"edgelb: watchers.kubernetes: {e}") from None
         if config.marathon is not None:
             await self._start_marathon(config)
-        self.admin = AdminServer(runtime, config.admin, per_backend=self._per_backend_metrics)
+        self.admin = AdminServer(runtime, config.admin, per_backend=self._per_backend_metrics,
+                                 group=self.group)
         await self.admin.start()
         origin = str(self.config_path)
         watcher: FileWatcher[Loaded] = FileWatcher(
@@ -144,6 +155,34 @@ class App:
         self._watcher_task = spawn(
             supervise(FILE_LOOP, self.watcher.run, on_down=self._file_loop_down, logger=log),
             name=FILE_LOOP, held=self._tasks, loop=loop)
+
+    def _worker_count(self, config: Config) -> int:
+        from edgelb.workers.cores import resolve
+
+        chosen = self.workers_option if self.workers_option is not None else config.workers
+        return resolve(chosen)
+
+    def _control_runtime(self, workers: int, config: Config, loop: asyncio.AbstractEventLoop
+                         ) -> Runtime:
+        """workers > 1: this process is control (edgelb.workers.control): its runtime holds
+        the ports and runs the checks; the worker group serves."""
+        from edgelb.workers.control import ControlRuntime, WorkerGroup
+        from edgelb.workers.load import table
+        from edgelb.workers.messages import Init
+
+        telemetry = config.telemetry if config.telemetry.active else None
+        admin = config.admin
+        shared = table(workers)  # made before any worker starts
+        handle = shared.handle() if shared is not None else None
+        runtime = ControlRuntime(on_apply=lambda m: self.group.send_all(m),
+                                 on_health=lambda m: self.group.send_all(m),
+                                 assign=shared.assign if shared is not None else None,
+                                 loop=loop, reserved=[admin])
+        self.group = WorkerGroup(
+            workers, runtime,
+            init=lambda index: Init(index, admin, telemetry, handle),
+            per_backend=self._per_backend_metrics, log_args=self.log_args, shared=shared)
+        return runtime
 
     async def _start_marathon(self, config: Config) -> None:
         """The Marathon watcher: /readyz waits for its first applied read of the apps."""
@@ -227,6 +266,8 @@ class App:
                 log.warning("watchers.kubernetes changed; it takes effect on restart")
             if self.config is not None and config.marathon != self.config.marathon:
                 log.warning("watchers.marathon changed; it takes effect on restart")
+            if self.config is not None and config.workers != self.config.workers:
+                log.warning("workers changed; it takes effect on restart")
             if self.config is not None and config.telemetry != self.config.telemetry:
                 log.warning("access_log, request_id or tracing changed; it takes effect on "
                             "restart (SIGUSR1 reopens the access log file)")
@@ -294,6 +335,8 @@ class App:
         """SIGUSR1 (logrotate's postrotate): the access log file is opened again."""
         if self.telemetry is not None:
             self.telemetry.reopen()
+        if self.group is not None:
+            self.group.signal_all(signal.SIGUSR1)
 
     async def stop(self) -> None:
         """Graceful: unready, wait `shutdown.delay`, stop accepting, drain up to the grace."""
@@ -302,6 +345,11 @@ class App:
             return
         config = self.config
         runtime.draining = True
+        drained = None
+        if self.group is not None:  # the workers drain as this process would
+            drained = spawn(self.group.drain(config.shutdown.delay if config else 0.0,
+                                             config.shutdown.grace if config else 30.0),
+                            name="drain the workers", held=self._tasks)
         for listener in runtime.listeners.values():
             soft = getattr(listener, "soft_drain", None)
             if soft is not None:
@@ -320,6 +368,8 @@ class App:
         if self._dns_task is not None:
             self._dns_task.cancel()
             await asyncio.gather(self._dns_task, return_exceptions=True)
+        if drained is not None:
+            await asyncio.gather(drained, return_exceptions=True)
         await runtime.shutdown(config.shutdown.grace if config else 30.0)
         if self.admin is not None:
             await self.admin.stop()
@@ -399,10 +449,12 @@ async def _main(
     config_path: str,
     banner: str | None,
     startup: Callable[[], Awaitable[object]] | None,
+    workers: int | str | None = None,
+    log_args: tuple[str, ...] = (),
 ) -> int:
     if startup is not None:
         await startup()
-    app = App(config_path)
+    app = App(config_path, workers, log_args)
     try:
         await app.start()
     except ConfigError as e:
@@ -432,6 +484,9 @@ def run_forever(
     config_path: str,
     banner: str | None = None,
     startup: Callable[[], Awaitable[object]] | None = None,
+    workers: int | str | None = None,
+    log_args: tuple[str, ...] = (),
 ) -> int:
+    """`workers`: --workers (None: the config's); `log_args`: handed to worker processes."""
     _install_uvloop()
-    return asyncio.run(_main(config_path, banner, startup))
+    return asyncio.run(_main(config_path, banner, startup, workers, log_args))

@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run the proxy with a config file (SIGHUP or a file change reloads it)"
     )
     run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    run.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
+                     help="data-plane worker processes (default: the config's workers:, else "
+                     "1); auto: one per usable core (the container's CPU quota)")
     _log_format(run)
 
     check = sub.add_parser("check", help="validate a config file and print a summary")
@@ -68,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"expected a count from 1 to 256 or auto, got {value!r}")
+    return n
+
+
 def _log_format(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--log-format", choices=["text", "json"], default=None,
                      help="the process log on stderr: text, or one JSON object per line "
@@ -83,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from edgelb.ops.app import run_forever
 
-        return run_forever(args.config)
+        log_args: tuple[str, ...] = ()
+        if args.log_level:
+            log_args += ("--log-level", args.log_level)
+        if args.log_format:
+            log_args += ("--log-format", args.log_format)
+        return run_forever(args.config, workers=args.workers, log_args=log_args)
     if args.command == "check":
         from edgelb.ops.config import check_command
 

@@ -144,6 +144,9 @@ class Config:
     warnings: tuple[str, ...] = field(default=(), compare=False)
     # the `resolvers:` block (the DNS source's); None: /etc/resolv.conf's nameservers
     resolvers: ResolverSettings | None = None
+    # `workers:` data-plane worker processes: a count, or "auto" (usable cores; resolved at
+    # start by edgelb.workers.cores). 1: the single process of old
+    workers: int | str = 1
 
 
 class ConfigError(Exception):
@@ -242,7 +245,7 @@ class _Checker(Checker):
 # Sections
 
 TOP_KEYS = ("admin", "entrypoints", "defaults", "services", "routes", "watchers", "shutdown",
-            "instance", "limits", "tls", "resolvers", "metrics", *TELEMETRY_KEYS)
+            "instance", "limits", "tls", "resolvers", "metrics", "workers", *TELEMETRY_KEYS)
 POLICY_KEYS = KEY_NAMES  # the per-service keys: watchers/schema.py declares them
 PATH_RULE_KEYS = ("merge_slashes", "encoded_slashes")  # a listener's: entrypoint or static port
 HTTP2_KEYS = ("http2", "h2c")  # a listener's: HTTP/2 by ALPN (TLS) or prior knowledge (plain)
@@ -998,6 +1001,22 @@ def _metrics(c: _Checker, value: Any) -> MetricsConfig:
     return MetricsConfig(per_backend=on) if on is not None else MetricsConfig()
 
 
+MAX_WORKERS = 256
+
+
+def _workers(c: _Checker, value: Any) -> int | str:
+    """`workers: N | auto`: data-plane worker processes (default 1: one process)."""
+    if value is None:
+        return 1
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        c.error("workers", f"expected a count from 1 to {MAX_WORKERS} or \"auto\", got "
+                f"{value!r}; e.g. workers: 4, or workers: auto (one per usable core)")
+        return 1
+    return value
+
+
 def _env_int(c: _Checker, name: str, default: int) -> int:
     raw = os.environ.get(name, "")
     if not raw:
@@ -1173,6 +1192,7 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     resolvers = _resolvers(c, top.get("resolvers"))
     telemetry = parse_telemetry(c, top)
     metrics = _metrics(c, top.get("metrics"))
+    workers = _workers(c, top.get("workers"))
     _check_ports(c, admin, admin_set, entrypoints, drafts)
     routes = _check_routes(c, entrypoints, drafts)
     routes += _file_routes(c, top.get("routes"), entrypoints, drafts, routes)
@@ -1186,7 +1206,8 @@ def parse_config(text: str | bytes, origin: str = "<config>") -> Config:
     return Config(admin=admin, entrypoints=entrypoints, defaults=defaults, snapshot=snapshot,
                   kubernetes=kubernetes, marathon=marathon, shutdown=shutdown,
                   instance=instance, limits=limits, tls=tls_options, telemetry=telemetry,
-                  metrics=metrics, warnings=tuple(c.warnings), resolvers=resolvers)
+                  metrics=metrics, warnings=tuple(c.warnings), resolvers=resolvers,
+                  workers=workers)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -1321,6 +1342,10 @@ def summarize(config: Config) -> str:
     lines.extend(telemetry_summary(config.telemetry))
     sd = config.shutdown
     lines.append(f"shutdown: delay {_fmt_seconds(sd.delay)}, grace {_fmt_seconds(sd.grace)}")
+    if config.workers != 1:
+        what = ("one per usable core" if config.workers == "auto"
+                else f"{config.workers} processes")
+        lines.append(f"workers: {config.workers} ({what}, and a control process)")
     return "\n".join(lines)
 
 
@@ -1511,6 +1536,8 @@ def json_schema() -> dict[str, Any]:
                 "type": "string", "pattern": "^([Tt][Ll][Ss][Vv])?1\\.[23]$"}]}}),
         **telemetry_schemas(strict_object),
         "metrics": strict_object({"per_backend": {"type": "boolean"}}),
+        "workers": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_WORKERS},
+                              {"const": "auto"}]},
     }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -70,11 +70,14 @@ class RateHistory:
 
     def sample(self, services: Iterable[Any], now: float) -> None:
         """Record a point for each service (ServiceState) from its counters now."""
+        self.sample_counters(((svc.name, counters(svc)) for svc in services), now)
+
+    def sample_counters(self, services: Iterable[tuple[str, Counters]], now: float) -> None:
+        """Record a point for each (service name, its counters now): a worker group's sums
+        (edgelb.workers), or `sample`'s."""
         seen: set[str] = set()
-        for svc in services:
-            name = svc.name
+        for name, current in services:
             seen.add(name)
-            current = counters(svc)
             last = self._last.get(name)
             self._last[name] = (now, current)
             if last is None:

@@ -624,13 +624,19 @@ class TcpListener:
         """Open connections; the runtime's sweeper expires idle ones through it."""
         return self._conns
 
-    async def start(self) -> None:
+    async def start(self, serve: bool = True) -> None:
+        """Listen and accept; `serve=False`: listen only (connections wait in the backlog)
+        until `serve()`."""
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
         self._socks = await bind(self.loop, self.address.host, self.address.port,
                                  f"tcp listener {self.address}")
         name = self._socks[0].getsockname()
         self.bound = Address(name[0], name[1])
+        if serve:
+            self._accept_on_all()
+
+    async def serve(self) -> None:
         self._accept_on_all()
 
     def _accept_on_all(self) -> None:
