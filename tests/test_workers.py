@@ -488,8 +488,8 @@ def _sample(text: str, prefix: str) -> float:
     raise AssertionError(f"no sample {prefix} in /metrics")
 
 
-# -- the shared load table's wiring (a stand-in: edgelb.workers.shared_load is the sharedload
-# branch's; these check when control calls it, not what it does) -----------------------------
+# -- the shared load table's wiring (a stand-in for edgelb.workers.shared_load:
+# these check when control calls it, not what it does) -----------------------------
 
 
 class _Table:
