@@ -159,6 +159,8 @@ async def test_paths_hosts_headers_and_precedence(cluster: Cluster) -> None:
         200, "header GET /")
     # the listener's *.example.com and a route without hostnames: any name under it
     assert await cluster.get("b.example.com") == (200, "older GET /")  # the older route wins
+    # the Gateway API's `*.` covers one or more labels (Ingress's exactly one)
+    assert await cluster.get("c.b.example.com") == (200, "older GET /")
     assert (await cluster.get("example.org"))[0] == 404  # outside the listener's hostname
 
 
@@ -344,7 +346,7 @@ async def test_tcp_route(cluster: Cluster) -> None:
 
 async def test_tls_route_passthrough(cluster: Cluster) -> None:
     fake = cluster.fake
-    cert, key = tlskit.ca().issue(["db.example.com"], serial=777)
+    cert, key = tlskit.ca().issue(["db.example.com", "a.db.example.com"], serial=777)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     import tempfile
 
@@ -369,6 +371,17 @@ async def test_tls_route_passthrough(cluster: Cluster) -> None:
             except (ssl.SSLError, OSError, TimeoutError):
                 await asyncio.sleep(0.05)
         assert got is not None and got.serial == 777  # the backend's own certificate
+        # a route without hostnames takes the listener's `*.example.com`, of any depth
+        fake.put(http_route("t", [parent("gw")], [rule([backend("db", 443)])], kind="TLSRoute"))
+        deadline = loop.time() + 10
+        got = None
+        while loop.time() < deadline:
+            try:
+                got = await tlskit.fetch(cluster.https, "a.db.example.com")
+                break
+            except (ssl.SSLError, OSError, TimeoutError):
+                await asyncio.sleep(0.05)
+        assert got is not None and got.serial == 777
     finally:
         server.close()
 

@@ -71,3 +71,36 @@ def test_one_picker_per_route_across_its_hosts_and_matches() -> None:
     second = table.match("y.example.com", "/")
     assert first is not None and second is not None
     assert [first.pick(), second.pick(), first.pick(), second.pick()] == ["a", "b", "a", "b"]
+
+
+def test_a_rebuilt_table_keeps_an_unchanged_splits_place() -> None:
+    """A reload (a status write, an unrelated change) must not restart a split's cycle: with
+    a fresh picker each time, a 1:1 split re-applied after every request sends every request
+    to its first service."""
+    split = (WeightedService("a", 1), WeightedService("b", 1))
+    route = Route("x.example.com", "/", "a", backends=split, name="routes[0]")
+    table = Router([route])
+    picks = []
+    for _ in range(6):
+        rule = table.match("x.example.com", "/")
+        assert rule is not None
+        picks.append(rule.pick())
+        table = Router([route], table)
+    assert picks == ["a", "b"] * 3
+    changed = Route("x.example.com", "/", "a", name="routes[0]",
+                    backends=(WeightedService("a", 1), WeightedService("b", 3)))
+    fresh = Router([changed], table).match("x.example.com", "/")
+    assert fresh is not None and [fresh.pick() for _ in range(4)].count("b") == 3
+
+
+def test_a_gateway_wildcard_covers_several_labels_and_an_ingress_one_only() -> None:
+    table = Router([Route("*.example.com", "/", "gw", any_depth=True),
+                    Route("*.b.example.com", "/", "deeper", any_depth=True),
+                    Route("*.example.org", "/", "ingress")])
+    assert table.lookup("a.example.com", "/") == "gw"
+    assert table.lookup("x.y.example.com", "/") == "gw"
+    assert table.lookup("x.y.b.example.com", "/") == "deeper"  # the longer suffix wins
+    assert table.lookup("a.b.example.com", "/") == "deeper"
+    assert table.lookup("example.com", "/") is None
+    assert table.lookup("a.example.org", "/") == "ingress"
+    assert table.lookup("x.a.example.org", "/") is None  # Ingress: exactly one label

@@ -184,3 +184,15 @@ def test_real_hellos_mutated_never_raise(data: st.DataObject) -> None:
     result = sni.parse(bytes(flight[:cut]))
     assert result is None or isinstance(result, str) or result == sni.NOT_TLS or (
         isinstance(result, int) and cut < result <= sni.MAX_HELLO)
+
+
+def test_a_deep_wildcard_covers_several_labels_and_the_longest_suffix_wins() -> None:
+    table = sni.SniTable({}, {".example.org": "one"},
+                         {".example.com": "gw", ".b.example.com": "b"})
+    assert table.lookup("a.example.com") == "gw"
+    assert table.lookup("x.y.example.com") == "gw"
+    assert table.lookup("x.y.b.example.com") == "b"
+    assert table.lookup("example.com") is None
+    assert table.lookup("a.example.org") == "one"
+    assert table.lookup("x.a.example.org") is None
+    assert sni.SniTable({}, {}, {".example.com": "gw"})

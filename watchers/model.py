@@ -304,6 +304,9 @@ class Route:
     timeout: float | None = None
     name: str = ""
     order: int = 0
+    # a `*.` host covers one or more labels (the Gateway API's hostnames: `*.example.com`
+    # matches a.b.example.com) rather than exactly one (Ingress); a longer suffix wins
+    any_depth: bool = False
 
     @property
     def services(self) -> tuple[str, ...]:

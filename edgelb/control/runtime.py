@@ -946,12 +946,15 @@ def _split_routes(routes: Iterable[Route], services: dict[str, Service],
     http: list[Route] = []
     exact: dict[str, str] = {}
     wildcard: dict[str, str] = {}
+    deep: dict[str, str] = {}
     terminated: set[str] = set()
     for r in routes:
         svc = services.get(r.service)
         if svc is not None and svc.tls_passthrough and svc.mode == "tcp":
             host = r.host.lower().rstrip(".")
-            if host.startswith("*."):
+            if host.startswith("*.") and r.any_depth:
+                deep[host[1:]] = r.service
+            elif host.startswith("*."):
                 wildcard[host[1:]] = r.service
             else:
                 exact[host] = r.service
@@ -959,11 +962,11 @@ def _split_routes(routes: Iterable[Route], services: dict[str, Service],
             http.append(r)
             if r.host and not r.host.startswith("*."):
                 terminated.add(r.host.lower().rstrip("."))
-    if wildcard:
+    if wildcard or deep:
         for host in terminated:
             exact.setdefault(host, "")
-    # `previous`: its routes' per-client limiters carry on where a route keeps its limits
-    return Router(http, previous), SniTable(exact, wildcard)
+    # `previous`: its routes' per-client limiters and split pickers carry on
+    return Router(http, previous), SniTable(exact, wildcard, deep)
 
 
 async def _restart(listener: Any) -> None:

@@ -188,26 +188,30 @@ class Router:
     """An immutable routing table (but for its pickers' positions); the runtime builds a new
     one on every snapshot."""
 
-    __slots__ = ("_any", "_exact", "_limiters", "_wild")
+    __slots__ = ("_any", "_deep", "_exact", "_limiters", "_pickers", "_wild")
 
     def __init__(self, routes: Iterable[Route] = (), previous: Router | None = None) -> None:
         """`previous`: the table this one replaces; a route (by name) whose limits did not
-        change keeps its clients' buckets and requests in flight."""
+        change keeps its clients' buckets and requests in flight, and one whose split did not
+        change keeps its picker's place (a reload does not restart a 90/10 split's cycle)."""
         exact: dict[str, list[Rule]] = {}
         wild: dict[str, list[Rule]] = {}
+        deep: dict[str, list[Rule]] = {}
         anyhost: list[Rule] = []
         pickers: dict[tuple[str, tuple[tuple[str, int], ...]], Picker] = {}
         limiters: dict[tuple[str, object], ClientLimiter] = {}
         kept = previous._limiters if previous is not None else {}
+        kept_pickers = previous._pickers if previous is not None else {}
         for r in routes:
             picker = None
             if r.backends and (len(r.backends) > 1 or r.backends[0].service != r.service):
                 pairs = tuple((b.service, b.weight) for b in r.backends)
                 # one picker per route of the source, shared by its hosts and matches
                 key = (r.name, pairs)
-                picker = pickers.get(key) if r.name else None
+                picker = (pickers.get(key) or kept_pickers.get(key)) if r.name else None
                 if picker is None:
-                    picker = pickers[key] = Picker(pairs)
+                    picker = Picker(pairs)
+                pickers[key] = picker
             limiter = None
             lim = r.filters.limits if r.filters else None
             if lim is not None and (lim.rps > 0 or lim.connections > 0):
@@ -223,12 +227,16 @@ class Router:
                 anyhost.append(rule)
             elif host.startswith("*."):
                 wild.setdefault(host[1:], []).append(rule)  # key ".example.com"
+                if r.any_depth:  # also for names some labels deeper
+                    deep.setdefault(host[1:], []).append(rule)
             else:
                 exact.setdefault(host, []).append(rule)
         self._exact = {h: _sort(v) for h, v in exact.items()}
         self._wild = {h: _sort(v) for h, v in wild.items()}
+        self._deep = {h: _sort(v) for h, v in deep.items()}
         self._any = _sort(anyhost)
         self._limiters = {k: v for k, v in limiters.items() if k[0]}
+        self._pickers = {k: v for k, v in pickers.items() if k[0]}
 
     def match(self, host: str, url: str, method: bytes = b"GET",
               lines: list[bytes] | None = None) -> Rule | None:
@@ -249,6 +257,15 @@ class Router:
                 found = _first(rules, path, url, method, head)
                 if found is not None:
                     return found
+            if self._deep:  # `*.` of any depth: the longest suffix first
+                dot = host.find(".", dot + 1)
+                while dot > 0:
+                    rules = self._deep.get(host[dot:])
+                    if rules is not None:
+                        found = _first(rules, path, url, method, head)
+                        if found is not None:
+                            return found
+                    dot = host.find(".", dot + 1)
         return _first(self._any, path, url, method, head)
 
     def lookup(self, host: str, path: str) -> str | None:

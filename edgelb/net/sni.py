@@ -163,16 +163,20 @@ class SniTable:
     Immutable once built: the runtime makes a new one on every change.
     """
 
-    __slots__ = ("exact", "wildcard")
+    __slots__ = ("deep", "exact", "wildcard")
 
     def __init__(self, exact: dict[str, str] | None = None,
-                 wildcard: dict[str, str] | None = None) -> None:
+                 wildcard: dict[str, str] | None = None,
+                 deep: dict[str, str] | None = None) -> None:
+        """`deep`: ".example.com" (from a Gateway API `*.example.com`) covering one or more
+        labels; a longer suffix wins."""
         self.exact = exact or {}
         self.wildcard = wildcard or {}
+        self.deep = deep or {}
 
     def __bool__(self) -> bool:
         """True when some name is passed through (an empty table means: terminate all)."""
-        return any(self.exact.values()) or bool(self.wildcard)
+        return any(self.exact.values()) or bool(self.wildcard) or bool(self.deep)
 
     def lookup(self, name: str | None) -> str | None:
         """The passthrough service for a server name; None: terminate TLS here."""
@@ -182,12 +186,17 @@ class SniTable:
         if service is not None:
             return service or None
         dot = name.find(".")
-        if dot > 0:
-            return self.wildcard.get(name[dot:])
-        return None
+        if dot <= 0:
+            return None
+        found = self.wildcard.get(name[dot:])
+        while found is None and self.deep and dot > 0:
+            found = self.deep.get(name[dot:])
+            dot = name.find(".", dot + 1)
+        return found
 
     def summary(self) -> dict[str, str]:
         """host pattern -> service, for the admin status (passthrough names only)."""
         out = {name: svc for name, svc in self.exact.items() if svc}
         out.update({"*" + suffix: svc for suffix, svc in self.wildcard.items()})
+        out.update({"*" + suffix + " (any depth)": svc for suffix, svc in self.deep.items()})
         return dict(sorted(out.items()))

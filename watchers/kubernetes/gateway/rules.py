@@ -105,7 +105,7 @@ class HttpRules:
                     method=method, headers=headers, query=query, filters=filters or None,
                     backends=backends, timeout=timeout,
                     name=f"{kind} {key[0]}/{key[1]} rule {index}",
-                    order=rank * 1024 + min(index, 1023)))
+                    order=rank * 1024 + min(index, 1023), any_depth=True))
         return failures
 
     def value_matches(self, kind: str, key: Key, items: list[Any], where: str,

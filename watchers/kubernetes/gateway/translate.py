@@ -669,7 +669,7 @@ class _Gateways(HttpRules):
             self.services[name] = Service(name=name, mode="tcp", backends=share.backends,
                                           policy=share.policy or self.defaults,
                                           tls_passthrough=True)
-            self.routes.append(Route(host=host, path="/", service=name))
+            self.routes.append(Route(host=host, path="/", service=name, any_depth=True))
         return []
 
     def tcp_route(self, key: Key, rules: list[Any], listeners: list[_Listener]) -> list[Share]:
