@@ -173,3 +173,28 @@ def test_regex_guard() -> None:
     assert regex_problem("(ab)+c") is None
     assert regex_problem("(a+)+") is not None
     assert regex_problem("(?<=a)b") is not None
+
+
+def test_check_lists_what_each_route_does_besides_choosing_a_service() -> None:
+    from edgelb.ops.config import summarize
+
+    config = parse_config(textwrap.dedent("""
+        entrypoints: {http: {listen: 127.0.0.1:8080}}
+        services:
+          - {name: web, backends: [{address: 127.0.0.1:9}]}
+          - {name: shadow, backends: [{address: 127.0.0.1:9}]}
+        routes:
+          - hosts: [app.example.com]
+            filters:
+              request_headers: {set: {x-a: "1"}, remove: [x-b]}
+              rewrite: {prefix: /v2}
+              mirrors: [{service: shadow, percent: 25}]
+              cors: {allow_origins: ["https://ui.example.com"]}
+              limits: {rps: 2, connections: 3}
+            backends: [{service: web}]
+            timeout: 5s
+        """))
+    text = summarize(config)
+    assert ("request headers: 2 edits; rewrite prefix -> /v2; mirror 25% to shadow; CORS for "
+            "https://ui.example.com; 2 req/s per client (burst 10); 3 requests in flight per "
+            "client; timeout 5s") in text

@@ -1272,7 +1272,40 @@ def _fmt_precedence(routes: tuple[Route, ...]) -> list[str]:
             if r.filters is not None and r.filters.redirect is not None:
                 split = f"redirect {r.filters.redirect.status}"
             out.append(f"    {describe_route(r)} -> {split}  [{r.name or 'hosts/paths'}]")
+            filters = _fmt_filters(r)
+            if filters:
+                out.append(f"      {filters}")
     return out
+
+
+def _fmt_filters(route: Route) -> str:
+    """What a route does besides choosing a service, in a few words."""
+    f = route.filters
+    parts = []
+    if f is not None:
+        for what, edits in (("request", f.request_headers), ("response", f.response_headers)):
+            if edits is not None:
+                n = len(edits.set) + len(edits.add) + len(edits.remove)
+                parts.append(f"{what} headers: {n} edit{'s' if n != 1 else ''}")
+        if f.rewrite is not None:
+            rw = f.rewrite
+            to = (f"path {rw.path}" if rw.path is not None
+                  else f"prefix -> {rw.prefix}" if rw.prefix is not None else "")
+            parts.append("rewrite " + " ".join(x for x in (to, f"host {rw.host}"
+                                                            if rw.host else "") if x))
+        for m in f.mirrors:
+            parts.append(f"mirror {m.percent:g}% to {m.service}")
+        if f.cors is not None:
+            parts.append(f"CORS for {', '.join(f.cors.allow_origins)}")
+        if f.limits is not None:
+            lim = f.limits
+            if lim.rps:
+                parts.append(f"{lim.rps:g} req/s per client (burst {lim.burst or lim.rps * 5:g})")
+            if lim.connections:
+                parts.append(f"{lim.connections} requests in flight per client")
+    if route.timeout:
+        parts.append(f"timeout {route.timeout:g}s")
+    return "; ".join(parts)
 
 
 def summarize(config: Config) -> str:
