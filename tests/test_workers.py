@@ -604,3 +604,39 @@ async def test_a_burst_over_the_cap_stays_within_the_group_bound(backend, tmp_pa
         assert [r.status for r in answers] == [200] * 16
         assert peak <= 2 + 2 - 1, peak
     server.close()
+
+
+async def test_a_worker_that_cannot_apply_what_control_accepted_says_so(caplog):
+    """A worker's runtime rejecting a snapshot (control accepted it: e.g. a bind that failed
+    only there) keeps its last good state and tells control, which logs and counts it."""
+    import socket
+
+    from edgelb.workers.aggregate import group_families
+    from edgelb.workers.control import WorkerGroup
+    from edgelb.workers.messages import Apply, Init, Refused
+    from edgelb.workers.worker import Worker
+    from watchers.model import Address, Backend, Route, Service, Snapshot
+
+    ours, theirs = socket.socketpair()
+    worker = Worker(theirs)
+    sent: list = []
+    worker._init(Init(0, Address(HOST, free_port())))
+    worker.channel = type("Capture", (), {"send": lambda self, m: sent.append(m)})()
+    try:
+        good = Snapshot("file", services=(Service("web", backends=(Backend(HOST, 9),)),))
+        await worker._handle(Apply(good))
+        bad = Snapshot("file", services=good.services,
+                       routes=(Route("x.example.com", "/", "missing"),))
+        await worker._handle(Apply(bad))
+        assert [type(m) for m in sent] == [Refused]
+        assert sent[0].source == "file" and "missing" in " ".join(sent[0].errors)
+        assert set(worker.runtime.services) == {"web"}  # the last good state kept
+    finally:
+        await worker.runtime.shutdown(0.1)
+        ours.close()
+        theirs.close()
+    group = WorkerGroup(1, worker.runtime, init=lambda i: None, per_backend=lambda: True)
+    group._received(group.slots[0], sent[0])
+    assert "worker 0 could not apply the file configuration" in caplog.text
+    samples = {s.name: s.value for m in group_families(group.slots) for s in m.samples}
+    assert samples["edgelb_worker_refusals_total"] == 1.0

@@ -91,21 +91,27 @@ def merge(control: Iterable[Metric], workers: Iterable[list[Family]], retired: R
 
 def group_families(workers: Iterable[Any]) -> Iterator[Metric]:
     """The families with a `worker` label: one sample per worker slot (edgelb.workers.control
-    WorkerSlot: index, up, restarts, cpu_seconds)."""
+    WorkerSlot: index, up, restarts, cpu_seconds, refusals)."""
     up = Metric("edgelb_worker_up", "1 while the worker process runs and serves.", "gauge")
     restarts = Metric("edgelb_worker_restarts",
                       "Times the worker process died and was replaced.", "counter")
     cpu = Metric("edgelb_worker_cpu_seconds",
                  "User and system CPU time of the worker's processes (its replaced ones "
                  "included).", "counter")
+    refusals = Metric("edgelb_worker_refusals",
+                      "Configurations control accepted that the worker could not apply (it "
+                      "kept serving its last good one).", "counter")
     for w in workers:
         labels = {"worker": str(w.index)}
         up.add_sample("edgelb_worker_up", labels, 1.0 if w.up else 0.0)
         restarts.add_sample("edgelb_worker_restarts_total", labels, float(w.restarts))
         cpu.add_sample("edgelb_worker_cpu_seconds_total", labels, w.cpu_seconds())
+        refusals.add_sample("edgelb_worker_refusals_total", labels,
+                            float(getattr(w, "refusals", 0)))
     yield up
     yield restarts
     yield cpu
+    yield refusals
 
 
 # -- /status.json ----------------------------------------------------------------------------

@@ -36,7 +36,17 @@ from edgelb.ops.metrics import RuntimeCollector
 from edgelb.workers.aggregate import Retired, group_families, merge, sum_status
 from edgelb.workers.channel import Channel, open_channel
 from edgelb.workers.load import backend_keys
-from edgelb.workers.messages import Answer, Apply, Ask, Drain, HealthResult, Hello, Init, Synced
+from edgelb.workers.messages import (
+    Answer,
+    Apply,
+    Ask,
+    Drain,
+    HealthResult,
+    Hello,
+    Init,
+    Refused,
+    Synced,
+)
 from watchers.model import Address, Notice, Snapshot
 
 log = logging.getLogger("edgelb.workers")
@@ -172,6 +182,7 @@ class WorkerSlot:
         self.up = False  # serving: it applied the state it was sent at start
         self.quick_deaths = 0  # deaths in a row within QUICK_DEATH of the start
         self.restarts = 0
+        self.refusals = 0  # snapshots control accepted that it could not apply
         self.started_at = 0.0
         self.metrics: list[Any] = []  # its last answer to a metrics question
         self.cpu_retired = 0.0  # CPU seconds of its processes that ended
@@ -262,6 +273,11 @@ class WorkerGroup:
             future = self._pending.pop(message.id, None)
             if future is not None and not future.done():
                 future.set_result(message.value)
+        elif isinstance(message, Refused):
+            slot.refusals += 1
+            log.error("worker %d could not apply the %s configuration control accepted; it "
+                      "keeps serving its last good one: %s", message.index, message.source,
+                      "; ".join(message.errors))
         elif isinstance(message, Hello):
             slot.up = True
             if all(s.up for s in self.slots):

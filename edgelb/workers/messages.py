@@ -4,7 +4,7 @@ Control -> worker: `Init` (first), then in order `Apply` (a snapshot control's r
 accepted), `HealthResult` (a verdict of control's health checks), `Drain` (shut down as the
 single process does), and `Ask` (metrics and status, answered out of order with `Answer`).
 Worker -> control: `Hello` (it runs and has applied what it was sent so far: ready),
-`Answer`."""
+`Answer`, `Refused` (it could not apply a snapshot control accepted)."""
 
 from __future__ import annotations
 
@@ -77,3 +77,13 @@ class Hello:
 
     index: int
     pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The worker's runtime rejected a snapshot control's runtime had accepted (e.g. a bind
+    that failed only there): it keeps serving its last good state, and control says so."""
+
+    index: int
+    source: str
+    errors: tuple[str, ...]

@@ -32,6 +32,7 @@ from edgelb.workers.messages import (
     HealthResult,
     Hello,
     Init,
+    Refused,
     Synced,
 )
 
@@ -127,8 +128,10 @@ class Worker:
             try:
                 await self.runtime.apply(message.snapshot, reload_files=message.reload_files,
                                          record_as=message.record_as)
-            except SnapshotError:
-                pass  # logged by the runtime; control accepted it, so a bind failed here
+            except SnapshotError as e:  # control accepted it, so a bind failed here
+                if self.channel is not None:
+                    self.channel.send(Refused(self.index, message.snapshot.source,
+                                              tuple(e.errors)))
         elif isinstance(message, HealthResult):
             self.health.record(message)
             if self.runtime is not None:
