@@ -3,6 +3,7 @@ problems and the status to write out."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from gateway_objects import (
@@ -439,3 +440,13 @@ def test_garbage_never_raises() -> None:
                                                                   {"backendRefs": [1]}]}})
     assert isinstance(t.statuses[0], StatusUpdate)
     assert t.problems
+
+
+def test_a_zero_request_timeout_disables_it() -> None:
+    """The spec: a zero duration disables the timeout (not "the service's")."""
+    t = run(*BASE, http_route("r", [parent("gw")], [
+        rule([backend("web")], [prefix("/none")], timeout="0s"),
+        rule([backend("web")], [prefix("/own")], timeout="1m30s"),
+        rule([backend("web")], [prefix("/default")])]))
+    by = {r.path: r.timeout for r in t.routes}
+    assert by == {"/none": math.inf, "/own": 90.0, "/default": None}

@@ -5,10 +5,13 @@ the weighted split."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
-from httpkit import Client, fetch, hang, ok, within
+from httpkit import Client, fetch, free_port, hang, ok, service, slow, snapshot, within
 from routeskit import serve_config
+
+from watchers.model import Route
 
 pytestmark = pytest.mark.asyncio
 
@@ -159,6 +162,20 @@ async def test_route_timeout_is_the_routes_not_the_services(backend, proxy) -> N
     resp = await within(fetch(port, "GET", "/quick"))
     assert resp.status == 504
     assert loop.time() - t0 < 3.0  # the service's response timeout is 60 s
+
+
+async def test_an_infinite_route_timeout_outlasts_the_services(backend, proxy) -> None:
+    """math.inf (the Gateway API's `timeouts.request: 0s`): no timeout, whatever the
+    service's response_timeout says."""
+    web = await backend("web", slow(0.6, b"late"))
+    port = free_port()
+    snap = snapshot(service("web", [web], response_timeout=0.2), routes=[
+        Route("", "/none", "web", timeout=math.inf, name="none"),
+        Route("", "/service", "web", name="service")])
+    await proxy(snap, entrypoints=[("http", port)])
+    resp = await within(fetch(port, "GET", "/none"))
+    assert (resp.status, resp.body) == (200, b"late")
+    assert (await within(fetch(port, "GET", "/service"))).status == 504
 
 
 async def test_weighted_split_lands_within_two_percent(backend, proxy) -> None:

@@ -5,6 +5,8 @@ match), never an exception. A mixin of the Gateway API translator (translate.py)
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -91,7 +93,8 @@ class HttpRules:
             if timeout is None:
                 self.problem(kind, key, f"{where}.timeouts.request: {raw!r} is not a duration "
                                         "like 10s or 1m30s; no timeout of its own")
-            timeout = timeout or None
+            elif timeout == 0:
+                timeout = math.inf  # the spec: a zero duration disables the timeout
         matches = _list(rule.get("matches")) or [{}]
         for j, m in enumerate(matches):
             conds = self.grpc_match(key, _map(m), f"{where}.matches[{j}]") if grpc \
