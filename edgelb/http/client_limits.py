@@ -136,8 +136,11 @@ class ClientLimiter:
     def release(self, ip: bytes) -> None:
         """One of `ip`'s admitted requests ended."""
         n = self.inflight.get(ip, 0) - 1
-        if self.group is not None and n >= 0:  # the group's count: this worker's cell
-            self.group.add_inflight(self.group.cell(self.ident, ip), -1)
+        group = self.group
+        if group is not None and n >= 0:  # the group's count: this worker's cell
+            entry = self.buckets.get(ip)  # (it holds the cell, unless pushed out meanwhile)
+            group.add_inflight(int(entry[2]) if entry is not None
+                               else group.cell(self.ident, ip), -1)
         if n > 0:
             self.inflight[ip] = n
         else:

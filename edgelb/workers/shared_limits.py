@@ -126,6 +126,7 @@ class _Table:
         self.workers = workers
         self.cells = cells
         self.stride = _stride(cells)
+        self.bases = [HEADER_WORDS + w * self.stride for w in range(workers)]  # cell 0's
 
     def at(self, worker: int, cell: int) -> int:
         """The index (in words) of `worker`'s cell `cell`."""
@@ -134,12 +135,20 @@ class _Table:
     def inflight(self, cell: int) -> int:
         """The group's in flight in `cell`."""
         words = self.words
-        return sum(words[self.at(w, cell) + INFLIGHT] for w in range(self.workers))
+        at = cell * CELL_WORDS + INFLIGHT
+        n = 0
+        for base in self.bases:
+            n += words[base + at]
+        return n
 
     def admitted(self, cell: int) -> int:
         """The group's admissions ever in `cell`."""
         words = self.words
-        return sum(words[self.at(w, cell) + ADMITTED] for w in range(self.workers))
+        at = cell * CELL_WORDS + ADMITTED
+        n = 0
+        for base in self.bases:
+            n += words[base + at]
+        return n
 
 
 class SharedLimits(_Table):
@@ -252,8 +261,9 @@ class LimitsView(_Table):
         best = -1
         best_at = 0.0
         total = 0
-        for w in range(self.workers):
-            i = HEADER_WORDS + w * self.stride + cell * CELL_WORDS
+        at = cell * CELL_WORDS
+        for base in self.bases:
+            i = base + at
             total += words[i + ADMITTED]
             if floats[i + AT] > best_at:
                 best, best_at = i, floats[i + AT]
