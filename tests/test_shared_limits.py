@@ -211,3 +211,18 @@ def test_the_router_gives_its_limiters_the_view_and_keeps_them_across_a_reload()
         assert again is not None and again.limiter is rule.limiter
         alone = Router(routes, first).match("a.test", "/")  # (no view: not the same limiter)
         assert alone is not None and alone.limiter is not None and alone.limiter.group is None
+
+
+def test_a_bucket_left_half_written_by_a_dead_worker_does_not_stop_a_reader():
+    from edgelb.workers.shared_limits import SEQ
+
+    with group(2) as (shared, (a, b)):
+        a.bucket(3, 10.0, 1.0, 5.0)
+        a.take(3, 4.0, 10.0)
+        seq = a.own + 3 * CELL_WORDS + SEQ
+        shared.words[seq] += 1  # killed between the two halves of its next write
+        assert b.bucket(3, 10.0, 1.0, 5.0) == 4.0  # read as it is, after a few tries
+        assert b.bucket(3, 9.0, 1.0, 5.0) == 4.0  # (a clock read a moment earlier: no refill)
+        shared.reset_worker(0)
+        assert not shared.words[seq] & 1  # whole again, the bucket as it was left
+        assert b.bucket(3, 12.0, 1.0, 5.0) == 5.0

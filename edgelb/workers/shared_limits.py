@@ -24,14 +24,17 @@ cell are limited together: a client active at the same time as K - 1 other limit
 stricter, never looser; a pair that is gone leaves nothing that matters (its in-flight count
 is back at 0 and its bucket refills with time).
 
-A worker's cell for index c holds five 8-byte words:
+A worker's cell for index c holds six 8-byte words:
 
 - in flight: the worker's requests of the pair in flight (the `connections` limit reads the
   sum over the workers);
 - admitted: how many requests of the pair the worker ever admitted under `rps` (only grows);
 - the bucket the worker left at its last admission: tokens, the loop time then
   (CLOCK_MONOTONIC, one clock for every process of the machine), and `accounted`: the sum of
-  every worker's `admitted` that this bucket had taken into account.
+  every worker's `admitted` that this bucket had taken into account; and a sequence number,
+  odd while the worker writes them, so that a reader takes a bucket whole (a sequence lock;
+  it relies on stores being seen in the order they were made, as on x86-64: the same kind of
+  assumption as shared_load's).
 
 The rate. At a decision a worker rebuilds the group's bucket from the freshest bucket any
 worker left (its own included): refill it from its time to now (capped at the burst), then
@@ -61,7 +64,7 @@ replacement starts; its `admitted` counts and buckets are kept (they were real a
 and a count that never goes down keeps the others' arithmetic simple; a count seen going down
 would only be taken as no new admission).
 
-Memory: CELL_WORDS x 8 = 40 bytes per cell per worker: 2.5 MiB per worker at 65536 cells,
+Memory: CELL_WORDS x 8 = 48 bytes per cell per worker: 3 MiB per worker at 65536 cells,
 reserved when the table is made (posix_fallocate, so a full /dev/shm fails at start with an
 error naming it, not with a SIGBUS in a worker later).
 """
@@ -82,9 +85,11 @@ MAGIC = b"EDGELBCL"
 VERSION = 1
 HEADER_WORDS = 8  # magic, version, workers, cells, 4 spare
 CELLS = 65536  # cells per worker (a power of two)
-CELL_WORDS = 5
-# the words of a cell: in flight, admitted (int64); tokens, at (float64); accounted (int64)
-INFLIGHT, ADMITTED, TOKENS, AT, ACCOUNTED = 0, 1, 2, 3, 4
+CELL_WORDS = 6
+# the words of a cell: in flight, admitted, the bucket's sequence (int64); tokens, at
+# (float64); accounted (int64)
+INFLIGHT, ADMITTED, SEQ, TOKENS, AT, ACCOUNTED = 0, 1, 2, 3, 4, 5
+READ_TRIES = 8  # reads of a bucket being written before it is taken as it reads
 MAX_WORKERS = 1024
 MAX_CELLS = 1 << 22
 
@@ -204,10 +209,12 @@ class SharedLimits(_Table):
             raise ValueError(f"shared limits table: no worker {worker} "
                              f"(0..{self.workers - 1})")
         words = self.words
-        base = self.at(worker, 0) + INFLIGHT
-        for i in range(base, base + self.cells * CELL_WORDS, CELL_WORDS):
-            if words[i]:
-                words[i] = 0
+        start = self.at(worker, 0)
+        for i in range(start, start + self.cells * CELL_WORDS, CELL_WORDS):
+            if words[i + INFLIGHT]:
+                words[i + INFLIGHT] = 0
+            if words[i + SEQ] & 1:  # it died writing a bucket: whole again (as it was left)
+                words[i + SEQ] += 1
 
     def close(self) -> None:
         self._remove()
@@ -267,13 +274,25 @@ class LimitsView(_Table):
             total += words[i + ADMITTED]
             if floats[i + AT] > best_at:
                 best, best_at = i, floats[i + AT]
-        self.seen = total
         if best < 0:  # no worker admitted here yet
+            self.seen = total
             return burst
-        tokens = floats[best + TOKENS] + (now - best_at) * rate
+        # the bucket whole, not half of two: its writer's sequence is even and unchanged
+        # across the read (a few tries; a writer killed mid-write leaves it odd until control
+        # resets its cells, and its last bucket is then taken as it reads)
+        for _ in range(READ_TRIES):
+            seq = words[best + SEQ]
+            tokens, left_at = floats[best + TOKENS], floats[best + AT]
+            accounted = words[best + ACCOUNTED]
+            if not seq & 1 and words[best + SEQ] == seq:
+                break
+        if now > left_at:
+            tokens += (now - left_at) * rate
         if tokens > burst:
             tokens = burst
-        unseen = total - words[best + ACCOUNTED]
+        # what it accounted for, it accounted for, even when this sum was read before
+        self.seen = total if total > accounted else accounted
+        unseen = total - accounted
         return tokens - unseen if unseen > 0 else tokens
 
     def take(self, cell: int, tokens: float, now: float) -> None:
@@ -281,12 +300,14 @@ class LimitsView(_Table):
         on the `bucket` it read just before (no await between): count it and leave the bucket
         for the next decision of any worker. `accounted` is what that read saw, plus this one:
         an admission another worker made meanwhile stays unaccounted, so it is taken off."""
-        words = self.words
+        words, floats = self.words, self.floats
         i = self.own + cell * CELL_WORDS
+        words[i + SEQ] += 1  # odd: being written
         words[i + ADMITTED] += 1
-        self.floats[i + TOKENS] = tokens
+        floats[i + TOKENS] = tokens
         words[i + ACCOUNTED] = self.seen + 1
-        self.floats[i + AT] = now  # last: a reader that sees the time sees the rest
+        floats[i + AT] = now
+        words[i + SEQ] += 1  # even: whole again
 
     def close(self) -> None:
         self.m.close()
