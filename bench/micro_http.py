@@ -2,12 +2,15 @@
 driven with fake transports, so the figure (microseconds per request) is free of syscall and
 scheduling noise. Use it before and after a change on the hot path.
 
-    .venv/bin/python bench/micro_http.py [requests] [routes] [workers]
+    .venv/bin/python bench/micro_http.py [requests] [routes] [workers] [limits]
 
 With `routes` (a number; -1: none), the request crosses an entrypoint's router instead of a
 static port: that many host/path routes of other hosts, and the request's own host with a
 prefix. With `workers` (> 1), the pool reads a shared load table of that many workers
-(edgelb/workers/shared_load.py), as worker 0 of a group does.
+(edgelb/workers/shared_load.py), as worker 0 of a group does. With `limits` 1 (and routes
+>= 0), the request's route has per-client limits (`filters.limits`: a rate and a count in
+flight, never reached), read from the group's shared limits table
+(edgelb/workers/shared_limits.py) when `workers` > 1.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from edgelb.http.listener import HttpListener
 from edgelb.http.router import Router
 from edgelb.http.upstream import UpstreamProtocol
 from edgelb.pool import ServiceState
+from edgelb.workers.shared_limits import SharedLimits
 from edgelb.workers.shared_load import SharedLoad
-from watchers.model import Address, Backend, Route, Service
+from watchers.model import Address, Backend, ClientLimits, Filters, Route, Service
 
 REQUEST = (
     b"GET /index.html?x=1 HTTP/1.1\r\nHost: www.example.com\r\nUser-Agent: wrk\r\n"
@@ -57,7 +61,7 @@ class FakeTransport:
     def resume_reading(self) -> None: ...
 
 
-def main(n: int, routes: int = -1, workers: int = 1) -> None:
+def main(n: int, routes: int = -1, workers: int = 1, limits: int = 0) -> None:
     loop = asyncio.new_event_loop()
     service = ServiceState(
         Service("web", backends=(Backend("127.0.0.1", 1), Backend("127.0.0.1", 2)))
@@ -72,8 +76,14 @@ def main(n: int, routes: int = -1, workers: int = 1) -> None:
     else:
         listener = HttpListener(Address("127.0.0.1", 8080), loop=loop)
         table = [Route(f"h{i}.example.com", "/", "web") for i in range(routes)]
-        table.append(Route("www.example.com", "/", "web"))
-        listener.router = Router(table)
+        filters = Filters(limits=ClientLimits(rps=1e9, connections=1 << 20)) if limits else None
+        table.append(Route("www.example.com", "/", "web", name="routes[0]", filters=filters))
+        if limits and workers > 1:
+            limits_table = SharedLimits.create(workers)
+            view = SharedLimits.attach(limits_table.handle(), 0)
+            listener.router = Router(table, group=view)
+        else:
+            listener.router = Router(table)
         listener.services = {"web": service}
     client = ClientProtocol(listener)
     ct = FakeTransport()
@@ -106,4 +116,5 @@ def main(n: int, routes: int = -1, workers: int = 1) -> None:
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000,
          int(sys.argv[2]) if len(sys.argv) > 2 else -1,
-         int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+         int(sys.argv[3]) if len(sys.argv) > 3 else 1,
+         int(sys.argv[4]) if len(sys.argv) > 4 else 0)

@@ -640,3 +640,106 @@ async def test_a_worker_that_cannot_apply_what_control_accepted_says_so(caplog):
     assert "worker 0 could not apply the file configuration" in caplog.text
     samples = {s.name: s.value for m in group_families(group.slots) for s in m.samples}
     assert samples["edgelb_worker_refusals_total"] == 1.0
+
+
+def _limits_config(admin: int, entry: int, web: int, held: int) -> str:
+    return "\n".join([
+        f"admin: {{listen: {HOST}:{admin}}}",
+        "shutdown: {delay: 0s, grace: 5s}",
+        "workers: 2",
+        f"entrypoints: {{main: {{listen: {HOST}:{entry}}}}}",
+        "services:",
+        f"  - {{name: web, backends: [{{address: {HOST}:{web}}}]}}",
+        f"  - {{name: held, backends: [{{address: {HOST}:{held}}}]}}",
+        "routes:",
+        "  - {hosts: [rate.test], filters: {limits: {rps: 0.2, burst: 10}}, backends: [web]}",
+        "  - {hosts: [conn.test], filters: {limits: {connections: 2}}, backends: [held]}",
+        "",
+    ])
+
+
+async def test_a_routes_per_client_limits_hold_for_the_group(backend, tmp_path):
+    """With the shared limits table (edgelb.workers.shared_limits), one client's short
+    connections spread over both workers get the route's `rps` burst and `connections` once,
+    within the stated bound (W - 1 = 1 over), not once per worker."""
+    web = await backend("web", ok(b"hello"))
+    arrived = 0
+    release = asyncio.Event()
+
+    async def holding(call) -> None:
+        nonlocal arrived
+        arrived += 1
+        await release.wait()
+        await call.respond(200, b"done")
+
+    held = await backend("held", holding)
+    admin, entry = free_port(), free_port()
+    async with running(tmp_path, _limits_config(admin, entry, web.port, held.port)) as group:
+        assert all(w["up"] for w in await group.workers())
+        loop = asyncio.get_running_loop()
+        # rps: 60 requests, each on a fresh connection (the kernel spreads them)
+        started = loop.time()
+        answers = await within(asyncio.gather(
+            *(fetch(entry, "GET", "/", host="rate.test") for _ in range(60))), 20)
+        elapsed = loop.time() - started
+        admitted = [r for r in answers if r.status == 200]
+        refused = [r for r in answers if r.status != 200]
+        assert 10 <= len(admitted) <= 10 + 0.2 * elapsed + 1, (len(admitted), elapsed)
+        assert {r.status for r in refused} == {429}
+        assert all(int(r.get("retry-after") or 0) >= 1 for r in refused)
+        # connections: 8 at once, held by the backend until the refused ones are answered
+        tasks = [asyncio.ensure_future(fetch(entry, "GET", "/", host="conn.test"))
+                 for _ in range(8)]
+        await eventually(lambda: arrived + sum(t.done() for t in tasks) == 8, 10,
+                         "every request held or refused")
+        assert 2 <= arrived <= 2 + 1, arrived
+        release.set()
+        statuses = sorted(r.status for r in await within(asyncio.gather(*tasks), 10))
+        assert statuses == [200] * arrived + [429] * (8 - arrived)
+        for w in range(2):  # both workers took part
+            own = await group.json(f"/status.json?worker={w}")
+            assert sum(lst["accepted"] for lst in own["listeners"]) > 0, w
+
+
+async def test_a_dead_workers_client_slots_are_given_back(backend, tmp_path):
+    """A worker killed while it held requests of a client under `connections`: control zeroes
+    its cells before the replacement starts, so the client has those slots again."""
+    arrived = 0
+    release = asyncio.Event()
+
+    async def holding(call) -> None:
+        nonlocal arrived
+        arrived += 1
+        await release.wait()
+        await call.respond(200, b"done")
+
+    held = await backend("held", holding)
+    admin, entry = free_port(), free_port()
+    async with running(tmp_path, _limits_config(admin, entry, held.port, held.port)) as group:
+        assert all(w["up"] for w in await group.workers())
+        first = [asyncio.ensure_future(fetch(entry, "GET", "/", host="conn.test"))
+                 for _ in range(2)]
+        await eventually(lambda: arrived == 2, 10, "two requests held")
+        on = [sum(lst["connections"] for lst in
+                  (await group.json(f"/status.json?worker={w}"))["listeners"])
+              for w in range(2)]
+        victim = on.index(max(on))  # the worker with most of them (1 or 2)
+        pid = (await group.json(f"/status.json?worker={victim}"))["worker"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+
+        async def back() -> bool:
+            w = (await group.workers())[victim]
+            return w["up"] and w["pid"] != pid
+
+        started = asyncio.get_running_loop().time()
+        while not await back():
+            assert asyncio.get_running_loop().time() - started < 5, "worker not replaced"
+            await asyncio.sleep(0.02)
+        more = [asyncio.ensure_future(fetch(entry, "GET", "/", host="conn.test"))
+                for _ in range(4)]
+        await eventually(lambda: arrived - 2 + sum(t.done() for t in more) == 4, 10,
+                         "every new request held or refused")
+        # the slots the dead worker held are free (the other's still count), within the bound
+        assert on[victim] <= arrived - 2 <= on[victim] + 1, (on, arrived)
+        release.set()
+        await asyncio.gather(*first, *more, return_exceptions=True)

@@ -196,6 +196,10 @@ class Runtime:
         # a worker's view of the group's load (edgelb.workers.shared_load.WorkerView; None: a
         # single process), given to every pool
         self.shared_load: Any = None
+        # a worker's view of the group's per-client limits
+        # (edgelb.workers.shared_limits.LimitsView; None: a single process), given to every
+        # router it builds
+        self.shared_limits: Any = None
         self._lock = asyncio.Lock()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closers: set[asyncio.Task] = set()
@@ -227,6 +231,12 @@ class Runtime:
         self.shared_load = view
         for state in self.services.values():
             state.pool.use_shared(view)
+
+    def use_shared_limits(self, view: Any) -> None:
+        """A worker of a group: every router built from now on gives its routes' per-client
+        limiters `view` (edgelb.workers.shared_limits.LimitsView), so `filters.limits` hold
+        for the group (within the bound stated there). Call before the first snapshot."""
+        self.shared_limits = view
 
     # -- the file config's settings, as applied (read-only: only `apply` changes them) --------
 
@@ -446,7 +456,8 @@ class Runtime:
             zone = next((s.zone for s in snapshots.values() if s.zone), "")
             if zone:
                 instance = dataclasses.replace(instance, zone=zone)
-        router, sni_table = _split_routes(routes, {s.name: s for s in services}, self.router)
+        router, sni_table = _split_routes(routes, {s.name: s for s in services}, self.router,
+                                          self.shared_limits)
         certs = self._load_certificates(services, settings, snapshots, reload_files)
         new: list[Service] = []
         changed: list[Service] = []
@@ -937,7 +948,8 @@ class Runtime:
 
 
 def _split_routes(routes: Iterable[Route], services: dict[str, Service],
-                  previous: Router | None = None) -> tuple[Router, SniTable]:
+                  previous: Router | None = None, limits_group: Any = None
+                  ) -> tuple[Router, SniTable]:
     """The HTTP router and the TLS entrypoints' SNI table. Routes to passthrough services go
     to the table only. A host that is both passed through and routed as https is passed
     through on TLS entrypoints (as ingress-nginx does); its https routes serve plain-HTTP
@@ -965,8 +977,9 @@ def _split_routes(routes: Iterable[Route], services: dict[str, Service],
     if wildcard or deep:
         for host in terminated:
             exact.setdefault(host, "")
-    # `previous`: its routes' per-client limiters and split pickers carry on
-    return Router(http, previous), SniTable(exact, wildcard, deep)
+    # `previous`: its routes' per-client limiters and split pickers carry on; `limits_group`:
+    # a worker's view of the group's per-client limits (Runtime.use_shared_limits)
+    return Router(http, previous, limits_group), SniTable(exact, wildcard, deep)
 
 
 async def _restart(listener: Any) -> None:

@@ -15,11 +15,19 @@ Every table is bounded, so clients from many addresses cannot grow memory:
 - exempt: SourceFilter's bounded per-address cache.
 
 Pure: the caller gives the clock.
+
+A worker of a group (`workers` > 1) gives each limiter a *group view*
+(edgelb/workers/shared_limits.py LimitsView, passed in by the Router, never imported here):
+then the in-flight count is the group's and the bucket is the group's, rebuilt at each
+decision from what every worker left in the client's cell, so the limits hold for the group
+within the bound stated there (W workers deciding at one instant: at most W - 1 over).
+Without a view (a single process) the decisions are this module's own, at their old cost.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from edgelb.net.acl import SourceFilter
 from watchers.model import ClientLimits
@@ -36,10 +44,15 @@ EXEMPT = 3
 class ClientLimiter:
     """The live state of one route's ClientLimits (shared by the rules of that route)."""
 
-    __slots__ = ("buckets", "burst", "connections", "exempt", "inflight", "limits", "rps")
+    __slots__ = ("buckets", "burst", "connections", "exempt", "group", "ident", "inflight",
+                 "limits", "rps")
 
-    def __init__(self, limits: ClientLimits) -> None:
+    def __init__(self, limits: ClientLimits, group: Any = None, name: str = "") -> None:
+        """`group`: a worker's view of the group's limits (None: this process alone); `name`
+        names the limiter the same in every worker (its route's name)."""
         self.limits = limits
+        self.group = group
+        self.ident = group.identity(name, limits) if group is not None else b""
         self.rps = limits.rps
         self.burst = float(limits.burst or max(1, math.ceil(limits.rps * BURST_MULTIPLIER)))
         self.connections = limits.connections
@@ -54,6 +67,8 @@ class ClientLimiter:
         exempt = self.exempt
         if exempt is not None and exempt.permits(ip):
             return EXEMPT
+        if self.group is not None:
+            return self._admit_group(ip, now)
         if self.connections:
             n = self.inflight.get(ip, 0)
             if n >= self.connections or (not n and len(self.inflight) >= MAX_BUCKETS):
@@ -81,6 +96,36 @@ class ClientLimiter:
             return True
         return False
 
+    def _admit_group(self, ip: bytes, now: float) -> int:
+        """`admit` for a worker of a group: the client's cell holds the group's count and
+        bucket; this worker's tables keep the address's cell (`buckets`: [tokens, time, cell])
+        and its own in flight (so the table bounds hold as without a group)."""
+        group = self.group
+        buckets = self.buckets
+        entry = buckets.pop(ip, None)
+        if entry is None:
+            if len(buckets) >= MAX_BUCKETS:
+                del buckets[next(iter(buckets))]  # the least recently seen address
+            entry = [self.burst, now, float(group.cell(self.ident, ip))]
+        buckets[ip] = entry
+        cell = int(entry[2])
+        if self.connections:
+            n = self.inflight.get(ip, 0)
+            if ((not n and len(self.inflight) >= MAX_BUCKETS)
+                    or group.inflight(cell) >= self.connections):
+                return TOO_MANY_CONNECTIONS
+        if self.rps > 0.0:
+            tokens = group.bucket(cell, now, self.rps, self.burst)
+            if tokens < 1.0:
+                entry[0], entry[1] = tokens, now
+                return RATE_LIMITED
+            entry[0], entry[1] = tokens - 1.0, now
+            group.take(cell, tokens - 1.0, now)  # with no await since `bucket`
+        if self.connections:
+            self.inflight[ip] = self.inflight.get(ip, 0) + 1
+            group.add_inflight(cell, 1)
+        return ADMITTED
+
     def retry_after(self, ip: bytes) -> int:
         """Whole seconds (>= 1) until `ip`'s bucket holds a request again."""
         entry = self.buckets.get(ip)
@@ -91,6 +136,11 @@ class ClientLimiter:
     def release(self, ip: bytes) -> None:
         """One of `ip`'s admitted requests ended."""
         n = self.inflight.get(ip, 0) - 1
+        group = self.group
+        if group is not None and n >= 0:  # the group's count: this worker's cell
+            entry = self.buckets.get(ip)  # (it holds the cell, unless pushed out meanwhile)
+            group.add_inflight(int(entry[2]) if entry is not None
+                               else group.cell(self.ident, ip), -1)
         if n > 0:
             self.inflight[ip] = n
         else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import parse_qsl
 
 from edgelb.http.client_limits import ClientLimiter
@@ -190,10 +191,14 @@ class Router:
 
     __slots__ = ("_any", "_deep", "_exact", "_limiters", "_pickers", "_wild")
 
-    def __init__(self, routes: Iterable[Route] = (), previous: Router | None = None) -> None:
+    def __init__(self, routes: Iterable[Route] = (), previous: Router | None = None,
+                 group: Any = None) -> None:
         """`previous`: the table this one replaces; a route (by name) whose limits did not
         change keeps its clients' buckets and requests in flight, and one whose split did not
-        change keeps its picker's place (a reload does not restart a 90/10 split's cycle)."""
+        change keeps its picker's place (a reload does not restart a 90/10 split's cycle).
+        `group`: a worker's view of the group's per-client limits
+        (edgelb/workers/shared_limits.py LimitsView; None: this process alone), given to
+        every limiter."""
         exact: dict[str, list[Rule]] = {}
         wild: dict[str, list[Rule]] = {}
         deep: dict[str, list[Rule]] = {}
@@ -218,8 +223,9 @@ class Router:
                 # one per route of the source: its hosts and matches share a client's budget
                 lkey = (r.name, lim)
                 limiter = (limiters.get(lkey) or kept.get(lkey)) if r.name else None
-                if limiter is None:
-                    limiter = ClientLimiter(lim)
+                if limiter is None or limiter.group is not group:
+                    # named alike in every worker: an unnamed route by all it is
+                    limiter = ClientLimiter(lim, group, r.name or repr(r))
                 limiters[lkey] = limiter
             rule = Rule(r, picker, limiter)
             host = r.host.lower()

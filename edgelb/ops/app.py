@@ -167,21 +167,24 @@ class App:
         """workers > 1: this process is control (edgelb.workers.control): its runtime holds
         the ports and runs the checks; the worker group serves."""
         from edgelb.workers.control import ControlRuntime, WorkerGroup
-        from edgelb.workers.load import table
+        from edgelb.workers.load import limits_table, table
         from edgelb.workers.messages import Init
 
         telemetry = config.telemetry if config.telemetry.active else None
         admin = config.admin
         shared = table(workers)  # made before any worker starts
         handle = shared.handle() if shared is not None else None
+        limits = limits_table(workers)  # the routes' per-client limits, for the group
+        limits_handle = limits.handle()
         runtime = ControlRuntime(on_apply=lambda m: self.group.send_all(m),
                                  on_health=lambda m: self.group.send_all(m),
                                  assign=shared.assign if shared is not None else None,
                                  loop=loop, reserved=[admin])
         self.group = WorkerGroup(
             workers, runtime,
-            init=lambda index: Init(index, admin, telemetry, handle),
-            per_backend=self._per_backend_metrics, log_args=self.log_args, shared=shared)
+            init=lambda index: Init(index, admin, telemetry, handle, limits_handle),
+            per_backend=self._per_backend_metrics, log_args=self.log_args, shared=shared,
+            limits=limits)
         return runtime
 
     async def _start_marathon(self, config: Config) -> None:

@@ -1,2 +1,3 @@
-"""Many worker processes, one proxy: the process model (issue 19) and the shared view of load
-(`shared_load`: per-backend in-flight and latency estimates shared between the workers)."""
+"""Many worker processes, one proxy: the process model (issue 19) and the shared views
+(`shared_load`: per-backend in-flight and latency estimates shared between the workers;
+`shared_limits`: routes' per-client limits counted for the group)."""

@@ -208,10 +208,12 @@ def _cpu(pid: int) -> float:
 class WorkerGroup:
     def __init__(self, count: int, runtime: Runtime, init: Callable[[int], Init],
                  per_backend: Callable[[], bool], log_args: tuple[str, ...] = (),
-                 shared: Any = None) -> None:
-        """`shared`: the shared load table (edgelb.workers.load.table; None: none)."""
+                 shared: Any = None, limits: Any = None) -> None:
+        """`shared`: the shared load table (edgelb.workers.load.table; None: none);
+        `limits`: the shared per-client limits table (edgelb.workers.load.limits_table)."""
         self.count = count
         self.shared = shared
+        self.limits = limits
         self.runtime = runtime
         self.init = init
         self.per_backend = per_backend
@@ -320,6 +322,8 @@ class WorkerGroup:
         if not self.stopping:
             if self.shared is not None:
                 self.shared.reset_worker(slot.index)  # what it had in flight ended with it
+            if self.limits is not None:
+                self.limits.reset_worker(slot.index)  # its clients' requests too
             await self._spawn(slot)
 
     # -- handing on --------------------------------------------------------------------------
@@ -436,9 +440,10 @@ class WorkerGroup:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        close = getattr(self.shared, "close", None)
-        if close is not None:
-            close()  # the table's memory goes with the group
+        for table in (self.shared, self.limits):
+            close = getattr(table, "close", None)
+            if close is not None:
+                close()  # the tables' memory goes with the group
 
 
 class _GroupCollector:

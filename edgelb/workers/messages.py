@@ -22,6 +22,7 @@ class Init:
     admin: Address  # reserved: never a data port
     telemetry: Any = None  # edgelb.telemetry.settings.TelemetrySettings when active
     shared_load: Any = None  # the shared load table's handle (None: none)
+    shared_limits: Any = None  # the shared per-client limits table's handle (None: none)
 
 
 @dataclass(frozen=True, slots=True)

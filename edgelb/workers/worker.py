@@ -153,6 +153,10 @@ class Worker:
             from edgelb.workers.load import attach
 
             attach(init.shared_load, init.index, runtime)
+        if init.shared_limits is not None:
+            from edgelb.workers.load import attach_limits
+
+            attach_limits(init.shared_limits, init.index, runtime)
         if init.telemetry is not None and init.telemetry.active:
             from edgelb.telemetry.hub import Telemetry
 
