@@ -6,7 +6,6 @@ match), never an exception. A mixin of the Gateway API translator (translate.py)
 from __future__ import annotations
 
 import math
-
 import re
 from dataclasses import dataclass
 from typing import Any
