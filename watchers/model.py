@@ -287,8 +287,9 @@ class Route:
     `routes:`): conditions on headers, query parameters and the method; filters; a weighted
     split over `backends` (empty: `service` alone; else `service` is the first resolved one, or
     "" for a route that only redirects or has no resolved share); a request timeout (None: the
-    service's; math.inf: none, the Gateway API's "0s"). `name` says where it came from in messages; `order` breaks the ties the
-    precedence leaves (lower first; edgelb/http/router.py).
+    service's; math.inf: none, the Gateway API's "0s"). `name` says where it came from in
+    messages; `order` breaks the ties the precedence leaves (lower first;
+    edgelb/http/router.py).
     """
 
     host: str
