@@ -25,7 +25,8 @@ from edgelb.ops.config import parse_config
 
 pytestmark = pytest.mark.timeout(30)
 
-CLUSTER_WIDE_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "IngressClass"}
+CLUSTER_WIDE_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "IngressClass",
+                      "GatewayClass"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -354,6 +355,26 @@ def test_gateway_api_rbac_grows_by_exactly_the_verbs_it_uses(
         | expand("Role", "web", GATEWAY_GROUP, GATEWAY_KINDS, WATCH)
         | expand("Role", "web", GATEWAY_GROUP, GATEWAY_STATUS, "patch")
         | expand("Role", "web", "", "configmaps", WATCH))
+
+
+def test_a_gateway_class_of_our_controller_comes_with_gateway_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from watchers.kubernetes.gateway.resources import CONTROLLER as GATEWAY_CONTROLLER
+
+    assert not [d for d in render([], capsys) if d["kind"] == "GatewayClass"]
+    config = write(tmp_path, """
+        admin: {listen: "0.0.0.0:9100"}
+        entrypoints: {http: {listen: "0.0.0.0:8080"}}
+        watchers: {kubernetes: {enabled: true, gateway_api: true, ingress_class: public}}
+    """)
+    docs = render(["--config", config], capsys)
+    gc = one(docs, "GatewayClass")
+    assert gc["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert gc["metadata"]["name"] == "public"
+    assert gc["spec"] == {"controllerName": GATEWAY_CONTROLLER}
+    kinds = [d["kind"] for d in docs]
+    assert kinds.index("ClusterRole") < kinds.index("GatewayClass") < kinds.index("Deployment")
 
 
 def test_cluster_scoped_names_do_not_collide_between_installs(

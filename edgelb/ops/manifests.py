@@ -22,6 +22,7 @@ import yaml
 
 from edgelb import __version__
 from edgelb.ops.config import Config, ConfigError, parse_config
+from watchers.kubernetes.gateway.resources import CONTROLLER as GATEWAY_CONTROLLER
 
 TEMPLATE_PACKAGE = "edgelb.templates"  # the top-level templates/ (setup.py)
 TEMPLATE_DIR = "manifests"
@@ -520,6 +521,7 @@ def render(options: Options) -> Rendered:
         "image": options.image,
         "ingress_class": ingress_class,
         "controller": CONTROLLER,
+        "gateway_controller": GATEWAY_CONTROLLER,
         "watch_namespaces": list(watched),
         "gateway_api": bool(config.kubernetes is not None and config.kubernetes.enabled
                             and config.kubernetes.gateway_api),
