@@ -825,6 +825,7 @@ class ServiceState:
         "duration_sums",
         "durations",
         "hsts_line",
+        "sticky_cookie",
         "local_counts",
         "local_responses",
         "mirrors",
@@ -894,6 +895,7 @@ class ServiceState:
         self.hsts_line = (
             b"strict-transport-security: max-age=%d\r\n" % policy.hsts if policy.hsts else b""
         )
+        self.sticky_cookie = policy.sticky_cookie.encode("latin-1")
 
     @property
     def duration_count(self) -> int:

@@ -1251,6 +1251,24 @@ async def test_sticky_cookie_pins_a_client_to_its_backend(backend, proxy):
     client.close()
 
 
+async def test_the_sticky_cookie_takes_the_name_the_policy_gives(backend, proxy):
+    backends = [await backend(n) for n in ("a", "b", "c")]
+    port = await static(proxy, backends, balance="round-robin", sticky=True,
+                        sticky_cookie="SERVERID")
+    client = await Client.open(port)
+    r = await within(client.request("GET", "/"))
+    value = (r.get("set-cookie") or "").split(";")[0]
+    assert value.startswith("SERVERID=")
+    pinned = r.body.split()[0]
+    for _ in range(4):
+        r = await within(client.request("GET", "/", headers=[("Cookie", value)]))
+        assert r.body.split()[0] == pinned and r.get("set-cookie") is None
+    other = value.replace("SERVERID=", "edgelb_server=")  # the default name means nothing here
+    r = await within(client.request("GET", "/", headers=[("Cookie", other)]))
+    assert (r.get("set-cookie") or "").startswith("SERVERID=")
+    client.close()
+
+
 async def test_sticky_client_moves_when_its_backend_is_gone(backend, proxy):
     a, b = await backend("a"), await backend("b")
     port = free_port()

@@ -300,8 +300,12 @@ def test_proxy_connect_and_read_timeouts() -> None:
 
 def test_affinity_cookie_is_sticky() -> None:
     t = cluster(web(nginx(affinity="cookie", session_cookie_name="ROUTE")))
-    assert svc_of(t, f"{WEB}~shop").policy.sticky
-    assert any("session-cookie-name" in m for m in messages(t, "Ingress"))
+    policy = svc_of(t, f"{WEB}~shop").policy
+    assert policy.sticky and policy.sticky_cookie == "ROUTE"
+    assert not messages(t, "Ingress")
+    t = cluster(web(nginx(affinity="cookie", session_cookie_name="not a name")))
+    assert any("session-cookie-name" in m and "cookie name" in m
+               for m in messages(t, "Ingress"))
 
 
 def test_whitelist_and_denylist_source_ranges() -> None:

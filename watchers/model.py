@@ -81,6 +81,7 @@ class Policy:
     slow_start: float = 30.0  # a backend added to a running pool ramps 10% -> 100% over this
     hash_key: str = "source"  # what `balance: hash` hashes: source | header:NAME | cookie:NAME
     sticky: bool = False  # pin a client to its backend with a cookie (marathon-lb's STICKY)
+    sticky_cookie: str = "edgelb_server"  # that cookie's name
     zone_aware: bool = False  # keep traffic in the proxy's zone while the zone has room
     zone_threshold: float = 0.8  # in-zone load (in-flight per capacity) above which it spills
     subset: int = 0  # balance over a deterministic subset of this size; -1 = auto; 0 = all

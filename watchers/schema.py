@@ -240,6 +240,7 @@ _STATUS_RANGE = re.compile(r"^([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?$")
 _HOST_HEADER = re.compile(r"^[A-Za-z0-9.:\[\]_-]+$")
 _HEALTH_PATH = re.compile(r"^/\S*$")
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # an RFC 9110 token: a header or cookie name
+_COOKIE_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
 _HASH_KEY = re.compile(rf"^(source|header:{_TOKEN}|cookie:{_TOKEN})$")
 
 
@@ -595,6 +596,12 @@ def _sum_backend_protocol(p: Policy, mode: str) -> str | None:
     return None
 
 
+def _sticky_cookie(r: Reading, value: Any, path: str) -> Any:
+    v = r.c.string(value, path, _COOKIE_NAME,
+                   "a cookie name is 1 to 64 token characters, e.g. route or SERVERID")
+    return INVALID if v is None else v
+
+
 def _hash_key(r: Reading, value: Any, path: str) -> Any:
     v = r.c.string(value, path, _HASH_KEY,
                    "use source, header:NAME or cookie:NAME (what `balance: hash` hashes)")
@@ -731,6 +738,8 @@ KEYS: tuple[Key, ...] = (
     Key("hash_key", _D.hash_key, "what `balance: hash` hashes: source, header:NAME or "
         "cookie:NAME", {"type": "string", "pattern": _HASH_KEY.pattern}, _hash_key),
     Key("sticky", _D.sticky, "pin a client to its backend with a cookie", BOOLEAN, _boolean),
+    Key("sticky_cookie", _D.sticky_cookie, "the name of `sticky`'s cookie",
+        {"type": "string", "pattern": _COOKIE_NAME.pattern}, _sticky_cookie),
     Key("zone_aware", _D.zone_aware, "keep traffic in the proxy's zone while it has room",
         BOOLEAN, _boolean),
     Key("zone_threshold", _D.zone_threshold, "in-zone load (in-flight per capacity) above "

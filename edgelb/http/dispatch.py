@@ -14,7 +14,6 @@ from balancers.zones import prefer_zone
 from edgelb.http.accounting import count_failure, note_error
 from edgelb.http.exchange import DONE, QUEUED, ROUTED, WAITING_AUTH
 from edgelb.http.request import cookie, header, request_head
-from edgelb.http.response_head import STICKY_COOKIE
 from edgelb.http.upstream import send_to
 from edgelb.net.acl import AUTH_BUSY, AUTH_CACHED, AUTH_PENDING, AUTH_THROTTLED
 
@@ -200,7 +199,7 @@ def keyed_pick(client: ClientProtocol, ex: Exchange,
     pool.sync()  # with a shared view: the group's load, before `eligible` is read
     policy = service.policy
     if policy.sticky:
-        sid = cookie(ex.lines, STICKY_COOKIE)
+        sid = cookie(ex.lines, service.sticky_cookie)
         if sid:
             backend = pool.by_sticky.get(sid)
             if backend is not None and backend.eligible:

@@ -32,9 +32,10 @@ VIA = b"via: 1.1 edgelb\r\n"  # RFC 9110 7.6.3: a proxy adds itself to what it f
 STICKY_COOKIE = b"edgelb_server"  # names the backend a sticky client is pinned to
 
 
-def sticky_line(sticky_id: bytes) -> bytes:
-    """The Set-Cookie line that pins a sticky client to the backend `sticky_id`."""
-    return b"set-cookie: %s=%s; Path=/; HttpOnly; SameSite=Lax\r\n" % (STICKY_COOKIE, sticky_id)
+def sticky_line(sticky_id: bytes, name: bytes = STICKY_COOKIE) -> bytes:
+    """The Set-Cookie line that pins a sticky client to the backend `sticky_id` (cookie
+    `name`: the policy's sticky_cookie)."""
+    return b"set-cookie: %s=%s; Path=/; HttpOnly; SameSite=Lax\r\n" % (name, sticky_id)
 
 
 def rewrite_response_head(raw: bytes, keep_trailer: bool, keep_upgrade: bool) -> _Rewrite:

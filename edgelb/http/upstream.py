@@ -524,7 +524,7 @@ class UpstreamProtocol:  # an asyncio.Protocol (not subclassed: see compiled.py)
         ex.response_started = True
         bodiless = ex.method == b"HEAD" or status == 204 or status == 304
         keep = ex.keep_alive and not client.closing
-        add = sticky_line(ex.set_cookie) if ex.set_cookie else b""
+        add = sticky_line(ex.set_cookie, self.service.sticky_cookie) if ex.set_cookie else b""
         if ex.resp_extra:
             add += ex.resp_extra
         if self.service.hsts_line and client.listener.scheme == b"https":

@@ -62,12 +62,12 @@ SUPPORTED = frozenset({
     "cors-expose-headers", "cors-allow-credentials", "cors-max-age", "limit-rps",
     "limit-rpm", "limit-connections", "limit-burst-multiplier", "limit-whitelist",
     "limit-allowlist", "auth-type", "auth-secret", "auth-secret-type", "auth-realm",
-    PASSTHROUGH,  # read by translate.py (passthrough_wanted)
+    "session-cookie-name", PASSTHROUGH,  # read by translate.py (passthrough_wanted)
 })
 # ingress-nginx annotations edgelb knows and does not implement (reported once, ignored);
 # the README table says why for each
 NOT_SUPPORTED = frozenset({
-    "affinity-mode", "affinity-canary-behavior", "session-cookie-name", "session-cookie-path",
+    "affinity-mode", "affinity-canary-behavior", "session-cookie-path",
     "session-cookie-domain", "session-cookie-change-on-failure", "session-cookie-samesite",
     "session-cookie-conditional-samesite-none", "session-cookie-expires",
     "session-cookie-max-age", "session-cookie-secure", "proxy-send-timeout",
@@ -361,6 +361,9 @@ class _Reader:
         if affinity is not None:
             if affinity == "cookie":
                 self.set_policy("sticky", True, "affinity")
+                name = self.text("session-cookie-name")
+                if name is not None:
+                    self.set_policy("sticky_cookie", name, "session-cookie-name")
             else:
                 self.problem("affinity", f"{affinity!r}: the only affinity is \"cookie\"; "
                                          "ignored")
