@@ -825,7 +825,6 @@ class ServiceState:
         "duration_sums",
         "durations",
         "hsts_line",
-        "sticky_cookie",
         "local_counts",
         "local_responses",
         "mirrors",
@@ -842,6 +841,7 @@ class ServiceState:
         "shed",
         "spec",
         "special",
+        "sticky_cookie",
         "tcp_connections",
     )
 
