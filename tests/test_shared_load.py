@@ -400,3 +400,43 @@ def test_status_and_metrics_show_this_workers_own_count_which_adds_up():
     single.pool.acquire(single.pool.backends[0])
     status = service_status(single, ())["backends"][0]
     assert status["inflight"] == 1 and "inflight_group" not in status
+
+
+def test_a_killed_controls_tables_are_swept_and_a_living_ones_kept(tmp_path) -> None:
+    """A control process killed with SIGKILL cannot remove its /dev/shm files; the next table
+    made in that directory removes them (the maker's flock died with it). A living maker's
+    table, and any file too young to judge, stay."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from edgelb.workers.shared_limits import SharedLimits
+    from edgelb.workers.shared_load import STALE_AGE, sweep_stale
+
+    code = ("import os, signal, sys\n"
+            "from edgelb.workers.shared_load import SharedLoad\n"
+            "from edgelb.workers.shared_limits import SharedLimits\n"
+            "a = SharedLoad.create(2, 8, directory=sys.argv[1])\n"
+            "b = SharedLimits.create(2, 64, directory=sys.argv[1])\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    dead = sorted(p.name for p in tmp_path.iterdir())
+    assert len(dead) == 2 and dead[0].startswith("edgelb-limits-")
+    old = time.time() - STALE_AGE - 1
+    live = SharedLoad.create(2, 8, directory=str(tmp_path))  # young: nothing swept yet
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*dead, os.path.basename(
+        live.handle().path)])
+    for p in tmp_path.iterdir():
+        os.utime(p, (old, old))
+    young = tmp_path / "edgelb-load-1-young"
+    young.write_bytes(b"")
+    assert sorted(os.path.basename(p) for p in sweep_stale(str(tmp_path))) == dead
+    assert {p.name for p in tmp_path.iterdir()} == {young.name,
+                                                    os.path.basename(live.handle().path)}
+    limits = SharedLimits.create(2, 64, directory=str(tmp_path))  # sweeps too: nothing left
+    assert len(list(tmp_path.iterdir())) == 3
+    limits.close()
+    live.close()

@@ -79,7 +79,7 @@ import tempfile
 import weakref
 from dataclasses import dataclass
 
-from edgelb.workers.shared_load import _Mapping
+from edgelb.workers.shared_load import _Mapping, sweep_stale
 
 MAGIC = b"EDGELBCL"
 VERSION = 1
@@ -175,6 +175,7 @@ class SharedLimits(_Table):
                              f"1..{MAX_CELLS}, not {cells}")
         if directory is None:
             directory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+        sweep_stale(directory)  # what a SIGKILLed control left behind
         path = os.path.join(directory, f"edgelb-limits-{os.getpid()}-{secrets.token_hex(6)}")
         size = _size(workers, cells)
         m = _Mapping(path, size, create=True)

@@ -69,6 +69,7 @@ made (cache coherence); nothing else.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import mmap
 import os
@@ -123,20 +124,68 @@ def _layout(workers: int, slots: int) -> tuple[int, int, int]:
     return cells, stride, (cells + workers * stride) * 8
 
 
+STALE_AGE = 60.0  # seconds: a table file younger than this is never swept (its maker may be
+# between creating it and locking it)
+
+
+def sweep_stale(directory: str, now: float | None = None) -> list[str]:
+    """Remove the tables in `directory` that no running process made: the file of a control
+    process killed with SIGKILL (no chance to remove it) is unlocked, since the kernel drops a
+    dead process's flock; a living maker holds its lock (edgelb/workers: `_Mapping`). Works
+    across PID namespaces sharing the directory, unlike a PID check. Returns what it removed."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(_PREFIXES)]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if now - os.fstat(fd).st_mtime < STALE_AGE:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # held: its maker runs
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+_PREFIXES = ("edgelb-load-", "edgelb-limits-")
+
+
 class _Mapping:
-    """The mapped file and its typed views, shared by the control side and a worker's view."""
+    """The mapped file and its typed views, shared by the control side and a worker's view.
+    The maker keeps the file open with an exclusive flock while it lives (`sweep_stale`)."""
 
     def __init__(self, path: str, size: int, create: bool) -> None:
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, 0o600)
+        self.lock_fd = -1
         try:
             if create:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 os.ftruncate(fd, size)
             elif os.fstat(fd).st_size < size:
                 raise ValueError(f"shared load table {path} is smaller than its handle says; "
                                  "attach with the handle of the table that made it")
             self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
+            os.close(fd)
+            raise
+        if create:
+            self.lock_fd = fd
+        else:
             os.close(fd)
         self.path = path
         self.words = memoryview(self.mm).cast("q")  # int64 view of the whole table
@@ -147,6 +196,9 @@ class _Mapping:
         self.floats.release()
         with contextlib.suppress(BufferError):  # a view still held elsewhere: the OS unmaps
             self.mm.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
 
 
 class _Table:
@@ -226,6 +278,7 @@ class SharedLoad(_Table):
             raise ValueError(f"shared load table: slots must be 1..{MAX_SLOTS}, not {slots}")
         if directory is None:
             directory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+        sweep_stale(directory)  # what a SIGKILLed control left behind
         path = os.path.join(directory, f"edgelb-load-{os.getpid()}-{secrets.token_hex(6)}")
         m = _Mapping(path, _layout(workers, slots)[2], create=True)
         m.mm[:8] = MAGIC
