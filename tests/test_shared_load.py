@@ -276,7 +276,9 @@ def test_least_loaded_sees_the_other_workers_load_and_their_latency():
             b.sync()
         mirror = b.by_key[slow.key]
         assert (mirror.latency, mirror.latency_t) == (2.0, 5.0)
-        assert all(b.pick().key == b.backends[1].key for _ in range(50))
+        # the slow one only by the balancer's rare probe of an idle backend (1 pick in 256)
+        picks = [b.pick().key for _ in range(50)]
+        assert picks.count(b.backends[1].key) >= 45 and busy.key not in picks
 
 
 def test_a_pool_that_gets_a_view_while_serving_carries_its_open_requests_over():
