@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import ipaddress
 import logging
 import math
 import os
@@ -36,6 +35,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from watchers.values import is_ip
 
 log = logging.getLogger("edgelb.net.backend_tls")
 
@@ -91,13 +92,6 @@ def _kind(value: Any) -> str:
             list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
 
 def parse_backend_tls(value: Any, path: str) -> tuple[BackendTLS | None, list[str]]:
     """A service's `tls:` config value -> (spec or None for plain TCP, errors).
@@ -148,7 +142,7 @@ def parse_backend_tls(value: Any, path: str) -> tuple[BackendTLS | None, list[st
     sni = strings["sni"]
     if sni is not None:
         sni = sni.lower().rstrip(".")
-        if _is_ip(sni):
+        if is_ip(sni):
             error("sni", f"{sni} is an IP address, which cannot be sent as SNI; give the host "
                   "name on the backend's certificate, or leave sni out to check its IP")
             sni = None

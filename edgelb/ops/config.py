@@ -53,6 +53,7 @@ from watchers.schema import join as _join
 from watchers.schema import kind as _kind
 from watchers.schema import parse_duration as parse_duration
 from watchers.schema import parse_size as parse_size
+from watchers.values import is_ip
 
 DEFAULT_ADMIN = Address("127.0.0.1", 9090)
 ANY_HOST = "0.0.0.0"
@@ -540,13 +541,6 @@ def _dns(c: _Checker, value: Any, path: str) -> DnsQuery | None:
     return DnsQuery(name=name, port=port) if name is not None else None
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
 
 def _resolvers(c: _Checker, value: Any) -> ResolverSettings | None:
     m = c.section(value, "resolvers", "a mapping like {nameservers: [127.0.0.1:8600], "
@@ -559,13 +553,13 @@ def _resolvers(c: _Checker, value: Any) -> ResolverSettings | None:
         items = c.list(m["nameservers"], npath, "nameservers", "[127.0.0.1:8600, 10.0.0.2]")
         servers = []
         for i, item in enumerate(items or []):
-            if isinstance(item, str) and _is_ip(item.strip()):
+            if isinstance(item, str) and is_ip(item.strip()):
                 servers.append((item.strip(), 53))  # a bare address: port 53
                 continue
             addr = c.address(item, _join(npath, i), None)
             if addr is None:
                 continue
-            if not _is_ip(addr.host):
+            if not is_ip(addr.host):
                 c.error(_join(npath, i), f"{addr.host!r} is not an IP address; a nameserver "
                         "is given by its address (e.g. 127.0.0.1:8600)")
                 continue

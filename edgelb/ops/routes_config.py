@@ -306,18 +306,10 @@ def _mirrors(c: Checker, value: Any, path: str, services: set[str]) -> tuple[Mir
     out: list[Mirror] = []
     for j, item in enumerate(items or []):
         mpath = _join(path, j)
-        if isinstance(item, str):
-            item = {"service": item}
-        m = c.mapping(item, mpath, "{service: NAME, percent: P}")
-        if m is None:
+        found = _service_entry(c, item, mpath, services, "percent", "P", " to mirror to")
+        if found is None:
             continue
-        c.keys(m, mpath, ("service", "percent"))
-        name = m.get("service")
-        if not isinstance(name, str) or name not in services:
-            known = ", ".join(sorted(services)) or "none"
-            c.error(_join(mpath, "service"), f"no http service named {name!r} to mirror to; "
-                    f"known: {known}")
-            continue
+        m, name = found
         percent = m.get("percent", 100)
         if isinstance(percent, bool) or not isinstance(percent, (int, float)) \
                 or not 0 < percent <= 100:
@@ -529,6 +521,25 @@ def _rewrite(c: Checker, value: Any, path: str) -> Rewrite | None:
     return Rewrite(host=host, path=repl[0], prefix=repl[1])
 
 
+def _service_entry(c: Checker, item: Any, path: str, services: set[str], extra: str,
+                   example: str, purpose: str = "") -> tuple[dict[str, Any], str] | None:
+    """One `{service: NAME, <extra>: ...}` (or a bare NAME) of a list: the mapping and the
+    name of an http service that exists, or None (the error given)."""
+    if isinstance(item, str):
+        item = {"service": item}
+    m = c.mapping(item, path, f"{{service: NAME, {extra}: {example}}}")
+    if m is None:
+        return None
+    c.keys(m, path, ("service", extra))
+    name = m.get("service")
+    if not isinstance(name, str) or name not in services:
+        known = ", ".join(sorted(services)) or "none"
+        c.error(_join(path, "service"), f"no http service named {name!r}{purpose}; "
+                f"known: {known}")
+        return None
+    return m, name
+
+
 def _backends(c: Checker, value: Any, path: str, services: set[str]
               ) -> tuple[WeightedService, ...]:
     if value is None:
@@ -539,17 +550,10 @@ def _backends(c: Checker, value: Any, path: str, services: set[str]
     out = []
     for j, item in enumerate(items):
         bpath = _join(path, j)
-        if isinstance(item, str):
-            item = {"service": item}
-        m = c.mapping(item, bpath, "{service: NAME, weight: N}")
-        if m is None:
+        found = _service_entry(c, item, bpath, services, "weight", "N")
+        if found is None:
             continue
-        c.keys(m, bpath, ("service", "weight"))
-        name = m.get("service")
-        if not isinstance(name, str) or name not in services:
-            known = ", ".join(sorted(services)) or "none"
-            c.error(_join(bpath, "service"), f"no http service named {name!r}; known: {known}")
-            continue
+        m, name = found
         weight = m.get("weight", 1)
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1000000:
             c.error(_join(bpath, "weight"), f"{weight!r}: an integer from 0 to 1000000")

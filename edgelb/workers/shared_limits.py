@@ -71,15 +71,12 @@ error naming it, not with a SIGBUS in a worker later).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import secrets
-import tempfile
 import weakref
 from dataclasses import dataclass
 
-from edgelb.workers.shared_load import _Mapping, sweep_stale
+from edgelb.workers.shared_load import _Mapping, new_table_file, remove_table
 
 MAGIC = b"EDGELBCL"
 VERSION = 1
@@ -137,23 +134,21 @@ class _Table:
         """The index (in words) of `worker`'s cell `cell`."""
         return HEADER_WORDS + worker * self.stride + cell * CELL_WORDS
 
-    def inflight(self, cell: int) -> int:
-        """The group's in flight in `cell`."""
+    def _sum(self, cell: int, word: int) -> int:
         words = self.words
-        at = cell * CELL_WORDS + INFLIGHT
+        at = cell * CELL_WORDS + word
         n = 0
         for base in self.bases:
             n += words[base + at]
         return n
 
+    def inflight(self, cell: int) -> int:
+        """The group's in flight in `cell`."""
+        return self._sum(cell, INFLIGHT)
+
     def admitted(self, cell: int) -> int:
         """The group's admissions ever in `cell`."""
-        words = self.words
-        at = cell * CELL_WORDS + ADMITTED
-        n = 0
-        for base in self.bases:
-            n += words[base + at]
-        return n
+        return self._sum(cell, ADMITTED)
 
 
 class SharedLimits(_Table):
@@ -162,7 +157,7 @@ class SharedLimits(_Table):
 
     def __init__(self, m: _Mapping, workers: int, cells: int) -> None:
         super().__init__(m, workers, cells)
-        self._remove = weakref.finalize(self, _remove_table, m.path, os.getpid())
+        self._remove = weakref.finalize(self, remove_table, m.path, os.getpid())
 
     @classmethod
     def create(cls, workers: int, cells: int = CELLS, *,
@@ -173,24 +168,7 @@ class SharedLimits(_Table):
         if not 1 <= cells <= MAX_CELLS or cells & (cells - 1):
             raise ValueError(f"shared limits table: cells must be a power of two in "
                              f"1..{MAX_CELLS}, not {cells}")
-        if directory is None:
-            directory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-        sweep_stale(directory)  # what a SIGKILLed control left behind
-        path = os.path.join(directory, f"edgelb-limits-{os.getpid()}-{secrets.token_hex(6)}")
-        size = _size(workers, cells)
-        m = _Mapping(path, size, create=True)
-        try:
-            fd = os.open(path, os.O_RDWR)
-            try:
-                os.posix_fallocate(fd, 0, size)  # the memory now, not a SIGBUS later
-            finally:
-                os.close(fd)
-        except OSError as e:
-            m.close()
-            _remove_table(path, os.getpid())
-            raise OSError(f"shared limits table: cannot reserve {size >> 10} KiB in "
-                          f"{directory} ({e.strerror}); give it more room (a container's "
-                          "--shm-size) or run fewer workers") from e
+        m = new_table_file("limits", _size(workers, cells), directory, reserve=True)
         m.mm[:8] = MAGIC
         m.words[1], m.words[2], m.words[3] = VERSION, workers, cells
         return cls(m, workers, cells)
@@ -226,12 +204,6 @@ class SharedLimits(_Table):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _remove_table(path: str, owner: int) -> None:
-    if os.getpid() == owner:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 class LimitsView(_Table):

@@ -164,6 +164,37 @@ def sweep_stale(directory: str, now: float | None = None) -> list[str]:
 _PREFIXES = ("edgelb-load-", "edgelb-limits-")
 
 
+def new_table_file(kind: str, size: int, directory: str | None = None, *,
+                   reserve: bool = False) -> _Mapping:
+    """A new table file `edgelb-<kind>-<pid>-<random>` of `size` bytes, mapped and locked by
+    this process: in `directory`, else /dev/shm, else the temp directory (stale tables there
+    swept first). `reserve`: allocate the memory now (an error naming the fix if it is not
+    there), not a SIGBUS in a worker later."""
+    if directory is None:
+        directory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    sweep_stale(directory)  # what a SIGKILLed control left behind
+    path = os.path.join(directory, f"edgelb-{kind}-{os.getpid()}-{secrets.token_hex(6)}")
+    m = _Mapping(path, size, create=True)
+    if reserve:
+        try:
+            os.posix_fallocate(m.lock_fd, 0, size)
+        except OSError as e:
+            m.close()
+            remove_table(path, os.getpid())
+            raise OSError(f"shared {kind} table: cannot reserve {size >> 10} KiB in "
+                          f"{directory} ({e.strerror}); give it more room (a container's "
+                          "--shm-size) or run fewer workers") from e
+    return m
+
+
+def remove_table(path: str, owner: int) -> None:
+    """Remove a table's file, in the process that made it only (a finalizer: a forked child
+    inheriting the object never removes it)."""
+    if os.getpid() == owner:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 class _Mapping:
     """The mapped file and its typed views, shared by the control side and a worker's view.
     The maker keeps the file open with an exclusive flock while it lives (`sweep_stale`)."""
@@ -265,7 +296,7 @@ class SharedLoad(_Table):
         self._free = list(range(slots - 1, -1, -1))  # never used; pop() gives the lowest
         # the file goes when the table is closed, collected, or its process exits (a forked
         # child inheriting this object never removes it)
-        self._remove = weakref.finalize(self, _remove_table, m.path, os.getpid())
+        self._remove = weakref.finalize(self, remove_table, m.path, os.getpid())
 
     @classmethod
     def create(cls, workers: int, slots: int, *, settle: float = SETTLE,
@@ -276,11 +307,7 @@ class SharedLoad(_Table):
                              f"not {workers}")
         if not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"shared load table: slots must be 1..{MAX_SLOTS}, not {slots}")
-        if directory is None:
-            directory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-        sweep_stale(directory)  # what a SIGKILLed control left behind
-        path = os.path.join(directory, f"edgelb-load-{os.getpid()}-{secrets.token_hex(6)}")
-        m = _Mapping(path, _layout(workers, slots)[2], create=True)
+        m = new_table_file("load", _layout(workers, slots)[2], directory)
         m.mm[:8] = MAGIC
         words = m.words
         words[_W_VERSION] = VERSION
@@ -384,12 +411,6 @@ class SharedLoad(_Table):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _remove_table(path: str, owner: int) -> None:
-    if os.getpid() == owner:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 class WorkerView(_Table):

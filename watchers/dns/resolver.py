@@ -19,7 +19,6 @@ a pool).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from dataclasses import dataclass
 
 import dns.asyncquery
@@ -34,6 +33,7 @@ import dns.rrset
 
 from watchers.dns.settings import ResolverSettings
 from watchers.model import DnsQuery
+from watchers.values import is_ip
 
 EDNS_PAYLOAD = 1232  # the UDP size DNS flag day 2020 recommends
 MAX_TARGETS = 256  # SRV targets resolved per lookup; the rest are left out
@@ -123,7 +123,7 @@ class Resolver:
 
     async def _addresses(self, name: str, port: int, priority: int = 0, weight: int = 1
                          ) -> Result:
-        if _is_ip(name):
+        if is_ip(name):
             return Answer((Target(name, port, priority, weight),), float("inf"))
         results = await asyncio.gather(self.ask(name, dns.rdatatype.A),
                                        self.ask(name, dns.rdatatype.AAAA))
@@ -176,13 +176,6 @@ class Resolver:
             return NoRecords("empty")
         return Answer(tuple(targets), ttl)
 
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _records(response: dns.message.Message, name: str, rdtype: dns.rdatatype.RdataType

@@ -11,7 +11,6 @@ caller one is due).
 from __future__ import annotations
 
 import copy
-import ipaddress
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ from urllib.parse import quote
 
 from watchers.kubernetes.leader import REQUEST_ERRORS, request_json
 from watchers.kubernetes.reflector import INGRESSES, KubeApiError
+from watchers.values import is_ip
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +27,11 @@ Key = tuple[str, str]  # (namespace, name)
 Entry = tuple[str, str]  # ("ip" | "hostname", value)
 
 
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
-
 
 def lb_entries(addresses: Iterable[str]) -> list[Obj]:
     """`status.loadBalancer.ingress` for `addresses`: `{"ip": a}` when `a` parses as an IP,
     else `{"hostname": a}`; blanks and repeats dropped, sorted so the result is stable."""
-    entries = {("ip" if _is_ip(a) else "hostname", a)
+    entries = {("ip" if is_ip(a) else "hostname", a)
                for a in (str(x).strip() for x in addresses) if a}
     return [{field: value} for field, value in sorted(entries)]
 

@@ -51,7 +51,7 @@ from typing import Any
 from watchers.kubernetes import nginx_annotations as nginx
 from watchers.model import Address, Backend, Policy, Route, Service, Snapshot
 from watchers.routing import regex_problem
-from watchers.values import path_prefix, positive
+from watchers.values import as_list, as_map, as_str, is_int, path_prefix, positive, valid_port
 
 Key = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped objects
 Obj = dict[str, Any]
@@ -151,38 +151,18 @@ def translate(
 # -- reading raw JSON without trusting it -------------------------------------------------------
 
 
-def _map(value: Any) -> Obj:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _str(value: Any) -> str:
-    return value if isinstance(value, str) else ""
-
-
 def _meta(obj: Any) -> Obj:
-    return _map(_map(obj).get("metadata"))
+    return as_map(as_map(obj).get("metadata"))
 
 
 def _annotations(obj: Any) -> Obj:
-    return _map(_meta(obj).get("annotations"))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _valid_port(value: Any) -> bool:
-    return _is_int(value) and 1 <= value <= 65535
+    return as_map(_meta(obj).get("annotations"))
 
 
 def _age(key: Key, obj: Any) -> tuple[bool, str, str, str]:
     """Sort key: older first (creationTimestamp, RFC 3339 in UTC), then namespace/name; an
     object without a timestamp counts as the newest."""
-    ts = _str(_meta(obj).get("creationTimestamp"))
+    ts = as_str(_meta(obj).get("creationTimestamp"))
     return (not ts, ts, key[0], key[1])
 
 
@@ -195,10 +175,10 @@ def _keyed(cache: Mapping[Any, Any]) -> list[tuple[Key, Obj]]:
 
 def _quantity(value: Any) -> float | None:
     """A Kubernetes quantity ("250m", "1", "0.5", "2k", "1e3m") as a float; None if bad."""
-    if _is_int(value) or isinstance(value, float):
+    if is_int(value) or isinstance(value, float):
         f = float(value)
         return f if math.isfinite(f) and f >= 0 else None
-    m = _QUANTITY.match(_str(value).strip())
+    m = _QUANTITY.match(as_str(value).strip())
     if m is None:
         return None
     try:
@@ -215,8 +195,8 @@ def _quantity(value: Any) -> float | None:
 def _port_text(ports: list[Any]) -> str:
     parts = []
     for p in ports:
-        p = _map(p)
-        name = _str(p.get("name"))
+        p = as_map(p)
+        name = as_str(p.get("name"))
         parts.append(f"{p.get('port')}" + (f" ({name})" if name else ""))
     return ", ".join(parts) or "none"
 
@@ -271,9 +251,9 @@ class _Translator:
         self._weights: dict[Key, float] = {}
         self._slices: dict[Key, list[tuple[Key, Obj]]] = {}
         for key, sl in _keyed(state.endpointslices):
-            svc = _map(_meta(sl).get("labels")).get(SERVICE_NAME_LABEL)
+            svc = as_map(_meta(sl).get("labels")).get(SERVICE_NAME_LABEL)
             if isinstance(svc, str) and svc:
-                self._slices.setdefault((key[0], svc), []).append((key, _map(sl)))
+                self._slices.setdefault((key[0], svc), []).append((key, as_map(sl)))
 
     def problem(self, kind: str, key: Key, message: str) -> None:
         p = Problem(kind, key[0], key[1], message)
@@ -316,19 +296,19 @@ class _Translator:
     # -- class ----------------------------------------------------------------------------------
 
     def our_ingresses(self) -> list[tuple[Key, Obj]]:
-        classes = {k[1]: _map(v) for k, v in _keyed(self.state.ingressclasses)}
+        classes = {k[1]: as_map(v) for k, v in _keyed(self.state.ingressclasses)}
         mine = classes.get(self.ingress_class)
-        mine_ok = mine is None or _map(mine.get("spec")).get("controller") == self.controller
+        mine_ok = mine is None or as_map(mine.get("spec")).get("controller") == self.controller
         default = (mine is not None and mine_ok
                    and _annotations(mine).get(DEFAULT_CLASS_ANNOTATION) == "true")
         ours = []
         for key, ing in _keyed(self.state.ingresses):
-            name = _map(ing.get("spec")).get("ingressClassName")
+            name = as_map(ing.get("spec")).get("ingressClassName")
             if isinstance(name, str) and name:
                 hit = name == self.ingress_class and mine_ok
             else:
                 legacy = _annotations(ing).get(LEGACY_CLASS_ANNOTATION)
-                hit = legacy == self.ingress_class if _str(legacy) else default
+                hit = legacy == self.ingress_class if as_str(legacy) else default
             if hit:
                 ours.append((key, ing))
         return sorted(ours, key=lambda kv: _age(*kv))
@@ -344,12 +324,12 @@ class _Translator:
         rules = spec.get("rules")
         if rules is not None and not isinstance(rules, list):
             self.problem("Ingress", key, "spec.rules must be a list of rules; ignored")
-        if not _list(rules) and spec.get("defaultBackend") is None:
+        if not as_list(rules) and spec.get("defaultBackend") is None:
             self.problem("Ingress", key, "has neither spec.rules nor spec.defaultBackend; "
                                          "nothing to route")
         passthrough = self.passthrough_wanted(key, ing)
         self.read_annotations(key, ing)
-        for i, rule in enumerate(_list(rules)):
+        for i, rule in enumerate(as_list(rules)):
             where = f"spec.rules[{i}]"
             if not isinstance(rule, dict):
                 self.problem("Ingress", key, f"{where} is not a mapping; skipped")
@@ -357,7 +337,7 @@ class _Translator:
             host = self.host(key, rule.get("host"), f"{where}.host")
             if host is None:
                 continue
-            paths = _map(rule.get("http")).get("paths")
+            paths = as_map(rule.get("http")).get("paths")
             if not isinstance(paths, list) or not paths:
                 shown = f'host "{host}"' if host else "any host"
                 self.problem("Ingress", key, f"{where} ({shown}) has no http paths; skipped "
@@ -377,7 +357,7 @@ class _Translator:
             raw = _annotations(ing).get(nginx.NGINX + nginx.PASSTHROUGH)
         if raw is None:
             return False
-        value = _str(raw).strip().lower()
+        value = as_str(raw).strip().lower()
         if value in ("true", "false"):
             return value == "true"
         self.problem("Ingress", key, f'{PASSTHROUGH_ANNOTATION}: {raw!r} is not "true" or '
@@ -425,7 +405,7 @@ class _Translator:
     def host(self, key: Key, value: Any, where: str) -> str | None:
         if value is None or value == "":
             return ""
-        host = _str(value).lower().rstrip(".")
+        host = as_str(value).lower().rstrip(".")
         if not _HOST.match(host):
             self.problem("Ingress", key, f"{where}: {value!r} is not a host name; write "
                                          "e.g. \"foo.example.com\" or \"*.example.com\"; skipped")
@@ -480,7 +460,7 @@ class _Translator:
 
     def default_backend(self, key: Key, ing: Obj,
                         claims: dict[tuple[str, str, bool], tuple[Key, bool]]) -> None:
-        spec = _map(ing.get("spec"))
+        spec = as_map(ing.get("spec"))
         if spec.get("defaultBackend") is None:
             return
         if self.read_annotations(key, ing).canary is not None:
@@ -523,14 +503,14 @@ class _Translator:
                                          "supported; use a service backend; skipped")
             return None
         svc = backend.get("service")
-        name = _map(svc).get("name")
+        name = as_map(svc).get("name")
         if not isinstance(name, str) or not name:
             self.problem("Ingress", key, f"{where}.service.name is missing; skipped")
             return None
-        port = _map(_map(svc).get("port"))
+        port = as_map(as_map(svc).get("port"))
         number, pname = port.get("number"), port.get("name")
         if number is not None:
-            if not _valid_port(number):
+            if not valid_port(number):
                 self.problem("Ingress", key, f"{where}.service.port.number: {number!r} is not "
                                              "a port (1-65535); skipped")
                 return None
@@ -591,8 +571,8 @@ class _Translator:
         precedence is the regexes' own: the longer pattern first)."""
         if not self.read_annotations(key, ing).regex:
             return
-        for rule in _list(_map(ing.get("spec")).get("rules")):
-            host = _map(rule).get("host")
+        for rule in as_list(as_map(ing.get("spec")).get("rules")):
+            host = as_map(rule).get("host")
             if host is None or isinstance(host, str):
                 self._regex_hosts.add((host or "").lower().rstrip("."))
 
@@ -608,7 +588,7 @@ class _Translator:
         reading = self._readings.get(ingress)
         if reading is None:
             return False
-        has_tls = bool(_list(_map(_map(self.state.ingresses.get(ingress)).get("spec")).get(
+        has_tls = bool(as_list(as_map(as_map(self.state.ingresses.get(ingress)).get("spec")).get(
             "tls")))
         return reading.wants_https_redirect(has_tls, self.ingress_nginx)
 
@@ -704,8 +684,8 @@ class _Translator:
         if reading is None or reading.app_root is None or reading.canary is not None:
             return
         hosts: list[str] = []
-        for i, rule in enumerate(_list(_map(ing.get("spec")).get("rules"))):
-            host = self.host(key, _map(rule).get("host"), f"spec.rules[{i}].host")
+        for i, rule in enumerate(as_list(as_map(ing.get("spec")).get("rules"))):
+            host = self.host(key, as_map(rule).get("host"), f"spec.rules[{i}].host")
             if host is not None and host not in hosts:
                 hosts.append(host)
         for host in hosts:
@@ -726,22 +706,22 @@ class _Translator:
     def service_port(self, who: Key, kind: str, skey: Key, svc: Obj, want: int | str,
                      where: str) -> Obj | None:
         """The Service port by number (`port`) or name; a problem on `who` if none."""
-        spec = _map(svc.get("spec"))
+        spec = as_map(svc.get("spec"))
         if spec.get("type") == "ExternalName":
             self.problem(kind, who, f"{where}: ExternalName Services are not supported "
                                     "(edgelb balances over EndpointSlices); no backends")
             return None
-        ports = _list(spec.get("ports"))
+        ports = as_list(spec.get("ports"))
         for p in ports:
-            p = _map(p)
-            if (p.get("port") == want) if _is_int(want) else (p.get("name") == want):
+            p = as_map(p)
+            if (p.get("port") == want) if is_int(want) else (p.get("name") == want):
                 protocol = p.get("protocol") or "TCP"
                 if protocol != "TCP":
                     self.problem(kind, who, f"{where}: port {want} is {protocol!r}; edgelb "
                                             "proxies TCP only; no backends")
                     return None
                 return p
-        what = f"port {want}" if _is_int(want) else f'port named "{want}"'
+        what = f"port {want}" if is_int(want) else f'port named "{want}"'
         self.problem(kind, who, f"{where}: Service {skey[0]}/{skey[1]} has no {what}; "
                                 f"its ports: {_port_text(ports)}")
         return None
@@ -755,10 +735,10 @@ class _Translator:
         if len(families) == 1:
             family = families.pop()
         elif families:
-            primary = _list(_map(svc.get("spec")).get("ipFamilies"))
+            primary = as_list(as_map(svc.get("spec")).get("ipFamilies"))
             if primary and primary[0] in families:
                 family = primary[0]
-        port_name = _str(port.get("name"))
+        port_name = as_str(port.get("name"))
         protocol = port.get("protocol") or "TCP"
         # (address, port) -> (rank, endpoint): 0 ready, 1 serving+terminating, 2 terminating
         found: dict[tuple[str, int], tuple[int, Obj]] = {}
@@ -766,19 +746,19 @@ class _Translator:
             if sl.get("addressType") != family:
                 continue
             number = None
-            for p in _list(sl.get("ports")):
-                p = _map(p)
-                if (_str(p.get("name")) == port_name
+            for p in as_list(sl.get("ports")):
+                p = as_map(p)
+                if (as_str(p.get("name")) == port_name
                         and (p.get("protocol") or "TCP") == protocol):
                     number = p.get("port")
                     break
             if number is None:
                 continue
-            if not _valid_port(number):
+            if not valid_port(number):
                 self.problem("EndpointSlice", slkey, f"port {port_name or '(unnamed)'}: "
                                                      f"{number!r} is not a port; slice skipped")
                 continue
-            for i, ep in enumerate(_list(sl.get("endpoints"))):
+            for i, ep in enumerate(as_list(sl.get("endpoints"))):
                 self.endpoint(slkey, f"endpoints[{i}]", ep, family, number, found)
         ready = [(a, ep) for a, (rank, ep) in found.items() if rank == 0]
         ready = self.by_hints(ready)
@@ -796,7 +776,7 @@ class _Translator:
         if not isinstance(ep, dict):
             self.problem("EndpointSlice", slkey, f"{where} is not a mapping; skipped")
             return
-        addrs = _list(ep.get("addresses"))
+        addrs = as_list(ep.get("addresses"))
         addr = addrs[0] if addrs else None
         try:
             ip = ipaddress.ip_address(addr) if isinstance(addr, str) else None
@@ -806,7 +786,7 @@ class _Translator:
             self.problem("EndpointSlice", slkey, f"{where}.addresses[0]: {addr!r} is not an "
                                                  f"{family} address; endpoint skipped")
             return
-        cond = _map(ep.get("conditions"))
+        cond = as_map(ep.get("conditions"))
         ready = self.flag(slkey, where, cond, "ready", True)
         serving = self.flag(slkey, where, cond, "serving", True)
         terminating = self.flag(slkey, where, cond, "terminating", False)
@@ -838,8 +818,8 @@ class _Translator:
             return ready
         zones = []
         for _, ep in ready:
-            names = {_str(_map(z).get("name"))
-                     for z in _list(_map(ep.get("hints")).get("forZones"))} - {""}
+            names = {as_str(as_map(z).get("name"))
+                     for z in as_list(as_map(ep.get("hints")).get("forZones"))} - {""}
             if not names:
                 return ready
             zones.append(names)
@@ -849,16 +829,16 @@ class _Translator:
     def backend(self, namespace: str, spot: tuple[str, int], ep: Obj, ready: bool,
                 terminating: bool) -> Backend:
         weight = self.weight(namespace, ep.get("targetRef")) if self.pod_weights else 1.0
-        return Backend(host=spot[0], port=spot[1], weight=weight, zone=_str(ep.get("zone")),
+        return Backend(host=spot[0], port=spot[1], weight=weight, zone=as_str(ep.get("zone")),
                        ready=ready, terminating=terminating)
 
     def weight(self, namespace: str, ref: Any) -> float:
         """Capacity: the pod's `edgelb.io/weight`, else its CPU request in cores, else 1."""
-        ref = _map(ref)
+        ref = as_map(ref)
         name = ref.get("name")
         if ref.get("kind") != "Pod" or not isinstance(name, str) or not name:
             return 1.0
-        key = (_str(ref.get("namespace")) or namespace, name)
+        key = (as_str(ref.get("namespace")) or namespace, name)
         if key not in self._weights:
             self._weights[key] = self.pod_weight(key, self.state.pods.get(key))
         return self._weights[key]
@@ -874,8 +854,8 @@ class _Translator:
             self.problem("Pod", key, f"{WEIGHT_ANNOTATION}: {raw!r} is not a positive number; "
                                      "write e.g. \"2\" or \"0.5\"; using the CPU request")
         cpu = 0.0
-        for i, c in enumerate(_list(_map(pod.get("spec")).get("containers"))):
-            raw_cpu = _map(_map(_map(c).get("resources")).get("requests")).get("cpu")
+        for i, c in enumerate(as_list(as_map(pod.get("spec")).get("containers"))):
+            raw_cpu = as_map(as_map(as_map(c).get("resources")).get("requests")).get("cpu")
             if raw_cpu is None:
                 continue
             q = _quantity(raw_cpu)
@@ -920,7 +900,7 @@ class _Translator:
     def static_service(self, key: Key, svc: Obj, owners: dict[int, Key]) -> None:
         ann = _annotations(svc)
         raw = ann.get(PORT_ANNOTATION)
-        text = _str(raw).strip()
+        text = as_str(raw).strip()
         number = int(text) if text.isascii() and text.isdigit() else None
         if number is None or not 1 <= number <= 65535:
             self.problem("Service", key, f"{PORT_ANNOTATION}: {raw!r} is not a port; write a "
@@ -932,17 +912,17 @@ class _Translator:
                                          "\"http\" or \"tcp\"; not exposed")
             return
         target = ann.get(TARGET_PORT_ANNOTATION)
-        ports = _list(_map(svc.get("spec")).get("ports"))
+        ports = as_list(as_map(svc.get("spec")).get("ports"))
         if target is not None:
-            t = _str(target).strip()
+            t = as_str(target).strip()
             if not t:
                 self.problem("Service", key, f"{TARGET_PORT_ANNOTATION}: {target!r} is not a "
                                              "port name or number; not exposed")
                 return
             want: int | str = int(t) if t.isascii() and t.isdigit() else t
             port = self.service_port(key, "Service", key, svc, want, TARGET_PORT_ANNOTATION)
-        elif ports and _valid_port(_map(ports[0]).get("port")):
-            want = _map(ports[0])["port"]
+        elif ports and valid_port(as_map(ports[0]).get("port")):
+            want = as_map(ports[0])["port"]
             port = self.service_port(key, "Service", key, svc, want, "spec.ports[0]")
         else:
             self.problem("Service", key, "has no spec.ports[0].port to expose; add a port or "
@@ -960,7 +940,7 @@ class _Translator:
             return
         owners[number] = key
         if mode is None:
-            proto = _str(port.get("appProtocol")).lower()
+            proto = as_str(port.get("appProtocol")).lower()
             mode = "http" if proto in HTTP_APP_PROTOCOLS else "tcp"
         name = f"{key[0]}/{key[1]}"
         if mode == "http":
@@ -971,10 +951,10 @@ class _Translator:
     # -- TLS ------------------------------------------------------------------------------------
 
     def ingress_tls(self, key: Key, ing: Obj) -> None:
-        tls = _map(ing.get("spec")).get("tls")
+        tls = as_map(ing.get("spec")).get("tls")
         if tls is not None and not isinstance(tls, list):
             self.problem("Ingress", key, "spec.tls must be a list; ignored")
-        for i, entry in enumerate(_list(tls)):
+        for i, entry in enumerate(as_list(tls)):
             where = f"spec.tls[{i}]"
             if not isinstance(entry, dict):
                 self.problem("Ingress", key, f"{where} is not a mapping; skipped")
@@ -1016,7 +996,7 @@ class _Translator:
             self.problem("Ingress", key, f"{where}: Secret {key[0]}/{secret} has type "
                                          f"{obj.get('type')!r}, not {TLS_SECRET_TYPE}; {fix}")
             return False
-        data = _map(obj.get("data"))
+        data = as_map(obj.get("data"))
         missing = [k for k in TLS_KEYS if not (isinstance(data.get(k), str) and data.get(k))]
         if missing:
             self.problem("Ingress", key, f"{where}: Secret {key[0]}/{secret} lacks "

@@ -17,33 +17,13 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-Obj = dict[str, Any]
+from watchers.values import Obj, as_list, as_map, valid_port
 
 HOST, BRIDGE, CONTAINER = "host", "bridge", "container"
 NETWORK_MODES = {"host": HOST, "container/bridge": BRIDGE, "container": CONTAINER}
 DOCKER_NETWORKS = {"HOST": HOST, "BRIDGE": BRIDGE, "USER": CONTAINER, "NONE": HOST}
 RUNNING = "TASK_RUNNING"
 KILLING = "TASK_KILLING"
-
-
-def as_map(value: Any) -> Obj:
-    return value if isinstance(value, dict) else {}
-
-
-def as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def as_str(value: Any) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def valid_port(value: Any) -> bool:
-    return is_int(value) and 1 <= value <= 65535
 
 
 @dataclass(frozen=True)

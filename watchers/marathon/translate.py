@@ -41,7 +41,6 @@ from typing import Any
 
 from watchers.marathon import apps as shape
 from watchers.marathon import labels as lbl
-from watchers.marathon.apps import Obj, as_list, as_map
 from watchers.model import (
     Address,
     Backend,
@@ -54,7 +53,7 @@ from watchers.model import (
     Snapshot,
 )
 from watchers.schema import KEY_NAMES, closest
-from watchers.values import path_prefix, positive
+from watchers.values import Obj, as_list, as_map, is_int, path_prefix, positive
 
 SOURCE = "marathon"
 # (annotations `edgelb.io/<key>` -> value, base) -> (policy, errors naming the annotation): the
@@ -607,7 +606,7 @@ class _Translator:
         tasks = sorted((as_map(t) for t in as_list(old.get("tasks"))),
                        key=lambda t: str(t.get("id")))
         instances = old.get("instances")
-        instances = instances if shape.is_int(instances) else len(tasks)
+        instances = instances if is_int(instances) else len(tasks)
         count = min(len(tasks), healthy, max(0, healthy + instances - target))
         out: dict[int, set[tuple[str, int]]] = {}
         for n in range(layout.count):

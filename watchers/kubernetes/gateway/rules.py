@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from watchers.kubernetes.gateway.values import duration, port_number
-from watchers.kubernetes.translate import Key, Obj, _list, _map, _str
+from watchers.kubernetes.translate import Key, Obj
 from watchers.model import (
     Backend,
     Cors,
@@ -26,7 +26,7 @@ from watchers.model import (
     WeightedService,
 )
 from watchers.routing import regex_problem
-from watchers.values import path_prefix
+from watchers.values import as_list, as_map, as_str, path_prefix
 
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
 _REDIRECT_CODES = (301, 302, 303, 307, 308)
@@ -65,14 +65,14 @@ class HttpRules:
         where = f"spec.rules[{index}]"
         grpc = kind == "GRPCRoute"
         try:
-            filters, redirect_only = self.filters(kind, key, _list(rule.get("filters")), where)
+            filters, redirect_only = self.filters(kind, key, as_list(rule.get("filters")), where)
         except _SkipRule:
             return []
         shares = [] if redirect_only else [
-            self.share(kind, key, _map(r), protocol="h2c" if grpc else "http1")
-            for r in _list(rule.get("backendRefs"))]
-        for r in _list(rule.get("backendRefs")):
-            if _list(_map(r).get("filters")):
+            self.share(kind, key, as_map(r), protocol="h2c" if grpc else "http1")
+            for r in as_list(rule.get("backendRefs"))]
+        for r in as_list(rule.get("backendRefs")):
+            if as_list(as_map(r).get("filters")):
                 self.problem(kind, key, f"{where}: filters on a backendRef are not supported; "
                                         "put them on the rule")
         failures = [s for s in shares if s.reason]
@@ -86,7 +86,7 @@ class HttpRules:
         if backends and backends[0].service != service and len(backends) == 1:
             service = ""  # the router picks from the split, and the share answers 500
         timeout = None
-        raw = _map(rule.get("timeouts")).get("request")
+        raw = as_map(rule.get("timeouts")).get("request")
         if raw is not None:
             timeout = duration(raw)
             if timeout is None:
@@ -94,10 +94,10 @@ class HttpRules:
                                         "like 10s or 1m30s; no timeout of its own")
             elif timeout == 0:
                 timeout = math.inf  # the spec: a zero duration disables the timeout
-        matches = _list(rule.get("matches")) or [{}]
+        matches = as_list(rule.get("matches")) or [{}]
         for j, m in enumerate(matches):
-            conds = self.grpc_match(key, _map(m), f"{where}.matches[{j}]") if grpc \
-                else self.http_match(key, _map(m), f"{where}.matches[{j}]")
+            conds = self.grpc_match(key, as_map(m), f"{where}.matches[{j}]") if grpc \
+                else self.http_match(key, as_map(m), f"{where}.matches[{j}]")
             if conds is None:
                 continue
             path, exact, regex, method, headers, query = conds
@@ -114,9 +114,9 @@ class HttpRules:
                       header: bool) -> tuple[ValueMatch, ...] | None:
         out = []
         for i, m in enumerate(items):
-            m = _map(m)
-            name, value = _str(m.get("name")), m.get("value")
-            typ = _str(m.get("type")) or "Exact"
+            m = as_map(m)
+            name, value = as_str(m.get("name")), m.get("value")
+            typ = as_str(m.get("type")) or "Exact"
             if not name or not isinstance(value, str) or typ not in ("Exact",
                                                                      "RegularExpression"):
                 self.problem(kind, key, f"{where}[{i}]: needs a name, a value and type Exact "
@@ -130,8 +130,8 @@ class HttpRules:
         return tuple(out)
 
     def http_match(self, key: Key, m: Obj, where: str) -> tuple[Any, ...] | None:
-        path = _map(m.get("path"))
-        typ = _str(path.get("type")) or "PathPrefix"
+        path = as_map(m.get("path"))
+        typ = as_str(path.get("type")) or "PathPrefix"
         value = path.get("value", "/")
         if not isinstance(value, str) or (typ != "RegularExpression"
                                           and not value.startswith("/")):
@@ -148,20 +148,20 @@ class HttpRules:
             self.problem("HTTPRoute", key, f"{where}.path.type: {typ!r} is not Exact, "
                                            "PathPrefix or RegularExpression; match skipped")
             return None
-        headers = self.value_matches("HTTPRoute", key, _list(m.get("headers")),
+        headers = self.value_matches("HTTPRoute", key, as_list(m.get("headers")),
                                      f"{where}.headers", True)
-        query = self.value_matches("HTTPRoute", key, _list(m.get("queryParams")),
+        query = self.value_matches("HTTPRoute", key, as_list(m.get("queryParams")),
                                    f"{where}.queryParams", False)
         if headers is None or query is None:
             return None
-        return (value, typ == "Exact", typ == "RegularExpression", _str(m.get("method")),
+        return (value, typ == "Exact", typ == "RegularExpression", as_str(m.get("method")),
                 headers, query)
 
     def grpc_match(self, key: Key, m: Obj, where: str) -> tuple[Any, ...] | None:
-        method = _map(m.get("method"))
-        typ = _str(method.get("type")) or "Exact"
-        svc, name = _str(method.get("service")), _str(method.get("method"))
-        headers = self.value_matches("GRPCRoute", key, _list(m.get("headers")),
+        method = as_map(m.get("method"))
+        typ = as_str(method.get("type")) or "Exact"
+        svc, name = as_str(method.get("service")), as_str(method.get("method"))
+        headers = self.value_matches("GRPCRoute", key, as_list(m.get("headers")),
                                      f"{where}.headers", True)
         if headers is None:
             return None
@@ -187,16 +187,16 @@ class HttpRules:
     def header_edits(self, kind: str, key: Key, raw: Obj, where: str) -> HeaderEdits | None:
         pairs: dict[str, list[tuple[str, str]]] = {"set": [], "add": []}
         for part in ("set", "add"):
-            for h in _list(raw.get(part)):
-                h = _map(h)
-                name, value = _str(h.get("name")), h.get("value")
+            for h in as_list(raw.get(part)):
+                h = as_map(h)
+                name, value = as_str(h.get("name")), h.get("value")
                 if not _HEADER_NAME.match(name) or not isinstance(value, str) \
                         or any(c in value for c in "\r\n\0"):
                     self.problem(kind, key, f"{where}.{part}: {name!r}={value!r} is not a "
                                             "header; rule skipped")
                     return None
                 pairs[part].append((name.lower(), value))
-        remove = tuple(_str(n).lower() for n in _list(raw.get("remove")) if _str(n))
+        remove = tuple(as_str(n).lower() for n in as_list(raw.get("remove")) if as_str(n))
         return HeaderEdits(set=tuple(pairs["set"]), add=tuple(pairs["add"]), remove=remove)
 
     def filters(self, kind: str, key: Key, items: list[Any], where: str
@@ -206,11 +206,11 @@ class HttpRules:
         found: dict[str, Any] = {}
         mirrors: list[Mirror] = []
         for i, f in enumerate(items):
-            f = _map(f)
-            typ = _str(f.get("type"))
+            f = as_map(f)
+            typ = as_str(f.get("type"))
             at = f"{where}.filters[{i}]"
             if typ in ("RequestHeaderModifier", "ResponseHeaderModifier"):
-                raw = _map(f.get("requestHeaderModifier" if typ.startswith("Request")
+                raw = as_map(f.get("requestHeaderModifier" if typ.startswith("Request")
                                  else "responseHeaderModifier"))
                 edits = self.header_edits(kind, key, raw, at)
                 if edits is None:
@@ -218,25 +218,25 @@ class HttpRules:
                 found["request_headers" if typ.startswith("Request")
                       else "response_headers"] = edits
             elif typ == "RequestRedirect" and kind == "HTTPRoute":
-                r = self.redirect(key, _map(f.get("requestRedirect")), at)
+                r = self.redirect(key, as_map(f.get("requestRedirect")), at)
                 if r is None:
                     raise _SkipRule
                 found["redirect"] = r
             elif typ == "URLRewrite" and kind == "HTTPRoute":
-                raw = _map(f.get("urlRewrite"))
-                path = _map(raw.get("path"))
+                raw = as_map(f.get("urlRewrite"))
+                path = as_map(raw.get("path"))
                 full, prefix = self.path_modifier(key, path, at)
-                found["rewrite"] = Rewrite(host=_str(raw.get("hostname")).lower(), path=full,
+                found["rewrite"] = Rewrite(host=as_str(raw.get("hostname")).lower(), path=full,
                                            prefix=prefix)
             elif typ == "RequestMirror":
-                raw = _map(f.get("requestMirror"))
-                s = self.share(kind, key, _map(raw.get("backendRef")),
+                raw = as_map(f.get("requestMirror"))
+                s = self.share(kind, key, as_map(raw.get("backendRef")),
                                protocol="h2c" if kind == "GRPCRoute" else "http1")
                 if s.reason:
                     self.problem(kind, key, f"{at}: {s.message}; not mirrored")
                     continue
                 percent = raw.get("percent")
-                frac = _map(raw.get("fraction"))
+                frac = as_map(raw.get("fraction"))
                 if isinstance(percent, int):
                     pct = float(percent)
                 elif isinstance(frac.get("numerator"), int):
@@ -247,7 +247,7 @@ class HttpRules:
                     pct = 100.0
                 mirrors.append(Mirror(s.service, max(0.0, min(100.0, pct))))
             elif typ == "CORS" and kind == "HTTPRoute":
-                found["cors"] = self.cors(_map(f.get("cors")))
+                found["cors"] = self.cors(as_map(f.get("cors")))
             else:
                 self.problem(kind, key, f"{at}: filter type {typ!r} is not supported by "
                                         "edgelb; rule skipped")
@@ -263,11 +263,11 @@ class HttpRules:
         """(full path, prefix replacement) of a path modifier; _SkipRule when malformed."""
         if not path:
             return None, None
-        typ = _str(path.get("type"))
-        if typ == "ReplaceFullPath" and _str(path.get("replaceFullPath")).startswith("/"):
-            return _str(path.get("replaceFullPath")), None
+        typ = as_str(path.get("type"))
+        if typ == "ReplaceFullPath" and as_str(path.get("replaceFullPath")).startswith("/"):
+            return as_str(path.get("replaceFullPath")), None
         if typ == "ReplacePrefixMatch" and isinstance(path.get("replacePrefixMatch"), str):
-            return None, _str(path.get("replacePrefixMatch")) or "/"
+            return None, as_str(path.get("replacePrefixMatch")) or "/"
         self.problem("HTTPRoute", key, f"{where}.path: type {typ!r} with its value is not a "
                                        "path modifier; rule skipped")
         raise _SkipRule
@@ -279,19 +279,19 @@ class HttpRules:
                                            "status (301, 302, 303, 307, 308); rule skipped")
             return None
         port = raw.get("port")
-        full, prefix = self.path_modifier(key, _map(raw.get("path")), where)
-        scheme = _str(raw.get("scheme")).lower()
+        full, prefix = self.path_modifier(key, as_map(raw.get("path")), where)
+        scheme = as_str(raw.get("scheme")).lower()
         if scheme not in ("", "http", "https"):
             self.problem("HTTPRoute", key, f"{where}.scheme: {scheme!r} is not http or https; "
                                            "rule skipped")
             return None
-        return Redirect(scheme=scheme, host=_str(raw.get("hostname")).lower(),
+        return Redirect(scheme=scheme, host=as_str(raw.get("hostname")).lower(),
                         port=port_number(port), path=full, prefix=prefix,
                         status=status)
 
     def cors(self, raw: Obj) -> Cors:
         def strings(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-            got = tuple(_str(v) for v in _list(raw.get(name)) if _str(v))
+            got = tuple(as_str(v) for v in as_list(raw.get(name)) if as_str(v))
             return got or default
 
         base = Cors()

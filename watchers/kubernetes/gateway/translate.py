@@ -46,14 +46,11 @@ from watchers.kubernetes.translate import (
     Problem,
     _age,
     _keyed,
-    _list,
-    _map,
     _meta,
-    _str,
     _Translator,
-    _valid_port,
 )
 from watchers.model import Address, Policy, Route, Service
+from watchers.values import as_list, as_map, as_str, valid_port
 
 SERVICE_PREFIX = "gateway:"  # names of the services Gateway API routes lead to
 PROTOCOLS = ("HTTP", "HTTPS", "TLS", "TCP")
@@ -217,7 +214,7 @@ class _Gateways(HttpRules):
     def run(self) -> GatewayTranslation:
         classes = self.our_classes()
         gateways = [(k, g) for k, g in _keyed(self.state.gateways)
-                    if _str(_map(g.get("spec")).get("gatewayClassName")) in classes]
+                    if as_str(as_map(g.get("spec")).get("gatewayClassName")) in classes]
         for key, gw in sorted(gateways, key=lambda kv: _age(*kv)):
             self.guarded("Gateway", key, partial(self.gateway, key, gw))
         routes: list[tuple[str, Key, Obj]] = []
@@ -241,7 +238,7 @@ class _Gateways(HttpRules):
     def our_classes(self) -> set[str]:
         ours = set()
         for key, gc in _keyed(self.state.gatewayclasses):
-            if _map(gc.get("spec")).get("controllerName") != self.controller:
+            if as_map(gc.get("spec")).get("controllerName") != self.controller:
                 continue
             ours.add(key[1])
             gen = _generation(gc)
@@ -253,19 +250,19 @@ class _Gateways(HttpRules):
     # -- Gateways and listeners -----------------------------------------------------------------
 
     def gateway(self, key: Key, gw: Obj) -> None:
-        spec = _map(gw.get("spec"))
+        spec = as_map(gw.get("spec"))
         gen = _generation(gw)
         out: list[_Listener] = []
         seen: dict[str, int] = {}
-        for i, raw in enumerate(_list(spec.get("listeners"))):
-            item = _map(raw)
-            name = _str(item.get("name")) or f"listeners[{i}]"
+        for i, raw in enumerate(as_list(spec.get("listeners"))):
+            item = as_map(raw)
+            name = as_str(item.get("name")) or f"listeners[{i}]"
             port = item.get("port")
-            protocol = _str(item.get("protocol"))
-            hostname = _str(item.get("hostname")).lower().rstrip(".")
-            allowed = _map(item.get("allowedRoutes"))
+            protocol = as_str(item.get("protocol"))
+            hostname = as_str(item.get("hostname")).lower().rstrip(".")
+            allowed = as_map(item.get("allowedRoutes"))
             ln = _Listener(key, name, port_number(port), protocol, hostname,
-                           ROUTE_KINDS.get(protocol, ()), _map(allowed.get("namespaces")), gen)
+                           ROUTE_KINDS.get(protocol, ()), as_map(allowed.get("namespaces")), gen)
             out.append(ln)
             if name in seen:
                 ln.accepted = (False, "Invalid", f"the name {name} is used twice")
@@ -283,7 +280,7 @@ class _Gateways(HttpRules):
                 ln.programmed = (False, "Invalid", ln.accepted[2])
                 continue
             self.allowed_kinds(key, ln, allowed.get("kinds"))
-            self.listener_tls(key, ln, _map(item.get("tls")))
+            self.listener_tls(key, ln, as_map(item.get("tls")))
         self.conflicts(key, out)
         self.listeners[key] = out
 
@@ -292,10 +289,10 @@ class _Gateways(HttpRules):
             return
         wanted = []
         bad = []
-        for k in _list(kinds):
-            k = _map(k)
+        for k in as_list(kinds):
+            k = as_map(k)
             group = k.get("group", GROUP)
-            kind = _str(k.get("kind"))
+            kind = as_str(k.get("kind"))
             if group == GROUP and kind in ln.kinds:
                 wanted.append(kind)
             else:
@@ -308,7 +305,7 @@ class _Gateways(HttpRules):
         ln.kinds = tuple(wanted)
 
     def listener_tls(self, key: Key, ln: _Listener, tls: Obj) -> None:
-        mode = _str(tls.get("mode")) or "Terminate"
+        mode = as_str(tls.get("mode")) or "Terminate"
         if ln.protocol in ("HTTPS", "TLS") and not self.sni_routing:
             ln.programmed = (False, "Invalid", "the proxy has no TLS entrypoint to serve it "
                                                "(add tls to an entrypoint)")
@@ -324,20 +321,20 @@ class _Gateways(HttpRules):
             return
         if ln.protocol != "HTTPS":
             return
-        refs = _list(tls.get("certificateRefs"))
+        refs = as_list(tls.get("certificateRefs"))
         if not refs:
             ln.resolved = (False, "InvalidCertificateRef", "an HTTPS listener needs "
                                                            "tls.certificateRefs")
         for ref in refs[:1]:  # one certificate per name: the first
-            ln.resolved = self.certificate(key, ln, _map(ref))
+            ln.resolved = self.certificate(key, ln, as_map(ref))
         if not ln.resolved[0]:
             ln.programmed = (False, "Invalid", ln.resolved[2])
             self.problem("Gateway", key, f"listener {ln.name}: {ln.resolved[2]}")
 
     def certificate(self, key: Key, ln: _Listener, ref: Obj) -> tuple[bool, str, str]:
-        group, kind = _str(ref.get("group")), _str(ref.get("kind")) or "Secret"
-        name = _str(ref.get("name"))
-        ns = _str(ref.get("namespace")) or key[0]
+        group, kind = as_str(ref.get("group")), as_str(ref.get("kind")) or "Secret"
+        name = as_str(ref.get("name"))
+        ns = as_str(ref.get("namespace")) or key[0]
         if group or kind != "Secret":
             return (False, "InvalidCertificateRef", f"certificateRefs name a {kind}; only "
                                                     "core Secrets are supported")
@@ -345,9 +342,9 @@ class _Gateways(HttpRules):
             return (False, "RefNotPermitted", f"Secret {ns}/{name} is in another namespace "
                                               "and no ReferenceGrant there allows it")
         secret = self.cluster.secrets.get((ns, name))
-        data = _map(_map(secret).get("data"))
+        data = as_map(as_map(secret).get("data"))
         if (not isinstance(secret, dict) or secret.get("type") != "kubernetes.io/tls"
-                or not all(_str(data.get(k)) for k in ("tls.crt", "tls.key"))):
+                or not all(as_str(data.get(k)) for k in ("tls.crt", "tls.key"))):
             return (False, "InvalidCertificateRef", f"Secret {ns}/{name} is missing or not a "
                                                     "kubernetes.io/tls Secret with tls.crt and "
                                                     "tls.key")
@@ -401,9 +398,9 @@ class _Gateways(HttpRules):
                                 _cond("Programmed", *ln.programmed, gen),
                                 _cond("ResolvedRefs", *ln.resolved, gen),
                                 _cond("Conflicted", *ln.conflicted, gen)]})
-        spec = _map(gw.get("spec"))
+        spec = as_map(gw.get("spec"))
         valid = [ln for ln in listeners if ln.usable]
-        if _list(spec.get("addresses")):
+        if as_list(spec.get("addresses")):
             accepted = (False, "UnsupportedAddress", "spec.addresses cannot be chosen: edgelb "
                                                      "publishes the addresses it is reached at")
         elif len(valid) == len(listeners):
@@ -428,25 +425,26 @@ class _Gateways(HttpRules):
         for (ns, _), grant in _keyed(self.state.referencegrants):
             if ns != to_ns:
                 continue
-            spec = _map(grant.get("spec"))
-            froms = any(_str(_map(f).get("group")) == GROUP and _map(f).get("kind") == from_kind
-                        and _map(f).get("namespace") == from_ns for f in _list(spec.get("from")))
-            tos = any(_str(_map(t).get("group")) == to_group and _map(t).get("kind") == to_kind
-                      and _str(_map(t).get("name")) in ("", to_name)
-                      for t in _list(spec.get("to")))
+            spec = as_map(grant.get("spec"))
+            froms = any(as_str(f.get("group")) == GROUP and f.get("kind") == from_kind
+                        and f.get("namespace") == from_ns
+                        for f in map(as_map, as_list(spec.get("from"))))
+            tos = any(as_str(t.get("group")) == to_group and t.get("kind") == to_kind
+                      and as_str(t.get("name")) in ("", to_name)
+                      for t in map(as_map, as_list(spec.get("to"))))
             if froms and tos:
                 return True
         return False
 
     def namespace_allowed(self, ln: _Listener, route_ns: str) -> bool:
-        origin = _str(ln.allowed.get("from")) or "Same"
+        origin = as_str(ln.allowed.get("from")) or "Same"
         if origin == "All":
             return True
         if origin == "Same":
             return route_ns == ln.gateway[0]
         if origin == "Selector":
-            ns = _map(self.state.namespaces.get(("", route_ns)))
-            labels = _map(_meta(ns).get("labels"))
+            ns = as_map(self.state.namespaces.get(("", route_ns)))
+            labels = as_map(_meta(ns).get("labels"))
             labels = {**labels, "kubernetes.io/metadata.name": route_ns}
             return selector_matches(ln.allowed.get("selector"), labels)
         return False
@@ -454,25 +452,25 @@ class _Gateways(HttpRules):
     # -- routes: attaching ------------------------------------------------------------------------
 
     def route(self, kind: str, key: Key, obj: Obj, rank: int) -> None:
-        spec = _map(obj.get("spec"))
+        spec = as_map(obj.get("spec"))
         gen = _generation(obj)
         hostnames: list[str] | None = None  # None: any
-        if kind != "TCPRoute" and _list(spec.get("hostnames")):
+        if kind != "TCPRoute" and as_list(spec.get("hostnames")):
             hostnames = []  # none valid: the route matches no listener
-            for h in _list(spec.get("hostnames")):
-                host = _str(h).lower().rstrip(".")
+            for h in as_list(spec.get("hostnames")):
+                host = as_str(h).lower().rstrip(".")
                 if _HOST.match(host):
                     hostnames.append(host)
                 else:
                     self.problem(kind, key, f"spec.hostnames: {h!r} is not a host name; "
                                             "ignored")
         parents: list[tuple[Obj, list[tuple[_Listener, list[str]]] | None, tuple[str, str]]] = []
-        for ref in _list(spec.get("parentRefs")):
-            ref = _map(ref)
-            if _str(ref.get("group") or GROUP) != GROUP or _str(ref.get("kind") or "Gateway") \
+        for ref in as_list(spec.get("parentRefs")):
+            ref = as_map(ref)
+            if as_str(ref.get("group") or GROUP) != GROUP or as_str(ref.get("kind") or "Gateway") \
                     != "Gateway":
                 continue
-            gw = (_str(ref.get("namespace")) or key[0], _str(ref.get("name")))
+            gw = (as_str(ref.get("namespace")) or key[0], as_str(ref.get("name")))
             if gw not in self.listeners:
                 continue  # not one of ours: its controller writes this parent's status
             parents.append(self.attach(kind, key, ref, gw, hostnames))
@@ -537,13 +535,13 @@ class _Gateways(HttpRules):
     def program(self, kind: str, key: Key, obj: Obj, rank: int,
                 attached: list[tuple[_Listener, list[str]]]) -> tuple[bool, str, str]:
         """Routes and services for an attached route; its ResolvedRefs condition."""
-        spec = _map(obj.get("spec"))
-        rules = _list(spec.get("rules"))
+        spec = as_map(obj.get("spec"))
+        rules = as_list(spec.get("rules"))
         failures: list[Share] = []
         if kind in ("HTTPRoute", "GRPCRoute"):
             hosts = list(dict.fromkeys(h for _, hs in attached for h in hs))
             for i, rule in enumerate(rules):
-                failures += self.http_rule(kind, key, _map(rule), i, hosts, rank)
+                failures += self.http_rule(kind, key, as_map(rule), i, hosts, rank)
         elif kind == "TLSRoute":
             hosts = list(dict.fromkeys(h for _, hs in attached for h in hs))
             failures += self.tls_route(key, rules, hosts)
@@ -559,9 +557,9 @@ class _Gateways(HttpRules):
     def share(self, kind: str, key: Key, ref: Obj, mode: str = "http",
               protocol: str = "http1") -> Share:
         """One backendRef: its service (made here), or why it is unresolved."""
-        group, bkind = _str(ref.get("group")), _str(ref.get("kind")) or "Service"
-        name = _str(ref.get("name"))
-        ns = _str(ref.get("namespace")) or key[0]
+        group, bkind = as_str(ref.get("group")), as_str(ref.get("kind")) or "Service"
+        name = as_str(ref.get("name"))
+        ns = as_str(ref.get("namespace")) or key[0]
         port = ref.get("port")
         weight = ref.get("weight", 1)
         weight = weight if isinstance(weight, int) and not isinstance(weight, bool) \
@@ -577,7 +575,7 @@ class _Gateways(HttpRules):
         svc = self.cluster.services.get((ns, name))
         if not isinstance(svc, dict):
             return Share(label, weight, "BackendNotFound", f"Service {ns}/{name} not found")
-        if not _valid_port(port):
+        if not valid_port(port):
             return Share(label, weight, "UnsupportedValue", f"backendRef to Service {ns}/{name} "
                                                              "needs a port")
         skey = (ns, name)
@@ -611,41 +609,41 @@ class _Gateways(HttpRules):
         out: dict[Key, BackendTLSWanted] = {}
         for key, pol in sorted(_keyed(self.state.backendtlspolicies),
                                key=lambda kv: _age(*kv)):
-            spec = _map(pol.get("spec"))
-            val = _map(spec.get("validation"))
-            host = _str(val.get("hostname")).lower()
+            spec = as_map(pol.get("spec"))
+            val = as_map(spec.get("validation"))
+            host = as_str(val.get("hostname")).lower()
             if not host:
                 self.problem("BackendTLSPolicy", key, "validation.hostname is required")
                 continue
-            refs = _list(val.get("caCertificateRefs"))
+            refs = as_list(val.get("caCertificateRefs"))
             ca: tuple[str, str, str] | None = None
             if refs:
-                ref = _map(refs[0])
-                if _str(ref.get("group")) or ref.get("kind") != "ConfigMap":
+                ref = as_map(refs[0])
+                if as_str(ref.get("group")) or ref.get("kind") != "ConfigMap":
                     self.problem("BackendTLSPolicy", key, "caCertificateRefs: only core "
                                                           "ConfigMaps are supported")
                     continue
-                cm = self.state.configmaps.get((key[0], _str(ref.get("name"))))
-                if not _str(_map(_map(cm).get("data")).get("ca.crt")):
+                cm = self.state.configmaps.get((key[0], as_str(ref.get("name"))))
+                if not as_str(as_map(as_map(cm).get("data")).get("ca.crt")):
                     self.problem("BackendTLSPolicy", key, f"ConfigMap {key[0]}/"
                                                           f"{ref.get('name')} has no ca.crt")
                     continue
-                ca = (key[0], _str(ref.get("name")), "ca.crt")
+                ca = (key[0], as_str(ref.get("name")), "ca.crt")
             elif val.get("wellKnownCACertificates") != "System":
                 self.problem("BackendTLSPolicy", key, "give validation.caCertificateRefs or "
                                                       "wellKnownCACertificates: System")
                 continue
-            for t in _list(spec.get("targetRefs")):
-                t = _map(t)
-                if not _str(t.get("group")) and t.get("kind") == "Service":
-                    out.setdefault((key[0], _str(t.get("name"))),
+            for t in as_list(spec.get("targetRefs")):
+                t = as_map(t)
+                if not as_str(t.get("group")) and t.get("kind") == "Service":
+                    out.setdefault((key[0], as_str(t.get("name"))),
                                    BackendTLSWanted(key, ca, host))
         return out
 
     # -- TLSRoute and TCPRoute ------------------------------------------------------------------
 
     def tls_route(self, key: Key, rules: list[Any], hosts: list[str]) -> list[Share]:
-        refs = [_map(r) for rule in rules[:1] for r in _list(_map(rule).get("backendRefs"))]
+        refs = [as_map(r) for rule in rules[:1] for r in as_list(as_map(rule).get("backendRefs"))]
         if not refs:
             self.problem("TLSRoute", key, "spec.rules[0] has no backendRefs; nothing to relay")
             return []
@@ -673,7 +671,7 @@ class _Gateways(HttpRules):
         return []
 
     def tcp_route(self, key: Key, rules: list[Any], listeners: list[_Listener]) -> list[Share]:
-        refs = [_map(r) for rule in rules[:1] for r in _list(_map(rule).get("backendRefs"))]
+        refs = [as_map(r) for rule in rules[:1] for r in as_list(as_map(rule).get("backendRefs"))]
         shares = [self.share("TCPRoute", key, r, mode="tcp") for r in refs]
         good = [s for s in shares if not s.reason and s.weight > 0]
         backends = tuple(b for s in good for b in s.backends)
