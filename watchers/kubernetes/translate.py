@@ -144,29 +144,29 @@ def translate(
     passthrough Ingress is a problem of its own rather than a snapshot the runtime would
     reject whole. `ingress_nginx`: read `nginx.ingress.kubernetes.io/*` annotations on
     Ingresses as well (`watchers.kubernetes.ingress_nginx_annotations`)."""
-    return _Translator(state, ingress_class, controller, defaults, zone, pod_weights,
+    return Translator(state, ingress_class, controller, defaults, zone, pod_weights,
                        read_policy, sni_routing, ingress_nginx).run()
 
 
 # -- reading raw JSON without trusting it -------------------------------------------------------
 
 
-def _meta(obj: Any) -> Obj:
+def meta(obj: Any) -> Obj:
     return as_map(as_map(obj).get("metadata"))
 
 
 def _annotations(obj: Any) -> Obj:
-    return as_map(_meta(obj).get("annotations"))
+    return as_map(meta(obj).get("annotations"))
 
 
-def _age(key: Key, obj: Any) -> tuple[bool, str, str, str]:
+def age(key: Key, obj: Any) -> tuple[bool, str, str, str]:
     """Sort key: older first (creationTimestamp, RFC 3339 in UTC), then namespace/name; an
     object without a timestamp counts as the newest."""
-    ts = as_str(_meta(obj).get("creationTimestamp"))
+    ts = as_str(meta(obj).get("creationTimestamp"))
     return (not ts, ts, key[0], key[1])
 
 
-def _keyed(cache: Mapping[Any, Any]) -> list[tuple[Key, Obj]]:
+def keyed(cache: Mapping[Any, Any]) -> list[tuple[Key, Obj]]:
     """The (key, object) pairs with a usable key and an object, sorted by key."""
     out = [(k, v) for k, v in cache.items() if isinstance(v, dict)
            and isinstance(k, tuple) and len(k) == 2 and all(isinstance(p, str) for p in k)]
@@ -217,7 +217,7 @@ class _Ref:
 # -- the translation ----------------------------------------------------------------------------
 
 
-class _Translator:
+class Translator:
     def __init__(self, state: ClusterState, ingress_class: str, controller: str,
                  defaults: Policy, zone: str, pod_weights: bool,
                  read_policy: PolicyReader, sni_routing: bool = True,
@@ -250,8 +250,8 @@ class _Translator:
         self._policies: dict[Key, tuple[Policy, list[str]]] = {}
         self._weights: dict[Key, float] = {}
         self._slices: dict[Key, list[tuple[Key, Obj]]] = {}
-        for key, sl in _keyed(state.endpointslices):
-            svc = as_map(_meta(sl).get("labels")).get(SERVICE_NAME_LABEL)
+        for key, sl in keyed(state.endpointslices):
+            svc = as_map(meta(sl).get("labels")).get(SERVICE_NAME_LABEL)
             if isinstance(svc, str) and svc:
                 self._slices.setdefault((key[0], svc), []).append((key, as_map(sl)))
 
@@ -296,13 +296,13 @@ class _Translator:
     # -- class ----------------------------------------------------------------------------------
 
     def our_ingresses(self) -> list[tuple[Key, Obj]]:
-        classes = {k[1]: as_map(v) for k, v in _keyed(self.state.ingressclasses)}
+        classes = {k[1]: as_map(v) for k, v in keyed(self.state.ingressclasses)}
         mine = classes.get(self.ingress_class)
         mine_ok = mine is None or as_map(mine.get("spec")).get("controller") == self.controller
         default = (mine is not None and mine_ok
                    and _annotations(mine).get(DEFAULT_CLASS_ANNOTATION) == "true")
         ours = []
-        for key, ing in _keyed(self.state.ingresses):
+        for key, ing in keyed(self.state.ingresses):
             name = as_map(ing.get("spec")).get("ingressClassName")
             if isinstance(name, str) and name:
                 hit = name == self.ingress_class and mine_ok
@@ -311,7 +311,7 @@ class _Translator:
                 hit = legacy == self.ingress_class if as_str(legacy) else default
             if hit:
                 ours.append((key, ing))
-        return sorted(ours, key=lambda kv: _age(*kv))
+        return sorted(ours, key=lambda kv: age(*kv))
 
     # -- rules ----------------------------------------------------------------------------------
 
@@ -891,10 +891,10 @@ class _Translator:
         return self._policies[skey]
 
     def static_services(self) -> None:
-        claimed = [(key, svc) for key, svc in _keyed(self.state.services)
+        claimed = [(key, svc) for key, svc in keyed(self.state.services)
                    if PORT_ANNOTATION in _annotations(svc)]
         owners: dict[int, Key] = {}
-        for key, svc in sorted(claimed, key=lambda kv: _age(*kv)):
+        for key, svc in sorted(claimed, key=lambda kv: age(*kv)):
             self.guarded("Service", key, lambda k=key, s=svc: self.static_service(k, s, owners))
 
     def static_service(self, key: Key, svc: Obj, owners: dict[int, Key]) -> None:

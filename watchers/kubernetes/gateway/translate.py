@@ -44,10 +44,10 @@ from watchers.kubernetes.translate import (
     Obj,
     PolicyReader,
     Problem,
-    _age,
-    _keyed,
-    _meta,
-    _Translator,
+    Translator,
+    age,
+    keyed,
+    meta,
 )
 from watchers.model import Address, Policy, Route, Service
 from watchers.values import as_list, as_map, as_str, valid_port
@@ -143,7 +143,7 @@ def _cond(kind: str, ok: bool, reason: str, message: str, generation: int) -> Ob
 
 
 def _generation(obj: Obj) -> int:
-    g = _meta(obj).get("generation")
+    g = meta(obj).get("generation")
     return g if isinstance(g, int) and not isinstance(g, bool) else 0
 
 
@@ -179,7 +179,7 @@ class _Gateways(HttpRules):
         self.sni_routing = sni_routing
         self.controller = controller
         # the Ingress translator's readers of Services and EndpointSlices, shared
-        self.k8s = _Translator(cluster, "", "", defaults, zone, pod_weights, read_policy,
+        self.k8s = Translator(cluster, "", "", defaults, zone, pod_weights, read_policy,
                                sni_routing)
         self.problems: list[Problem] = []
         self._seen: set[Problem] = set()
@@ -213,17 +213,17 @@ class _Gateways(HttpRules):
 
     def run(self) -> GatewayTranslation:
         classes = self.our_classes()
-        gateways = [(k, g) for k, g in _keyed(self.state.gateways)
+        gateways = [(k, g) for k, g in keyed(self.state.gateways)
                     if as_str(as_map(g.get("spec")).get("gatewayClassName")) in classes]
-        for key, gw in sorted(gateways, key=lambda kv: _age(*kv)):
+        for key, gw in sorted(gateways, key=lambda kv: age(*kv)):
             self.guarded("Gateway", key, partial(self.gateway, key, gw))
         routes: list[tuple[str, Key, Obj]] = []
         for kind, cache in (("HTTPRoute", self.state.httproutes),
                             ("GRPCRoute", self.state.grpcroutes),
                             ("TLSRoute", self.state.tlsroutes),
                             ("TCPRoute", self.state.tcproutes)):
-            routes.extend((kind, k, o) for k, o in _keyed(cache))
-        routes.sort(key=lambda r: _age(r[1], r[2]))
+            routes.extend((kind, k, o) for k, o in keyed(cache))
+        routes.sort(key=lambda r: age(r[1], r[2]))
         for rank, (kind, key, obj) in enumerate(routes):
             self.guarded(kind, key, partial(self.route, kind, key, obj, rank))
         for key, gw in gateways:
@@ -237,7 +237,7 @@ class _Gateways(HttpRules):
 
     def our_classes(self) -> set[str]:
         ours = set()
-        for key, gc in _keyed(self.state.gatewayclasses):
+        for key, gc in keyed(self.state.gatewayclasses):
             if as_map(gc.get("spec")).get("controllerName") != self.controller:
                 continue
             ours.add(key[1])
@@ -422,7 +422,7 @@ class _Gateways(HttpRules):
     def granted(self, from_kind: str, from_ns: str, to_group: str, to_kind: str, to_ns: str,
                 to_name: str) -> bool:
         """A ReferenceGrant in `to_ns` lets objects of `from_kind` in `from_ns` refer to it."""
-        for (ns, _), grant in _keyed(self.state.referencegrants):
+        for (ns, _), grant in keyed(self.state.referencegrants):
             if ns != to_ns:
                 continue
             spec = as_map(grant.get("spec"))
@@ -444,7 +444,7 @@ class _Gateways(HttpRules):
             return route_ns == ln.gateway[0]
         if origin == "Selector":
             ns = as_map(self.state.namespaces.get(("", route_ns)))
-            labels = as_map(_meta(ns).get("labels"))
+            labels = as_map(meta(ns).get("labels"))
             labels = {**labels, "kubernetes.io/metadata.name": route_ns}
             return selector_matches(ln.allowed.get("selector"), labels)
         return False
@@ -607,8 +607,8 @@ class _Gateways(HttpRules):
     def backend_tls_policies(self) -> dict[Key, BackendTLSWanted]:
         """Service -> (CA ConfigMap (namespace, name, key) or None: system store, host)."""
         out: dict[Key, BackendTLSWanted] = {}
-        for key, pol in sorted(_keyed(self.state.backendtlspolicies),
-                               key=lambda kv: _age(*kv)):
+        for key, pol in sorted(keyed(self.state.backendtlspolicies),
+                               key=lambda kv: age(*kv)):
             spec = as_map(pol.get("spec"))
             val = as_map(spec.get("validation"))
             host = as_str(val.get("hostname")).lower()
